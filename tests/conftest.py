@@ -1,0 +1,87 @@
+"""Shared fixtures: tiny configs, a tiny exported engine folder, an official-format Lightning checkpoint."""
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from ddt_export.config import Config, ModelConfig, SamplerConfig
+
+torch = pytest.importorskip("torch", reason="export fixtures need the [export] extra (torch)")
+
+# 4 blocks (3 encoder + 1 decoder), 16 tokens: every path of the real model, milliseconds per call.
+TINY = Config(
+    "tiny-test",
+    ModelConfig(in_channels=4, hidden_size=64, num_groups=4, num_blocks=4, num_encoder_blocks=3, patch_size=2,
+                num_classes=10, latent_size=8, latent_scale=None),
+    SamplerConfig(num_steps=20, guidance=3.0, guidance_interval=(0.3, 1.0), last_step=0.04),
+)
+
+OFFICIAL_YAML = """\
+model:
+  denoiser:
+    class_path: src.models.denoiser.decoupled_improved_dit.DDT
+    init_args:
+      in_channels: 4
+      patch_size: 2
+      num_groups: 4
+      hidden_size: 64
+      num_blocks: 4
+      num_encoder_blocks: 3
+      num_classes: 10
+  diffusion_sampler:
+    class_path: src.diffusion.stateful_flow_matching.sampling.EulerSampler
+    init_args:
+      num_steps: 20
+      guidance: 3.0
+      timeshift: 1.0
+      state_refresh_rate: 1
+      guidance_interval_min: 0.3
+      guidance_interval_max: 1.0
+      last_step: 0.04
+      step_fn: src.diffusion.stateful_flow_matching.sampling.ode_step_fn
+data:
+  latent_shape: [4, 8, 8]
+"""
+
+
+def tiny_model(seed: int = 0, cfg: Config = TINY):
+    from ddt_export.model import DDT
+
+    torch.manual_seed(seed)
+    return DDT(cfg.model).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg() -> Config:
+    return TINY
+
+
+@pytest.fixture(scope="session")
+def tiny_engines(tmp_path_factory):
+    """(folder, fp32 reference model): encoder/decoder graphs of a random tiny DDT, exported once per session."""
+    from ddt_export.export import export_model
+
+    model = tiny_model(0)
+    out = tmp_path_factory.mktemp("engines") / "fp32"
+    export_model(model, TINY, out, source={"path": None, "sha256": "random-seed-0", "weights": "random"})
+    return out, model
+
+
+@pytest.fixture(scope="session")
+def official_ckpt(tmp_path_factory) -> tuple[Path, Path, object]:
+    """(ckpt, yaml, ema model): a Lightning-format checkpoint as the official trainer saves it.
+
+    `ema_denoiser.*` and `denoiser.*` hold different weights, `diffusion_trainer.*` holds a foreign key.
+    """
+    d = tmp_path_factory.mktemp("official")
+    ema, raw = tiny_model(1), tiny_model(2)
+    sd = {f"ema_denoiser.{k}": v for k, v in ema.state_dict().items()}
+    sd.update({f"denoiser.{k}": v for k, v in raw.state_dict().items()})
+    sd["diffusion_trainer.proj.0.weight"] = torch.zeros(3, 3)
+    ckpt = d / "last.ckpt"
+    torch.save({"state_dict": sd, "global_step": 10, "epoch": 0}, ckpt)
+    yaml = d / "repa_improved_ddt_tiny.yaml"
+    yaml.write_text(textwrap.dedent(OFFICIAL_YAML))
+    return ckpt, yaml, ema
