@@ -75,11 +75,188 @@ def export(
 
 # --------------------------------------------------------------------------------------- generate / schedule
 
+
+def _step_progress(label: str):
+    """A rich progress bar over sampling steps; returns (context manager, callback(done, total))."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console,
+                   transient=True, disable=not console.is_terminal)
+    task = bar.add_task(label, total=None)
+    return bar, lambda done, total: bar.update(task, completed=done, total=total)
+
+
+@app.command()
+def generate(
+    engines: Path = typer.Option(DEFAULT_ENGINES, help="engine folder written by `export` or `build`"),
+    class_: Optional[List[int]] = typer.Option(None, "--class", help="class id; repeat for several (cycled to --num)"),
+    labels: Optional[Path] = typer.Option(None, help="class ids as a 1-D integer .npy (instead of --class)"),
+    num: Optional[int] = typer.Option(None, help="number of images (default: the classes given, or 8)"),
+    seed: int = typer.Option(0, help="noise seed: numpy default_rng(seed).standard_normal"),
+    steps: Optional[int] = typer.Option(None, help="sampling steps (default: the manifest's sampler)"),
+    cfg: Optional[float] = typer.Option(None, help="CFG scale inside the guidance interval (default: manifest)"),
+    schedule: Optional[str] = typer.Option(None, help="encoder schedule: all | uniform:R | dp:K | FILE.json"),
+    noise: Optional[Path] = typer.Option(None, help="initial noise (B, C, H, W) .npy, for exact reproduction"),
+    latents_out: Optional[Path] = typer.Option(None, help="write the final latents (before the VAE) as .npy"),
+    out: Path = typer.Option(Path("samples"), help="folder for one PNG per sample and grid.png"),
+    backend: str = typer.Option("auto", help="auto | onnxruntime | tensorrt"),
+):
+    """Sample images with the engines: torch-free host loop, encoder only on the schedule's steps."""
+    import time
+
+    from ddt_export.generate import generate as run_generate
+
+    bar, progress = _step_progress("sampling")
+    t0 = time.perf_counter()
+    with bar:
+        res = run_generate(engines, classes=class_, labels_file=labels, num=num, seed=seed, steps=steps, cfg=cfg,
+                           schedule=schedule, noise_file=noise, latents_out=latents_out, out_dir=out,
+                           backend=backend, progress=progress, say=lambda m: console.print(m, highlight=False, soft_wrap=True))
+    r, n = res.rows, res.sampler.num_steps
+    print(f"{len(res.labels)} samples, {n} steps, cfg {res.sampler.guidance}, schedule {res.schedule_spec}: "
+          f"encoder {r['encoder_calls']}/{n} steps, backend {res.backend}, {time.perf_counter() - t0:.1f} s")
+    print(f"cond-only outside the guidance interval: encoder rows {r['encoder_rows']}/{r['encoder_rows_full']}, "
+          f"decoder rows {r['decoder_rows']}/{r['decoder_rows_full']}, {100 * res.saved:.1f}% of the work saved")
+    if latents_out is not None:
+        print(f"wrote {latents_out}")
+    if res.grid is not None:
+        print(f"wrote {len(res.images)} PNGs and {res.grid}")
+
+
+@app.command()
+def schedule(
+    engines: Optional[Path] = typer.Option(None, help="engine folder: run the template trajectory on it"),
+    steps: Optional[int] = typer.Option(None, help="sampling steps N (default: the manifest's sampler)"),
+    recompute: int = typer.Option(..., help="K: number of steps on which the encoder runs"),
+    cfg: Optional[float] = typer.Option(None, help="CFG scale of the template trajectory (default: manifest)"),
+    seed: int = typer.Option(0, help="template seed (8 samples)"),
+    from_similarity: Optional[Path] = typer.Option(None, help="solve from a saved similarity-N.npy instead"),
+    out: Optional[Path] = typer.Option(None, help="with --from-similarity: the schedule JSON to write"),
+):
+    """Choose the encoder's recompute steps with the statistical DP; store them with the engines."""
+    from ddt_export.errors import InputError
+
+    if from_similarity is not None:
+        from ddt_export.generate import schedule_from_similarity
+
+        if engines is not None or out is None:
+            raise InputError("schedule --from-similarity", "--out FILE.json and no --engines",
+                             "--engines" if engines is not None else "no --out")
+        rec, paths = schedule_from_similarity(from_similarity, recompute, out)
+    else:
+        from ddt_export.generate import compute_schedule, sampler_for, store_schedule
+        from ddt_export.runtime import load_engines
+
+        if engines is None:
+            raise InputError("schedule", "--engines DIR (or --from-similarity SIM.npy)", "neither")
+        eng = load_engines(engines)
+        sampler = sampler_for(eng, steps, cfg)
+        bar, progress = _step_progress("template trajectory")
+        with bar:
+            rec, sim = compute_schedule(eng, sampler, recompute, seed=seed, progress=progress)
+        paths = store_schedule(engines, rec, sim, eng.config.name)
+    print(f"recompute steps ({len(rec['recompute_steps'])} of {rec['num_steps']}): {rec['recompute_steps']}")
+    if "uniform" in rec:
+        u = rec["uniform"]
+        print(f"cumulative error: dp {rec['cost']:.4g}, uniform:{u['rate']} ({u['recompute']} steps) {u['cost']:.4g}")
+    for p in paths.values():
+        print(f"wrote {p}")
+
 # --------------------------------------------------------------------------------------- calibrate / build
 
 # --------------------------------------------------------------------------------------- fid / validate
 
+
+@app.command()
+def fid(
+    a: Path = typer.Argument(..., help="ADM-style .npz (mu/sigma, or arr_0 uint8 NHWC images) or a folder of PNGs"),
+    b: Path = typer.Argument(..., help="the other side, same kinds"),
+    features: str = typer.Option("digits", help="digits | inception: the extractor for image inputs"),
+    inception_onnx: Optional[Path] = typer.Option(None, help="inception_fid.onnx from `ddt-export fid-inception`"),
+    batch: int = typer.Option(50, help="images per feature-extractor call"),
+    from_images: bool = typer.Option(False, help="recompute stats from arr_0 even where mu/sigma are stored"),
+):
+    """Frechet distance between two image sets or statistics; the distance alone is the last line printed."""
+    from ddt_export.fid import fid_from_paths
+
+    res = fid_from_paths(a, b, features=features, inception_onnx=inception_onnx, batch=batch,
+                         from_images=from_images)
+    for s in (res.a, res.b):
+        console.print(s.describe(), highlight=False, soft_wrap=True)
+    if res.features == "inception" and any(s.n is None for s in (res.a, res.b)):
+        console.print("note: stored statistics are used as they are; ADM's were made with the TF graph, whose "
+                      "preprocessing differs from pytorch-fid's (use --from-images for one convention)",
+                      highlight=False, soft_wrap=True)
+    print(f"{res.value:.6f}")
+
+
+@app.command("fid-inception")
+def fid_inception(
+    weights: Path = typer.Option(..., help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (no download)"),
+    out: Path = typer.Option(Path("engines/fid"), help="folder for inception_fid.onnx and inception_fid.json"),
+):
+    """Export pytorch-fid's FID Inception-v3 to ONNX (needs torch), checked against PyTorch."""
+    import json
+
+    from ddt_export.inception import INFO_NAME, export_inception
+
+    path = export_inception(weights, out)
+    info = json.loads((out / INFO_NAME).read_text())
+    if not info["source"]["official"]:
+        console.print(f"note: {weights} has sha256 {info['source']['sha256'][:12]}, not pytorch-fid's 6726825d...; "
+                      "its features are not the FID ones unless it holds the same weights", highlight=False,
+                      soft_wrap=True)
+    print(f"{path}: max rel err vs PyTorch {info['parity']['max_rel_err']:.2e} (tol {info['parity']['tol']:.1e})")
+    print(f"wrote {path} and {out / INFO_NAME}")
+
+
 # --------------------------------------------------------------------------------------- bench
+
+
+@app.command()
+def bench(
+    engines: Path = typer.Option(DEFAULT_ENGINES, help="engine folder (export or build output)"),
+    batch: List[int] = typer.Option([1, 4], help="batch sizes in images (repeat the option)"),
+    steps: Optional[int] = typer.Option(None, help="sampling steps (default: the manifest's)"),
+    schedule: List[str] = typer.Option(["all", "uniform:2"], help="encoder schedules (repeat); `all` is always run"),
+    repeats: int = typer.Option(3, help="timed repeats per measurement (after one warm-up)"),
+    torch_baseline: bool = typer.Option(True, help="also time the PyTorch reference (needs the [export] extra)"),
+    cond_only: bool = typer.Option(True, help="skip the unconditional half outside the guidance interval"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write all numbers as JSON"),
+    plot: Optional[Path] = typer.Option(None, help="PNG of images/s against batch size and schedule"),
+):
+    """Per-stage latency, images/s per batch and schedule, sharing speed-up measured vs predicted, vs PyTorch."""
+    from rich.table import Table
+
+    from ddt_export.bench import bench as run_bench
+    from ddt_export.bench import write_outputs
+
+    res = run_bench(engines, batches=batch, steps=steps, schedules=schedule, repeats=repeats,
+                    torch_variants=None if torch_baseline else (), cond_only=(cond_only,),
+                    say=lambda m: console.print(m, highlight=False))
+    out = Console(width=140)
+    t = Table(title=f"stages: one call ({res.model}, {res.precision})")
+    for c in ("backend", "graph", "rows", "median ms", "min..max ms"):
+        t.add_column(c)
+    for s in res.stages:
+        t.add_row(s["backend"], s["graph"], str(s["rows"]), f"{1e3 * s['s']['median']:.2f}",
+                  f"{1e3 * s['s']['lo']:.2f}..{1e3 * s['s']['hi']:.2f}")
+    out.print(t)
+    t = Table(title=f"trajectories: {res.steps} steps")
+    for c in ("backend", "batch", "schedule", "enc calls", "median s", "images/s", "host share"):
+        t.add_column(c)
+    for r in res.runs:
+        t.add_row(r["backend"], str(r["batch"]), r["schedule"], str(r["encoder_calls"]), f"{r['s']['median']:.3f}",
+                  f"{r['images_per_s']:.3f}", f"{r['host_fraction']:.1%}" if "host_fraction" in r else "-")
+    out.print(t)
+    t = Table(title="encoder sharing: speed-up over `all`")
+    for c in ("backend", "batch", "schedule", "recompute", "predicted (FLOPs)", "measured"):
+        t.add_column(c)
+    for s in res.sharing:
+        t.add_row(s["backend"], str(s["batch"]), s["schedule"], f"{s['recompute_fraction']:.2f}",
+                  f"{s['predicted']:.2f}x", f"{s['measured']:.2f}x")
+    out.print(t)
+    write_outputs(res, json_out, plot)
 
 
 if __name__ == "__main__":

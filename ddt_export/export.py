@@ -168,7 +168,7 @@ def load_checkpoint_model(ckpt: Path | None, cfg: Config, weights: str = "ema", 
             raise CheckpointError("--random-weights", "no --ckpt", str(ckpt))
         torch.manual_seed(seed)
         model = DDT(cfg.model).eval()
-        return model, {"path": None, "sha256": f"random-seed-{seed}", "weights": "random"}
+        return model, {"path": None, "sha256": f"random-seed-{seed}", "weights": "random", "seed": seed}
     if ckpt is None:
         ckpt = bundled_weights(cfg)
         if ckpt is None:

@@ -212,6 +212,10 @@ def plot_heatmap(sim: np.ndarray, steps: Sequence[int], path: Path, title: str =
     for j, end in zip(steps, ends):  # the block of steps served by the state computed at j
         ax.add_patch(_rect(j, end))
     ax.scatter(list(steps), list(steps), s=14, c="red", marker="o", zorder=3, label=f"recompute ({len(steps)})")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("step j (state computed)")
     ax.set_ylabel("step i (state used)")
     ax.set_title(title or f"encoder state distance, {n} steps, {len(steps)} recompute steps", fontsize=10)

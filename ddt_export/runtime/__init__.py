@@ -1,0 +1,9 @@
+"""The production runtime: numpy and onnxruntime only (tensorrt/cuda-python lazily, for TensorRT folders).
+
+Never imports torch; tests/test_no_torch.py runs `generate` with torch made unimportable to prove it.
+"""
+from .engines import Engines, load_engines
+from .host import Step, plan_steps, record_states, sample, saved_fraction, work_rows
+
+__all__ = ["Engines", "load_engines", "sample", "record_states", "plan_steps", "work_rows", "saved_fraction",
+           "Step"]

@@ -62,7 +62,8 @@ class Engines:
     def __init__(self, folder: Path, manifest: Manifest, backend_name: str, runners: dict):
         self.folder, self.manifest, self.backend_name = Path(folder), manifest, backend_name
         self._runners = runners
-        self.dims = model_dims(manifest.config.model)
+        vae_rec = manifest.graphs.get(VAE_DECODER.name, {})
+        self.dims = model_dims(manifest.config.model, vae_rec.get("image_channels", 3), vae_rec.get("factor", 8))
         vae = runners.get(VAE_DECODER.name)
         self.vae_decoder: Callable[[np.ndarray], np.ndarray] | None = self._vae_decoder if vae else None
 
@@ -87,10 +88,10 @@ class Engines:
         return self._call(DECODER, {"x": x, "s": s})["v"]
 
     def _vae_decoder(self, latent: np.ndarray) -> np.ndarray:
-        """latent (B, C, H, W) float32, the sampler's output -> image (B, 3, 8H, 8W) float32 in about [-1, 1]."""
-        return self._call(VAE_DECODER, {"latent": latent}, check_out=False)["image"]
+        """latent (B, C, H, W) float32, the sampler's output as is -> image (B, IC, IH, IH) float32 in about [-1, 1]."""
+        return self._call(VAE_DECODER, {"latent": latent})["image"]
 
-    def _call(self, spec: GraphSpec, feeds: dict[str, np.ndarray], check_out: bool = True) -> dict[str, np.ndarray]:
+    def _call(self, spec: GraphSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         batch = feeds[spec.inputs[0].name].shape[0] if feeds[spec.inputs[0].name].ndim else -1
         if not 1 <= batch <= self.max_batch:
             raise InputError(f"{spec.name} batch", f"1..{self.max_batch} rows (manifest batch.max)", batch)
@@ -103,8 +104,8 @@ class Engines:
         outs = self._runners[spec.name].run(feeds)
         for t in spec.outputs:
             o = outs[t.name]
-            want = t.shape(self.dims, batch) if check_out else (batch,)
-            if o.dtype != np.dtype(t.dtype) or o.shape[:len(want)] != want:
+            want = t.shape(self.dims, batch)
+            if o.dtype != np.dtype(t.dtype) or o.shape != want:
                 raise ArtifactError(f"{self.folder}: {spec.name} output {t.name}", f"{t.dtype} {want}",
                                     f"{o.dtype} {o.shape}", "the graph does not match its manifest")
         return outs

@@ -1,0 +1,87 @@
+"""CPU benchmarks for the results file: an XL-shaped model end to end, and DDT-XL/2 per call.
+
+    python benchmarks/run_cpu.py [--steps 20] [--batches 1 4] [--repeats 3] [--xl /tmp/ddt-xl]
+
+1. `ddt-xl-cpu` (28 blocks, 22 encoder, hidden 256, 256 tokens; random weights): exported to ONNX, then
+   `ddt_export.bench.bench` with schedules all, uniform:2, dp:N/2, uniform:4, dp:N/4, engines (onnxruntime CPU)
+   and the PyTorch eager fp32 reference in the same run.
+2. DDT-XL/2 256 (random weights, exported by benchmarks/export_xl.py to --xl if that folder exists): one
+   encoder and one decoder call at 2 rows (one image with CFG), onnxruntime vs PyTorch eager fp32.
+Appends a dated section to benchmarks/results.md and writes JSON and PNG beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from ddt_export.bench import bench, write_outputs
+from ddt_export.config import load_config
+from ddt_export.export import export_model, load_checkpoint_model
+from ddt_export.flops import step_flops
+
+HERE = Path(__file__).parent
+
+
+def section(res, title: str, cmd: str) -> str:
+    m = res.machine
+    v = m["versions"]
+    lines = [f"\n## {title} ({m['date']})\n", f"Command: `{cmd}`  ",
+             f"Machine: {m['cpu']}, {m['cores']} cores, {m['platform']}; onnxruntime {v.get('onnxruntime')} "
+             f"({', '.join(m.get('onnxruntime_providers', []))}), torch {v.get('torch')}, numpy {v.get('numpy')}.\n",
+             "| backend | graph | rows | median ms | min..max ms |", "| --- | --- | --- | --- | --- |"]
+    for s in res.stages:
+        lines.append(f"| {s['backend']} | {s['graph']} | {s['rows']} | {1e3 * s['s']['median']:.1f} | "
+                     f"{1e3 * s['s']['lo']:.1f}..{1e3 * s['s']['hi']:.1f} |")
+    if res.runs:
+        lines += ["", f"Trajectories, {res.steps} steps:", "",
+                  "| backend | batch | schedule | encoder calls | median s | min..max s | images/s | host share |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in res.runs:
+            hs = f"{r['host_fraction']:.1%}" if "host_fraction" in r else "-"
+            lines.append(f"| {r['backend']} | {r['batch']} | {r['schedule']} | {r['encoder_calls']} | "
+                         f"{r['s']['median']:.2f} | {r['s']['lo']:.2f}..{r['s']['hi']:.2f} | {r['images_per_s']:.3f} | {hs} |")
+    if res.sharing:
+        lines += ["", "Encoder sharing, speed-up over `all` (same run):", "",
+                  "| batch | schedule | recompute fraction | predicted (FLOPs) | measured |", "| --- | --- | --- | --- | --- |"]
+        for s in res.sharing:
+            lines.append(f"| {s['batch']} | {s['schedule']} | {s['recompute_fraction']:.2f} | {s['predicted']:.2f}x | "
+                         f"{s['measured']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--xl", default="/tmp/ddt-xl")
+    ap.add_argument("--work", default="/tmp/ddt-bench")
+    ap.add_argument("--results", default=str(HERE / "results.md"))
+    a = ap.parse_args(argv)
+    cmd = "python benchmarks/run_cpu.py " + " ".join(argv or [])
+    cfg = load_config("ddt-xl-cpu")
+    folder = Path(a.work) / "xl-cpu-fp32"
+    model, src = load_checkpoint_model(None, cfg, random_weights=True, seed=0)
+    export_model(model, cfg, folder, source=src, force=True)
+    n = a.steps
+    f = step_flops(cfg.model)
+    res = bench(folder, batches=a.batches, steps=n,
+                schedules=["all", "uniform:2", f"dp:{n // 2}", "uniform:4", f"dp:{n // 4}"],
+                repeats=a.repeats, torch_variants=("torch-eager-fp32",))
+    write_outputs(res, HERE / "xl-cpu.json", HERE / "xl-cpu.png")
+    text = section(res, f"ddt-xl-cpu end to end (encoder share of step FLOPs {f.encoder_fraction:.1%})", cmd)
+    if (Path(a.xl) / "manifest.json").is_file():
+        xl = bench(Path(a.xl), batches=[1], steps=1, schedules=["all"], repeats=a.repeats,
+                   torch_variants=("torch-eager-fp32",), say=print)
+        xl.runs, xl.sharing = [], []  # one call per graph only: a whole XL trajectory is minutes per image here
+        write_outputs(xl, HERE / "xl-256.json", None)
+        text += section(xl, "DDT-XL/2 256, one call per graph (random weights)", cmd)
+    with open(a.results, "a") as fh:
+        fh.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
