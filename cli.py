@@ -111,7 +111,8 @@ def generate(
     with bar:
         res = run_generate(engines, classes=class_, labels_file=labels, num=num, seed=seed, steps=steps, cfg=cfg,
                            schedule=schedule, noise_file=noise, latents_out=latents_out, out_dir=out,
-                           backend=backend, progress=progress, say=lambda m: console.print(m, highlight=False, soft_wrap=True))
+                           backend=backend, progress=progress,
+                           say=lambda m: console.print(m, highlight=False, soft_wrap=True))
     r, n = res.rows, res.sampler.num_steps
     print(f"{len(res.labels)} samples, {n} steps, cfg {res.sampler.guidance}, schedule {res.schedule_spec}: "
           f"encoder {r['encoder_calls']}/{n} steps, backend {res.backend}, {time.perf_counter() - t0:.1f} s")
@@ -144,7 +145,7 @@ def schedule(
                              "--engines" if engines is not None else "no --out")
         rec, paths = schedule_from_similarity(from_similarity, recompute, out)
     else:
-        from ddt_export.generate import compute_schedule, sampler_for, store_schedule
+        from ddt_export.generate import compute_schedule, model_label, sampler_for, store_schedule
         from ddt_export.runtime import load_engines
 
         if engines is None:
@@ -154,7 +155,7 @@ def schedule(
         bar, progress = _step_progress("template trajectory")
         with bar:
             rec, sim = compute_schedule(eng, sampler, recompute, seed=seed, progress=progress)
-        paths = store_schedule(engines, rec, sim, eng.config.name)
+        paths = store_schedule(engines, rec, sim, model_label(eng))
     print(f"recompute steps ({len(rec['recompute_steps'])} of {rec['num_steps']}): {rec['recompute_steps']}")
     if "uniform" in rec:
         u = rec["uniform"]
@@ -163,6 +164,79 @@ def schedule(
         print(f"wrote {p}")
 
 # --------------------------------------------------------------------------------------- calibrate / build
+
+
+def _say(message: str) -> None:
+    console.print(message, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def calibrate(
+    engines: Path = typer.Option(Path("engines/fp32"), help="fp32 export folder (`ddt-export export`)"),
+    num: int = typer.Option(8, help="images per trajectory batch (the CFG batch is twice this)"),
+    seed: int = typer.Option(0, help="noise seed: numpy default_rng(seed).standard_normal"),
+    schedule: Optional[str] = typer.Option(None, help="the encoder schedule that will run: all | uniform:R | dp:K | FILE.json"),
+    classes: Optional[Path] = typer.Option(None, help="file of class ids (text or 1-D .npy), cycled to --num"),
+    steps: Optional[int] = typer.Option(None, help="sampling steps (default: the manifest's sampler)"),
+    out: Optional[Path] = typer.Option(None, help="output folder (default: calibration/<config name>)"),
+):
+    """Capture encoder/decoder inputs of real trajectories on fp32 graphs (every step, full CFG batch)."""
+    from ddt_export.calibrate import capture, read_classes
+    from ddt_export.manifest import read_manifest
+
+    out = out or Path("calibration") / read_manifest(engines).config.name
+    ids = read_classes(classes) if classes else None
+    bar, progress = _step_progress("calibration trajectories")
+    with bar:
+        rec = capture(engines, out, num=num, seed=seed, classes=ids, schedule=schedule, steps=steps,
+                      progress=progress, say=_say)
+    for name, g in rec["graphs"].items():
+        print(f"{name}: {g['rows_stored']} of {g['rows_captured']} rows -> {out / g['file']}")
+    print(f"wrote {out / 'manifest.json'} ({rec['sampler']['num_steps']} steps, schedule {rec['schedule']['spec']})")
+
+
+@app.command()
+def build(
+    precision: str = typer.Option(..., help="fp32 | fp16 | bf16 | fp8"),
+    ckpt: Optional[Path] = typer.Option(None, help="checkpoint; default: the bundled model's weights"),
+    config: Optional[str] = typer.Option(None, help="preset name, official DDT YAML, or config JSON"),
+    out: Optional[Path] = typer.Option(None, help="engine folder (default: engines/<precision>, and engines/default "
+                                                  "is pointed at it)"),
+    batch: str = typer.Option("1:16:64", help="engine batch range MIN:OPT:MAX (CFG rows count: 2 per image)"),
+    timing_cache: Optional[Path] = typer.Option(None, help="TensorRT timing cache file (read and updated)"),
+    force: bool = typer.Option(False, help="rebuild a folder built from something else"),
+    vae: Optional[Path] = typer.Option(None, help="local diffusers AutoencoderKL folder (latent models)"),
+    high_precision: str = typer.Option("fp16", help="fp8 only: fp16 | bf16 for everything not in FP8"),
+    calibration: Optional[Path] = typer.Option(None, help="fp8 only: calibration folder (default: captured into OUT)"),
+    weights: str = typer.Option("ema", help="ema | raw: which weights of a Lightning checkpoint"),
+    opt_level: int = typer.Option(3, help="TensorRT builder optimization level 0-5"),
+    backend: str = typer.Option("auto", help="auto (TensorRT if usable) | onnxruntime | tensorrt"),
+    trust_checkpoint: bool = typer.Option(False, help="allow pickle code in the checkpoint (executes it!)"),
+):
+    """Export, quantize (fp8) and build the engines of one precision; without TensorRT, an ONNX Runtime folder."""
+    from ddt_export.build import build as run_build, point_default
+    from ddt_export.specs import BatchProfile
+
+    target = out or DEFAULT_ENGINES.parent / precision
+    bar, progress = _step_progress("calibration trajectories")
+    with bar:
+        res = run_build(precision, out=target, ckpt=ckpt, config=config, batch=BatchProfile.parse(batch),
+                        timing_cache=timing_cache, force=force, vae=vae, high_precision=high_precision,
+                        calibration=calibration, weights=weights, trust=trust_checkpoint, opt_level=opt_level,
+                        backend=backend, say=_say, progress=progress)
+    for name, g in res.manifest.graphs.items():
+        errs = {k: v.get("max_rel_err", v.get("not_run")) for k, v in (g.get("parity") or {}).items()
+                if isinstance(v, dict)}
+        err = g.get("parity", {}).get("max_rel_err")
+        shown = ", ".join(f"{k} {v:.2e}" if isinstance(v, float) else f"{k}: {v}" for k, v in errs.items())
+        print(f"{name}: {target / g['file']}" + (f"  max rel err vs PyTorch fp32 {err:.2e}" if err else "")
+              + (f"  [{shown}]" if shown else ""))
+        if "quantization" in g:
+            q = g["quantization"]["fp8_gemms"]
+            print(f"  FP8 block GEMMs: {q['block_fp8']}/{q['block_gemms']}")
+    print(f"{'reused' if res.reused else 'built'} {target} ({precision}, backend {res.backend})")
+    if out is None and point_default(target, DEFAULT_ENGINES, say=_say):
+        print(f"{DEFAULT_ENGINES} -> {target.name}")
 
 # --------------------------------------------------------------------------------------- fid / validate
 

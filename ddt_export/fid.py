@@ -220,8 +220,8 @@ class DigitsFeatures(OnnxFeatures):
 
     name = "digits"
 
-    def __init__(self, path: Path = DIGITS_ONNX, batch: int = DEFAULT_BATCH):
-        super().__init__(path, batch)
+    def __init__(self, path: Path | None = None, batch: int = DEFAULT_BATCH):
+        super().__init__(DIGITS_ONNX if path is None else path, batch)
 
     def preprocess(self, images: np.ndarray) -> np.ndarray:
         n, h, w, c = images.shape

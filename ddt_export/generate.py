@@ -20,7 +20,7 @@ from .config import SamplerConfig
 from .errors import InputError
 from .manifest import atomic_path
 from .runtime import Engines, load_engines, plan_steps, record_states, sample, saved_fraction, work_rows
-from .runtime.host import _call
+from .runtime.host import call_graph
 from .schedule import (parse_spec, plot_heatmap, schedule_cost, schedule_record, similarity, solve_dp, steps_for,
                        uniform_steps, write_schedule)
 
@@ -80,10 +80,16 @@ def compute_schedule(engines: Engines, sampler: SamplerConfig, recompute: int, *
     sim = similarity(record_states(engines, noise, labels, sampler, progress=progress))  # (N, N) float64
     steps, cost = solve_dp(sim, recompute)
     rate = math.ceil(n / recompute)  # the sparsest uniform schedule with no more steps than the DP's
-    uniform = {"rate": rate, "recompute": len(uniform_steps(n, rate)), "cost": schedule_cost(sim, uniform_steps(n, rate))}
+    base = uniform_steps(n, rate)
+    uniform = {"rate": rate, "recompute": len(base), "cost": schedule_cost(sim, base)}
     record = schedule_record(steps, n, method="dp", cost=cost, uniform=uniform,
                              **template_settings(engines, sampler, seed))
     return record, sim
+
+
+def model_label(engines: Engines) -> str:
+    weights = engines.manifest.source.get("weights")
+    return engines.config.name + (" (random weights)" if weights == "random" else "")
 
 
 def store_schedule(out_dir: Path, record: dict, sim: np.ndarray, name: str = "") -> dict[str, Path]:
@@ -117,9 +123,12 @@ def resolve_schedule(spec: str | None, engines: Engines, sampler: SamplerConfig,
     if k > n:
         raise InputError("--schedule dp:K", f"K <= {n} steps", k)
     stored = engines.folder / f"schedule-{n}-{k}.json"
-    wanted = {k: v for k, v in template_settings(engines, sampler, TEMPLATE_SEED).items() if k != "template"}
+    wanted = {key: v for key, v in template_settings(engines, sampler, TEMPLATE_SEED).items() if key != "template"}
     if stored.is_file():
-        rec = json.loads(stored.read_text())
+        try:
+            rec = json.loads(stored.read_text())
+        except (OSError, json.JSONDecodeError):
+            rec = {}
         if _same_settings(rec, wanted):
             say(f"schedule dp:{k}: using {stored}")
             return steps_for(parse_spec(str(stored)), n), spec
@@ -128,7 +137,7 @@ def resolve_schedule(spec: str | None, engines: Engines, sampler: SamplerConfig,
         f"trajectory ({n} steps) and the DP")
     rec, sim = compute_schedule(engines, sampler, k, progress=progress)
     try:
-        say(f"saved {store_schedule(engines.folder, rec, sim, engines.config.name)['json']}")
+        say(f"saved {store_schedule(engines.folder, rec, sim, model_label(engines))['json']}")
     except OSError as e:  # a read-only engine folder: use the schedule for this run only
         say(f"could not store the schedule in {engines.folder} ({e}); using it for this run only")
     return rec["recompute_steps"], spec
@@ -246,7 +255,7 @@ def generate(engines_dir: Path, *, classes: Sequence[int] | None = None, labels_
     images, grid = [], None
     if out_dir is not None:
         if engines.vae_decoder is not None:
-            pixels = _call(engines, "vae_decoder", sampler.num_steps, None, latent=latents)
+            pixels = call_graph(engines, "vae_decoder", sampler.num_steps, None, latent=latents)
         else:
             if m.latent_scale is not None:
                 say("note: this folder has no vae_decoder graph; the PNGs show the first latent channels")

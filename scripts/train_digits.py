@@ -129,7 +129,10 @@ def flow_matching_loss(model: DDT, x: torch.Tensor, y: torch.Tensor, g: torch.Ge
 
 
 def train(cfg: Config, images: torch.Tensor, labels: torch.Tensor, tc: TrainConfig, log=print):
-    """Returns (ema state dict, list of (step, mean loss over the last log_every steps), seconds)."""
+    """Returns (ema state dict, [(step, mean loss over the last log_every steps)], {"wall": s, "cpu": s}).
+
+    CPU seconds are this process's (all threads): with the machine shared, cpu / threads is the wall time
+    the run would take alone."""
     torch.use_deterministic_algorithms(True)
     model = make_model(cfg, tc.seed)
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -138,7 +141,7 @@ def train(cfg: Config, images: torch.Tensor, labels: torch.Tensor, tc: TrainConf
     null = cfg.model.null_class
     n = images.shape[0]
     perm, pos = torch.randperm(n, generator=g), 0
-    history, running, t0 = [], [], time.time()
+    history, running, t0, c0 = [], [], time.time(), time.process_time()
     for step in range(tc.steps):
         if pos + tc.batch > n:  # new epoch
             perm, pos = torch.randperm(n, generator=g), 0
@@ -165,7 +168,7 @@ def train(cfg: Config, images: torch.Tensor, labels: torch.Tensor, tc: TrainConf
             log(f"step {step + 1:5d}/{tc.steps}  loss {history[-1][1]:.4f}  lr {lr_at(step, tc):.2e}  "
                 f"{time.time() - t0:6.1f}s")
             running = []
-    return ema, history, time.time() - t0
+    return ema, history, {"wall": time.time() - t0, "cpu": time.process_time() - c0}
 
 
 # --------------------------------------------------------------------------------------------- sampling
@@ -295,9 +298,11 @@ def main(argv=None) -> int:
         model = load_model(cfg, a.out / f"{NAME}.safetensors")
     else:
         print(f"training: {tc}")
-        ema, history, seconds = train(cfg, images, labels, tc)
-        print(f"training took {seconds:.0f}s ({seconds / 60:.1f} min) on {torch.get_num_threads()} threads")
-        meta = {"config": cfg.to_json(), "train": json.dumps(dataclasses.asdict(tc)), "train_seconds": f"{seconds:.0f}",
+        ema, history, secs = train(cfg, images, labels, tc)
+        print(f"training took {secs['wall']:.0f}s wall ({secs['wall'] / 60:.1f} min), {secs['cpu']:.0f}s CPU "
+              f"on {torch.get_num_threads()} threads")
+        meta = {"config": cfg.to_json(), "train": json.dumps(dataclasses.asdict(tc)),
+                "train_wall_s": f"{secs['wall']:.0f}", "train_cpu_s": f"{secs['cpu']:.0f}",
                 "final_loss": f"{history[-1][1]:.4f}", "torch": torch.__version__}
         for path in save_assets(cfg, ema, a.out, meta):
             print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")

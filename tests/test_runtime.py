@@ -67,6 +67,17 @@ def test_bad_folders(tiny_engines, tmp_path):
         load_engines(tiny_engines[0], backend="tensorrt")  # an onnxruntime folder
     with pytest.raises(BackendError):
         load_engines(tiny_engines[0], providers=["NoSuchExecutionProvider"])
+    # a TensorRT folder where TensorRT cannot run: a BackendError with the reason
+    trt_dir = tmp_path / "trt"
+    shutil.copytree(tiny_engines[0], trt_dir)
+    man = json.loads((trt_dir / "manifest.json").read_text())
+    man["backend"] = "tensorrt"
+    (trt_dir / "manifest.json").write_text(json.dumps(man))
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(BackendError):
+            load_engines(trt_dir)
 
 
 @pytest.mark.parametrize("schedule, calls", [("all", 20), ("uniform:2", 10), ("uniform:3", 7), ([0, 5, 11], 3)])

@@ -3,7 +3,7 @@
 Never imports torch; tests/test_no_torch.py runs `generate` with torch made unimportable to prove it.
 """
 from .engines import Engines, load_engines
-from .host import Step, plan_steps, record_states, sample, saved_fraction, work_rows
+from .host import Step, call_graph, plan_steps, record_states, sample, saved_fraction, work_rows
 
 __all__ = ["Engines", "load_engines", "sample", "record_states", "plan_steps", "work_rows", "saved_fraction",
-           "Step"]
+           "Step", "call_graph"]

@@ -80,7 +80,8 @@ def check_inputs(engines, noise: np.ndarray, labels: np.ndarray) -> tuple[np.nda
         raise InputError("noise", "finite values", f"{int((~np.isfinite(noise)).sum())} NaN/Inf")
     labels = np.asarray(labels)
     if labels.shape != (noise.shape[0],) or labels.dtype.kind not in "iu":
-        raise InputError("labels", f"({noise.shape[0]},) integers, one per noise sample", f"{labels.dtype} {labels.shape}")
+        raise InputError("labels", f"({noise.shape[0]},) integers, one per noise sample",
+                         f"{labels.dtype} {labels.shape}")
     bad = labels[(labels < 0) | (labels >= m.num_classes)]
     if bad.size:
         raise InputError("class", f"in [0, {m.num_classes})", int(bad[0]))
@@ -89,10 +90,11 @@ def check_inputs(engines, noise: np.ndarray, labels: np.ndarray) -> tuple[np.nda
 
 def _finite(a: np.ndarray, step: int, what: str) -> None:
     if not np.isfinite(a).all():
-        raise NumericsError(f"step {step}: {what}", "finite values", f"{int((~np.isfinite(a)).sum())} NaN/Inf of {a.size}")
+        bad = int((~np.isfinite(a)).sum())
+        raise NumericsError(f"step {step}: {what}", "finite values", f"{bad} NaN/Inf of {a.size}")
 
 
-def _call(engines, graph: str, step: int, observer: Observer | None, **inputs: np.ndarray) -> np.ndarray:
+def call_graph(engines, graph: str, step: int, observer: Observer | None, **inputs: np.ndarray) -> np.ndarray:
     """One graph call per chunk of at most engines.max_batch rows (CFG rows count); outputs concatenated."""
     fn = getattr(engines, graph)
     rows = len(next(iter(inputs.values())))
@@ -118,18 +120,18 @@ def _run(engines, x: np.ndarray, labels: np.ndarray, sampler: SamplerConfig, ste
     for st in steps:
         if st.recompute:
             xe, ye = (np.concatenate([x, x]), y_cfg) if st.enc_uncond else (x, labels)  # 2B or B rows
-            s = _call(engines, "encoder", st.i, observer, x=xe, t=np.full(len(ye), st.t, np.float32), y=ye)
+            s = call_graph(engines, "encoder", st.i, observer, x=xe, t=np.full(len(ye), st.t, np.float32), y=ye)
             _finite(s, st.i, "encoder output s")
             s_uncond = st.enc_uncond
             if states is not None:
                 states.append(s)
         assert s is not None and (s_uncond or not st.dec_uncond), f"step {st.i}: no usable encoder state"
         if st.dec_uncond:
-            v2 = _call(engines, "decoder", st.i, observer, x=np.concatenate([x, x]), s=s)  # (2B, C, H, W)
+            v2 = call_graph(engines, "decoder", st.i, observer, x=np.concatenate([x, x]), s=s)  # (2B, C, H, W)
             _finite(v2, st.i, "decoder output v")
             v = cfg_combine(v2[:b], v2[b:], st.scale)
         else:
-            v = _call(engines, "decoder", st.i, observer, x=x, s=s[b:] if s_uncond else s)  # (B, C, H, W)
+            v = call_graph(engines, "decoder", st.i, observer, x=x, s=s[b:] if s_uncond else s)  # (B, C, H, W)
             _finite(v, st.i, "decoder output v")
         x = euler_step(sampler, st.i, x, v, st.t, st.dt, rng)
         _finite(x, st.i, "latents x after the Euler step")

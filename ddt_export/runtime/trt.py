@@ -1,0 +1,302 @@
+"""TensorRT backend: the plans of a `ddt-export build` folder, run through cuda-python. Never imports torch.
+
+Imported only by `load_engines` for folders whose manifest says backend "tensorrt" (tensorrt and
+cuda.bindings are imported here, lazily, inside functions). Two ways to run:
+- `open_graphs(folder, manifest)`: one runner per plan with the host loop's contract
+  (`run(feeds) -> outputs`, numpy in and out): inputs are copied into device buffers allocated once for the
+  manifest's max batch, `execute_async_v3` on one stream, outputs copied back.
+- `sample_on_device(engines, ...)`: the same sampler (same plan of steps, `host.plan_steps`) with the state
+  on the GPU: x stays on the device in float32, the encoder's output buffer s is bound as the decoder's input
+  (its conditional half by pointer offset, no copy), and CFG + Euler is one small NVRTC kernel. Optional CUDA
+  graph per (engine, batch, bindings). Only the ODE step function (the FID configs' sampler).
+Every CUDA runtime / driver / NVRTC status and every TensorRT return value goes through `check`.
+
+Plans are tied to the TensorRT version and the GPU they were built on; `check_compatible` compares the
+manifest with the running ones and refuses with a hint to rebuild.
+"""
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import ArtifactError, BackendError, InputError, NumericsError
+from ..manifest import Manifest
+from ..specs import SPECS, GraphSpec, model_dims
+
+_STATUS_TYPES = ("cudaError_t", "CUresult", "nvrtcResult")
+
+
+def _describe(status) -> str:
+    from cuda.bindings import driver, nvrtc
+    from cuda.bindings import runtime as cudart
+
+    kind = type(status).__name__
+    try:
+        if kind == "cudaError_t":
+            return cudart.cudaGetErrorString(status)[1].decode()
+        if kind == "CUresult":
+            return driver.cuGetErrorString(status)[1].decode()
+        if kind == "nvrtcResult":
+            return nvrtc.nvrtcGetErrorString(status)[1].decode()
+    except Exception:  # the description is a courtesy; the status name is already in the message
+        pass
+    return ""
+
+
+def check(result, what: str):
+    """The one status check. cuda-python returns (status, *values): raise unless status is success (0), return
+    the value(s). TensorRT returns an object, True, or False/None on failure: raise on the latter."""
+    if isinstance(result, tuple) and result and type(result[0]).__name__ in _STATUS_TYPES:
+        status, values = result[0], result[1:]
+        if int(status) != 0:  # cudaSuccess, CUDA_SUCCESS and NVRTC_SUCCESS are all 0
+            raise BackendError(what, "success", f"{getattr(status, 'name', status)} {_describe(status)}".strip())
+        return values[0] if len(values) == 1 else (values or None)
+    if result is None or result is False:
+        raise BackendError(what, "success", "TensorRT reported a failure (see its log above)")
+    return result
+
+
+# ------------------------------------------------------------------------------------------ compatibility
+
+
+def running_platform() -> dict:
+    """{"tensorrt", "gpu", "compute_capability"} of this process, in the form build manifests record."""
+    import tensorrt as trt
+    from cuda.bindings import runtime as cudart
+
+    dev = check(cudart.cudaGetDevice(), "cudaGetDevice")
+    prop = check(cudart.cudaGetDeviceProperties(dev), "cudaGetDeviceProperties")
+    name = prop.name.decode(errors="replace").rstrip("\x00") if isinstance(prop.name, bytes) else str(prop.name)
+    return {"tensorrt": trt.__version__, "gpu": name, "compute_capability": f"{prop.major}.{prop.minor}"}
+
+
+def check_compatible(folder: Path, man: Manifest) -> None:
+    rec = man.extra.get("tensorrt") or {}
+    now = running_platform()
+    diffs = [f"{k}: built {rec.get(k)!r}, running {v!r}" for k, v in now.items() if rec.get(k) != v]
+    if diffs:
+        raise BackendError(f"TensorRT plans in {folder}", "the TensorRT version and GPU they were built with",
+                           "; ".join(diffs), f"rebuild: ddt-export build --precision {man.precision} --force")
+
+
+# ------------------------------------------------------------------------------------------ device memory
+
+
+class DeviceBuffer:
+    def __init__(self, nbytes: int):
+        from cuda.bindings import runtime as cudart
+
+        self.nbytes = int(nbytes)
+        self.ptr = int(check(cudart.cudaMalloc(max(self.nbytes, 1)), f"cudaMalloc({self.nbytes})"))
+
+    def free(self) -> None:
+        from cuda.bindings import runtime as cudart
+
+        if self.ptr:
+            check(cudart.cudaFree(self.ptr), "cudaFree")
+            self.ptr = 0
+
+
+def _copy(dst: int, src: int, nbytes: int, kind: str, stream) -> None:
+    from cuda.bindings import runtime as cudart
+
+    k = {"h2d": cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, "d2h": cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost,
+         "d2d": cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice}[kind]
+    check(cudart.cudaMemcpyAsync(dst, src, nbytes, k, stream), f"cudaMemcpyAsync {kind} ({nbytes} bytes)")
+
+
+def _nbytes(spec_tensor, dims: dict, batch: int) -> int:
+    return int(np.prod(spec_tensor.shape(dims, batch))) * np.dtype(spec_tensor.dtype).itemsize
+
+
+# ------------------------------------------------------------------------------------------ one plan
+
+
+class TrtGraph:
+    """One deserialized plan: an execution context, device buffers for max batch, optional CUDA graphs."""
+
+    def __init__(self, runtime, plan: bytes, spec: GraphSpec, dims: dict, max_batch: int, stream,
+                 cuda_graphs: bool = False):
+        self.spec, self.dims, self.max_batch, self.stream, self.cuda_graphs = spec, dims, max_batch, stream, cuda_graphs
+        self.engine = check(runtime.deserialize_cuda_engine(plan), f"deserialize {spec.name}.plan")
+        self.context = check(self.engine.create_execution_context(), f"{spec.name}: create_execution_context")
+        names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
+        want = set(spec.input_names() + spec.output_names())
+        if names != want:
+            raise ArtifactError(f"{spec.name}.plan", f"I/O tensors {sorted(want)}", sorted(names), "rebuild it")
+        self.buffers = {t.name: DeviceBuffer(_nbytes(t, dims, max_batch)) for t in spec.inputs + spec.outputs}
+        self._graphs: dict[tuple, tuple] = {}
+
+    def enqueue(self, batch: int, addresses: dict[str, int] | None = None) -> None:
+        """Run on the stream with `batch` rows; `addresses` overrides buffers (device pointers owned elsewhere)."""
+        from cuda.bindings import runtime as cudart
+
+        if not 1 <= batch <= self.max_batch:
+            raise InputError(f"{self.spec.name} batch", f"1..{self.max_batch}", batch)
+        addrs = {name: buf.ptr for name, buf in self.buffers.items()}
+        addrs.update(addresses or {})
+        for t in self.spec.inputs:
+            check(self.context.set_input_shape(t.name, t.shape(self.dims, batch)), f"{self.spec.name}: set_input_shape {t.name}")
+        for name, ptr in addrs.items():
+            check(self.context.set_tensor_address(name, ptr), f"{self.spec.name}: set_tensor_address {name}")
+        handle = int(self.stream)
+        if not self.cuda_graphs:
+            check(self.context.execute_async_v3(handle), f"{self.spec.name}: execute_async_v3")
+            return
+        key = (batch, tuple(sorted(addrs.items())))
+        if key not in self._graphs:
+            # one ordinary run first, so TensorRT's deferred work (shape-dependent setup) is not captured
+            check(self.context.execute_async_v3(handle), f"{self.spec.name}: execute_async_v3")
+            mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+            check(cudart.cudaStreamBeginCapture(self.stream, mode), "cudaStreamBeginCapture")
+            check(self.context.execute_async_v3(handle), f"{self.spec.name}: execute_async_v3 (capture)")
+            graph = check(cudart.cudaStreamEndCapture(self.stream), "cudaStreamEndCapture")
+            self._graphs[key] = (graph, check(cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate"))
+        check(cudart.cudaGraphLaunch(self._graphs[key][1], self.stream), "cudaGraphLaunch")
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The host loop's runner contract: numpy in, numpy out (one host copy each way)."""
+        from cuda.bindings import runtime as cudart
+
+        batch = len(feeds[self.spec.inputs[0].name])
+        if batch > self.max_batch:
+            raise InputError(f"{self.spec.name} batch", f"<= {self.max_batch}", batch)
+        keep = []  # host arrays must outlive the async copies
+        for t in self.spec.inputs:
+            a = np.ascontiguousarray(feeds[t.name], dtype=t.dtype)
+            keep.append(a)
+            _copy(self.buffers[t.name].ptr, a.ctypes.data, a.nbytes, "h2d", self.stream)
+        self.enqueue(batch)
+        outs = {t.name: np.empty(t.shape(self.dims, batch), t.dtype) for t in self.spec.outputs}
+        for name, a in outs.items():
+            _copy(a.ctypes.data, self.buffers[name].ptr, a.nbytes, "d2h", self.stream)
+        check(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+        return outs
+
+    def close(self) -> None:
+        from cuda.bindings import runtime as cudart
+
+        for graph, exe in self._graphs.values():
+            check(cudart.cudaGraphExecDestroy(exe), "cudaGraphExecDestroy")
+            check(cudart.cudaGraphDestroy(graph), "cudaGraphDestroy")
+        self._graphs.clear()
+        for buf in self.buffers.values():
+            buf.free()
+
+
+def open_graphs(folder: Path, manifest: Manifest, cuda_graphs: bool = False) -> dict[str, TrtGraph]:
+    """{graph name: runner} for a TensorRT build folder, after checking TensorRT version and GPU."""
+    import tensorrt as trt
+    from cuda.bindings import runtime as cudart
+
+    folder = Path(folder)
+    check_compatible(folder, manifest)
+    logger = trt.Logger(trt.Logger.WARNING)
+    runtime = check(trt.Runtime(logger), "trt.Runtime")
+    stream = check(cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking), "cudaStreamCreateWithFlags")
+    vae = manifest.graphs.get("vae_decoder", {})
+    dims = model_dims(manifest.config.model, vae.get("image_channels", 3), vae.get("factor", 8))
+    return {name: TrtGraph(runtime, (folder / rec["file"]).read_bytes(), SPECS[name], dims, manifest.batch.max,
+                           stream, cuda_graphs)
+            for name, rec in manifest.graphs.items() if name in SPECS}
+
+
+# ------------------------------------------------------------------------------------------ device-resident loop
+
+_KERNEL = rb"""
+extern "C" __global__ void cfg_euler(float* x, const float* v, int n, float scale, float dt, int cfg) {
+    // x (B rows) += dt * v, v = v_u + scale * (v_c - v_u) with v = [v_u; v_c] when cfg, else v (B rows).
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float vi = cfg ? v[i] + scale * (v[i + n] - v[i]) : v[i];
+    x[i] = x[i] + vi * dt;
+}
+"""
+
+
+def _compile_kernel():
+    """NVRTC -> PTX -> CUfunction, without fused multiply-add so it rounds as the numpy host loop does."""
+    from cuda.bindings import driver, nvrtc
+
+    p = running_platform()["compute_capability"].replace(".", "")
+    prog = check(nvrtc.nvrtcCreateProgram(_KERNEL, b"ddt_cfg_euler.cu", 0, [], []), "nvrtcCreateProgram")
+    opts = [b"--fmad=false", f"--gpu-architecture=compute_{p}".encode()]
+    status = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+    if int(status[0]) != 0:
+        size = check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
+        log = b" " * size
+        check(nvrtc.nvrtcGetProgramLog(prog, log), "nvrtcGetProgramLog")
+        raise BackendError("NVRTC compile of the CFG/Euler kernel", "success", log.decode(errors="replace"))
+    size = check(nvrtc.nvrtcGetPTXSize(prog), "nvrtcGetPTXSize")
+    ptx = b" " * size
+    check(nvrtc.nvrtcGetPTX(prog, ptx), "nvrtcGetPTX")
+    module = check(driver.cuModuleLoadData(ptx), "cuModuleLoadData")
+    return check(driver.cuModuleGetFunction(module, b"cfg_euler"), "cuModuleGetFunction")
+
+
+def sample_on_device(engines, noise: np.ndarray, labels: np.ndarray, sampler, schedule: Sequence[int], *,
+                     cond_only_outside: bool = True, cuda_graphs: bool = True, progress=None) -> np.ndarray:
+    """`runtime.sample` for a TensorRT `Engines`, with x and s resident on the GPU (ODE sampler only)."""
+    from cuda.bindings import driver
+    from cuda.bindings import runtime as cudart
+
+    from .host import check_inputs, plan_steps
+
+    graphs = getattr(engines, "_runners", {})
+    enc, dec = graphs.get("encoder"), graphs.get("decoder")
+    if not isinstance(enc, TrtGraph) or not isinstance(dec, TrtGraph):
+        raise BackendError("device sampling", "engines loaded from a TensorRT folder", engines.backend_name)
+    if sampler.step_fn != "ode":
+        raise InputError("sampler.step_fn for device sampling", "ode", sampler.step_fn, "use runtime.sample")
+    x_host, labels = check_inputs(engines, noise, labels)
+    b, m = len(labels), engines.config.model
+    if 2 * b > enc.max_batch:
+        raise InputError("batch for device sampling", f"2 x B <= {enc.max_batch} (engine max batch)", 2 * b)
+    enc.cuda_graphs = dec.cuda_graphs = cuda_graphs
+    stream, kernel = enc.stream, _compile_kernel()
+    row = int(np.prod(m.latent_shape)) * 4  # bytes of one latent row, float32
+    s_row = m.num_tokens * m.hidden_size * 4
+    x = DeviceBuffer(b * row)
+    y_cfg = np.concatenate([np.full(b, m.null_class, np.int64), labels])  # [uncond; cond]
+    y_dev = DeviceBuffer(y_cfg.nbytes)
+    try:
+        _copy(x.ptr, x_host.ctypes.data, x_host.nbytes, "h2d", stream)
+        _copy(y_dev.ptr, y_cfg.ctypes.data, y_cfg.nbytes, "h2d", stream)
+        s_uncond = False
+        t_host = np.empty(2 * b, np.float32)
+        for st in plan_steps(sampler, schedule, cond_only_outside):
+            if st.recompute:
+                rows = 2 * b if st.enc_uncond else b
+                t_host[:] = st.t
+                _copy(enc.buffers["t"].ptr, t_host.ctypes.data, rows * 4, "h2d", stream)
+                for half in range(rows // b):  # x into every half of the encoder's x buffer
+                    _copy(enc.buffers["x"].ptr + half * b * row, x.ptr, b * row, "d2d", stream)
+                enc.enqueue(rows, {"y": y_dev.ptr if st.enc_uncond else y_dev.ptr + b * 8})
+                s_uncond = st.enc_uncond
+                check(cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")  # t_host is reused next step
+            s_ptr = enc.buffers["s"].ptr
+            if st.dec_uncond:
+                for half in range(2):
+                    _copy(dec.buffers["x"].ptr + half * b * row, x.ptr, b * row, "d2d", stream)
+                dec.enqueue(2 * b, {"s": s_ptr})  # s: (2B, L, D), the encoder's own output buffer
+            else:
+                dec.enqueue(b, {"x": x.ptr, "s": s_ptr + (b * s_row if s_uncond else 0)})  # cond half, by offset
+            n = b * row // 4
+            args = ((x.ptr, dec.buffers["v"].ptr, n, float(st.scale), float(st.dt), int(st.dec_uncond)),
+                    (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_float, ctypes.c_int))
+            check(driver.cuLaunchKernel(kernel, (n + 255) // 256, 1, 1, 256, 1, 1, 0, stream, args, 0),
+                  "cuLaunchKernel cfg_euler")
+            if progress is not None:
+                progress(st.i + 1, sampler.num_steps)
+        out = np.empty_like(x_host)
+        _copy(out.ctypes.data, x.ptr, out.nbytes, "d2h", stream)
+        check(cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
+    finally:
+        x.free()
+        y_dev.free()
+    if not np.isfinite(out).all():
+        raise NumericsError("device sampling: final latents", "finite values", f"{int((~np.isfinite(out)).sum())} NaN/Inf")
+    return out

@@ -1,0 +1,142 @@
+"""The bundled assets: ddt-tiny-digits weights + config, the digits feature extractor and its reference stats."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ddt_export.config import PRESETS, Config, load_config
+
+ASSETS = Path(__file__).resolve().parents[1] / "ddt_export" / "assets"
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+NAME = "ddt-tiny-digits"
+WEIGHTS, CONFIG = ASSETS / f"{NAME}.safetensors", ASSETS / f"{NAME}.json"
+FEATURES, STATS = ASSETS / "digits_features.onnx", ASSETS / "digits_stats.npz"
+FEATURE_DIM, NUM_CLASSES, IMAGE = 64, 10, (1, 16, 16)
+
+
+def _scripts():
+    if str(SCRIPTS) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS))
+    import train_digits
+
+    return train_digits
+
+
+def _real_digits() -> tuple[np.ndarray, np.ndarray]:
+    """The 1797 digits, preprocessed as the training scripts do (needs torch and scikit-learn)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("sklearn")
+    images, labels = _scripts().load_digits_16()
+    return images.numpy(), labels.numpy()
+
+
+def _session():
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(FEATURES), providers=["CPUExecutionProvider"])
+
+
+def test_config_json_is_the_preset():
+    assert json.loads(CONFIG.read_text()) == json.loads(PRESETS[NAME].to_json())
+    assert Config.from_dict(json.loads(CONFIG.read_text())) == PRESETS[NAME]
+    assert load_config(CONFIG) == PRESETS[NAME]
+
+
+def test_weights_load_strict():
+    torch = pytest.importorskip("torch")
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from ddt_export.model import DDT
+
+    model = DDT(PRESETS[NAME].model)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state = load_file(str(WEIGHTS))
+    assert {k: tuple(v.shape) for k, v in state.items()} == expected
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in state.values())
+    model.load_state_dict(state, strict=True)
+    assert WEIGHTS.stat().st_size < 8e6  # "a few MB"
+    with safe_open(str(WEIGHTS), "pt") as f:  # the training record travels with the weights
+        meta = f.metadata()
+    assert Config.from_dict(json.loads(meta["config"])) == PRESETS[NAME]
+    # trained, not the zero-initialised output layer of a fresh official init
+    assert state["final_layer.linear.weight"].abs().max() > 0
+
+
+def test_model_denoises_real_digits():
+    """One flow-matching loss evaluation on real digits: far below what an untrained model gets (~1.4)."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file
+
+    from ddt_export.model import DDT
+
+    images, labels = _real_digits()
+    x, y = torch.from_numpy(images[:256]), torch.from_numpy(labels[:256])
+    g = torch.Generator().manual_seed(0)
+    t, noise = torch.rand(len(x), generator=g), torch.randn(x.shape, generator=g)
+    model = DDT(PRESETS[NAME].model)
+    model.load_state_dict(load_file(str(WEIGHTS)), strict=True)
+    with torch.no_grad():
+        tb = t.view(-1, 1, 1, 1)
+        loss = (model(tb * x + (1 - tb) * noise, t, y)[0] - (x - noise)).pow(2).mean().item()
+    assert loss < 0.4, loss
+
+
+def test_features_onnx_io():
+    sess = _session()
+    (inp,) = sess.get_inputs()
+    assert (inp.name, inp.type) == ("image", "tensor(float)")
+    assert isinstance(inp.shape[0], str) and list(inp.shape[1:]) == list(IMAGE)
+    outs = {o.name: o for o in sess.get_outputs()}
+    assert set(outs) == {"features", "logits"}
+    assert all(o.type == "tensor(float)" for o in outs.values())
+    for batch in (1, 5):
+        f, lg = sess.run(["features", "logits"], {"image": np.full((batch, *IMAGE), -1.0, np.float32)})
+        assert f.shape == (batch, FEATURE_DIM) and f.dtype == np.float32
+        assert lg.shape == (batch, NUM_CLASSES) and lg.dtype == np.float32
+
+
+def test_features_onnx_classifies_real_digits():
+    images, labels = _real_digits()
+    f, lg = _session().run(["features", "logits"], {"image": images})
+    assert np.isfinite(f).all() and np.isfinite(lg).all()
+    assert (lg.argmax(1) == labels).mean() > 0.97  # 80% of them were its training set
+
+
+def test_stats_shapes_symmetric_psd():
+    with np.load(STATS) as z:
+        assert set(z.files) == {"mu", "sigma"}
+        mu, sigma = z["mu"], z["sigma"]
+    assert mu.shape == (FEATURE_DIM,) and sigma.shape == (FEATURE_DIM, FEATURE_DIM)
+    assert mu.dtype == np.float64 and sigma.dtype == np.float64
+    assert np.array_equal(sigma, sigma.T)
+    eig = np.linalg.eigvalsh(sigma)
+    assert eig.min() >= -1e-9 * eig.max(), eig.min()
+
+
+def test_stats_are_the_real_digits_through_the_onnx():
+    images, _ = _real_digits()
+    (f,) = _session().run(["features"], {"image": images})
+    f = f.astype(np.float64)
+    with np.load(STATS) as z:
+        np.testing.assert_allclose(z["mu"], f.mean(0), rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(z["sigma"], np.cov(f, rowvar=False), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.slow
+def test_training_is_deterministic():
+    """Two short runs of the training loop from the same seed give bit-identical EMA weights."""
+    torch = pytest.importorskip("torch")
+    td = _scripts()
+    images, labels = td.load_digits_16()
+    tc = td.TrainConfig(steps=4, batch=16, warmup=2, max_shift=1, log_every=2)
+    runs = [td.train(PRESETS[NAME], images, labels, tc, log=lambda *_: None) for _ in range(2)]
+    (a, ha, _), (b, hb, _) = runs
+    assert a.keys() == b.keys() and ha == hb
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    fresh = td.make_model(PRESETS[NAME], tc.seed).state_dict()
+    assert any(not torch.equal(a[k], fresh[k]) for k in a)  # it did train

@@ -1,0 +1,133 @@
+"""`ddt-export build`: profiles from the spec, the no-TensorRT fallback end to end, reuse and refusal."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from ddt_export.build import build, differences, point_default, profile_shapes, tensorrt_status
+from ddt_export.errors import ArtifactError, BackendError
+from ddt_export.manifest import read_manifest
+from ddt_export.quantize import fp8_gemm_report
+from ddt_export.specs import BatchProfile
+from engines_cache import fp8_build, run_cli
+
+pytest.importorskip("modelopt.onnx.quantization", reason="FP8 needs nvidia-modelopt (the [fp8] extra + --no-deps)")
+NO_TRT = not tensorrt_status()[0]
+
+
+@pytest.fixture(scope="module")
+def fp8(tmp_path_factory, official_ckpt):
+    return fp8_build(tmp_path_factory, official_ckpt)
+
+
+def test_profiles_from_spec(tiny_cfg):
+    p = profile_shapes("encoder", tiny_cfg, BatchProfile(2, 8, 32))
+    assert p == {"x": [[2, 4, 8, 8], [8, 4, 8, 8], [32, 4, 8, 8]], "t": [[2], [8], [32]], "y": [[2], [8], [32]]}
+    d = profile_shapes("decoder", tiny_cfg, BatchProfile(1, 16, 64))
+    assert d["s"] == [[1, 16, 64], [16, 16, 64], [64, 16, 64]] and list(d) == ["x", "s"]
+
+
+@pytest.mark.skipif(not NO_TRT, reason="this machine has TensorRT: the fallback line is not printed")
+def test_fallback_says_one_line(fp8):
+    _, text = fp8
+    lines = [ln for ln in text.splitlines() if "TensorRT" in ln]
+    assert len(lines) == 1 and "not available" in lines[0] and "ONNX Runtime engine folder for fp8" in lines[0]
+
+
+def test_fp8_acceptance(fp8, official_ckpt, tmp_path):
+    """build --precision fp8: most block GEMMs fed by FP8 DQ; generate runs; samples close to fp32 from the same noise."""
+    out, _ = fp8
+    man = read_manifest(out)
+    assert man.precision == "fp8" and man.backend == ("onnxruntime" if NO_TRT else "tensorrt")
+    onnx_dir = out if NO_TRT else out / "onnx"
+    for g in ("encoder", "decoder"):
+        rep = fp8_gemm_report(onnx.load(str(onnx_dir / f"{g}.onnx")))
+        assert rep["fraction"] > 0.5, rep
+    noise = np.random.default_rng(7).standard_normal((4, 4, 8, 8), dtype=np.float32)
+    np.save(tmp_path / "noise.npy", noise)
+    lat = {}
+    for name, folder in (("fp8", out), ("fp32", onnx_dir / "stages" / "fp32")):
+        code, text = run_cli(["generate", "--engines", folder, "--noise", tmp_path / "noise.npy", "--class", 3,
+                              "--latents-out", tmp_path / f"{name}.npy", "--out", tmp_path / name])
+        assert code == 0, text
+        lat[name] = np.load(tmp_path / f"{name}.npy")
+    rel = float(np.linalg.norm(lat["fp8"] - lat["fp32"]) / np.linalg.norm(lat["fp32"]))
+    print(f"\nFP8 vs fp32 final latents, 4 samples, 20 steps, CFG 3: relative L2 error {rel:.4f}")
+    assert rel < 0.05  # the issue's bar is "well under 0.2"
+
+
+def test_reuse_only_when_manifest_matches(fp8, official_ckpt, tmp_path):
+    out, _ = fp8
+    ckpt, yaml, _ = official_ckpt
+    said = []
+    res = build("fp8", out=out, ckpt=ckpt, config=str(yaml), say=said.append)
+    assert res.reused and any("up to date" in s for s in said)
+    with pytest.raises(ArtifactError, match="batch 1:16:64 vs 1:8:32.*--force"):
+        build("fp8", out=out, ckpt=ckpt, config=str(yaml), batch=BatchProfile(1, 8, 32), say=said.append)
+    with pytest.raises(ArtifactError, match="high_precision"):
+        build("fp8", out=out, ckpt=ckpt, config=str(yaml), high_precision="bf16", say=said.append)
+    # a changed graph file makes the folder stale (checked by sha256), on a copy
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, symlinks=True)
+    with open(copy / "decoder.onnx", "ab") as f:
+        f.write(b"\0")
+    cfg = read_manifest(copy).config
+    req = read_manifest(copy).extra["build"]
+    diffs = differences(copy, cfg, read_manifest(copy).source, req)
+    assert any("sha256" in d for d in diffs)
+    with pytest.raises(ArtifactError, match="sha256"):
+        build("fp8", out=copy, ckpt=ckpt, config=str(yaml), say=said.append)
+
+
+def test_other_weights_are_refused(fp8, tmp_path, official_ckpt):
+    out, _ = fp8
+    _, yaml, _ = official_ckpt
+    other = tmp_path / "other.ckpt"
+    other.write_bytes(b"not the same weights")
+    with pytest.raises(ArtifactError, match="weights"):
+        build("fp8", out=out, ckpt=other, config=str(yaml), say=lambda m: None)
+
+
+@pytest.mark.skipif(not NO_TRT, reason="TensorRT is available here")
+def test_tensorrt_backend_without_tensorrt_is_an_error(tmp_path, official_ckpt):
+    ckpt, yaml, _ = official_ckpt
+    with pytest.raises(BackendError, match="TensorRT"):
+        build("fp16", out=tmp_path / "x", ckpt=ckpt, config=str(yaml), backend="tensorrt", say=lambda m: None)
+    code, text = run_cli(["build", "--precision", "fp16", "--ckpt", ckpt, "--config", yaml, "--out", tmp_path / "y",
+                          "--backend", "tensorrt"])
+    assert code == 2 and "BackendError" in text and "Traceback" not in text
+
+
+def test_point_default(tmp_path):
+    (tmp_path / "engines" / "fp16").mkdir(parents=True)
+    (tmp_path / "engines" / "fp8").mkdir()
+    link = tmp_path / "engines" / "default"
+    assert point_default(tmp_path / "engines" / "fp16", link)
+    assert os.readlink(link) == "fp16"
+    assert point_default(tmp_path / "engines" / "fp8", link) and os.readlink(link) == "fp8"
+    real = tmp_path / "other" / "default"
+    real.mkdir(parents=True)
+    said = []
+    assert not point_default(tmp_path / "engines" / "fp8", real, say=said.append) and real.is_dir()
+    assert "left as is" in said[0]
+
+
+@pytest.mark.slow
+def test_fp16_build_default_out_and_generate(tmp_path, official_ckpt, monkeypatch):
+    """The README's first command on a CPU machine: build --precision fp16 (default --out), then generate."""
+    ckpt, yaml, _ = official_ckpt
+    monkeypatch.chdir(tmp_path)
+    code, text = run_cli(["build", "--precision", "fp16", "--ckpt", ckpt, "--config", yaml])
+    assert code == 0, text
+    assert "backend onnxruntime" in text and os.readlink("engines/default") == "fp16"
+    man = json.loads((tmp_path / "engines" / "fp16" / "manifest.json").read_text())
+    assert man["backend"] == "onnxruntime" and man["extra"]["build"]["precision"] == "fp16"
+    assert man["graphs"]["decoder"]["parity"]["max_rel_err"] < 2e-2
+    code, text = run_cli(["generate", "--num", 2, "--out", tmp_path / "samples"])
+    assert code == 0, text
+    assert len(list((tmp_path / "samples").glob("*.png"))) == 3  # 2 samples + grid

@@ -1,0 +1,57 @@
+"""The runtime imports no torch: `generate` (with a DP schedule) and `schedule` run with torch unimportable."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import cli
+
+BLOCK_TORCH = textwrap.dedent("""
+    import sys
+
+    class NoTorch:  # what an environment without torch looks like to `import torch`
+        def find_spec(self, name, path=None, target=None):
+            if name == "torch" or name.startswith("torch."):
+                raise ModuleNotFoundError(f"No module named {name!r} (blocked by test_no_torch)")
+            return None
+
+    sys.meta_path.insert(0, NoTorch())
+""")
+
+SCRIPT = BLOCK_TORCH + textwrap.dedent("""
+    import cli
+    for argv in ARGVS:
+        try:
+            cli.main(argv)
+        except SystemExit as e:
+            assert e.code == 0, (argv, e.code)
+    import ddt_export.runtime, ddt_export.generate, ddt_export.sampling, ddt_export.schedule
+    loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
+    print("TORCH_MODULES", loaded)
+""")
+
+
+def test_generate_without_torch(tiny_engines, tmp_path):
+    eng = tmp_path / "engines"
+    shutil.copytree(tiny_engines[0], eng)
+    argvs = [["generate", "--engines", str(eng), "--num", "2", "--steps", "6", "--schedule", "dp:3",
+              "--out", str(tmp_path / "png"), "--latents-out", str(tmp_path / "lat.npy")],
+             ["schedule", "--engines", str(eng), "--steps", "6", "--recompute", "2"],
+             ["schedule", "--from-similarity", str(eng / "similarity-6.npy"), "--recompute", "3",
+              "--out", str(tmp_path / "s.json")]]
+    code = f"ARGVS = {argvs!r}\n" + SCRIPT
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=Path(cli.__file__).parent)
+    assert r.returncode == 0, r.stderr
+    assert "TORCH_MODULES []" in r.stdout, r.stdout
+    assert (tmp_path / "lat.npy").is_file() and (tmp_path / "png" / "grid.png").is_file()
+    assert (eng / "schedule-6-3.json").is_file() and (tmp_path / "s.json").is_file()
+
+
+def test_blocker_blocks():
+    r = subprocess.run([sys.executable, "-c", BLOCK_TORCH + "import torch"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode != 0 and "blocked by test_no_torch" in r.stderr

@@ -1,0 +1,102 @@
+"""TensorRT build and runtime on a GPU. Skipped, with the reason, where `import tensorrt` fails or no GPU is visible.
+
+Everything around TensorRT (profiles, manifests, staleness, the host loop, FP8 graphs) is tested on CPU in
+test_build / test_quantize; these tests check the thin TensorRT layer itself against onnxruntime.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ddt_export.build import build, profile_shapes, tensorrt_status
+
+usable, why = tensorrt_status()
+pytestmark = [pytest.mark.tensorrt, pytest.mark.gpu,
+              pytest.mark.skipif(not usable, reason=f"TensorRT engines need tensorrt + cuda-python + a GPU: {why}")]
+
+
+@pytest.fixture(scope="module")
+def trt_fp16(tmp_path_factory, official_ckpt):
+    ckpt, yaml, _ = official_ckpt
+    out = tmp_path_factory.mktemp("trt") / "fp16"
+    res = build("fp16", out=out, ckpt=ckpt, config=str(yaml), timing_cache=out.parent / "timing.cache",
+                say=lambda m: None)
+    return out, res
+
+
+def test_build_writes_plans_and_manifest(trt_fp16, tiny_cfg):
+    out, res = trt_fp16
+    man = res.manifest
+    assert res.backend == "tensorrt" and man.backend == "tensorrt" and man.precision == "fp16"
+    trt = man.extra["tensorrt"]
+    assert trt["strongly_typed"] and trt["tensorrt"] and trt["gpu"] and "." in trt["compute_capability"]
+    assert trt["profiles"]["decoder"] == profile_shapes("decoder", tiny_cfg, man.batch)
+    for g in ("encoder", "decoder"):
+        assert (out / f"{g}.plan").is_file() and man.graphs[g]["onnx"]["sha256"]
+    assert (out.parent / "timing.cache").is_file()
+
+
+def test_plans_match_onnxruntime(trt_fp16, tiny_cfg):
+    from ddt_export.runtime import load_engines
+    from ddt_export.specs import ENCODER, model_dims
+
+    out, _ = trt_fp16
+    trt_eng, ort_eng = load_engines(out), load_engines(out / "onnx")
+    feeds = ENCODER.dummy_inputs(model_dims(tiny_cfg.model), 3, np.random.default_rng(0), tiny_cfg.model.num_classes)
+    s_trt, s_ort = trt_eng.encoder(**feeds), ort_eng.encoder(**feeds)
+    assert np.abs(s_trt - s_ort).max() / np.abs(s_ort).max() < 2e-2
+    v_trt, v_ort = trt_eng.decoder(feeds["x"], s_ort), ort_eng.decoder(feeds["x"], s_ort)
+    assert np.abs(v_trt - v_ort).max() / np.abs(v_ort).max() < 2e-2
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_device_loop_equals_host_loop(trt_fp16, cuda_graphs):
+    from ddt_export.runtime import load_engines, sample
+    from ddt_export.runtime.trt import sample_on_device
+
+    out, _ = trt_fp16
+    eng = load_engines(out)
+    sampler = eng.config.sampler
+    noise = np.random.default_rng(1).standard_normal((2, 4, 8, 8), dtype=np.float32)
+    labels = np.array([1, 2])
+    schedule = list(range(0, sampler.num_steps, 3))
+    host = sample(eng, noise, labels, sampler, schedule)
+    dev = sample_on_device(eng, noise, labels, sampler, schedule, cuda_graphs=cuda_graphs)
+    assert np.abs(dev - host).max() / np.abs(host).max() < 1e-5  # same engines, same float32 update
+
+
+def test_reuse_and_platform_check(trt_fp16, official_ckpt, tmp_path):
+    import shutil
+
+    from ddt_export.errors import BackendError
+    from ddt_export.runtime import load_engines
+
+    out, _ = trt_fp16
+    ckpt, yaml, _ = official_ckpt
+    assert build("fp16", out=out, ckpt=ckpt, config=str(yaml), say=lambda m: None).reused
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    man = json.loads((copy / "manifest.json").read_text())
+    man["extra"]["tensorrt"]["tensorrt"] = "0.0.1"
+    (copy / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(BackendError, match="rebuild"):
+        load_engines(copy)
+
+
+def test_fp8_engine(tmp_path, official_ckpt):
+    from ddt_export.build import FP8_MIN_CC, gpu_record
+    from ddt_export.runtime import load_engines, sample
+
+    cc = tuple(int(v) for v in gpu_record()["compute_capability"].split("."))
+    if cc < FP8_MIN_CC:
+        pytest.skip(f"FP8 engines need compute capability >= 8.9; this GPU has {cc}")
+    ckpt, yaml, _ = official_ckpt
+    res = build("fp8", out=tmp_path / "fp8", ckpt=ckpt, config=str(yaml), say=lambda m: None)
+    eng, ref = load_engines(res.folder), load_engines(res.folder / "onnx" / "stages" / "fp32")
+    sampler = ref.config.sampler
+    noise = np.random.default_rng(2).standard_normal((2, 4, 8, 8), dtype=np.float32)
+    a = sample(eng, noise, np.array([3, 4]), sampler, list(range(sampler.num_steps)))
+    b = sample(ref, noise, np.array([3, 4]), sampler, list(range(sampler.num_steps)))
+    assert np.linalg.norm(a - b) / np.linalg.norm(b) < 0.2
