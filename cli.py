@@ -218,7 +218,7 @@ def build(
     from ddt_export.specs import BatchProfile
 
     target = out or DEFAULT_ENGINES.parent / precision
-    bar, progress = _step_progress("calibration trajectories")
+    bar, progress = _step_progress("calibration steps")  # shown while fp8 captures its calibration
     with bar:
         res = run_build(precision, out=target, ckpt=ckpt, config=config, batch=BatchProfile.parse(batch),
                         timing_cache=timing_cache, force=force, vae=vae, high_precision=high_precision,
@@ -243,8 +243,8 @@ def build(
 
 @app.command()
 def fid(
-    a: Path = typer.Argument(..., help="ADM-style .npz (mu/sigma, or arr_0 uint8 NHWC images) or a folder of PNGs"),
-    b: Path = typer.Argument(..., help="the other side, same kinds"),
+    a: Path = typer.Argument(..., metavar="A", help="ADM-style .npz (mu/sigma, or arr_0 uint8 NHWC) or PNG folder"),
+    b: Path = typer.Argument(..., metavar="B", help="the other side, same kinds"),
     features: str = typer.Option("digits", help="digits | inception: the extractor for image inputs"),
     inception_onnx: Optional[Path] = typer.Option(None, help="inception_fid.onnx from `ddt-export fid-inception`"),
     batch: int = typer.Option(50, help="images per feature-extractor call"),
@@ -282,6 +282,50 @@ def fid_inception(
                       soft_wrap=True)
     print(f"{path}: max rel err vs PyTorch {info['parity']['max_rel_err']:.2e} (tol {info['parity']['tol']:.1e})")
     print(f"wrote {path} and {out / INFO_NAME}")
+
+
+@app.command()
+def validate(
+    engines: Path = typer.Option(DEFAULT_ENGINES, help="engine folder to validate"),
+    reference: str = typer.Option("torch", help="torch (fp32 PyTorch from the manifest's checkpoint) | DIR2 "
+                                                "(a second engine folder of the same model)"),
+    num: Optional[int] = typer.Option(None, help="number of samples, labels 0, 1, ... cycled (default 250)"),
+    seed: int = typer.Option(0, help="noise seed: numpy default_rng(seed).standard_normal"),
+    schedule: Optional[str] = typer.Option(None, help="encoder schedule of both sides: all | uniform:R | dp:K | FILE"),
+    stats: Optional[Path] = typer.Option(None, help="data statistics .npz (ADM-style mu/sigma or arr_0 images); "
+                                                    "default for the digits model: the bundled digits_stats.npz"),
+    max_fid_delta: Optional[float] = typer.Option(None, help="fail (exit 2) when the FID delta exceeds this"),
+    features: Optional[str] = typer.Option(None, help="digits | inception (default: digits for the digits model)"),
+    inception_onnx: Optional[Path] = typer.Option(None, help="inception_fid.onnx from `ddt-export fid-inception`"),
+    out: Path = typer.Option(Path("validation"), help="folder for report.json and side_by_side.png"),
+):
+    """Engines vs a reference from identical noise: latent error, per-tensor parity, FID; the FID delta gate."""
+    from ddt_export.validate import validate as run_validate
+
+    bar, progress = _step_progress("validating (sample-steps)")
+    with bar:
+        rep = run_validate(engines, reference=reference if reference == "torch" else Path(reference),
+                           **({"num": num} if num is not None else {}), seed=seed, schedule=schedule, stats=stats, features=features, inception_onnx=inception_onnx,
+                           max_fid_delta=max_fid_delta, out=out, progress=progress, say=_say)
+    r, e = rep["reference"], rep["latent_rel_err"]
+    print(f"{rep['num']} samples, schedule {rep['schedule']['spec']}: {rep['engines']['precision']} engines vs "
+          f"{r['kind']} {r['precision']} reference")
+    print(f"final latent rel err: mean {e['mean']:.3e}  p99 {e['p99']:.3e}  max {e['max']:.3e}")
+    for name, p in rep["parity"].items():
+        print(f"{name} at step {p['step']}: max rel err {p['max_rel_err']:.3e} (tol {p['tolerance']:.1e}), "
+              f"rel L2 {p['rel_l2']:.3e}")
+    f = rep["fid"]
+    if "skipped" in f:
+        print(f"FID skipped: {f['skipped']}")
+    else:
+        print(f"FID ({f['features']} features) engine vs reference: {f['engine_vs_reference']:.4f}")
+        if "engine_vs_data" in f:
+            print(f"FID vs data ({f['stats']}): engine {f['engine_vs_data']:.4f}, "
+                  f"reference {f['reference_vs_data']:.4f}")
+        gate = f.get("gate")
+        print(f"delta {f['delta_definition']} = {f['delta']:.4f}"
+              + (f" <= {gate['max_fid_delta']:g}: passed" if gate else ""))
+    print(f"wrote {out / 'report.json'} and {out / 'side_by_side.png'}")
 
 
 # --------------------------------------------------------------------------------------- bench

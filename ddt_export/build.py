@@ -48,13 +48,14 @@ def tensorrt_status() -> tuple[bool, str]:
     """(usable, why not): `import tensorrt` works, cuda-python imports and a CUDA GPU is visible."""
     try:
         import tensorrt  # noqa: F401
-    except ImportError as e:
+    except (ImportError, OSError) as e:  # OSError: the wheel is there but libnvinfer is not loadable
         return False, f"`import tensorrt` failed ({e})"
     try:
         from cuda.bindings import runtime as cudart
-    except ImportError as e:
-        return False, f"cuda-python is missing ({e})"
-    err, count = cudart.cudaGetDeviceCount()
+
+        err, count = cudart.cudaGetDeviceCount()
+    except (ImportError, OSError, RuntimeError) as e:  # no cuda-python >= 12.6.1, or no CUDA driver
+        return False, f"cuda-python cannot reach a GPU ({e})"
     if err != cudart.cudaError_t.cudaSuccess or count < 1:
         return False, f"no CUDA GPU visible ({err})"
     return True, ""
@@ -62,15 +63,9 @@ def tensorrt_status() -> tuple[bool, str]:
 
 def gpu_record() -> dict:
     """The running TensorRT version and GPU, as recorded in (and checked against) TensorRT manifests."""
-    import tensorrt as trt
-    from cuda.bindings import runtime as cudart
+    from .runtime.trt import running_platform
 
-    from .runtime.trt import check
-
-    dev = check(cudart.cudaGetDevice(), "cudaGetDevice")
-    prop = check(cudart.cudaGetDeviceProperties(dev), "cudaGetDeviceProperties")
-    name = prop.name.decode(errors="replace").rstrip("\x00") if isinstance(prop.name, bytes) else str(prop.name)
-    return {"tensorrt": trt.__version__, "gpu": name, "compute_capability": f"{prop.major}.{prop.minor}"}
+    return running_platform()
 
 
 # ------------------------------------------------------------------------------------------ requests and reuse
@@ -96,14 +91,14 @@ def differences(folder: Path, cfg: Config, source: dict, request: dict, gpu: dic
         return [str(e)]
     diffs = []
     if man.source.get("sha256") != source.get("sha256") or man.source.get("weights") != source.get("weights"):
-        diffs.append(f"weights {man.source.get('sha256', '')[:12]} vs {source.get('sha256', '')[:12]}")
+        diffs.append(f"weights: built {man.source.get('sha256', '')[:12]}, asked {source.get('sha256', '')[:12]}")
     if man.config.model != cfg.model or man.config.sampler != cfg.sampler:
-        diffs.append(f"config {man.config.name} vs {cfg.name}")
+        diffs.append(f"config: built {man.config.name}, asked {cfg.name}")
     old = man.extra.get("build", {})
-    diffs += [f"{k} {old.get(k)!r} vs {v!r}" for k, v in request.items() if old.get(k) != v]
+    diffs += [f"{k}: built {old.get(k)}, asked {v}" for k, v in request.items() if old.get(k) != v]
     if gpu is not None:
         trt_rec = man.extra.get("tensorrt", {})
-        diffs += [f"{k} {trt_rec.get(k)!r} vs {v!r}" for k, v in gpu.items() if trt_rec.get(k) != v]
+        diffs += [f"{k}: built {trt_rec.get(k)}, running {v}" for k, v in gpu.items() if trt_rec.get(k) != v]
     if not diffs:
         try:
             verify_graphs(man, folder)
@@ -150,7 +145,7 @@ def _export(model: _Model, cfg: Config, out: Path, source: dict, precision: str,
         say(f"{precision} graphs in {out} are up to date")
         return read_manifest(out)
     say(f"exporting {precision} graphs to {out}")
-    man = export_model(model.get(), cfg, out, source=source, precision=precision, vae_dir=vae, force=True,
+    export_model(model.get(), cfg, out, source=source, precision=precision, vae_dir=vae, force=True,
                        batch=batch, progress=say)
     if precision == "bf16":
         _record_bf16(model.get(), cfg, out)
@@ -184,7 +179,7 @@ def _record_bf16(model, cfg: Config, out: Path) -> None:
 def _fp8(model: _Model, cfg: Config, out: Path, source: dict, batch: BatchProfile, vae: Path | None,
          high_precision: str, calibration: Path | None, say: Say, progress) -> Manifest:
     from . import calibrate
-    from .generate import resolve_schedule, sampler_for
+    from .generate import resolve_schedule
     from .precision import graph_errors, record_parity
     from .quantize import quantize_folder
     from .runtime import load_engines
@@ -209,7 +204,7 @@ def _fp8(model: _Model, cfg: Config, out: Path, source: dict, batch: BatchProfil
         calibrate.capture(stages / "fp32", calib, progress=progress, say=say)
     else:
         say(f"calibration {calib} matches; reusing it")
-    man = quantize_folder(stages / "fp32", stages / high_precision, calib, out, high_precision=high_precision,
+    quantize_folder(stages / "fp32", stages / high_precision, calib, out, high_precision=high_precision,
                           force=True, say=say)
     if high_precision == "fp16":  # onnxruntime CPU runs FP8 Q/DQ with fp16; bf16 it cannot (no bf16 MatMul)
         record_parity(out, graph_errors(out, stages / "fp32", calibration=calib))

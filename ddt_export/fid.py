@@ -185,7 +185,9 @@ class OnnxFeatures:
 
         self.path = Path(path)
         if not self.path.is_file():
-            raise ArtifactError(f"{self.name} feature extractor", "an ONNX file", f"no file {self.path}")
+            raise ArtifactError(f"{self.name} feature extractor", "an ONNX file", f"no file {self.path}",
+                                "the bundled one is made by scripts/train_digits_features.py"
+                                if self.name == "digits" else "export it with `ddt-export fid-inception`")
         if batch < 1:
             raise ConfigError("--batch", ">= 1", batch)
         self.batch = batch

@@ -67,7 +67,7 @@ def test_reuse_only_when_manifest_matches(fp8, official_ckpt, tmp_path):
     said = []
     res = build("fp8", out=out, ckpt=ckpt, config=str(yaml), say=said.append)
     assert res.reused and any("up to date" in s for s in said)
-    with pytest.raises(ArtifactError, match="batch 1:16:64 vs 1:8:32.*--force"):
+    with pytest.raises(ArtifactError, match="batch: built 1:16:64, asked 1:8:32.*--force"):
         build("fp8", out=out, ckpt=ckpt, config=str(yaml), batch=BatchProfile(1, 8, 32), say=said.append)
     with pytest.raises(ArtifactError, match="high_precision"):
         build("fp8", out=out, ckpt=ckpt, config=str(yaml), high_precision="bf16", say=said.append)

@@ -1,8 +1,8 @@
 """FID: the distance against independent formulas, the statistics loaders, the extractors, the `fid` command."""
 from __future__ import annotations
 
+import contextlib
 import json
-import warnings
 
 import numpy as np
 import onnx
@@ -31,23 +31,34 @@ def fid_eig(mu1, s1, mu2, s2) -> float:
     return float(d @ d + np.trace(s1) + np.trace(s2) - 2 * trace_sqrt_eig(s1, s2))
 
 
-def gaussian_stats(rng, n: int, d: int, shift: float = 0.0, rank: int | None = None):
+def gaussian_stats(rng, n: int, d: int, shift: float = 0.0):
     """mu, sigma of n correlated samples in d dims (rank-deficient when n <= d)."""
-    mix = rng.standard_normal((rank or d, d)) / np.sqrt(rank or d)
-    f = rng.standard_normal((n, rank or d)) @ mix + shift
+    mix = rng.standard_normal((d, d)) / np.sqrt(d)
+    f = rng.standard_normal((n, d)) @ mix + shift
     return f.mean(0), np.cov(f, rowvar=False)
 
 
 # --------------------------------------------------------------------------------------- distance
 
 
+def one_blas_thread():
+    """sqrtm of 2048x2048 takes ~10 s on one core; multithreaded BLAS on a shared 2-core box can take 50 s."""
+    import scipy.linalg  # noqa: F401  loads scipy's own OpenBLAS now: threadpoolctl limits loaded libraries only
+
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(1)
+
+
 def test_fid_matches_eigen_formula_on_rank_deficient_2048d():
     rng = np.random.default_rng(0)
-    mu1, s1 = gaussian_stats(rng, 500, 2048)  # rank 499 of 2048, as 500 Inception features
+    mu1, s1 = gaussian_stats(rng, 500, 2048)  # rank <= 499 of 2048 by construction, as 500 Inception features
     mu2, s2 = gaussian_stats(rng, 500, 2048, shift=0.05)
-    assert np.linalg.matrix_rank(s1) < 500
-    got = F.frechet_distance(mu1, s1, mu2, s2)
-    want = fid_eig(mu1, s1, mu2, s2)
+    with one_blas_thread():
+        got = F.frechet_distance(mu1, s1, mu2, s2)
+        want = fid_eig(mu1, s1, mu2, s2)
     assert got == pytest.approx(want, rel=1e-6)
 
 
@@ -55,10 +66,11 @@ def test_fid_symmetric_and_zero_for_identical_stats():
     rng = np.random.default_rng(1)
     mu1, s1 = gaussian_stats(rng, 100, 256)  # rank 99 of 256
     mu2, s2 = gaussian_stats(rng, 150, 256, shift=0.1)
-    ab, ba = F.frechet_distance(mu1, s1, mu2, s2), F.frechet_distance(mu2, s2, mu1, s1)
-    assert ab == pytest.approx(ba, rel=1e-8)
-    assert ab == pytest.approx(fid_eig(mu1, s1, mu2, s2), rel=1e-7)
-    assert abs(F.frechet_distance(mu1, s1, mu1, s1)) < 1e-6 * np.trace(s1)
+    with one_blas_thread():
+        ab, ba = F.frechet_distance(mu1, s1, mu2, s2), F.frechet_distance(mu2, s2, mu1, s1)
+        assert ab == pytest.approx(ba, rel=1e-8)
+        assert ab == pytest.approx(fid_eig(mu1, s1, mu2, s2), rel=1e-7)
+        assert abs(F.frechet_distance(mu1, s1, mu1, s1)) < 1e-6 * np.trace(s1)
 
 
 def test_fid_closed_form_on_diagonal_covariances():
@@ -125,7 +137,6 @@ def onnx_features_graph(path, c: int, size: int | None, dim: int, seed: int = 0)
         [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", dim]),
          helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
-    return rng.standard_normal  # unused; keeps the signature obvious
 
 
 @pytest.fixture
@@ -317,3 +328,19 @@ def test_bundled_digits_features_on_real_digits():
     assert real_stats.dim == ref.dim
     close, far = F.fid(real_stats, ref), F.fid(noise_stats, ref)
     assert close < 0.01 * far, (close, far)  # uint8 quantization only vs noise
+
+
+def test_fid_command_runs_without_torch(tmp_path):
+    """The production install has no PyTorch: `ddt-export fid` must not import it."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(6)
+    F.Stats(*gaussian_stats(rng, 30, 8)).save(tmp_path / "a.npz")
+    F.Stats(*gaussian_stats(rng, 30, 8, shift=1.0)).save(tmp_path / "b.npz")
+    code = ("import sys; sys.modules['torch'] = None; import cli; "
+            f"cli.main(['fid', {str(tmp_path / 'a.npz')!r}, {str(tmp_path / 'b.npz')!r}])")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    want = F.fid(F.load_stats(tmp_path / "a.npz"), F.load_stats(tmp_path / "b.npz"))
+    assert float(res.stdout.strip().splitlines()[-1]) == pytest.approx(want, abs=1e-6)

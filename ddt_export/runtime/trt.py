@@ -59,6 +59,15 @@ def check(result, what: str):
     return result
 
 
+def _handle(obj) -> int:
+    """The address behind a cuda-python object (stream), as TensorRT's execute_async_v3 takes it."""
+    try:
+        from cuda.bindings.utils import get_cuda_native_handle  # cuda-bindings >= 12.9.1; int() is deprecated there
+    except ImportError:
+        return int(obj)
+    return int(get_cuda_native_handle(obj))
+
+
 # ------------------------------------------------------------------------------------------ compatibility
 
 
@@ -142,7 +151,7 @@ class TrtGraph:
             check(self.context.set_input_shape(t.name, t.shape(self.dims, batch)), f"{self.spec.name}: set_input_shape {t.name}")
         for name, ptr in addrs.items():
             check(self.context.set_tensor_address(name, ptr), f"{self.spec.name}: set_tensor_address {name}")
-        handle = int(self.stream)
+        handle = _handle(self.stream)
         if not self.cuda_graphs:
             check(self.context.execute_async_v3(handle), f"{self.spec.name}: execute_async_v3")
             return
@@ -222,7 +231,11 @@ def _compile_kernel():
     from cuda.bindings import driver, nvrtc
 
     p = running_platform()["compute_capability"].replace(".", "")
-    prog = check(nvrtc.nvrtcCreateProgram(_KERNEL, b"ddt_cfg_euler.cu", 0, [], []), "nvrtcCreateProgram")
+    try:
+        prog = check(nvrtc.nvrtcCreateProgram(_KERNEL, b"ddt_cfg_euler.cu", 0, [], []), "nvrtcCreateProgram")
+    except (OSError, RuntimeError) as e:  # libnvrtc not found
+        raise BackendError("NVRTC (device sampling)", "libnvrtc loadable", repr(e),
+                           "pip install nvidia-cuda-nvrtc-cu12 (or a CUDA toolkit), or use runtime.sample")
     opts = [b"--fmad=false", f"--gpu-architecture=compute_{p}".encode()]
     status = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
     if int(status[0]) != 0:

@@ -1,0 +1,203 @@
+"""FID of the bundled digits model against the real digits: engine precisions x encoder schedules x seeds.
+
+    python benchmarks/fid_digits.py                                   # the README table
+    python benchmarks/fid_digits.py --precisions fp32 --seeds 0 --num 200 --no-write
+
+FID runs: `generate` on the engines (the production host loop, onnxruntime), digits features of the samples
+against the bundled statistics of all 1797 real digits. Noise is shared by every row of one seed, so the
+differences between rows of one seed are paired (the `paired` section reports them per seed). The real-data
+floor is the FID of `num` real digits drawn without replacement (through the same uint8 path as the samples)
+against the statistics of all 1797: what a perfect model would score at this sample size.
+Validate runs: `ddt_export.validate.validate(engines, reference="torch")` on fewer samples per precision
+(latent error, per-tensor parity, FID delta against the fp32 PyTorch reference from identical noise).
+Recognition: the share of the FID samples (schedule `all`, first seed) an independent classifier (RBF SVC and
+logistic regression, fit on 80% of the real 16x16 pixels) reads as the requested class.
+
+Writes benchmarks/fid_digits.json, appends a dated section to benchmarks/results.md, and replaces the table
+between the markers in docs/readme/validate.md. On a shared 2-core CPU a 500-sample run takes a few minutes.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ddt_export.build import build  # noqa: E402
+from ddt_export.config import load_config  # noqa: E402
+from ddt_export.fid import DIGITS_STATS, DigitsFeatures, fid, images_from_samples, load_stats, \
+    stats_from_features  # noqa: E402
+from ddt_export.generate import generate  # noqa: E402
+from ddt_export.manifest import library_versions, write_json  # noqa: E402
+from ddt_export.validate import validate  # noqa: E402
+
+SCHEDULES = ("all", "uniform:2", "dp:25", "uniform:4", "dp:13", "dp:12")
+LOW_PRECISION_SCHEDULES = ("all", "dp:25")
+PAIRS = (("dp:25", "uniform:2"), ("dp:13", "uniform:4"), ("dp:12", "uniform:4"))
+MARK_BEGIN, MARK_END = "<!-- fid_digits table begin -->", "<!-- fid_digits table end -->"
+
+
+def real_digits_16() -> tuple[np.ndarray, np.ndarray]:
+    """(1797, 1, 16, 16) float32 in [-1, 1] as the model was trained on them, and the labels."""
+    import torch
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy(d.images.astype(np.float32) / 16.0)[:, None]
+    return (F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False) * 2 - 1).numpy(), d.target
+
+
+def classifiers():
+    """RBF SVC and logistic regression on 80% of the real pixels; (name, fitted, held-out accuracy)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import train_test_split
+    from sklearn.svm import SVC
+
+    x, y = real_digits_16()
+    x = x.reshape(len(x), -1)
+    xa, xb, ya, yb = train_test_split(x, y, test_size=0.2, stratify=y, random_state=0)
+    out = []
+    for name, clf in (("svc", SVC(gamma="scale")), ("logreg", LogisticRegression(max_iter=3000))):
+        clf.fit(xa, ya)
+        out.append((name, clf, float((clf.predict(xb) == yb).mean())))
+    return out
+
+
+def real_floor(num: int, seeds, data, ext) -> list[float]:
+    x, _ = real_digits_16()
+    out = []
+    for s in seeds:
+        pick = np.random.default_rng(s).choice(len(x), size=min(num, len(x)), replace=False)
+        out.append(fid(stats_from_features(ext.extract(images_from_samples(x[pick]))), data))
+    return out
+
+
+def fid_run(folder: Path, num: int, seed: int, spec: str, data, ext, clfs) -> dict:
+    t0 = time.time()
+    res = generate(folder, num=num, seed=seed, schedule=spec, say=lambda m: None)
+    value = fid(stats_from_features(ext.extract(images_from_samples(res.latents))), data)
+    flat = np.clip(res.latents, -1, 1).reshape(num, -1)
+    recognized = {name: float((clf.predict(flat) == res.labels).mean()) for name, clf, _ in clfs}
+    return {"fid": value, "recognized": recognized, "encoder_steps": len(res.schedule),
+            "recompute_steps": res.schedule, "seconds": time.time() - t0}
+
+
+def table(rows: list[dict], seeds, floor: list[float], num: int) -> str:
+    s = [str(x) for x in seeds]
+    head = ("| engines | schedule | encoder steps | " + " | ".join(f"FID seed {x}" for x in s)
+            + " | mean | recognized (SVC) |")
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    for r in rows:
+        fids = [r["runs"][x]["fid"] for x in s]
+        rec = statistics.mean(r["runs"][x]["recognized"]["svc"] for x in s)
+        lines.append(f"| {r['precision']} | {r['schedule']} | {r['encoder_steps']} | "
+                     + " | ".join(f"{v:.3f}" for v in fids) + f" | {statistics.mean(fids):.3f} | {rec:.1%} |")
+    lines.append(f"| real digits ({num} of 1797) | - | - | " + " | ".join(f"{v:.3f}" for v in floor)
+                 + f" | {statistics.mean(floor):.3f} | - |")
+    return "\n".join(lines)
+
+
+def paired(rows: list[dict], seeds) -> dict:
+    """FID(dp) - FID(uniform) per seed, fp32 engines: same noise, so most sampling noise cancels."""
+    by = {(r["precision"], r["schedule"]): r for r in rows}
+    out = {}
+    for dp, uni in PAIRS:
+        if ("fp32", dp) in by and ("fp32", uni) in by:
+            out[f"{dp} - {uni}"] = [by["fp32", dp]["runs"][str(s)]["fid"] - by["fp32", uni]["runs"][str(s)]["fid"]
+                                    for s in seeds]
+    return out
+
+
+def validate_table(vals: dict) -> str:
+    lines = ["| engines vs torch fp32 | latent rel err mean / p99 / max | encoder max rel err | decoder max rel err "
+             "| FID engine / reference vs data | delta | FID engine vs reference |", "|" + " --- |" * 6]
+    for prec, v in vals.items():
+        e, p, f = v["latent_rel_err"], v["parity"], v["fid"]
+        lines.append(f"| {prec} | {e['mean']:.2e} / {e['p99']:.2e} / {e['max']:.2e} | "
+                     f"{p['encoder']['max_rel_err']:.2e} | {p['decoder']['max_rel_err']:.2e} | "
+                     f"{f['engine_vs_data']:.3f} / {f['reference_vs_data']:.3f} | {f['delta']:+.4f} | "
+                     f"{f['engine_vs_reference']:.4f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--precisions", nargs="+", default=["fp32", "fp16", "fp8"])
+    p.add_argument("--schedules", nargs="+", default=list(SCHEDULES), help="for fp32; others run all and dp:25")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--num", type=int, default=500, help="samples per FID run")
+    p.add_argument("--validate-num", type=int, default=200, help="samples per validate run (0: none)")
+    p.add_argument("--work", type=Path, default=ROOT / "engines" / "fid_digits")
+    p.add_argument("--no-write", action="store_true", help="print only; leave results.md and the README alone")
+    a = p.parse_args(argv)
+    cfg = load_config(None)
+    data, ext, clfs = load_stats(DIGITS_STATS), DigitsFeatures(), classifiers()
+    t_all = time.time()
+    floor = real_floor(a.num, a.seeds, data, ext)
+    print(f"real-data floor ({a.num} real digits vs all 1797): {floor}", flush=True)
+    print("held-out accuracy: " + ", ".join(f"{n} {acc:.4f}" for n, _, acc in clfs), flush=True)
+    rows, vals, folders = [], {}, {}
+    for prec in a.precisions:
+        folders[prec] = a.work / prec
+        t0 = time.time()
+        build(prec, out=folders[prec], backend="onnxruntime", say=lambda m: print("  " + m, flush=True))
+        print(f"{prec}: engines in {folders[prec]} ({time.time() - t0:.0f} s)", flush=True)
+        for spec in (a.schedules if prec == "fp32" else [s for s in a.schedules if s in LOW_PRECISION_SCHEDULES]):
+            row = {"precision": prec, "schedule": spec, "runs": {}}
+            for seed in a.seeds:
+                run = fid_run(folders[prec], a.num, seed, spec, data, ext, clfs)
+                row["encoder_steps"], row["recompute_steps"] = run.pop("encoder_steps"), run.pop("recompute_steps")
+                row["runs"][str(seed)] = run
+                print(f"{prec:>5} {spec:>10} seed {seed}: FID {run['fid']:.3f}, recognized {run['recognized']} "
+                      f"({run['seconds']:.0f} s)", flush=True)
+            rows.append(row)
+    for prec in a.precisions if a.validate_num else ():
+        t0 = time.time()
+        rep = validate(folders[prec], reference="torch", num=a.validate_num, seed=a.seeds[0], stats=DIGITS_STATS,
+                       out=a.work / f"validate-{prec}", say=lambda m: None)
+        rep["latent_rel_err"].pop("per_sample")
+        vals[prec] = {k: rep[k] for k in ("latent_rel_err", "parity", "fid", "seconds", "num", "seed")}
+        print(f"validate {prec} vs torch ({a.validate_num} samples, {time.time() - t0:.0f} s): "
+              f"{vals[prec]['latent_rel_err']}, delta {rep['fid']['delta']:+.4f}", flush=True)
+    md, pairs = table(rows, a.seeds, floor, a.num), paired(rows, a.seeds)
+    vmd = validate_table(vals) if vals else ""
+    print(md + "\n\n" + "\n".join(f"{k}: {v}" for k, v in pairs.items()) + "\n\n" + vmd)
+    result = {"date": time.strftime("%Y-%m-%d"), "num": a.num, "seeds": a.seeds, "steps": cfg.sampler.num_steps,
+              "guidance": cfg.sampler.guidance, "real_floor": floor, "rows": rows, "paired_dp_minus_uniform": pairs,
+              "held_out_accuracy": {n: acc for n, _, acc in clfs}, "validate": vals,
+              "machine": {"platform": platform.platform(), "versions": library_versions()},
+              "wall_s": time.time() - t_all}
+    if a.no_write:
+        return 0
+    write_json(ROOT / "benchmarks" / "fid_digits.json", result)
+    v = library_versions()
+    with open(ROOT / "benchmarks" / "results.md", "a") as fh:
+        fh.write(f"\n## Digits FID (`python benchmarks/fid_digits.py`), {result['date']}\n\n"
+                 f"{a.num} samples per FID run, {cfg.sampler.num_steps} steps, CFG {cfg.sampler.guidance}, classes "
+                 f"cycled, digits features against the bundled statistics of all 1797 real digits; onnxruntime "
+                 f"CPU engines. {platform.machine()}, onnxruntime {v.get('onnxruntime')}, torch {v.get('torch')}; "
+                 f"{result['wall_s'] / 60:.0f} min in all.\n\n{md}\n\n"
+                 "Paired differences FID(dp) - FID(uniform), fp32, per seed: "
+                 + "; ".join(f"{k}: " + ", ".join(f"{d:+.3f}" for d in v_) for k, v_ in pairs.items()) + "\n\n"
+                 + "Held-out accuracy of the independent classifiers: "
+                 + ", ".join(f"{n} {acc:.1%}" for n, _, acc in clfs) + "\n"
+                 + (f"\n`validate --reference torch`, {a.validate_num} samples, seed {a.seeds[0]}, schedule all:\n\n"
+                    f"{vmd}\n" if vmd else ""))
+    doc = ROOT / "docs" / "readme" / "validate.md"
+    if doc.is_file() and MARK_BEGIN in doc.read_text():
+        text = doc.read_text()
+        head, rest = text.split(MARK_BEGIN, 1)
+        doc.write_text(head + MARK_BEGIN + "\n" + md + "\n" + MARK_END + rest.split(MARK_END, 1)[1])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

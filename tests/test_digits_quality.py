@@ -1,0 +1,61 @@
+"""The done-when check of the bundled model: on a fresh install, `build --precision fp16` with no other argument,
+then the torch-free host loop, draws digits that an independent classifier reads as the requested class.
+
+The classifier is not the project's feature extractor: an RBF SVC (scikit-learn) fit on the real digits'
+16x16 pixels (80/20 stratified split; its held-out accuracy is checked too). 200 samples, 20 per class.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ddt_export.checkpoint import bundled_weights
+from ddt_export.config import load_config
+
+from engines_cache import run_cli
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("sklearn", reason="the independent classifier is scikit-learn's SVC")
+
+CFG = load_config(None)
+pytestmark = pytest.mark.skipif(bundled_weights(CFG) is None,
+                                reason=f"bundled weights ddt_export/assets/{CFG.name}.safetensors not present")
+PER_CLASS = 20
+MIN_RECOGNIZED = 0.90
+
+
+def real_digits_16() -> tuple[np.ndarray, np.ndarray]:
+    """The 1797 digits as the model was trained on them: /16, bilinear 8 -> 16, to [-1, 1]. (N, 256), (N,)."""
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy(d.images.astype(np.float32) / 16.0)[:, None]  # N 1 8 8
+    x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False) * 2.0 - 1.0  # N 1 16 16
+    return x.reshape(len(x), -1).numpy(), d.target
+
+
+def test_default_model_draws_recognizable_digits(tmp_path):
+    from sklearn.model_selection import train_test_split
+    from sklearn.svm import SVC
+
+    from ddt_export.fid import images_from_samples
+    from ddt_export.generate import generate
+
+    x, y = real_digits_16()
+    xa, xb, ya, yb = train_test_split(x, y, test_size=0.2, stratify=y, random_state=0)
+    clf = SVC(gamma="scale").fit(xa, ya)
+    held_out = float((clf.predict(xb) == yb).mean())
+    assert held_out >= 0.97, held_out
+
+    code, text = run_cli(["build", "--precision", "fp16", "--out", tmp_path / "fp16"])  # no checkpoint: bundled
+    assert code == 0, text
+    res = generate(tmp_path / "fp16", num=CFG.model.num_classes * PER_CLASS, seed=7, say=lambda m: None)
+    assert res.sampler.num_steps == CFG.sampler.num_steps and res.schedule_spec == "all"
+    samples = np.clip(res.latents, -1.0, 1.0).reshape(len(res.latents), -1)
+    recognized = float((clf.predict(samples) == res.labels).mean())
+    print(f"held-out accuracy {held_out:.4f}; generated recognized as requested {recognized:.4f}")
+    assert recognized >= MIN_RECOGNIZED, recognized
+    # bright strokes on a dark background, like the data: most pixels dark, some bright
+    u8 = images_from_samples(res.latents)
+    assert np.median(u8) < 40 and (u8 > 200).mean() > 0.05

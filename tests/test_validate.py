@@ -1,0 +1,163 @@
+"""`validate`: engines against the PyTorch reference and against a second folder, the FID gate, the CLI.
+
+Tiny random models (4x8x8 latents, no VAE: the latents are the images, 8x8 with 3 of their 4 channels) and a
+small random ONNX feature graph standing in for the digits/Inception extractors.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from ddt_export.errors import ArtifactError
+from ddt_export.export import export_checkpoint
+from ddt_export.fid import OnnxFeatures
+from ddt_export.validate import relative_errors, validate
+
+from conftest import TINY
+from engines_cache import run_cli
+
+NUM = 24  # samples per run: FID of 16-d features needs a few more than 16
+
+
+class TinyFeatures(OnnxFeatures):
+    """(N, 8, 8, 3) uint8 -> (N, 16): tanh of a random projection of the [-1, 1] pixels."""
+
+    name = "tiny"
+
+    def preprocess(self, images):
+        return np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / 127.5 - 1.0
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory):
+    w = np.random.default_rng(0).standard_normal((3 * 8 * 8, 16)).astype(np.float32) / 8.0
+    g = helper.make_graph(
+        [helper.make_node("Flatten", ["image"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["h"]),
+         helper.make_node("Tanh", ["h"], ["features"])], "tiny_features",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", 16])],
+        [numpy_helper.from_array(w, "w")])
+    path = tmp_path_factory.mktemp("features") / "tiny_features.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), path)
+    return TinyFeatures(path)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny GEMMs: one thread is faster, and far faster on a busy 2-core machine (restored afterwards)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def folders(official_ckpt, tmp_path_factory):
+    """fp32 and fp16 exports of the official-format Lightning checkpoint (.ckpt + YAML); the manifests point at it."""
+    ckpt, yaml, _ = official_ckpt
+    root = tmp_path_factory.mktemp("validate")
+    export_checkpoint(ckpt, yaml, root / "fp32")
+    export_checkpoint(ckpt, yaml, root / "fp16", precision="fp16")
+    return root / "fp32", root / "fp16"
+
+
+def edited_copy(folder: Path, dest: Path, **source) -> Path:
+    """A copy of an engine folder whose manifest records another `source` (what the weights came from)."""
+    shutil.copytree(folder, dest)
+    man = json.loads((dest / "manifest.json").read_text())
+    man["source"].update(source)
+    (dest / "manifest.json").write_text(json.dumps(man))
+    return dest
+
+
+def test_relative_errors_per_sample():
+    b = np.ones((2, 3, 4), np.float32)
+    a = b.copy()
+    a[1] *= 1.5
+    assert relative_errors(a, b).tolist() == pytest.approx([0.0, 0.5])
+
+
+def test_fp32_engines_match_torch_official_checkpoint(folders, official_ckpt, features, tmp_path):
+    ckpt = official_ckpt[0]
+    rep = validate(folders[0], reference="torch", num=NUM, seed=1, features=features, max_fid_delta=1e-3,
+                   out=tmp_path, batch=10, say=lambda m: None)
+    assert rep["reference"] == {"kind": "torch", "precision": "fp32", "backend": "torch-eager-fp32 (official loop)",
+                                "checkpoint": str(ckpt.resolve())}
+    err = rep["latent_rel_err"]
+    assert err["max"] < 1e-4 and err["mean"] <= err["p99"] <= err["max"]
+    assert len(err["per_sample"]) == NUM
+    for graph in ("encoder", "decoder"):
+        p = rep["parity"][graph]
+        assert p["within_tolerance"] and p["max_rel_err"] < 1e-4 and p["step"] == TINY.sampler.num_steps // 2
+    assert abs(rep["fid"]["engine_vs_reference"]) < 1e-3
+    assert rep["fid"]["delta_definition"] == "FID(engine, reference)" and rep["fid"]["gate"]["passed"]
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk["latent_rel_err"]["max"] == err["max"]
+    from PIL import Image
+
+    with Image.open(tmp_path / "side_by_side.png") as im:  # pairs of rows (engine above reference) of 16 samples
+        assert im.mode == "RGB" and im.width >= 512 and im.height > im.width / 8
+
+
+def test_dp_schedule_on_both_sides(folders, features):
+    rep = validate(folders[0], num=NUM, seed=0, schedule="dp:5", features=features, say=lambda m: None)
+    assert len(rep["schedule"]["recompute_steps"]) == 5 and rep["latent_rel_err"]["max"] < 1e-4
+
+
+def test_fp16_vs_fp32_folder_bounded_and_gate(folders, features, tmp_path, monkeypatch):
+    fp32, fp16 = folders
+    rep = validate(fp16, reference=fp32, num=NUM, seed=1, schedule="uniform:2", features=features,
+                   max_fid_delta=10.0, say=lambda m: None)
+    err = rep["latent_rel_err"]
+    assert 1e-5 < err["mean"] and err["max"] < 5e-2, err
+    assert rep["reference"] == {"kind": "engines", "path": str(fp32), "precision": "fp32",
+                                "backend": rep["reference"]["backend"]}
+    assert rep["schedule"]["recompute_steps"] == list(range(0, 20, 2))
+    assert all(p["within_tolerance"] for p in rep["parity"].values())
+    fid_value = rep["fid"]["engine_vs_reference"]
+    assert rep["fid"]["gate"]["passed"] and 0 < fid_value < 1.0
+    # the same run with a bound below the measured delta: exit 2, one line, no traceback, report still written
+    import ddt_export.validate as V
+
+    monkeypatch.setattr(V, "choose_features", lambda *a: (features, ""))  # the CLI knows digits/inception only
+    code, text = run_cli(["validate", "--engines", fp16, "--reference", fp32, "--num", NUM, "--seed", 1,
+                          "--schedule", "uniform:2", "--max-fid-delta", f"{fid_value / 2:.3e}", "--out", tmp_path])
+    assert code == 2, text
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    assert "Traceback" not in text and len(lines) == 1 and lines[0].startswith("error: NumericsError: FID delta")
+    assert json.loads((tmp_path / "report.json").read_text())["fid"]["gate"]["passed"] is False
+
+
+def test_foreign_reference_refused(folders, features, tmp_path):
+    foreign = edited_copy(folders[1], tmp_path / "foreign", sha256="0" * 64)
+    with pytest.raises(ArtifactError, match="same model"):
+        validate(folders[0], reference=foreign, num=NUM, features=features, say=lambda m: None)
+    code, text = run_cli(["validate", "--engines", folders[0], "--reference", foreign, "--num", NUM])
+    assert code == 2 and "ArtifactError" in text and "Traceback" not in text
+
+
+def test_torch_reference_must_be_rebuildable(folders, official_ckpt, features, tmp_path):
+    gone = edited_copy(folders[0], tmp_path / "gone", path=str(tmp_path / "deleted.ckpt"))
+    with pytest.raises(ArtifactError, match="--reference torch.*not on this machine"):
+        validate(gone, num=NUM, features=features, say=lambda m: None)
+    changed = tmp_path / "changed.ckpt"
+    changed.write_bytes(official_ckpt[0].read_bytes() + b"\0")
+    stale = edited_copy(folders[0], tmp_path / "stale", path=str(changed))
+    with pytest.raises(ArtifactError, match="changed since the export"):
+        validate(stale, num=NUM, features=features, say=lambda m: None)
+
+
+def test_cli_validate_without_features_reports_latents(folders, tmp_path):
+    code, text = run_cli(["validate", "--engines", folders[0], "--num", 4, "--out", tmp_path])
+    assert code == 0, text
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert "skipped" in rep["fid"] and rep["latent_rel_err"]["max"] < 1e-4
+    assert "FID skipped" in text
