@@ -175,7 +175,7 @@ def calibrate(
     engines: Path = typer.Option(Path("engines/fp32"), help="fp32 export folder (`ddt-export export`)"),
     num: int = typer.Option(8, help="images per trajectory batch (the CFG batch is twice this)"),
     seed: int = typer.Option(0, help="noise seed: numpy default_rng(seed).standard_normal"),
-    schedule: Optional[str] = typer.Option(None, help="the encoder schedule that will run: all | uniform:R | dp:K | FILE.json"),
+    schedule: Optional[str] = typer.Option(None, help="the schedule that will run: all | uniform:R | dp:K | FILE.json"),
     classes: Optional[Path] = typer.Option(None, help="file of class ids (text or 1-D .npy), cycled to --num"),
     steps: Optional[int] = typer.Option(None, help="sampling steps (default: the manifest's sampler)"),
     out: Optional[Path] = typer.Option(None, help="output folder (default: calibration/<config name>)"),
@@ -225,7 +225,7 @@ def build(
                         calibration=calibration, weights=weights, trust=trust_checkpoint, opt_level=opt_level,
                         backend=backend, say=_say, progress=progress)
     for name, g in res.manifest.graphs.items():
-        errs = {k: v.get("max_rel_err", v.get("not_run")) for k, v in (g.get("parity") or {}).items()
+        errs = {k: v.get("max_rel_err", "not run") for k, v in (g.get("parity") or {}).items()
                 if isinstance(v, dict)}
         err = g.get("parity", {}).get("max_rel_err")
         shown = ", ".join(f"{k} {v:.2e}" if isinstance(v, float) else f"{k}: {v}" for k, v in errs.items())

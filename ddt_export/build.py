@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import Config, load_config
-from .errors import ArtifactError, BackendError, ConfigError
+from .errors import ArtifactError, BackendError, ConfigError, NumericsError
 from .manifest import MANIFEST, Manifest, read_manifest, sha256_file, verify_graphs, write_json
 from .specs import PRECISIONS, SPECS, BatchProfile, model_dims
 
@@ -72,12 +72,13 @@ def gpu_record() -> dict:
 
 
 def _request(precision: str, backend: str, batch: BatchProfile, vae: Path | None, high_precision: str,
-             opt_level: int) -> dict:
+             calibration: Path | None, opt_level: int) -> dict:
     """What a build folder must have been built with to be reused (stored as manifest.extra["build"])."""
     req = {"precision": precision, "backend": backend, "batch": f"{batch.min}:{batch.opt}:{batch.max}",
            "vae": str(Path(vae).resolve()) if vae else None}
     if precision == "fp8":
         req["high_precision"] = high_precision
+        req["calibration"] = str(Path(calibration).resolve()) if calibration else "captured into the folder"
     if backend == "tensorrt":
         req["builder_optimization_level"] = opt_level
     return req
@@ -174,6 +175,10 @@ def _record_bf16(model, cfg: Config, out: Path) -> None:
         errs[spec.name] = {"max_rel_err": float((got - ref).abs().max() / ref.abs().max()),
                            "reference": "PyTorch CPU, the same model cast to bf16, vs fp32, random inputs"}
     record_parity(out, errs, key="torch_bf16")
+    bad = [f"{g}: {e['max_rel_err']:.3e}" for g, e in errs.items() if not e["max_rel_err"] <= ENCODER.tolerance["bf16"]]
+    if bad:
+        raise NumericsError("bf16 model (PyTorch CPU) vs fp32", f"max rel err <= {ENCODER.tolerance['bf16']}",
+                            "; ".join(bad))
 
 
 def _fp8(model: _Model, cfg: Config, out: Path, source: dict, batch: BatchProfile, vae: Path | None,
@@ -191,12 +196,13 @@ def _fp8(model: _Model, cfg: Config, out: Path, source: dict, batch: BatchProfil
     engines = load_engines(stages / "fp32", "onnxruntime")
     sampler = engines.config.sampler
     steps, _ = resolve_schedule(None, engines, sampler, say)
-    try:
-        diffs = calibrate.matches(calibrate.read_calibration(calib), cfg, fp32.source, sampler, steps)
+    try:  # a --calibration folder brings its own schedule (e.g. dp:K); a captured one uses the default
+        diffs = calibrate.matches(calibrate.read_calibration(calib), cfg, fp32.source, sampler,
+                                  None if calibration else steps)
     except ArtifactError as e:
         diffs = [str(e)]
     if diffs and calibration is not None:
-        raise ArtifactError(f"--calibration {calib}", "a calibration of this model, sampler and schedule",
+        raise ArtifactError(f"--calibration {calib}", "a calibration of this model and sampler",
                             "; ".join(diffs), "calibrate again, or leave --calibration out to capture one")
     if diffs:
         say(f"capturing calibration trajectories into {calib} ({calibrate.DEFAULT_NUM} samples, "
@@ -205,9 +211,9 @@ def _fp8(model: _Model, cfg: Config, out: Path, source: dict, batch: BatchProfil
     else:
         say(f"calibration {calib} matches; reusing it")
     quantize_folder(stages / "fp32", stages / high_precision, calib, out, high_precision=high_precision,
-                          force=True, say=say)
-    if high_precision == "fp16":  # onnxruntime CPU runs FP8 Q/DQ with fp16; bf16 it cannot (no bf16 MatMul)
-        record_parity(out, graph_errors(out, stages / "fp32", calibration=calib))
+                    force=True, say=say)
+    # onnxruntime CPU runs FP8 Q/DQ around fp16; around bf16 it cannot (no bf16 MatMul): "not_run" is recorded
+    record_parity(out, graph_errors(out, stages / "fp32", calibration=calib, check=high_precision == "fp16"))
     return read_manifest(out)
 
 
@@ -246,6 +252,7 @@ def build_plan(onnx_path: Path, plan_path: Path, profile: dict, *, timing_cache:
     from polygraphy.exception import PolygraphyException
 
     from .manifest import atomic_path
+    from .runtime.trt import check
 
     class Log(trt.ILogger):  # keeps the builder's errors for the exception message
         def __init__(self):
@@ -257,9 +264,10 @@ def build_plan(onnx_path: Path, plan_path: Path, profile: dict, *, timing_cache:
                 self.errors.append(msg)
 
     log = Log()
-    builder = trt.Builder(log)
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-    parser = trt.OnnxParser(network, log)
+    builder = check(trt.Builder(log), "trt.Builder")
+    network = check(builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)),
+                    "create_network(STRONGLY_TYPED)")
+    parser = check(trt.OnnxParser(network, log), "trt.OnnxParser")
     if not parser.parse_from_file(str(onnx_path)) or parser.num_errors:
         errors = [_parser_error(parser.get_error(i)) for i in range(parser.num_errors)] or log.errors
         raise BackendError(f"TensorRT ONNX parser on {onnx_path}", "a parsed network", "; ".join(errors) or "failure")
@@ -286,7 +294,8 @@ def build_tensorrt(onnx_dir: Path, out: Path, *, timing_cache: Path | None, opt_
     need = {"fp8": FP8_MIN_CC, "bf16": BF16_MIN_CC}.get(src.precision)
     if need and cc < need:
         raise BackendError(f"{src.precision} engines on {gpu['gpu']}", f"compute capability >= {need[0]}.{need[1]}",
-                           gpu["compute_capability"], "FP8 needs Ada or Hopper; build fp16 instead")
+                           gpu["compute_capability"],
+                           "FP8 needs Ada/Hopper or later, bf16 Ampere or later; build fp16 instead")
     (out / MANIFEST).unlink(missing_ok=True)
     graphs, profiles = {}, {}
     for name, rec in src.graphs.items():
@@ -336,7 +345,7 @@ def build(precision: str, *, out: Path, ckpt: Path | None = None, config: str | 
     chosen = "tensorrt" if usable and backend != "onnxruntime" else "onnxruntime"
     if chosen == "onnxruntime" and backend == "auto":
         say(f"TensorRT is not available ({why}): building the ONNX Runtime engine folder for {precision} instead")
-    request = _request(precision, chosen, batch, vae, high_precision, opt_level)
+    request = _request(precision, chosen, batch, vae, high_precision, calibration, opt_level)
     gpu = gpu_record() if chosen == "tensorrt" else None
     if (out / MANIFEST).is_file():
         diffs = differences(out, cfg, source, request, gpu)

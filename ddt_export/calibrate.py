@@ -62,7 +62,8 @@ class _Recorder:
 
     def __init__(self, spec: GraphSpec, total: int, keep: int):
         self.spec, self.total, self.seen = spec, total, 0
-        self.keep = set(np.unique(np.linspace(0, total - 1, keep).round().astype(np.int64)).tolist()) if total else set()
+        picks = np.linspace(0, total - 1, keep).round().astype(np.int64) if total else np.zeros(0, np.int64)
+        self.keep = set(np.unique(picks).tolist())
         self.rows: dict[str, list[np.ndarray]] = {t.name: [] for t in spec.inputs}
         self.steps: list[np.ndarray] = []
 
@@ -168,8 +169,11 @@ def calibration_inputs(folder: Path, spec: GraphSpec) -> dict[str, np.ndarray]:
         return {t.name: z[t.name] for t in spec.inputs}
 
 
-def matches(rec: dict, config: Config, source: dict, sampler: SamplerConfig, recompute: Sequence[int]) -> list[str]:
-    """What differs between a calibration record and the run it would calibrate ([] when it fits)."""
+def matches(rec: dict, config: Config, source: dict, sampler: SamplerConfig,
+            recompute: Sequence[int] | None) -> list[str]:
+    """What differs between a calibration record and the run it would calibrate ([] when it fits).
+
+    recompute None: any encoder schedule (a calibration given on purpose was captured under the one to run)."""
     diffs = []
     if rec["config"]["model"] != dataclasses.asdict(config.model):
         diffs.append("model architecture")
@@ -177,6 +181,6 @@ def matches(rec: dict, config: Config, source: dict, sampler: SamplerConfig, rec
         diffs.append("weights (source sha256)")
     if rec["sampler"] != json.loads(json.dumps(dataclasses.asdict(sampler))):
         diffs.append("sampler settings")
-    if rec["schedule"]["recompute_steps"] != list(recompute):
+    if recompute is not None and rec["schedule"]["recompute_steps"] != list(recompute):
         diffs.append("encoder schedule")
     return diffs

@@ -37,8 +37,9 @@ def main() -> None:
         print(f"| {p} | {e['max_rel_err']:.2e} / {e['rel_l2']:.2e} | {d['max_rel_err']:.2e} / {d['rel_l2']:.2e} | "
               f"{samples[p]['final_latent_rel_l2']:.2e} |")
     tb = {g: bf16.graphs[g]["parity"]["torch_bf16"]["max_rel_err"] for g in ("encoder", "decoder")}
-    print(f"| bf16 (PyTorch CPU) | {tb['encoder']:.2e} | {tb['decoder']:.2e} | not run (no bf16 MatMul in onnxruntime CPU) |")
-    (a.out / "measurements.json").write_text(json.dumps({"graphs": rows, "samples": samples, "bf16_torch": tb}, indent=2))
+    print(f"| bf16 (PyTorch CPU) | {tb['encoder']:.2e} | {tb['decoder']:.2e} | not run (no bf16 MatMul on CPU) |")
+    record = {"graphs": rows, "samples": samples, "bf16_torch": tb}
+    (a.out / "measurements.json").write_text(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def test_fallback_says_one_line(fp8):
 
 
 def test_fp8_acceptance(fp8, official_ckpt, tmp_path):
-    """build --precision fp8: most block GEMMs fed by FP8 DQ; generate runs; samples close to fp32 from the same noise."""
+    """build --precision fp8: most block GEMMs fed by FP8 DQ; generate runs; samples close to fp32, same noise."""
     out, _ = fp8
     man = read_manifest(out)
     assert man.precision == "fp8" and man.backend == ("onnxruntime" if NO_TRT else "tensorrt")
@@ -131,3 +131,26 @@ def test_fp16_build_default_out_and_generate(tmp_path, official_ckpt, monkeypatc
     code, text = run_cli(["generate", "--num", 2, "--out", tmp_path / "samples"])
     assert code == 0, text
     assert len(list((tmp_path / "samples").glob("*.png"))) == 3  # 2 samples + grid
+
+
+def test_given_calibration_brings_its_schedule(fp8, official_ckpt, tmp_path):
+    """--calibration: captured under another encoder schedule (what will run), used as is; another sampler: refused."""
+    from ddt_export.calibrate import capture
+
+    out, _ = fp8
+    ckpt, yaml, _ = official_ckpt
+    copy = tmp_path / "fp8"
+    shutil.copytree(out, copy, symlinks=True)
+    capture(copy / "stages" / "fp32", tmp_path / "cal", num=2, schedule="uniform:4", say=lambda m: None)
+    said = []
+    with pytest.raises(ArtifactError, match="calibration"):  # a different request: refused without --force
+        build("fp8", out=copy, ckpt=ckpt, config=str(yaml), calibration=tmp_path / "cal", say=said.append)
+    res = build("fp8", out=copy, ckpt=ckpt, config=str(yaml), calibration=tmp_path / "cal", force=True,
+                say=said.append)
+    assert any("fp32 graphs in" in s and "up to date" in s for s in said)  # the stages were reused
+    assert res.manifest.extra["quantization"]["schedule"]["spec"] == "uniform:4"
+    assert res.manifest.graphs["decoder"]["parity"]["vs_fp32_onnx"]["max_rel_err"] < 0.1
+    capture(copy / "stages" / "fp32", tmp_path / "short", num=1, steps=5, say=lambda m: None)
+    with pytest.raises(ArtifactError, match="sampler settings"):
+        build("fp8", out=copy, ckpt=ckpt, config=str(yaml), calibration=tmp_path / "short", force=True,
+              say=said.append)

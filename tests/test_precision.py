@@ -33,7 +33,7 @@ def test_fp16_samples_vs_fp32(stages):
 
 
 def test_bf16_build_records_what_onnxruntime_cannot_run(tmp_path, official_ckpt):
-    """bf16 graphs: onnxruntime 1.32 CPU has no bf16 MatMul/Gemm kernel; the manifest says so, with PyTorch's bf16 error."""
+    """bf16: onnxruntime 1.32 CPU has no bf16 MatMul/Gemm kernel; the manifest says so, with PyTorch's bf16 error."""
     ckpt, yaml, _ = official_ckpt
     said = []
     res = build("bf16", out=tmp_path / "bf16", ckpt=ckpt, config=str(yaml), backend="onnxruntime", say=said.append)

@@ -1,4 +1,5 @@
-"""TensorRT build and runtime on a GPU. Skipped, with the reason, where `import tensorrt` fails or no GPU is visible.
+"""TensorRT build and runtime. GPU tests skip, with the reason, where `import tensorrt` fails or no GPU is visible;
+the NVRTC kernel and the status helper need only cuda-python and libnvrtc.
 
 Everything around TensorRT (profiles, manifests, staleness, the host loop, FP8 graphs) is tested on CPU in
 test_build / test_quantize; these tests check the thin TensorRT layer itself against onnxruntime.
@@ -13,8 +14,54 @@ import pytest
 from ddt_export.build import build, profile_shapes, tensorrt_status
 
 usable, why = tensorrt_status()
-pytestmark = [pytest.mark.tensorrt, pytest.mark.gpu,
-              pytest.mark.skipif(not usable, reason=f"TensorRT engines need tensorrt + cuda-python + a GPU: {why}")]
+
+
+def needs_gpu(fn):
+    """Marked tensorrt + gpu; skipped with the reason where TensorRT or the GPU is missing."""
+    for mark in (pytest.mark.tensorrt, pytest.mark.gpu,
+                 pytest.mark.skipif(not usable, reason=f"TensorRT engines need tensorrt + cuda-python + a GPU: {why}")):
+        fn = mark(fn)
+    return fn
+
+
+def _nvrtc_reason() -> str:
+    try:
+        from cuda.bindings import nvrtc
+
+        nvrtc.nvrtcVersion()
+    except ImportError as e:
+        return f"cuda-python (the [tensorrt] extra) is not installed: {e}"
+    except (OSError, RuntimeError) as e:
+        return f"libnvrtc is not loadable: {e}"
+    return ""
+
+
+# ---------------------------------------------------------------- no GPU needed: cuda-python + libnvrtc only
+
+
+@pytest.mark.skipif(bool(_nvrtc_reason()), reason=_nvrtc_reason() or "ok")
+def test_step_kernel_compiles_without_fma():
+    from ddt_export.runtime.trt import kernel_ptx
+
+    ptx = kernel_ptx("90").decode()
+    assert ".entry cfg_euler" in ptx and "fma" not in ptx  # rounds like the numpy loop: x + (v * dt)
+
+
+@pytest.mark.skipif(bool(_nvrtc_reason()), reason=_nvrtc_reason() or "ok")
+def test_check_raises_on_real_cuda_status():
+    from cuda.bindings import nvrtc
+
+    from ddt_export.errors import BackendError
+    from ddt_export.runtime.trt import check
+
+    prog = check(nvrtc.nvrtcCreateProgram(b"this is not CUDA", b"bad.cu", 0, [], []), "nvrtcCreateProgram")
+    with pytest.raises(BackendError, match="NVRTC_ERROR_COMPILATION"):
+        check(nvrtc.nvrtcCompileProgram(prog, 0, []), "nvrtcCompileProgram")
+    with pytest.raises(BackendError, match="TensorRT reported a failure"):
+        check(None, "deserialize")  # TensorRT's failure value
+
+
+# ---------------------------------------------------------------- TensorRT and a GPU
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +73,7 @@ def trt_fp16(tmp_path_factory, official_ckpt):
     return out, res
 
 
+@needs_gpu
 def test_build_writes_plans_and_manifest(trt_fp16, tiny_cfg):
     out, res = trt_fp16
     man = res.manifest
@@ -38,6 +86,7 @@ def test_build_writes_plans_and_manifest(trt_fp16, tiny_cfg):
     assert (out.parent / "timing.cache").is_file()
 
 
+@needs_gpu
 def test_plans_match_onnxruntime(trt_fp16, tiny_cfg):
     from ddt_export.runtime import load_engines
     from ddt_export.specs import ENCODER, model_dims
@@ -51,6 +100,7 @@ def test_plans_match_onnxruntime(trt_fp16, tiny_cfg):
     assert np.abs(v_trt - v_ort).max() / np.abs(v_ort).max() < 2e-2
 
 
+@needs_gpu
 @pytest.mark.parametrize("cuda_graphs", [False, True])
 def test_device_loop_equals_host_loop(trt_fp16, cuda_graphs):
     from ddt_export.runtime import load_engines, sample
@@ -67,6 +117,7 @@ def test_device_loop_equals_host_loop(trt_fp16, cuda_graphs):
     assert np.abs(dev - host).max() / np.abs(host).max() < 1e-5  # same engines, same float32 update
 
 
+@needs_gpu
 def test_reuse_and_platform_check(trt_fp16, official_ckpt, tmp_path):
     import shutil
 
@@ -85,6 +136,7 @@ def test_reuse_and_platform_check(trt_fp16, official_ckpt, tmp_path):
         load_engines(copy)
 
 
+@needs_gpu
 def test_fp8_engine(tmp_path, official_ckpt):
     from ddt_export.build import FP8_MIN_CC, gpu_record
     from ddt_export.runtime import load_engines, sample

@@ -16,7 +16,6 @@ manifest with the running ones and refuses with a hint to rebuild.
 """
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 from typing import Sequence
 
@@ -148,7 +147,8 @@ class TrtGraph:
         addrs = {name: buf.ptr for name, buf in self.buffers.items()}
         addrs.update(addresses or {})
         for t in self.spec.inputs:
-            check(self.context.set_input_shape(t.name, t.shape(self.dims, batch)), f"{self.spec.name}: set_input_shape {t.name}")
+            check(self.context.set_input_shape(t.name, t.shape(self.dims, batch)),
+                  f"{self.spec.name}: set_input_shape {t.name}")
         for name, ptr in addrs.items():
             check(self.context.set_tensor_address(name, ptr), f"{self.spec.name}: set_tensor_address {name}")
         handle = _handle(self.stream)
@@ -226,27 +226,36 @@ extern "C" __global__ void cfg_euler(float* x, const float* v, int n, float scal
 """
 
 
-def _compile_kernel():
-    """NVRTC -> PTX -> CUfunction, without fused multiply-add so it rounds as the numpy host loop does."""
-    from cuda.bindings import driver, nvrtc
+def kernel_ptx(arch: str) -> bytes:
+    """The CFG/Euler kernel as PTX for compute_<arch> (e.g. "90"), by NVRTC (no GPU needed), without fused
+    multiply-add, so it rounds as the numpy host loop does."""
+    from cuda.bindings import nvrtc
 
-    p = running_platform()["compute_capability"].replace(".", "")
     try:
         prog = check(nvrtc.nvrtcCreateProgram(_KERNEL, b"ddt_cfg_euler.cu", 0, [], []), "nvrtcCreateProgram")
     except (OSError, RuntimeError) as e:  # libnvrtc not found
         raise BackendError("NVRTC (device sampling)", "libnvrtc loadable", repr(e),
                            "pip install nvidia-cuda-nvrtc-cu12 (or a CUDA toolkit), or use runtime.sample")
-    opts = [b"--fmad=false", f"--gpu-architecture=compute_{p}".encode()]
+    opts = [b"--fmad=false", f"--gpu-architecture=compute_{arch}".encode()]
     status = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
     if int(status[0]) != 0:
         size = check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
         log = b" " * size
         check(nvrtc.nvrtcGetProgramLog(prog, log), "nvrtcGetProgramLog")
-        raise BackendError("NVRTC compile of the CFG/Euler kernel", "success", log.decode(errors="replace"))
+        raise BackendError("NVRTC compile of the CFG/Euler kernel", "success", log.decode(errors="replace").strip())
     size = check(nvrtc.nvrtcGetPTXSize(prog), "nvrtcGetPTXSize")
     ptx = b" " * size
     check(nvrtc.nvrtcGetPTX(prog, ptx), "nvrtcGetPTX")
-    module = check(driver.cuModuleLoadData(ptx), "cuModuleLoadData")
+    return ptx
+
+
+def _load_kernel():
+    """PTX for this GPU -> CUfunction."""
+    from cuda.bindings import driver
+
+    ptx = kernel_ptx(running_platform()["compute_capability"].replace(".", ""))
+    image = np.char.array(ptx)  # as cuda-python's own examples hand PTX to the driver
+    module = check(driver.cuModuleLoadData(image.ctypes.data), "cuModuleLoadData")
     return check(driver.cuModuleGetFunction(module, b"cfg_euler"), "cuModuleGetFunction")
 
 
@@ -269,7 +278,7 @@ def sample_on_device(engines, noise: np.ndarray, labels: np.ndarray, sampler, sc
     if 2 * b > enc.max_batch:
         raise InputError("batch for device sampling", f"2 x B <= {enc.max_batch} (engine max batch)", 2 * b)
     enc.cuda_graphs = dec.cuda_graphs = cuda_graphs
-    stream, kernel = enc.stream, _compile_kernel()
+    stream, kernel = enc.stream, _load_kernel()
     row = int(np.prod(m.latent_shape)) * 4  # bytes of one latent row, float32
     s_row = m.num_tokens * m.hidden_size * 4
     x = DeviceBuffer(b * row)
@@ -298,9 +307,11 @@ def sample_on_device(engines, noise: np.ndarray, labels: np.ndarray, sampler, sc
             else:
                 dec.enqueue(b, {"x": x.ptr, "s": s_ptr + (b * s_row if s_uncond else 0)})  # cond half, by offset
             n = b * row // 4
-            args = ((x.ptr, dec.buffers["v"].ptr, n, float(st.scale), float(st.dt), int(st.dec_uncond)),
-                    (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_float, ctypes.c_int))
-            check(driver.cuLaunchKernel(kernel, (n + 255) // 256, 1, 1, 256, 1, 1, 0, stream, args, 0),
+            values = [np.array([x.ptr], np.uint64), np.array([dec.buffers["v"].ptr], np.uint64),
+                      np.array([n], np.int32), np.array([st.scale], np.float32), np.array([st.dt], np.float32),
+                      np.array([int(st.dec_uncond)], np.int32)]  # cfg_euler's arguments, in order
+            params = np.array([v.ctypes.data for v in values], np.uint64)  # kernelParams: pointers to them
+            check(driver.cuLaunchKernel(kernel, (n + 255) // 256, 1, 1, 256, 1, 1, 0, stream, params.ctypes.data, 0),
                   "cuLaunchKernel cfg_euler")
             if progress is not None:
                 progress(st.i + 1, sampler.num_steps)
@@ -311,5 +322,6 @@ def sample_on_device(engines, noise: np.ndarray, labels: np.ndarray, sampler, sc
         x.free()
         y_dev.free()
     if not np.isfinite(out).all():
-        raise NumericsError("device sampling: final latents", "finite values", f"{int((~np.isfinite(out)).sum())} NaN/Inf")
+        bad = int((~np.isfinite(out)).sum())
+        raise NumericsError("device sampling: final latents", "finite values", f"{bad} NaN/Inf")
     return out
