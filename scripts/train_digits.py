@@ -100,7 +100,7 @@ def make_model(cfg: Config, seed: int) -> DDT:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 1000
+    steps: int = 800
     batch: int = 128
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # cosine decay to lr * this
@@ -231,15 +231,16 @@ def generate_per_class(model: DDT, sc: SamplerConfig, per_class: int, seed: int,
     return torch.cat(xs), y
 
 
-def save_grid(images: torch.Tensor, rows: int, path: Path, zoom: int = 4) -> None:
-    """images (rows*cols, 1, H, W) in [-1, 1] -> a PNG, one class per row."""
+def save_grid(images: torch.Tensor, rows: int, path: Path, zoom: int = 4, gap: int = 1) -> None:
+    """images (rows*cols, 1, H, W) in [-1, 1] -> a PNG, one class per row, cells parted by grey lines."""
     from PIL import Image
 
     n, _, H, W = images.shape
     cols = n // rows
     a = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0].numpy()
-    grid = a.reshape(rows, cols, H, W).transpose(0, 2, 1, 3).reshape(rows * H, cols * W)
-    Image.fromarray(grid).resize((cols * W * zoom, rows * H * zoom), Image.NEAREST).save(path)
+    cells = np.pad(a.reshape(rows, cols, H, W), ((0, 0), (0, 0), (0, gap), (0, gap)), constant_values=96)
+    grid = cells.transpose(0, 2, 1, 3).reshape(rows * (H + gap), cols * (W + gap))
+    Image.fromarray(grid).resize((grid.shape[1] * zoom, grid.shape[0] * zoom), Image.NEAREST).save(path)
 
 
 def evaluate(model: DDT, sc: SamplerConfig, images, labels, per_class: int, guidance=None, grid=None, log=print):

@@ -4,8 +4,9 @@
 
 A small CNN classifier on the same 16x16 digits as `train_digits.py` (same preprocessing), trained
 deterministically on an 80/20 stratified split (held-out accuracy printed). The features are the globally
-average-pooled activations of the last conv block (64-d, post-ReLU, as Inception's pool3 for FID); the
-logits a Linear on top. Writes, each via a temporary name:
+average-pooled activations of the last conv block (64-d, as Inception's pool3 for FID); the logits a Linear
+on top. SiLU, not ReLU: ReLU left dead feature units, i.e. zero rows in the covariance.
+Writes, each via a temporary name:
   ddt_export/assets/digits_features.onnx  input `image` float32 (N, 1, 16, 16) in [-1, 1];
                                           outputs `features` float32 (N, 64), `logits` float32 (N, 10)
   ddt_export/assets/digits_stats.npz      `mu` (64,), `sigma` (64, 64) float64 of all 1797 real digits,
@@ -47,10 +48,10 @@ class DigitsCNN(nn.Module):
     def __init__(self, width: int = 32, feature_dim: int = FEATURE_DIM, num_classes: int = NUM_CLASSES):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 8x8
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 4x4
-            nn.Conv2d(2 * width, feature_dim, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(1, width, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(width, width, 3, padding=1), nn.SiLU(), nn.MaxPool2d(2),  # 8x8
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.SiLU(), nn.MaxPool2d(2),  # 4x4
+            nn.Conv2d(2 * width, feature_dim, 3, padding=1), nn.SiLU(),
         )
         self.dropout = nn.Dropout(0.2)
         self.head = nn.Linear(feature_dim, num_classes)
@@ -108,7 +109,7 @@ def export_onnx(model: DigitsCNN, path: Path) -> None:
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         torch.onnx.export(model, (torch.zeros(2, 1, 16, 16),), str(path), input_names=["image"],
                           output_names=["features", "logits"], dynamic_shapes={"image": {0: batch}},
-                          opset_version=OPSET, dynamo=True, optimize=True, verbose=False)
+                          opset_version=OPSET, dynamo=True, external_data=False, optimize=True, verbose=False)
 
 
 def onnx_features(path: Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -153,8 +154,7 @@ def main(argv=None) -> int:
         with open(tmp, "wb") as f:
             np.savez(f, mu=mu, sigma=sigma)
     eig = np.linalg.eigvalsh(sigma)
-    print(f"stats: mu {mu.shape}, sigma {sigma.shape}, eigenvalues [{eig.min():.2e}, {eig.max():.2e}]; "
-          f"dead features {int((feats.max(0) <= 0).sum())}")
+    print(f"stats: mu {mu.shape}, sigma {sigma.shape}, eigenvalues [{eig.min():.2e}, {eig.max():.2e}]")
     for path in (onnx_path, stats_path):
         print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB)")
     return 0

@@ -2,7 +2,7 @@
 then the torch-free host loop, draws digits that an independent classifier reads as the requested class.
 
 The classifier is not the project's feature extractor: an RBF SVC (scikit-learn) fit on the real digits'
-16x16 pixels (80/20 stratified split; its held-out accuracy is checked too). 200 samples, 20 per class.
+16x16 pixels (80/20 stratified split; its held-out accuracy is checked too). 50 samples, 5 per class.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ pytest.importorskip("sklearn", reason="the independent classifier is scikit-lear
 CFG = load_config(None)
 pytestmark = pytest.mark.skipif(bundled_weights(CFG) is None,
                                 reason=f"bundled weights ddt_export/assets/{CFG.name}.safetensors not present")
-PER_CLASS = 20
+PER_CLASS = 5  # 50 samples: the test stays under 30 s on 2 cores; benchmarks/fid_digits.py measures 500+
 MIN_RECOGNIZED = 0.90
 
 
@@ -56,6 +56,7 @@ def test_default_model_draws_recognizable_digits(tmp_path):
     recognized = float((clf.predict(samples) == res.labels).mean())
     print(f"held-out accuracy {held_out:.4f}; generated recognized as requested {recognized:.4f}")
     assert recognized >= MIN_RECOGNIZED, recognized
-    # bright strokes on a dark background, like the data: most pixels dark, some bright
+    # bright strokes on a dark background, like the data (real digits: mean 78, 44% of pixels < 30, 11% > 200)
     u8 = images_from_samples(res.latents)
-    assert np.median(u8) < 40 and (u8 > 200).mean() > 0.05
+    print(f"generated: mean {u8.mean():.1f}, dark {(u8 < 30).mean():.2f}, bright {(u8 > 200).mean():.2f}")
+    assert 50 < u8.mean() < 110 and (u8 < 30).mean() > 0.3 and (u8 > 200).mean() > 0.05
