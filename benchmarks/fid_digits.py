@@ -7,7 +7,10 @@ FID runs: `generate` on the engines (the production host loop, onnxruntime), dig
 against the bundled statistics of all 1797 real digits. Noise is shared by every row of one seed, so the
 differences between rows of one seed are paired (the `paired` section reports them per seed). The real-data
 floor is the FID of `num` real digits drawn without replacement (through the same uint8 path as the samples)
-against the statistics of all 1797: what a perfect model would score at this sample size.
+against the statistics of all 1797: what a perfect model would score at this sample size. Two paired measures
+need no FID: the per-sample relative deviation ||x - x_all|| / ||x_all|| of a shared schedule's final samples
+from the same engines' unshared (`all`) samples (what sharing costs), and of fp16/FP8 samples from the fp32
+engines' under the same schedule (what the precision costs).
 Validate runs: `ddt_export.validate.validate(engines, reference="torch")` on fewer samples per precision
 (latent error, per-tensor parity, FID delta against the fp32 PyTorch reference from identical noise).
 Recognition: the share of the FID samples (schedule `all`, first seed) an independent classifier (RBF SVC and
@@ -36,7 +39,7 @@ from ddt_export.fid import DIGITS_STATS, DigitsFeatures, fid, images_from_sample
     stats_from_features  # noqa: E402
 from ddt_export.generate import generate  # noqa: E402
 from ddt_export.manifest import library_versions, write_json  # noqa: E402
-from ddt_export.validate import validate  # noqa: E402
+from ddt_export.validate import relative_errors, validate  # noqa: E402
 
 SCHEDULES = ("all", "uniform:2", "dp:25", "uniform:4", "dp:13", "dp:12")
 LOW_PRECISION_SCHEDULES = ("all", "dp:25")
@@ -87,22 +90,36 @@ def fid_run(folder: Path, num: int, seed: int, spec: str, data, ext, clfs) -> di
     flat = np.clip(res.latents, -1, 1).reshape(num, -1)
     recognized = {name: float((clf.predict(flat) == res.labels).mean()) for name, clf, _ in clfs}
     return {"fid": value, "recognized": recognized, "encoder_steps": len(res.schedule),
-            "recompute_steps": res.schedule, "seconds": time.time() - t0}
+            "recompute_steps": res.schedule, "seconds": time.time() - t0, "latents": res.latents}
+
+
+def deviation(a: np.ndarray, b: np.ndarray) -> dict:
+    """Per-sample ||a - b|| / ||b|| of two runs from the same noise: mean and max."""
+    err = relative_errors(a, b)
+    return {"mean": float(err.mean()), "max": float(err.max())}
 
 
 def table(rows: list[dict], seeds, floor: list[float], num: int) -> str:
     s = [str(x) for x in seeds]
     head = ("| engines | schedule | encoder steps | " + " | ".join(f"FID seed {x}" for x in s)
-            + " | mean | recognized (SVC) |")
+            + " | mean | recognized (SVC) | rel. deviation from `all` | rel. deviation from fp32 |")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for r in rows:
         fids = [r["runs"][x]["fid"] for x in s]
         rec = statistics.mean(r["runs"][x]["recognized"]["svc"] for x in s)
+        devs = [_mean_dev(r, s, k) for k in ("vs_all", "vs_fp32")]
         lines.append(f"| {r['precision']} | {r['schedule']} | {r['encoder_steps']} | "
-                     + " | ".join(f"{v:.3f}" for v in fids) + f" | {statistics.mean(fids):.3f} | {rec:.1%} |")
+                     + " | ".join(f"{v:.3f}" for v in fids) + f" | {statistics.mean(fids):.3f} | {rec:.1%} | "
+                     + " | ".join("-" if d is None else f"{d:.2e}" for d in devs) + " |")
     lines.append(f"| real digits ({num} of 1797) | - | - | " + " | ".join(f"{v:.3f}" for v in floor)
-                 + f" | {statistics.mean(floor):.3f} | - |")
+                 + f" | {statistics.mean(floor):.3f} | - | - | - |")
     return "\n".join(lines)
+
+
+def _mean_dev(row: dict, seeds: list[str], key: str) -> float | None:
+    """Mean over seeds of the mean per-sample deviation stored under `key`, or None where not measured."""
+    vals = [row["runs"][x][key]["mean"] for x in seeds if key in row["runs"][x]]
+    return statistics.mean(vals) if vals else None
 
 
 def paired(rows: list[dict], seeds) -> dict:
@@ -118,7 +135,7 @@ def paired(rows: list[dict], seeds) -> dict:
 
 def validate_table(vals: dict) -> str:
     lines = ["| engines vs torch fp32 | latent rel err mean / p99 / max | encoder max rel err | decoder max rel err "
-             "| FID engine / reference vs data | delta | FID engine vs reference |", "|" + " --- |" * 6]
+             "| FID engine / reference vs data | delta | FID engine vs reference |", "|" + " --- |" * 7]
     for prec, v in vals.items():
         e, p, f = v["latent_rel_err"], v["parity"], v["fid"]
         lines.append(f"| {prec} | {e['mean']:.2e} / {e['p99']:.2e} / {e['max']:.2e} | "
@@ -162,7 +179,7 @@ def main(argv=None) -> int:
     floor = real_floor(a.num, a.seeds, data, ext)
     print(f"real-data floor ({a.num} real digits vs all 1797): {floor}", flush=True)
     print("held-out accuracy: " + ", ".join(f"{n} {acc:.4f}" for n, _, acc in clfs), flush=True)
-    rows, vals, folders = [], {}, {}
+    rows, vals, folders, latents = [], {}, {}, {}
     for prec in a.precisions:
         folders[prec] = a.work / prec
         t0 = time.time()
@@ -172,10 +189,15 @@ def main(argv=None) -> int:
             row = {"precision": prec, "schedule": spec, "runs": {}}
             for seed in a.seeds:
                 run = fid_run(folders[prec], a.num, seed, spec, data, ext, clfs)
+                latents[prec, spec, seed] = run.pop("latents")
+                if spec != "all" and (prec, "all", seed) in latents:  # what sharing costs, same noise
+                    run["vs_all"] = deviation(latents[prec, spec, seed], latents[prec, "all", seed])
+                if prec != "fp32" and ("fp32", spec, seed) in latents:  # what the precision costs
+                    run["vs_fp32"] = deviation(latents[prec, spec, seed], latents["fp32", spec, seed])
                 row["encoder_steps"], row["recompute_steps"] = run.pop("encoder_steps"), run.pop("recompute_steps")
                 row["runs"][str(seed)] = run
-                print(f"{prec:>5} {spec:>10} seed {seed}: FID {run['fid']:.3f}, recognized {run['recognized']} "
-                      f"({run['seconds']:.0f} s)", flush=True)
+                print(f"{prec:>5} {spec:>10} seed {seed}: FID {run['fid']:.3f}, recognized {run['recognized']}, "
+                      f"vs all {run.get('vs_all')}, vs fp32 {run.get('vs_fp32')} ({run['seconds']:.0f} s)", flush=True)
             rows.append(row)
     for prec in a.precisions if a.validate_num else ():
         t0 = time.time()

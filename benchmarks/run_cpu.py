@@ -3,8 +3,8 @@
     python benchmarks/run_cpu.py [--steps 20] [--batches 1 4] [--repeats 3] [--xl /tmp/ddt-xl]
 
 1. `ddt-xl-cpu` (28 blocks, 22 encoder, hidden 256, 256 tokens; random weights): exported to ONNX, then
-   `ddt_export.bench.bench` with schedules all, uniform:2, dp:N/2, uniform:4, dp:N/4, engines (onnxruntime CPU)
-   and the PyTorch eager fp32 reference in the same run.
+   `ddt_export.bench.bench` with schedules all, uniform:2, uniform:4 and dp:K at the same step counts K,
+   engines (onnxruntime CPU) and the PyTorch eager fp32 reference in the same run.
 2. DDT-XL/2 256 (random weights, exported by benchmarks/export_xl.py to --xl if that folder exists): one
    encoder and one decoder call at 2 rows (one image with CFG), onnxruntime vs PyTorch eager fp32.
 Appends a dated section to benchmarks/results.md and writes JSON and PNG beside it.
@@ -68,7 +68,7 @@ def main(argv=None):
     n = a.steps
     f = step_flops(cfg.model)
     res = bench(folder, batches=a.batches, steps=n,
-                schedules=["all", "uniform:2", f"dp:{n // 2}", "uniform:4", f"dp:{n // 4}"],
+                schedules=["all", "uniform:2", f"dp:{-(-n // 2)}", "uniform:4", f"dp:{-(-n // 4)}"],  # dp at the uniform step counts
                 repeats=a.repeats, torch_variants=("torch-eager-fp32",))
     write_outputs(res, HERE / "xl-cpu.json", HERE / "xl-cpu.png")
     text = section(res, f"ddt-xl-cpu end to end (encoder share of step FLOPs {f.encoder_fraction:.1%})", cmd)

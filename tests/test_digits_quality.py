@@ -2,7 +2,7 @@
 then the torch-free host loop, draws digits that an independent classifier reads as the requested class.
 
 The classifier is not the project's feature extractor: an RBF SVC (scikit-learn) fit on the real digits'
-16x16 pixels (80/20 stratified split; its held-out accuracy is checked too). 50 samples, 5 per class.
+16x16 pixels (80/20 stratified split; its held-out accuracy is checked too). 40 samples, 4 per class.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ pytest.importorskip("sklearn", reason="the independent classifier is scikit-lear
 CFG = load_config(None)
 pytestmark = pytest.mark.skipif(bundled_weights(CFG) is None,
                                 reason=f"bundled weights ddt_export/assets/{CFG.name}.safetensors not present")
-PER_CLASS = 5  # 50 samples: the test stays under 30 s on 2 cores; benchmarks/fid_digits.py measures 500+
+PER_CLASS = 4  # 40 samples: the test stays under 30 s on 2 cores; benchmarks/fid_digits.py measures 500+
 MIN_RECOGNIZED = 0.90
 
 
