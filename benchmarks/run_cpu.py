@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def main(argv=None):
     ap.add_argument("--work", default="/tmp/ddt-bench")
     ap.add_argument("--results", default=str(HERE / "results.md"))
     a = ap.parse_args(argv)
-    cmd = "python benchmarks/run_cpu.py " + " ".join(argv or [])
+    cmd = "python benchmarks/run_cpu.py " + " ".join(sys.argv[1:] if argv is None else argv)
     cfg = load_config("ddt-xl-cpu")
     folder = Path(a.work) / "xl-cpu-fp32"
     model, src = load_checkpoint_model(None, cfg, random_weights=True, seed=0)
