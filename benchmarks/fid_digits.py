@@ -17,7 +17,7 @@ Recognition: the share of the FID samples (schedule `all`, first seed) an indepe
 logistic regression, fit on 80% of the real 16x16 pixels) reads as the requested class.
 
 Writes benchmarks/fid_digits.json, appends a dated section to benchmarks/results.md, and replaces the table
-between the markers in docs/readme/validate.md. On a shared 2-core CPU a 500-sample run takes a few minutes.
+between the markers in README.md. On a shared 2-core CPU a 500-sample run takes a few minutes.
 """
 from __future__ import annotations
 
@@ -231,7 +231,7 @@ def main(argv=None) -> int:
                  + ", ".join(f"{n} {acc:.1%}" for n, _, acc in clfs) + "\n"
                  + (f"\n`validate --reference torch`, {a.validate_num} samples, seed {a.seeds[0]}, schedule all:\n\n"
                     f"{vmd}\n" if vmd else ""))
-    doc = ROOT / "docs" / "readme" / "validate.md"
+    doc = ROOT / "README.md"
     if doc.is_file() and MARK_BEGIN in doc.read_text():
         text = doc.read_text()
         head, rest = text.split(MARK_BEGIN, 1)

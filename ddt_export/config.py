@@ -134,7 +134,8 @@ PRESETS: dict[str, Config] = {
         "ddt-tiny-digits",
         ModelConfig(in_channels=1, hidden_size=96, num_groups=4, num_blocks=8, num_encoder_blocks=6,
                     patch_size=2, num_classes=10, latent_size=16, latent_scale=None),
-        SamplerConfig(num_steps=50, guidance=2.0, guidance_interval=(0.3, 1.0), last_step=0.04),
+        # CFG 1.5, not the ImageNet 2.0: 500 samples, SVC-recognized 97.8% vs 99.4%, digits FID 4.8 vs 15.3.
+        SamplerConfig(num_steps=50, guidance=1.5, guidance_interval=(0.3, 1.0), last_step=0.04),
     ),
 }
 

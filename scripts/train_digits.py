@@ -1,7 +1,7 @@
 """Train the bundled `ddt-tiny-digits` model on scikit-learn digits, deterministically, on CPU.
 
     python scripts/train_digits.py                       # train, save ddt_export/assets/ddt-tiny-digits.*, evaluate
-    python scripts/train_digits.py --eval-only --guidance 2.0 --grid /tmp/digits_grid.png
+    python scripts/train_digits.py --eval-only --guidance 1.5 --grid /tmp/digits_grid.png
 
 Data: `sklearn.datasets.load_digits()` (1797 images, 8x8, values 0..16, 10 classes) divided by 16, upsampled
 to 16x16 with bilinear `F.interpolate(align_corners=False)`, scaled to [-1, 1] (background -1, strokes bright).

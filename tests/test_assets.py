@@ -62,7 +62,8 @@ def test_weights_load_strict():
     assert WEIGHTS.stat().st_size < 8e6  # "a few MB"
     with safe_open(str(WEIGHTS), "pt") as f:  # the training record travels with the weights
         meta = f.metadata()
-    assert Config.from_dict(json.loads(meta["config"])) == PRESETS[NAME]
+    # the architecture it was trained as; the sampler (CFG scale) was tuned afterwards
+    assert Config.from_dict(json.loads(meta["config"])).model == PRESETS[NAME].model
     # trained, not the zero-initialised output layer of a fresh official init
     assert state["final_layer.linear.weight"].abs().max() > 0
 
