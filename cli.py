@@ -98,7 +98,7 @@ def generate(
     schedule: Optional[str] = typer.Option(None, help="encoder schedule: all | uniform:R | dp:K | FILE.json"),
     noise: Optional[Path] = typer.Option(None, help="initial noise (B, C, H, W) .npy, for exact reproduction"),
     latents_out: Optional[Path] = typer.Option(None, help="write the final latents (before the VAE) as .npy"),
-    out: Path = typer.Option(Path("samples"), help="folder for one PNG per sample and grid.png"),
+    out: Path = typer.Option(Path("samples"), help="folder for one PNG per sample (and preview/grid.png)"),
     backend: str = typer.Option("auto", help="auto | onnxruntime | tensorrt"),
 ):
     """Sample images with the engines: torch-free host loop, encoder only on the schedule's steps."""

@@ -12,8 +12,8 @@ Statistics (`load_stats`) come from
   streamed from the archive in batches (ADM sample batches of 50k images do not fit a small machine). ADM's
   reference batches (`VIRTUAL_imagenet256_labeled.npz`) hold both: the stored `mu`/`sigma` are used unless
   `from_images`, which recomputes them from `arr_0` with our extractor (same convention on both sides);
-- a folder of images (.png, also .jpg/.jpeg/.bmp/.webp), sorted by name, all one size. `grid.png`, the preview
-  `ddt-export generate` writes beside its samples, is skipped.
+- a folder of images (.png, also .jpg/.jpeg/.bmp/.webp), sorted by name, all one size; subfolders are not read
+  (`ddt-export generate` puts its preview grid in one).
 
 Feature extractors implement `FeatureExtractor`: `extract(images)` takes **uint8 NHWC images in [0, 255]** (the
 format of ADM batches and of image files; channels 1 or 3) and returns float64 features (N, d).
@@ -46,7 +46,6 @@ INCEPTION_DIM = 2048
 FEATURES = ("digits", "inception")
 DEFAULT_BATCH = 50
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-PREVIEW_NAMES = ("grid.png",)  # written by `generate` beside the samples; not a sample
 LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601, as PIL's convert("L")
 
 
@@ -304,7 +303,7 @@ def iter_npz_images(path: Path, key: str = "arr_0", batch: int = DEFAULT_BATCH) 
 
 def image_files(folder: Path) -> list[Path]:
     files = sorted(p for p in Path(folder).iterdir()
-                   if p.suffix.lower() in IMAGE_EXTENSIONS and p.name not in PREVIEW_NAMES and p.is_file())
+                   if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not files:
         raise InputError(f"image folder {folder}", f"image files ({', '.join(IMAGE_EXTENSIONS)})", "none")
     return files

@@ -161,7 +161,10 @@ def _pil(img: np.ndarray):
 
 
 def write_images(images: np.ndarray, labels: np.ndarray, out_dir: Path) -> tuple[list[Path], Path]:
-    """One PNG per sample (native resolution, for FID) and grid.png (upscaled when tiny)."""
+    """One PNG per sample (native resolution, for FID) in out_dir and preview/grid.png (upscaled when tiny).
+
+    The grid goes one folder down so that out_dir holds the samples and nothing else: `ddt-export fid out_dir`
+    reads every image there."""
     from PIL import Image
 
     out_dir = Path(out_dir)
@@ -184,9 +187,11 @@ def write_images(images: np.ndarray, labels: np.ndarray, out_dir: Path) -> tuple
     zoom = max(1, GRID_MIN_SIDE // g.width)
     if zoom > 1:
         g = g.resize((g.width * zoom, g.height * zoom), Image.NEAREST)
-    with atomic_path(out_dir / "grid.png") as tmp:
+    preview = out_dir / "preview" / "grid.png"
+    preview.parent.mkdir(exist_ok=True)
+    with atomic_path(preview) as tmp:
         g.save(tmp, format="PNG")
-    return paths, out_dir / "grid.png"
+    return paths, preview
 
 
 # ------------------------------------------------------------------------------------------------- generate

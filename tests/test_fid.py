@@ -220,7 +220,8 @@ def test_npz_stats_arr0_and_folder_agree(fake_digits, tmp_path):
     np.savez(tmp_path / "arr.npz", arr_0=imgs[..., 0])  # (N, H, W): grayscale without a channel axis
     np.savez_compressed(tmp_path / "arrc.npz", arr_0=imgs)
     folder = write_pngs(tmp_path / "samples", imgs)
-    Image.new("L", (100, 60)).save(folder / "grid.png")  # generate's preview: skipped
+    (folder / "preview").mkdir()
+    Image.new("L", (100, 60)).save(folder / "preview" / "grid.png")  # generate's preview: subfolders not read
     get = F.DigitsFeatures
     for src in (tmp_path / "arr.npz", tmp_path / "arrc.npz", folder):
         got = F.load_stats(src, get, batch=5)

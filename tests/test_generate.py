@@ -70,7 +70,7 @@ def test_generate_matches_official_sampler(engines_dir, tiny_engines, tiny_cfg, 
     rel = np.abs(got - want).max() / np.abs(want).max()
     print(f"{schedule}: max rel err vs official sampler {rel:.2e}")
     assert rel < 1e-4
-    assert len(list((tmp_path / "png").glob("*-class*.png"))) == 3 and (tmp_path / "png" / "grid.png").is_file()
+    assert len(list((tmp_path / "png").glob("*-class*.png"))) == 3 and (tmp_path / "png" / "preview" / "grid.png").is_file()
     assert "saved" in out
 
 

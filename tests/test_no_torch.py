@@ -47,7 +47,7 @@ def test_generate_without_torch(tiny_engines, tmp_path):
                        cwd=Path(cli.__file__).parent)
     assert r.returncode == 0, r.stderr
     assert "TORCH_MODULES []" in r.stdout, r.stdout
-    assert (tmp_path / "lat.npy").is_file() and (tmp_path / "png" / "grid.png").is_file()
+    assert (tmp_path / "lat.npy").is_file() and (tmp_path / "png" / "preview" / "grid.png").is_file()
     assert (eng / "schedule-6-3.json").is_file() and (tmp_path / "s.json").is_file()
 
 
