@@ -3,6 +3,7 @@ then the torch-free host loop, draws digits that an independent classifier reads
 
 The classifier is not the project's feature extractor: an RBF SVC (scikit-learn) fit on the real digits'
 16x16 pixels (80/20 stratified split; its held-out accuracy is checked too). 40 samples, 4 per class.
+`validate` then runs end to end on the same engines with every default of the digits model.
 """
 from __future__ import annotations
 
@@ -35,7 +36,16 @@ def real_digits_16() -> tuple[np.ndarray, np.ndarray]:
     return x.reshape(len(x), -1).numpy(), d.target
 
 
-def test_default_model_draws_recognizable_digits(tmp_path):
+@pytest.fixture(scope="module")
+def fp16_default(tmp_path_factory):
+    """`ddt-export build --precision fp16` with no checkpoint: the bundled model."""
+    out = tmp_path_factory.mktemp("digits") / "fp16"
+    code, text = run_cli(["build", "--precision", "fp16", "--out", out])
+    assert code == 0, text
+    return out
+
+
+def test_default_model_draws_recognizable_digits(fp16_default):
     from sklearn.model_selection import train_test_split
     from sklearn.svm import SVC
 
@@ -48,9 +58,7 @@ def test_default_model_draws_recognizable_digits(tmp_path):
     held_out = float((clf.predict(xb) == yb).mean())
     assert held_out >= 0.97, held_out
 
-    code, text = run_cli(["build", "--precision", "fp16", "--out", tmp_path / "fp16"])  # no checkpoint: bundled
-    assert code == 0, text
-    res = generate(tmp_path / "fp16", num=CFG.model.num_classes * PER_CLASS, seed=7, say=lambda m: None)
+    res = generate(fp16_default, num=CFG.model.num_classes * PER_CLASS, seed=7, say=lambda m: None)
     assert res.sampler.num_steps == CFG.sampler.num_steps and res.schedule_spec == "all"
     samples = np.clip(res.latents, -1.0, 1.0).reshape(len(res.latents), -1)
     recognized = float((clf.predict(samples) == res.labels).mean())
@@ -60,3 +68,19 @@ def test_default_model_draws_recognizable_digits(tmp_path):
     u8 = images_from_samples(res.latents)
     print(f"generated: mean {u8.mean():.1f}, dark {(u8 < 30).mean():.2f}, bright {(u8 > 200).mean():.2f}")
     assert 50 < u8.mean() < 110 and (u8 < 30).mean() > 0.3 and (u8 > 200).mean() > 0.05
+
+
+def test_validate_end_to_end_on_the_default_model(fp16_default, tmp_path):
+    """`ddt-export validate` on the digits model with its defaults: PyTorch fp32 reference rebuilt from the bundled
+    weights, digits features, the bundled statistics of the real digits; the gate passes at a loose bound."""
+    import json
+
+    code, text = run_cli(["validate", "--engines", fp16_default, "--num", 20, "--max-fid-delta", 5.0,
+                          "--out", tmp_path / "val"])
+    assert code == 0, text
+    rep = json.loads((tmp_path / "val" / "report.json").read_text())
+    assert rep["num"] == 20 and rep["fid"]["features"] == "digits"
+    assert rep["fid"]["stats"].endswith("digits_stats.npz") and rep["fid"]["gate"]["passed"]
+    assert rep["latent_rel_err"]["max"] < 1e-2  # fp16 engines vs fp32 PyTorch (measured 1.4e-3 at 200 samples)
+    assert rep["parity"]["encoder"]["within_tolerance"] and rep["parity"]["decoder"]["within_tolerance"]
+    assert (tmp_path / "val" / "side_by_side.png").is_file()
