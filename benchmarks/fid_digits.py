@@ -16,7 +16,10 @@ Validate runs: `ddt_export.validate.validate(engines, reference="torch")` on few
 Recognition: the share of the FID samples (schedule `all`, first seed) an independent classifier (RBF SVC and
 logistic regression, fit on 80% of the real 16x16 pixels) reads as the requested class.
 
-Writes benchmarks/fid_digits.json, appends a dated section to benchmarks/results.md, and replaces the table
+Noise of the paired differences: each fp32 pair is bootstrapped over its samples (`--bootstrap` draws, the same
+resampled indices on both sides), giving a per-seed standard deviation and a 95% interval of the seed mean.
+
+Writes benchmarks/fid_digits.json (`--json`), appends a dated section to benchmarks/results.md, and replaces the table
 between the markers in README.md. On a shared 2-core CPU a 500-sample run takes a few minutes.
 """
 from __future__ import annotations
@@ -86,11 +89,13 @@ def real_floor(num: int, seeds, data, ext) -> list[float]:
 def fid_run(folder: Path, num: int, seed: int, spec: str, data, ext, clfs) -> dict:
     t0 = time.time()
     res = generate(folder, num=num, seed=seed, schedule=spec, say=lambda m: None)
-    value = fid(stats_from_features(ext.extract(images_from_samples(res.latents))), data)
+    features = ext.extract(images_from_samples(res.latents))  # (num, 64) float64
+    value = fid(stats_from_features(features), data)
     flat = np.clip(res.latents, -1, 1).reshape(num, -1)
     recognized = {name: float((clf.predict(flat) == res.labels).mean()) for name, clf, _ in clfs}
     return {"fid": value, "recognized": recognized, "encoder_steps": len(res.schedule),
-            "recompute_steps": res.schedule, "seconds": time.time() - t0, "latents": res.latents}
+            "recompute_steps": res.schedule, "seconds": time.time() - t0, "latents": res.latents,
+            "features": features}
 
 
 def deviation(a: np.ndarray, b: np.ndarray) -> dict:
@@ -133,6 +138,30 @@ def paired(rows: list[dict], seeds) -> dict:
     return out
 
 
+def bootstrap_pairs(features: dict, seeds, data, draws: int) -> dict:
+    """Sampling noise of each paired difference FID(dp) - FID(uniform), fp32: per seed, resample the sample
+    indices with replacement (the same indices on both sides, so the pairing is kept) `draws` times.
+    Returns per pair: the per-seed bootstrap standard deviations and the pooled 95% interval of the seed mean."""
+    out = {}
+    for dp, uni in PAIRS:
+        if not all(("fp32", s_, seed) in features for s_ in (dp, uni) for seed in seeds):
+            continue
+        per_seed = []
+        for seed in seeds:
+            a, b = features["fp32", dp, seed], features["fp32", uni, seed]
+            rng = np.random.default_rng(1000 + seed)
+            d = []
+            for _ in range(draws):
+                idx = rng.integers(0, len(a), len(a))
+                d.append(fid(stats_from_features(a[idx]), data) - fid(stats_from_features(b[idx]), data))
+            per_seed.append(np.asarray(d))
+        mean = np.mean(per_seed, axis=0)  # bootstrap distribution of the mean over seeds
+        out[f"{dp} - {uni}"] = {"std_per_seed": [float(d.std(ddof=1)) for d in per_seed],
+                                "seed_mean_ci95": [float(np.percentile(mean, 2.5)), float(np.percentile(mean, 97.5))],
+                                "draws": draws}
+    return out
+
+
 def validate_table(vals: dict) -> str:
     lines = ["| engines vs torch fp32 | latent rel err mean / p99 / max | encoder max rel err | decoder max rel err "
              "| FID engine / reference vs data | delta | FID engine vs reference |", "|" + " --- |" * 7]
@@ -170,7 +199,10 @@ def main(argv=None) -> int:
     p.add_argument("--validate-num", type=int, default=200, help="samples per validate run (0: none)")
     p.add_argument("--work", type=Path, default=ROOT / "engines" / "fid_digits")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per onnxruntime session and torch")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap draws per paired difference (0: none)")
+    p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "fid_digits.json", help="raw results")
     p.add_argument("--no-write", action="store_true", help="print only; leave results.md and the README alone")
+    p.add_argument("--json-only", action="store_true", help="write --json only; leave results.md and the README")
     a = p.parse_args(argv)
     limit_threads(a.threads)
     cfg = load_config(None)
@@ -179,7 +211,7 @@ def main(argv=None) -> int:
     floor = real_floor(a.num, a.seeds, data, ext)
     print(f"real-data floor ({a.num} real digits vs all 1797): {floor}", flush=True)
     print("held-out accuracy: " + ", ".join(f"{n} {acc:.4f}" for n, _, acc in clfs), flush=True)
-    rows, vals, folders, latents = [], {}, {}, {}
+    rows, vals, folders, latents, features = [], {}, {}, {}, {}
     for prec in a.precisions:
         folders[prec] = a.work / prec
         t0 = time.time()
@@ -189,7 +221,7 @@ def main(argv=None) -> int:
             row = {"precision": prec, "schedule": spec, "runs": {}}
             for seed in a.seeds:
                 run = fid_run(folders[prec], a.num, seed, spec, data, ext, clfs)
-                latents[prec, spec, seed] = run.pop("latents")
+                latents[prec, spec, seed], features[prec, spec, seed] = run.pop("latents"), run.pop("features")
                 if spec != "all" and (prec, "all", seed) in latents:  # what sharing costs, same noise
                     run["vs_all"] = deviation(latents[prec, spec, seed], latents[prec, "all", seed])
                 if prec != "fp32" and ("fp32", spec, seed) in latents:  # what the precision costs
@@ -208,16 +240,24 @@ def main(argv=None) -> int:
         print(f"validate {prec} vs torch ({a.validate_num} samples, {time.time() - t0:.0f} s): "
               f"{vals[prec]['latent_rel_err']}, delta {rep['fid']['delta']:+.4f}", flush=True)
     md, pairs = table(rows, a.seeds, floor, a.num), paired(rows, a.seeds)
+    boot = bootstrap_pairs(features, a.seeds, data, a.bootstrap) if a.bootstrap else {}
+    pair_text = "; ".join(f"{k}: " + ", ".join(f"{d:+.3f}" for d in v_)
+                          + (f" (bootstrap sd per seed " + ", ".join(f"{s:.3f}" for s in boot[k]["std_per_seed"])
+                             + f"; 95% interval of the seed mean {boot[k]['seed_mean_ci95'][0]:+.3f}.."
+                             f"{boot[k]['seed_mean_ci95'][1]:+.3f})" if k in boot else "")
+                          for k, v_ in pairs.items())
     vmd = validate_table(vals) if vals else ""
-    print(md + "\n\n" + "\n".join(f"{k}: {v}" for k, v in pairs.items()) + "\n\n" + vmd)
+    print(md + "\n\nPaired differences FID(dp) - FID(uniform), fp32, per seed: " + pair_text + "\n\n" + vmd)
     result = {"date": time.strftime("%Y-%m-%d"), "num": a.num, "seeds": a.seeds, "steps": cfg.sampler.num_steps,
-              "guidance": cfg.sampler.guidance, "real_floor": floor, "rows": rows, "paired_dp_minus_uniform": pairs,
+              "guidance": cfg.sampler.guidance, "real_floor": floor, "rows": rows, "paired_dp_minus_uniform": pairs, "paired_bootstrap": boot,
               "held_out_accuracy": {n: acc for n, _, acc in clfs}, "validate": vals,
               "machine": {"platform": platform.platform(), "versions": library_versions()},
               "wall_s": time.time() - t_all}
     if a.no_write:
         return 0
-    write_json(ROOT / "benchmarks" / "fid_digits.json", result)
+    write_json(a.json, result)
+    if a.json_only:
+        return 0
     v = library_versions()
     with open(ROOT / "benchmarks" / "results.md", "a") as fh:
         fh.write(f"\n## Digits FID (`python benchmarks/fid_digits.py`), {result['date']}\n\n"
@@ -225,8 +265,7 @@ def main(argv=None) -> int:
                  f"cycled, digits features against the bundled statistics of all 1797 real digits; onnxruntime "
                  f"CPU engines. {platform.machine()}, onnxruntime {v.get('onnxruntime')}, torch {v.get('torch')}; "
                  f"{result['wall_s'] / 60:.0f} min in all.\n\n{md}\n\n"
-                 "Paired differences FID(dp) - FID(uniform), fp32, per seed: "
-                 + "; ".join(f"{k}: " + ", ".join(f"{d:+.3f}" for d in v_) for k, v_ in pairs.items()) + "\n\n"
+                 "Paired differences FID(dp) - FID(uniform), fp32, per seed: " + pair_text + "\n\n"
                  + "Held-out accuracy of the independent classifiers: "
                  + ", ".join(f"{n} {acc:.1%}" for n, _, acc in clfs) + "\n"
                  + (f"\n`validate --reference torch`, {a.validate_num} samples, seed {a.seeds[0]}, schedule all:\n\n"
