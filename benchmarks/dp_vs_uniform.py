@@ -28,19 +28,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from ddt_export.build import build  # noqa: E402
 from ddt_export.config import load_config  # noqa: E402
-from ddt_export.fid import DIGITS_STATS, DigitsFeatures, fid, load_stats, stats_from_features  # noqa: E402
+from ddt_export.fid import DIGITS_STATS, DigitsFeatures, load_stats  # noqa: E402
 from ddt_export.manifest import library_versions, write_json  # noqa: E402
-from fid_digits import classifiers, deviation, fid_run, limit_threads  # noqa: E402
+from fid_digits import bootstrap_draws, classifiers, deviation, fid_run, limit_threads  # noqa: E402
 
 
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, data, draws: int, seed: int) -> dict:
     """FID(a) - FID(b) for features of the same samples (N, d): bootstrap sd and 95% interval."""
-    rng = np.random.default_rng(seed)
-    d = []
-    for _ in range(draws):
-        idx = rng.integers(0, len(a), len(a))
-        d.append(fid(stats_from_features(a[idx]), data) - fid(stats_from_features(b[idx]), data))
-    d = np.asarray(d)
+    d = bootstrap_draws(a, b, data, draws, seed)
     return {"sd": float(d.std(ddof=1)), "ci95": [float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))]}
 
 

@@ -139,6 +139,17 @@ def paired(rows: list[dict], seeds) -> dict:
     return out
 
 
+def bootstrap_draws(a: np.ndarray, b: np.ndarray, data, draws: int, seed: int) -> np.ndarray:
+    """FID(a) - FID(b) for features (N, d) of the same N samples, over `draws` resamplings of the sample indices
+    with replacement (the same indices on both sides, so the pairing is kept): (draws,) float64."""
+    rng = np.random.default_rng(seed)
+    out = np.empty(draws)
+    for k in range(draws):
+        idx = rng.integers(0, len(a), len(a))
+        out[k] = fid(stats_from_features(a[idx]), data) - fid(stats_from_features(b[idx]), data)
+    return out
+
+
 def bootstrap_pairs(features: dict, seeds, data, draws: int) -> dict:
     """Sampling noise of each paired difference FID(dp) - FID(uniform), fp32: per seed, resample the sample
     indices with replacement (the same indices on both sides, so the pairing is kept) `draws` times.
@@ -147,15 +158,8 @@ def bootstrap_pairs(features: dict, seeds, data, draws: int) -> dict:
     for dp, uni in PAIRS:
         if not all(("fp32", s_, seed) in features for s_ in (dp, uni) for seed in seeds):
             continue
-        per_seed = []
-        for seed in seeds:
-            a, b = features["fp32", dp, seed], features["fp32", uni, seed]
-            rng = np.random.default_rng(1000 + seed)
-            d = []
-            for _ in range(draws):
-                idx = rng.integers(0, len(a), len(a))
-                d.append(fid(stats_from_features(a[idx]), data) - fid(stats_from_features(b[idx]), data))
-            per_seed.append(np.asarray(d))
+        per_seed = [bootstrap_draws(features["fp32", dp, seed], features["fp32", uni, seed], data, draws, 1000 + seed)
+                    for seed in seeds]
         mean = np.mean(per_seed, axis=0)  # bootstrap distribution of the mean over seeds
         out[f"{dp} - {uni}"] = {"std_per_seed": [float(d.std(ddof=1)) for d in per_seed],
                                 "seed_mean_ci95": [float(np.percentile(mean, 2.5)), float(np.percentile(mean, 97.5))],
@@ -243,7 +247,7 @@ def main(argv=None) -> int:
     md, pairs = table(rows, a.seeds, floor, a.num), paired(rows, a.seeds)
     boot = bootstrap_pairs(features, a.seeds, data, a.bootstrap) if a.bootstrap else {}
     pair_text = "; ".join(f"{k}: " + ", ".join(f"{d:+.3f}" for d in v_)
-                          + (f" (bootstrap sd per seed " + ", ".join(f"{s:.3f}" for s in boot[k]["std_per_seed"])
+                          + (" (bootstrap sd per seed " + ", ".join(f"{s:.3f}" for s in boot[k]["std_per_seed"])
                              + f"; 95% interval of the seed mean {boot[k]['seed_mean_ci95'][0]:+.3f}.."
                              f"{boot[k]['seed_mean_ci95'][1]:+.3f})" if k in boot else "")
                           for k, v_ in pairs.items())

@@ -12,9 +12,7 @@ Appends a dated section to benchmarks/results.md and writes JSON and PNG beside 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 from ddt_export.bench import bench, write_outputs

@@ -105,7 +105,7 @@ def parity(path: Path, spec: GraphSpec, reference: torch.nn.Module, dims: dict[s
             if not err <= tol:
                 failures.append(f"{spec.name}.{t.name} @ batch {b}: max rel err {err:.3e} > {tol:.1e}")
     if failures:
-        raise NumericsError(f"{spec.name}.onnx ({precision}) vs PyTorch fp32", f"errors within tolerance",
+        raise NumericsError(f"{spec.name}.onnx ({precision}) vs PyTorch fp32", "errors within tolerance",
                             "; ".join(failures))
     return {"max_rel_err": worst, "tolerance": tol, "batches": list(batches)}
 
