@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -27,6 +28,7 @@ from .schedule import (parse_spec, plot_heatmap, schedule_cost, schedule_record,
 TEMPLATE_SAMPLES = 8  # the official sharing_dp template batch
 TEMPLATE_SEED = 0
 GRID_MIN_SIDE = 256  # grids of tiny images are upscaled (nearest) to at least this many pixels wide
+SAMPLE_NAME = re.compile(r"\d{5,}-class\d+\.png")  # what write_images names a sample: 00003-class7.png
 Say = Callable[[str], None]
 
 
@@ -160,22 +162,28 @@ def _pil(img: np.ndarray):
     return Image.fromarray(np.ascontiguousarray(img[:3].transpose(1, 2, 0)), mode="RGB")
 
 
-def write_images(images: np.ndarray, labels: np.ndarray, out_dir: Path) -> tuple[list[Path], Path]:
+def write_images(images: np.ndarray, labels: np.ndarray, out_dir: Path,
+                 say: Callable[[str], None] = print) -> tuple[list[Path], Path]:
     """One PNG per sample (native resolution, for FID) in out_dir and preview/grid.png (upscaled when tiny).
 
     The grid goes one folder down so that out_dir holds the samples and nothing else: `ddt-export fid out_dir`
-    reads every image there."""
+    reads every image there. Samples an earlier run left there (files named as this function names them) are
+    removed, so that the folder holds this run's samples only; other files are left alone."""
     from PIL import Image
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     u8 = to_uint8(images)  # (B, C, H, W)
-    paths = []
-    for i, (img, y) in enumerate(zip(u8, labels)):
-        p = out_dir / f"{i:05d}-class{int(y)}.png"
+    paths = [out_dir / f"{i:05d}-class{int(y)}.png" for i, y in enumerate(labels)]
+    keep = set(paths)
+    stale = [f for f in out_dir.iterdir() if SAMPLE_NAME.fullmatch(f.name) and f not in keep]
+    for f in stale:
+        f.unlink()
+    if stale:
+        say(f"removed {len(stale)} samples of an earlier run from {out_dir}")
+    for img, p in zip(u8, paths):
         with atomic_path(p) as tmp:
             _pil(img).save(tmp, format="PNG")
-        paths.append(p)
     b, c, h, w = u8.shape
     cols = math.ceil(math.sqrt(b))
     rows, pad = math.ceil(b / cols), 2
@@ -265,6 +273,6 @@ def generate(engines_dir: Path, *, classes: Sequence[int] | None = None, labels_
             if m.latent_scale is not None:
                 say("note: this folder has no vae_decoder graph; the PNGs show the first latent channels")
             pixels = latents
-        images, grid = write_images(pixels, labels, out_dir)
+        images, grid = write_images(pixels, labels, out_dir, say)
     saved = saved_fraction(rows, m.num_encoder_blocks, m.num_blocks - m.num_encoder_blocks)
     return GenerateResult(latents, labels, recompute, spec, sampler, rows, saved, images, grid, engines.backend_name)

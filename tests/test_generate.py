@@ -83,6 +83,12 @@ def test_seeded_noise_and_classes(engines_dir, tmp_path, capsys):
     code, *_ = run_cli(["generate", "--engines", engines_dir, "--class", 2, "--class", 5, "--num", 3, "--seed", 4,
                         "--steps", 4, "--latents-out", tmp_path / "b.npy", "--out", tmp_path / "o"], capsys)
     np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
+    (tmp_path / "o" / "notes.png").write_bytes(b"not a sample")  # the user's file: left alone
+    code, out, err = run_cli(["generate", "--engines", engines_dir, "--num", 1, "--steps", 2, "--out", tmp_path / "o"],
+                             capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["00000-class0.png", "notes.png", "preview"]
+    assert "removed 3 samples of an earlier run" in out + err  # 00000-class2 included
 
 
 def test_schedule_commands_and_dp_generate(engines_dir, tmp_path, capsys):
