@@ -19,8 +19,8 @@ logistic regression, fit on 80% of the real 16x16 pixels) reads as the requested
 Noise of the paired differences: each fp32 pair is bootstrapped over its samples (`--bootstrap` draws, the same
 resampled indices on both sides), giving a per-seed standard deviation and a 95% interval of the seed mean.
 
-Writes benchmarks/fid_digits.json (`--json`), appends a dated section to benchmarks/results.md, and replaces the table
-between the markers in README.md. On a shared 2-core CPU one 500-sample run takes 1 min (fp32) to 5 min (FP8,
+Writes benchmarks/fid_digits.json (`--json`), appends a dated section to benchmarks/results.md, and replaces the
+table between the markers in README.md. On a shared 2-core CPU one 500-sample run takes 1 min (fp32) to 5 min (FP8,
 emulated by onnxruntime); the whole default table with three seeds about an hour.
 """
 from __future__ import annotations
@@ -254,7 +254,8 @@ def main(argv=None) -> int:
     vmd = validate_table(vals) if vals else ""
     print(md + "\n\nPaired differences FID(dp) - FID(uniform), fp32, per seed: " + pair_text + "\n\n" + vmd)
     result = {"date": time.strftime("%Y-%m-%d"), "num": a.num, "seeds": a.seeds, "steps": cfg.sampler.num_steps,
-              "guidance": cfg.sampler.guidance, "real_floor": floor, "rows": rows, "paired_dp_minus_uniform": pairs, "paired_bootstrap": boot,
+              "guidance": cfg.sampler.guidance, "real_floor": floor, "rows": rows, "paired_dp_minus_uniform": pairs,
+              "paired_bootstrap": boot,
               "held_out_accuracy": {n: acc for n, _, acc in clfs}, "validate": vals,
               "machine": {"platform": platform.platform(), "versions": library_versions()},
               "wall_s": time.time() - t_all}

@@ -162,8 +162,7 @@ def _pil(img: np.ndarray):
     return Image.fromarray(np.ascontiguousarray(img[:3].transpose(1, 2, 0)), mode="RGB")
 
 
-def write_images(images: np.ndarray, labels: np.ndarray, out_dir: Path,
-                 say: Callable[[str], None] = print) -> tuple[list[Path], Path]:
+def write_images(images: np.ndarray, labels: np.ndarray, out_dir: Path, say: Say = print) -> tuple[list[Path], Path]:
     """One PNG per sample (native resolution, for FID) in out_dir and preview/grid.png (upscaled when tiny).
 
     The grid goes one folder down so that out_dir holds the samples and nothing else: `ddt-export fid out_dir`
