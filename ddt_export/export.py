@@ -20,6 +20,7 @@ from .config import Config, load_config
 from .errors import ArtifactError, CheckpointError, NumericsError
 from .manifest import Manifest, atomic_dir, check_target_folder, sha256_file
 from .model import DDT, DecoderGraph, EncoderGraph
+from .precision import tensor_errors
 from .specs import BATCH, DECODER, ENCODER, BatchProfile, GraphSpec, model_dims
 
 OPSET = 18
@@ -100,7 +101,7 @@ def parity(path: Path, spec: GraphSpec, reference: torch.nn.Module, dims: dict[s
         refs = refs if isinstance(refs, (tuple, list)) else (refs,)
         for t, o, r in zip(spec.outputs, outs, refs):
             r = r.double().numpy()
-            err = float(np.abs(o - r).max() / max(np.abs(r).max(), 1e-12)) if np.isfinite(o).all() else float("inf")
+            err = tensor_errors(o, r)[0]
             worst = max(worst, err)
             if not err <= tol:
                 failures.append(f"{spec.name}.{t.name} @ batch {b}: max rel err {err:.3e} > {tol:.1e}")

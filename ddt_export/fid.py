@@ -35,6 +35,7 @@ import numpy as np
 
 from .errors import ArtifactError, ConfigError, InputError, NumericsError
 from .manifest import atomic_path, sha256_file
+from .sampling import to_uint8
 
 FID_EPS = 1e-6  # diagonal offset added to both sigmas when sqrtm(sigma1 sigma2) is not finite
 IMAG_ATOL = 1e-3  # largest |imag| on sqrtm's diagonal dropped as rounding (pytorch-fid, ADM)
@@ -163,8 +164,7 @@ def check_images(images: np.ndarray, where: str = "images") -> np.ndarray:
 
 def images_from_samples(x: np.ndarray) -> np.ndarray:
     """Sampler output (N, C, H, W) float in [-1, 1] -> (N, H, W, C) uint8, as the official fp2uint8 rounds."""
-    u8 = np.clip((np.asarray(x, np.float32) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(u8.transpose(0, 2, 3, 1))
+    return np.ascontiguousarray(to_uint8(x).transpose(0, 2, 3, 1))
 
 
 def _providers() -> list[str]:

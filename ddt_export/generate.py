@@ -22,6 +22,7 @@ from .errors import InputError
 from .manifest import atomic_path
 from .runtime import Engines, load_engines, plan_steps, record_states, sample, saved_fraction, work_rows
 from .runtime.host import call_graph
+from .sampling import to_uint8
 from .schedule import (parse_spec, plot_heatmap, schedule_cost, schedule_record, similarity, solve_dp, steps_for,
                        uniform_steps, write_schedule)
 
@@ -148,18 +149,31 @@ def resolve_schedule(spec: str | None, engines: Engines, sampler: SamplerConfig,
 # ------------------------------------------------------------------------------------------------- images
 
 
-def to_uint8(x: np.ndarray) -> np.ndarray:
-    """[-1, 1] float -> uint8, as the official fp2uint8: clip((x + 1) * 127.5 + 0.5, 0, 255)."""
-    return np.clip((x.astype(np.float32) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+def tile(images: np.ndarray, cols: int, pad: int = 2) -> np.ndarray:
+    """(n, H, W, C) uint8 -> one (rows * (H + pad) + pad, cols * (W + pad) + pad, C) image: rows of `cols`,
+    `pad` black pixels around each image; cells past n stay black."""
+    n, h, w, c = images.shape
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, c), np.uint8)
+    for i, img in enumerate(images):
+        r, q = divmod(i, cols)
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = img
+    return grid
 
 
-def _pil(img: np.ndarray):
-    """(C, H, W) uint8 -> PIL image: 1 channel grayscale, else the first 3 channels as RGB."""
+def save_png(img: np.ndarray, path: Path, min_side: int = 0) -> Path:
+    """(H, W, C) uint8 -> PNG, written atomically: 1 or 2 channels as grayscale (the first), else the first 3 as
+    RGB; upscaled (nearest, by an integer factor) to at least `min_side` pixels wide."""
     from PIL import Image
 
-    if img.shape[0] < 3:
-        return Image.fromarray(img[0], mode="L")
-    return Image.fromarray(np.ascontiguousarray(img[:3].transpose(1, 2, 0)), mode="RGB")
+    im = (Image.fromarray(img[..., 0], mode="L") if img.shape[-1] < 3
+          else Image.fromarray(np.ascontiguousarray(img[..., :3]), mode="RGB"))
+    zoom = max(1, -(-min_side // im.width))  # ceil
+    if zoom > 1:
+        im = im.resize((im.width * zoom, im.height * zoom), Image.NEAREST)
+    with atomic_path(Path(path)) as tmp:
+        im.save(tmp, format="PNG")
+    return Path(path)
 
 
 def write_images(images: np.ndarray, labels: np.ndarray, out_dir: Path, say: Say = print) -> tuple[list[Path], Path]:
@@ -168,11 +182,9 @@ def write_images(images: np.ndarray, labels: np.ndarray, out_dir: Path, say: Say
     The grid goes one folder down so that out_dir holds the samples and nothing else: `ddt-export fid out_dir`
     reads every image there. Samples an earlier run left there (files named as this function names them) are
     removed, so that the folder holds this run's samples only; other files are left alone."""
-    from PIL import Image
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    u8 = to_uint8(images)  # (B, C, H, W)
+    u8 = to_uint8(images).transpose(0, 2, 3, 1)  # (B, H, W, C)
     paths = [out_dir / f"{i:05d}-class{int(y)}.png" for i, y in enumerate(labels)]
     keep = set(paths)
     stale = [f for f in out_dir.iterdir() if SAMPLE_NAME.fullmatch(f.name) and f not in keep]
@@ -181,24 +193,10 @@ def write_images(images: np.ndarray, labels: np.ndarray, out_dir: Path, say: Say
     if stale:
         say(f"removed {len(stale)} samples of an earlier run from {out_dir}")
     for img, p in zip(u8, paths):
-        with atomic_path(p) as tmp:
-            _pil(img).save(tmp, format="PNG")
-    b, c, h, w = u8.shape
-    cols = math.ceil(math.sqrt(b))
-    rows, pad = math.ceil(b / cols), 2
-    grid = np.zeros((c, rows * (h + pad) + pad, cols * (w + pad) + pad), np.uint8)
-    for i, img in enumerate(u8):
-        r, q = divmod(i, cols)
-        grid[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = img
-    g = _pil(grid)
-    zoom = max(1, GRID_MIN_SIDE // g.width)
-    if zoom > 1:
-        g = g.resize((g.width * zoom, g.height * zoom), Image.NEAREST)
+        save_png(img, p)
     preview = out_dir / "preview" / "grid.png"
     preview.parent.mkdir(exist_ok=True)
-    with atomic_path(preview) as tmp:
-        g.save(tmp, format="PNG")
-    return paths, preview
+    return paths, save_png(tile(u8, math.ceil(math.sqrt(len(u8)))), preview, GRID_MIN_SIDE)
 
 
 # ------------------------------------------------------------------------------------------------- generate

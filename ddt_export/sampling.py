@@ -107,3 +107,9 @@ def euler_step(sampler: SamplerConfig, i: int, x: np.ndarray, v: np.ndarray, t: 
         assert rng is not None, f"step_fn {name} needs a random generator"
         noise = rng.standard_normal(x.shape, dtype=F32)
     return STEP_FNS[name](x, v, dt, t, noise)
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """Sampler output in [-1, 1], any shape -> uint8 of the same shape, as the official fp2uint8:
+    clip((x + 1) * 127.5 + 0.5, 0, 255)."""
+    return np.clip((np.asarray(x, np.float32) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)

@@ -28,8 +28,9 @@ import numpy as np
 from .errors import ArtifactError, ConfigError, InputError, NumericsError
 from .fid import DIGITS_SIZE, DIGITS_STATS, FeatureExtractor, Stats, fid, images_from_samples, load_stats, \
     make_extractor, stats_from_features
-from .generate import make_labels, make_noise, resolve_schedule
-from .manifest import atomic_path, library_versions, sha256_file, write_json
+from .generate import make_labels, make_noise, resolve_schedule, save_png, tile
+from .manifest import library_versions, sha256_file, write_json
+from .precision import relative_errors, tensor_errors
 from .runtime import Engines, load_engines, sample
 from .runtime.host import call_graph
 from .specs import DECODER, ENCODER
@@ -127,21 +128,13 @@ class EnginesReference:
 # ------------------------------------------------------------------------------------------ measures
 
 
-def relative_errors(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(B,) float64 ||a_i - b_i|| / ||b_i|| over each sample's elements; a, b (B, ...) float."""
-    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
-    return np.linalg.norm(a - b, axis=1) / np.maximum(np.linalg.norm(b, axis=1), 1e-30)
-
-
 def summarize(errors: np.ndarray) -> dict:
     return {"mean": float(errors.mean()), "p99": float(np.percentile(errors, 99)), "max": float(errors.max())}
 
 
 def tensor_parity(out: np.ndarray, ref: np.ndarray, tolerance: float) -> dict:
     """max |out - ref| / max |ref| (the export tolerance's measure) and the relative L2 error of one tensor."""
-    out, ref = out.astype(np.float64), ref.astype(np.float64)
-    max_rel = float(np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-30)) if np.isfinite(out).all() else math.inf
-    rel_l2 = float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+    max_rel, rel_l2 = tensor_errors(out, ref)
     return {"max_rel_err": max_rel, "rel_l2": rel_l2, "tolerance": tolerance, "within_tolerance": max_rel <= tolerance}
 
 
@@ -204,24 +197,13 @@ def choose_features(engines: Engines, features: str | FeatureExtractor | None, i
 
 def side_by_side(engine: np.ndarray, reference: np.ndarray, path: Path, cols: int = PNG_COLS) -> Path:
     """Two (n, H, W, C) uint8 sets -> a PNG: a row of engine samples above the same samples from the reference."""
-    from PIL import Image
-
-    n, h, w, c = engine.shape
-    cols = min(cols, n)
-    pairs, pad = math.ceil(n / cols), 2
-    grid = np.zeros((pairs * 2 * (h + pad) + pad * pairs, cols * (w + pad) + pad, c), np.uint8)
-    for i in range(n):
-        r, q = divmod(i, cols)
-        for k, imgs in enumerate((engine, reference)):
-            top = pad + r * (2 * (h + pad) + pad) + k * (h + pad)
-            grid[top:top + h, pad + q * (w + pad):pad + q * (w + pad) + w] = imgs[i]
-    img = Image.fromarray(grid[..., 0], "L") if c == 1 else Image.fromarray(np.ascontiguousarray(grid[..., :3]), "RGB")
-    zoom = max(1, -(-PNG_MIN_SIDE // img.width))  # ceil
-    if zoom > 1:
-        img = img.resize((img.width * zoom, img.height * zoom), Image.NEAREST)
-    with atomic_path(Path(path)) as tmp:
-        img.save(tmp, format="PNG")
-    return Path(path)
+    cols = min(cols, len(engine))
+    rows = []
+    for start in range(0, len(engine), cols):  # a row of engine samples, then the same from the reference
+        for side in (engine, reference):
+            row = side[start:start + cols]
+            rows += [row, np.zeros((cols - len(row), *row.shape[1:]), np.uint8)]
+    return save_png(tile(np.concatenate(rows), cols), path, PNG_MIN_SIDE)
 
 
 def _sample_pairs(engines: Engines, ref, noise: np.ndarray, labels: np.ndarray, recompute: list[int], seed: int,
