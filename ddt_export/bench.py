@@ -23,7 +23,7 @@ import numpy as np
 
 from .flops import step_flops
 from .generate import make_noise, resolve_schedule
-from .manifest import library_versions, write_json
+from .manifest import library_versions, sha256_file, write_json
 from .runtime import load_engines, sample
 
 Say = Callable[[str], None]
@@ -103,24 +103,41 @@ def machine_info() -> dict:
     return info
 
 
-def _torch_runner(engines, variant: str):
-    """(encode, decode, to_numpy) closures over the PyTorch reference for `variant`, or None where unavailable."""
+def reference_model(man):
+    """The fp32 PyTorch model (CPU, eval) a manifest was exported from, or the reason it cannot be rebuilt here:
+    no PyTorch, a random export of unknown seed, a checkpoint missing or no longer hashing to the manifest's."""
     try:
-        import torch
-
         from .export import load_checkpoint_model
     except ImportError:
         return "needs PyTorch (the [export] extra)"
-    man = engines.manifest
     src = man.source
     if src.get("weights") == "random":
         if "seed" not in src:
             return "random weights of unknown seed: the reference cannot be rebuilt"
         model, _ = load_checkpoint_model(None, man.config, random_weights=True, seed=int(src["seed"]))
-    elif not src.get("path") or not Path(src["path"]).is_file():
+        return model.float().eval()
+    if not src.get("path") or not Path(src["path"]).is_file():
         return f"the manifest's checkpoint {src.get('path')} is not on this machine"
-    else:
-        model, _ = load_checkpoint_model(Path(src["path"]), man.config, weights=src.get("weights", "ema"))
+    path, want = Path(src["path"]), str(src.get("sha256"))
+    digest = sha256_file(path)
+    if digest != want:
+        return (f"checkpoint {path} hashes to sha256 {digest[:12]}, the manifest's is {want[:12]}: the file changed "
+                "since the export; export again")
+    model, _ = load_checkpoint_model(path, man.config, weights=src.get("weights", "ema"))
+    return model.float().eval()
+
+
+def _torch_runner(engines, variant: str, model=None):
+    """(run, stage) closures over the PyTorch reference for `variant`, or the reason it is unavailable. `model`:
+    a `reference_model` already loaded (moved to the variant's device and dtype in place), else loaded here."""
+    try:
+        import torch
+    except ImportError:
+        return "needs PyTorch (the [export] extra)"
+    man = engines.manifest
+    model = reference_model(man) if model is None else model
+    if isinstance(model, str):
+        return model
     cuda = torch.cuda.is_available()
     if variant != "torch-eager-fp32" and not cuda:
         return "needs a CUDA GPU"

@@ -178,6 +178,7 @@ class OnnxFeatures:
     """An ONNX graph `image` -> `features` (N, d) under onnxruntime, run in batches. Subclasses preprocess."""
 
     name = "onnx"
+    missing_hint = "a graph with input `image` and output `features`"  # what to do when the file is not there
 
     def __init__(self, path: Path, batch: int = DEFAULT_BATCH, dim: int | None = None):
         import onnxruntime as ort
@@ -185,8 +186,7 @@ class OnnxFeatures:
         self.path = Path(path)
         if not self.path.is_file():
             raise ArtifactError(f"{self.name} feature extractor", "an ONNX file", f"no file {self.path}",
-                                "the bundled one is made by scripts/train_digits_features.py"
-                                if self.name == "digits" else "export it with `ddt-export fid-inception`")
+                                self.missing_hint)
         if batch < 1:
             raise ConfigError("--batch", ">= 1", batch)
         self.batch = batch
@@ -220,6 +220,7 @@ class DigitsFeatures(OnnxFeatures):
     """The bundled digits extractor: (N, 16, 16, 1|3) uint8 -> (N, 64). Graph input (N, 1, 16, 16) in [-1, 1]."""
 
     name = "digits"
+    missing_hint = "the bundled one is made by scripts/train_digits_features.py"
 
     def __init__(self, path: Path | None = None, batch: int = DEFAULT_BATCH):
         super().__init__(DIGITS_ONNX if path is None else path, batch)
@@ -242,6 +243,7 @@ class InceptionFeatures(OnnxFeatures):
     """
 
     name = "inception"
+    missing_hint = "export it with `ddt-export fid-inception`"
 
     def __init__(self, path: Path, batch: int = DEFAULT_BATCH):
         path = Path(path)

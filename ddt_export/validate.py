@@ -29,10 +29,10 @@ from .errors import ArtifactError, ConfigError, InputError, NumericsError
 from .fid import DIGITS_SIZE, DIGITS_STATS, FeatureExtractor, Stats, fid, images_from_samples, load_stats, \
     make_extractor, stats_from_features
 from .generate import make_labels, make_noise, resolve_schedule, save_png, tile
-from .manifest import library_versions, sha256_file, write_json
+from .manifest import library_versions, write_json
 from .precision import relative_errors, tensor_errors
 from .runtime import Engines, load_engines, sample
-from .runtime.host import call_graph
+from .runtime.host import Progress, call_graph
 from .specs import DECODER, ENCODER
 
 REPORT = "report.json"
@@ -42,46 +42,28 @@ DEFAULT_BATCH = 100  # images per trajectory batch (the CFG batch is twice this;
 PNG_SAMPLES, PNG_COLS = 32, 16
 PNG_MIN_SIDE = 512  # tiny images are upscaled (nearest) to at least this many pixels wide
 Say = Callable[[str], None]
-Progress = Callable[[int, int], None]
 
 
 # ------------------------------------------------------------------------------------------ references
 
 
-def _torch_model(man):
-    """The fp32 PyTorch model of a manifest, refused if its checkpoint no longer hashes to the manifest's."""
-    from .export import load_checkpoint_model
-
-    src = man.source
-    if src.get("weights") == "random":
-        model, _ = load_checkpoint_model(None, man.config, random_weights=True, seed=int(src["seed"]))
-    else:
-        path = Path(src["path"])
-        digest, want = sha256_file(path), str(src.get("sha256"))
-        if digest != want:
-            raise ArtifactError(f"reference checkpoint {path}", f"sha256 {want[:12]} (the manifest's)",
-                                f"sha256 {digest[:12]}", "the file changed since the export; export again")
-        model, _ = load_checkpoint_model(path, man.config, weights=src.get("weights", "ema"))
-    return model.float().eval()
-
-
 class TorchReference:
-    """The PyTorch model in fp32: the official loop for trajectories, single calls for per-tensor parity."""
-
-    kind = "torch"
+    """The PyTorch model in fp32: the official loop for trajectories, single calls for per-tensor parity (one
+    model, on the device the loop runs on)."""
 
     def __init__(self, engines: Engines):
-        from .bench import _torch_runner
+        from .bench import _torch_runner, reference_model
 
         if engines.config.sampler.step_fn != "ode":
             raise InputError("--reference torch", "an ODE sampler (the PyTorch reference loop is the official ODE)",
                              f"step_fn {engines.config.sampler.step_fn}", "use --reference DIR")
-        runner = _torch_runner(engines, "torch-eager-fp32")
+        model = reference_model(engines.manifest)
+        runner = model if isinstance(model, str) else _torch_runner(engines, "torch-eager-fp32", model)
         if isinstance(runner, str):
             raise ArtifactError("--reference torch", "the PyTorch model rebuilt from the manifest's checkpoint",
                                 runner, "pass --reference DIR (a second engine folder of the same model)")
         self._run = runner[0]
-        self.model = _torch_model(engines.manifest)
+        self.model = model
         self.images_from = engines  # the engines' VAE graph (if any) decodes the reference latents
         self.record = {"kind": "torch", "precision": "fp32", "backend": "torch-eager-fp32 (official loop)",
                        "checkpoint": engines.manifest.source.get("path")}
@@ -101,8 +83,6 @@ class TorchReference:
 
 class EnginesReference:
     """A second engine folder of the same model, through the same host loop."""
-
-    kind = "engines"
 
     def __init__(self, folder: Path, engines: Engines, backend: str):
         self.engines = load_engines(folder, backend)
@@ -207,9 +187,9 @@ def side_by_side(engine: np.ndarray, reference: np.ndarray, path: Path, cols: in
 
 
 def _sample_pairs(engines: Engines, ref, noise: np.ndarray, labels: np.ndarray, recompute: list[int], seed: int,
-                  batch: int, extractor, capture: _Capture, progress: Progress | None):
-    """Both sides batch by batch. Returns per-sample latent errors (num,), features and the first images per
-    side, and the seconds each side took."""
+                  batch: int, extractor, capture: _Capture, progress: Progress | None, png: bool):
+    """Both sides batch by batch. Returns per-sample latent errors (num,), features and (with `png`) the first
+    images per side, and the seconds each side took. Latents become images only where they are used."""
     sampler = engines.config.sampler
     errors, feats, shown = [], {"engine": [], "reference": []}, {"engine": [], "reference": []}
     done, total, timing = 0, 2 * len(labels) * sampler.num_steps, {"engine_s": 0.0, "reference_s": 0.0}
@@ -232,10 +212,13 @@ def _sample_pairs(engines: Engines, ref, noise: np.ndarray, labels: np.ndarray, 
             raise NumericsError(f"reference samples {lo}..{lo + b - 1}", "finite values", "inf/nan")
         errors.append(relative_errors(a, r))
         for side, lat, eng in (("engine", a, engines), ("reference", r, ref.images_from)):
-            imgs = _to_images(eng, lat, sampler.num_steps)  # (b, H, W, C) uint8
+            show = png and sum(len(s) for s in shown[side]) < PNG_SAMPLES
+            if extractor is None and not show:
+                continue
+            imgs = _to_images(eng, lat if extractor is not None else lat[:PNG_SAMPLES], sampler.num_steps)
             if extractor is not None:
-                feats[side].append(extractor.extract(imgs))
-            if sum(len(s) for s in shown[side]) < PNG_SAMPLES:
+                feats[side].append(extractor.extract(imgs))  # imgs (b, H, W, C) uint8
+            if show:
                 shown[side].append(imgs[:PNG_SAMPLES])
     return np.concatenate(errors), feats, shown, timing
 
@@ -268,6 +251,8 @@ def validate(engines_dir: Path, *, reference: str | Path = "torch", num: int = D
     if stats is None and extractor is not None and extractor.name == "digits" and DIGITS_STATS.is_file():
         stats = DIGITS_STATS  # the bundled statistics of the 1797 real digits
     data = load_stats(Path(stats), lambda: extractor) if stats is not None else None
+    if data is not None and getattr(extractor, "dim", None) is not None:
+        _check_dims(data, extractor.dim, extractor.name)  # before minutes of sampling
     recompute, spec = resolve_schedule(schedule, engines, sampler, say)
     noise = make_noise(seed, num, m.latent_shape)  # (num, C, H, W) float32
     labels = make_labels(m.num_classes, None, None, num)  # 0, 1, ..., C-1 cycled
@@ -275,7 +260,7 @@ def validate(engines_dir: Path, *, reference: str | Path = "torch", num: int = D
     capture = _Capture(pstep)
 
     errors, feats, shown, timing = _sample_pairs(engines, ref, noise, labels, recompute, seed, batch, extractor,
-                                                 capture, progress)
+                                                 capture, progress, png=out is not None)
 
     parity = {}
     for spec_ in (ENCODER, DECODER):
@@ -314,13 +299,18 @@ def validate(engines_dir: Path, *, reference: str | Path = "torch", num: int = D
     return report
 
 
+def _check_dims(data: Stats, dim: int, features: str) -> None:
+    if data.dim != dim:
+        raise InputError(f"--stats {data.source}", f"{dim}-d statistics ({features} features)", f"{data.dim}-d",
+                         "statistics must come from the same feature extractor")
+
+
 def _fid_section(feats: dict, extractor, data: Stats | None, no_fid: str, max_fid_delta: float | None) -> dict:
     if extractor is None:
         return {"skipped": no_fid}
     st = {k: stats_from_features(np.concatenate(v), k) for k, v in feats.items()}
-    if data is not None and data.dim != st["engine"].dim:
-        raise InputError(f"--stats {data.source}", f"{st['engine'].dim}-d statistics ({extractor.name} features)",
-                         f"{data.dim}-d", "statistics must come from the same feature extractor")
+    if data is not None:
+        _check_dims(data, st["engine"].dim, extractor.name)
     sec = {"features": extractor.name, "engine_vs_reference": fid(st["engine"], st["reference"])}
     if data is not None:
         sec.update(stats=data.source, engine_vs_data=fid(st["engine"], data),
