@@ -24,7 +24,7 @@ from typing import Callable
 
 from .config import Config, load_config
 from .errors import ArtifactError, BackendError, ConfigError, NumericsError
-from .manifest import MANIFEST, Manifest, read_manifest, sha256_file, verify_graphs, write_json
+from .manifest import MANIFEST, Manifest, read_manifest, sha256_file, verify_graphs
 from .specs import PRECISIONS, SPECS, BatchProfile, model_dims
 
 DEFAULT_OPT_LEVEL = 3  # TensorRT's default builder optimization level (0-5)
@@ -161,10 +161,10 @@ def _record_bf16(model, cfg: Config, out: Path) -> None:
     import torch
 
     from .model import DecoderGraph, EncoderGraph
-    from .precision import graph_errors, record_parity, tensor_errors
+    from .precision import onnxruntime_status, record_parity, tensor_errors
     from .specs import DECODER, ENCODER
 
-    record_parity(out, graph_errors(out, out, check=False), key="onnxruntime")  # "not_run" + the reason
+    record_parity(out, onnxruntime_status(out), key="onnxruntime")  # "not_run" + the reason
     dims, rng = model_dims(cfg.model), np.random.default_rng(1234)
     low = copy.deepcopy(model).to(torch.bfloat16)
     errs = {}
@@ -365,7 +365,7 @@ def build(precision: str, *, out: Path, ckpt: Path | None = None, config: str | 
                              say=say)
     else:
         man.extra["build"] = request
-        write_json(out / MANIFEST, man.to_dict())
+        man.write(out)
         if precision in ("bf16",) or (precision == "fp8" and high_precision == "bf16"):
             say("note: onnxruntime's CPU provider has no bfloat16 MatMul; this folder runs with onnxruntime-gpu "
                 "(CUDAExecutionProvider) or as a TensorRT build")

@@ -24,7 +24,7 @@ import numpy as np
 
 from .config import Config, SamplerConfig
 from .errors import ArtifactError, InputError
-from .manifest import atomic_dir, library_versions, sha256_file, write_json
+from .manifest import MANIFEST, atomic_dir, library_versions, sha256_file, write_json
 from .specs import DECODER, ENCODER, GraphSpec
 
 KIND = "ddt-export calibration"
@@ -123,7 +123,7 @@ def capture(engines_dir: Path, out: Path, *, num: int = DEFAULT_NUM, seed: int =
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "manifest.json").unlink(missing_ok=True)  # unfinished until the new manifest lands
+    (out / MANIFEST).unlink(missing_ok=True)  # unfinished until the new manifest lands
     with atomic_dir(out, "calibration") as scratch:
         for name, rec in recorders.items():
             arrays = rec.arrays()
@@ -134,14 +134,14 @@ def capture(engines_dir: Path, out: Path, *, num: int = DEFAULT_NUM, seed: int =
                 "rows_stored": int(len(arrays["step"])),
                 "inputs": {t.name: list(arrays[t.name].shape) for t in rec.spec.inputs},
             }
-    write_json(out / "manifest.json", record)
+    write_json(out / MANIFEST, record)
     return record
 
 
 def read_calibration(folder: Path) -> dict:
     """The manifest of a finished calibration folder, with its npz files checked against their sha256."""
     folder = Path(folder)
-    path = folder / "manifest.json"
+    path = folder / MANIFEST
     if not path.is_file():
         raise ArtifactError("calibration folder", "a folder written by `ddt-export calibrate` (with manifest.json)",
                             str(folder), "run `ddt-export calibrate` first")
@@ -160,9 +160,10 @@ def read_calibration(folder: Path) -> dict:
     return rec
 
 
-def calibration_inputs(folder: Path, spec: GraphSpec) -> dict[str, np.ndarray]:
-    """The stored rows of one graph's inputs, by input name (the `step` column dropped)."""
-    rec = read_calibration(folder)
+def calibration_inputs(folder: Path, spec: GraphSpec, rec: dict | None = None) -> dict[str, np.ndarray]:
+    """The stored rows of one graph's inputs, by input name (the `step` column dropped). `rec`: the folder's
+    record from `read_calibration`, already checked (the npz files are not hashed again)."""
+    rec = read_calibration(folder) if rec is None else rec
     if spec.name not in rec["graphs"]:
         raise ArtifactError(f"calibration {folder}", f"rows for {spec.name}", f"only {sorted(rec['graphs'])}")
     with np.load(Path(folder) / rec["graphs"][spec.name]["file"], allow_pickle=False) as z:

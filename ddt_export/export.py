@@ -18,7 +18,7 @@ import torch
 from .checkpoint import bundled_weights, load_model, read_state_dict
 from .config import Config, load_config
 from .errors import ArtifactError, CheckpointError, NumericsError
-from .manifest import Manifest, atomic_dir, check_target_folder, sha256_file
+from .manifest import MANIFEST, Manifest, atomic_dir, check_target_folder, sha256_file
 from .model import DDT, DecoderGraph, EncoderGraph
 from .precision import tensor_errors
 from .specs import BATCH, DECODER, ENCODER, BatchProfile, GraphSpec, model_dims
@@ -129,7 +129,7 @@ def export_model(model: DDT, cfg: Config, out: Path, *, source: dict, precision:
     man = Manifest(config=cfg, precision=precision, source=source, batch=batch or BatchProfile())
     check_target_folder(out, man, force)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "manifest.json").unlink(missing_ok=True)  # the folder is unfinished until the new manifest lands
+    (out / MANIFEST).unlink(missing_ok=True)  # the folder is unfinished until the new manifest lands
     dims = model_dims(cfg.model)
     reference = model.float().eval()
     exported = copy.deepcopy(reference).to(TORCH_DTYPES.get(precision, torch.float32))

@@ -20,11 +20,10 @@ import numpy as np
 from .config import SamplerConfig
 from .errors import InputError
 from .manifest import atomic_path
-from .runtime import Engines, load_engines, plan_steps, record_states, sample, saved_fraction, work_rows
-from .runtime.host import call_graph
+from .runtime import Engines, call_graph, load_engines, plan_steps, record_states, sample, saved_fraction, work_rows
 from .sampling import to_uint8
 from .schedule import (parse_spec, plot_heatmap, schedule_cost, schedule_record, similarity, solve_dp, steps_for,
-                       uniform_steps, write_schedule)
+                       uniform_steps, validate_steps, write_schedule)
 
 TEMPLATE_SAMPLES = 8  # the official sharing_dp template batch
 TEMPLATE_SEED = 0
@@ -129,13 +128,13 @@ def resolve_schedule(spec: str | None, engines: Engines, sampler: SamplerConfig,
     wanted = {key: v for key, v in template_settings(engines, sampler, TEMPLATE_SEED).items() if key != "template"}
     if stored.is_file():
         try:
-            rec = json.loads(stored.read_text())
-        except (OSError, json.JSONDecodeError):
-            rec = {}
-        if _same_settings(rec, wanted):
+            rec, why = json.loads(stored.read_text()), "was computed under other sampler settings or weights"
+        except (OSError, json.JSONDecodeError) as e:
+            rec, why = {}, f"is unreadable ({e})"
+        if _same_settings(rec, wanted) and "recompute_steps" in rec:  # same settings: same num_steps
             say(f"schedule dp:{k}: using {stored}")
-            return steps_for(parse_spec(str(stored)), n), spec
-        say(f"schedule dp:{k}: {stored} was computed under other sampler settings or weights; recomputing")
+            return validate_steps(rec["recompute_steps"], n, str(stored)), spec
+        say(f"schedule dp:{k}: {stored} {why}; recomputing")
     say(f"schedule dp:{k}: no stored schedule for these settings; running the {TEMPLATE_SAMPLES}-sample template "
         f"trajectory ({n} steps) and the DP")
     rec, sim = compute_schedule(engines, sampler, k, progress=progress)

@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import NumericsError
-from .manifest import read_manifest, write_json
+from .manifest import read_manifest
 from .specs import DECODER, ENCODER, VAE_DECODER, GraphSpec, model_dims
 
 BATCHES = (1, 3)
@@ -31,6 +31,25 @@ def _session(path: Path):
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def _try_session(path: Path):
+    """(session, "") or (None, why onnxruntime CPU cannot run the graph)."""
+    try:
+        return _session(path), ""
+    except Exception as e:  # onnxruntime raises untyped errors; the reason is the record
+        return None, f"onnxruntime CPU: {str(e).splitlines()[0][:240]}"
+
+
+def onnxruntime_status(folder: Path) -> dict[str, dict]:
+    """{graph: {"not_run": reason} or {"runs": True}}: whether onnxruntime CPU can open each graph of a folder
+    (bf16 graphs cannot: no bf16 MatMul kernels), for folders with no fp32 graphs to compare against."""
+    man = read_manifest(folder)
+    out = {}
+    for name, rec in man.graphs.items():
+        sess, why = _try_session(Path(folder) / rec["file"])
+        out[name] = {"runs": True} if sess is not None else {"not_run": why}
+    return out
 
 
 def tensor_errors(out: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
@@ -50,12 +69,12 @@ def relative_errors(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _feeds(spec: GraphSpec, ref_dir: Path, dims: dict, num_classes: int, calibration: Path | None,
-           seed: int) -> list[dict[str, np.ndarray]]:
+           calibration_rec: dict | None, seed: int) -> list[dict[str, np.ndarray]]:
     """Input batches for one graph: calibration rows, or random inputs (decoder s from the fp32 encoder)."""
     if calibration is not None and spec in (ENCODER, DECODER):
         from .calibrate import calibration_inputs
 
-        rows = calibration_inputs(calibration, spec)
+        rows = calibration_inputs(calibration, spec, calibration_rec)
         n = len(next(iter(rows.values())))
         pick = np.unique(np.linspace(0, n - 1, min(n, CALIB_ROWS)).round().astype(np.int64))
         return [{k: v[pick[i:i + 16]] for k, v in rows.items()} for i in range(0, len(pick), 16)]
@@ -78,17 +97,22 @@ def graph_errors(folder: Path, ref_folder: Path, *, calibration: Path | None = N
     """
     folder, ref_folder = Path(folder), Path(ref_folder)
     man, ref = read_manifest(folder), read_manifest(ref_folder)
+    if calibration is not None:
+        from .calibrate import read_calibration
+
+        calibration_rec = read_calibration(calibration)  # checked once, not per graph
+    else:
+        calibration_rec = None
     dims = model_dims(man.config.model, *(_vae_dims(man)))
     out, failures = {}, []
     for spec in (ENCODER, DECODER, VAE_DECODER):
         if spec.name not in man.graphs or spec.name not in ref.graphs:
             continue
-        try:
-            sess = _session(folder / man.graphs[spec.name]["file"])
-        except Exception as e:  # onnxruntime raises untyped errors; the reason is the record
-            out[spec.name] = {"not_run": f"onnxruntime CPU: {str(e).splitlines()[0][:240]}"}
+        sess, why = _try_session(folder / man.graphs[spec.name]["file"])
+        if sess is None:
+            out[spec.name] = {"not_run": why}
             continue
-        feeds = _feeds(spec, ref_folder, dims, man.config.model.num_classes, calibration, seed)
+        feeds = _feeds(spec, ref_folder, dims, man.config.model.num_classes, calibration, calibration_rec, seed)
         ref_sess = _session(ref_folder / ref.graphs[spec.name]["file"])
         worst = [0.0, 0.0]
         for f in feeds:
@@ -121,7 +145,7 @@ def record_parity(folder: Path, errors: dict[str, dict], key: str = "vs_fp32_onn
             parity = man.graphs[name].get("parity") or {}
             parity[key] = rec
             man.graphs[name]["parity"] = parity
-    write_json(folder / "manifest.json", man.to_dict())
+    man.write(folder)
 
 
 def sample_error(folder: Path, ref_folder: Path, *, num: int = 4, seed: int = 0, steps: int | None = None,

@@ -36,12 +36,12 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ArtifactError, BackendError
-from .manifest import Manifest, atomic_dir, atomic_path, check_target_folder, read_manifest, sha256_file
+from .manifest import MANIFEST, Manifest, atomic_dir, atomic_path, check_target_folder, read_manifest, sha256_file
 from .specs import DECODER, ENCODER
 
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 BLOCK_GEMMS = ("attn.qkv", "attn.proj", "mlp.w1", "mlp.w2", "mlp.w3", "adaLN_modulation")
-_BLOCK = re.compile(r"model\.blocks\.(\d+)\.(attn\.qkv|attn\.proj|mlp\.w[123]|adaLN_modulation)(\.\d+)?$")
+_BLOCK = re.compile(r"model\.blocks\.(\d+)\.(" + "|".join(re.escape(g) for g in BLOCK_GEMMS) + r")(\.\d+)?$")
 _EMBEDDER = re.compile(r"model\.(x|s|t|y)_embedder\b")
 HIGH_PRECISIONS = ("fp16", "bf16")
 CALIBRATION_METHOD = "max"  # ModelOpt converts int8-style scales to E4M3 by 448/127, exact for max calibration
@@ -248,13 +248,13 @@ def quantize_folder(fp32_dir: Path, hp_dir: Path, calib_dir: Path, out: Path, *,
     man = Manifest(config=src.config, precision="fp8", source=src.source, batch=src.batch)
     check_target_folder(out, man, force)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "manifest.json").unlink(missing_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)
     graphs = {}
     with atomic_dir(out, "quantize") as scratch:
         for spec in QUANTIZED:
             say(f"quantizing {spec.file} to FP8 (high precision {high_precision}, {CALIBRATION_METHOD} calibration)")
             rec = quantize_graph(Path(fp32_dir) / spec.file, Path(hp_dir) / spec.file,
-                                 calibration_inputs(calib_dir, spec), out / spec.file,
+                                 calibration_inputs(calib_dir, spec, calib), out / spec.file,
                                  high_precision=high_precision, scratch=scratch)
             rec["calibration"] = {"folder": str(Path(calib_dir).resolve()),
                                   "sha256": calib["graphs"][spec.name]["sha256"]}

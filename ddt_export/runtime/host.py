@@ -118,8 +118,10 @@ def _run(engines, x: np.ndarray, labels: np.ndarray, sampler: SamplerConfig, ste
     y_cfg = np.concatenate([np.full(b, engines.config.model.null_class, np.int64), labels])  # 2B [uncond; cond]
     s, s_uncond = None, False
     for st in steps:
+        both = st.dec_uncond or (st.recompute and st.enc_uncond)
+        x2 = np.concatenate([x, x]) if both else None  # (2B, C, H, W) [uncond; cond] rows, built once per step
         if st.recompute:
-            xe, ye = (np.concatenate([x, x]), y_cfg) if st.enc_uncond else (x, labels)  # 2B or B rows
+            xe, ye = (x2, y_cfg) if st.enc_uncond else (x, labels)  # 2B or B rows
             s = call_graph(engines, "encoder", st.i, observer, x=xe, t=np.full(len(ye), st.t, np.float32), y=ye)
             _finite(s, st.i, "encoder output s")
             s_uncond = st.enc_uncond
@@ -127,7 +129,7 @@ def _run(engines, x: np.ndarray, labels: np.ndarray, sampler: SamplerConfig, ste
                 states.append(s)
         assert s is not None and (s_uncond or not st.dec_uncond), f"step {st.i}: no usable encoder state"
         if st.dec_uncond:
-            v2 = call_graph(engines, "decoder", st.i, observer, x=np.concatenate([x, x]), s=s)  # (2B, C, H, W)
+            v2 = call_graph(engines, "decoder", st.i, observer, x=x2, s=s)  # (2B, C, H, W)
             _finite(v2, st.i, "decoder output v")
             v = cfg_combine(v2[:b], v2[b:], st.scale)
         else:

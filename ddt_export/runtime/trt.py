@@ -16,6 +16,7 @@ manifest with the running ones and refuses with a hint to rebuild.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Sequence
 
@@ -249,8 +250,10 @@ def kernel_ptx(arch: str) -> bytes:
     return ptx
 
 
+@functools.cache
 def _load_kernel():
-    """PTX for this GPU -> CUfunction."""
+    """PTX for this GPU -> CUfunction, compiled and loaded once per process (in the primary context, which every
+    call here uses): loading it per `sample_on_device` call compiled again and leaked a module each time."""
     from cuda.bindings import driver
 
     ptx = kernel_ptx(running_platform()["compute_capability"].replace(".", ""))
