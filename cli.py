@@ -33,6 +33,11 @@ def main(argv: Optional[List[str]] = None) -> None:
         sys.exit(130)
 
 
+def _say(message: str) -> None:
+    """Progress messages of the library, on stderr (stdout keeps the results)."""
+    console.print(message, highlight=False, soft_wrap=True)
+
+
 # --------------------------------------------------------------------------------------- convert / export
 
 
@@ -112,7 +117,7 @@ def generate(
         res = run_generate(engines, classes=class_, labels_file=labels, num=num, seed=seed, steps=steps, cfg=cfg,
                            schedule=schedule, noise_file=noise, latents_out=latents_out, out_dir=out,
                            backend=backend, progress=progress,
-                           say=lambda m: console.print(m, highlight=False, soft_wrap=True))
+                           say=_say)
     r, n = res.rows, res.sampler.num_steps
     print(f"{len(res.labels)} samples, {n} steps, cfg {res.sampler.guidance}, schedule {res.schedule_spec}: "
           f"encoder {r['encoder_calls']}/{n} steps, backend {res.backend}, {time.perf_counter() - t0:.1f} s")
@@ -164,10 +169,6 @@ def schedule(
         print(f"wrote {p}")
 
 # --------------------------------------------------------------------------------------- calibrate / build
-
-
-def _say(message: str) -> None:
-    console.print(message, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -304,9 +305,9 @@ def validate(
 
     bar, progress = _step_progress("validating (sample-steps)")
     with bar:
-        rep = run_validate(engines, reference=reference if reference == "torch" else Path(reference),
-                           **({"num": num} if num is not None else {}), seed=seed, schedule=schedule, stats=stats, features=features, inception_onnx=inception_onnx,
-                           max_fid_delta=max_fid_delta, out=out, progress=progress, say=_say)
+        rep = run_validate(engines, reference=reference, num=num, seed=seed, schedule=schedule, stats=stats,
+                           features=features, inception_onnx=inception_onnx, max_fid_delta=max_fid_delta, out=out,
+                           progress=progress, say=_say)
     r, e = rep["reference"], rep["latent_rel_err"]
     print(f"{rep['num']} samples, schedule {rep['schedule']['spec']}: {rep['engines']['precision']} engines vs "
           f"{r['kind']} {r['precision']} reference")
@@ -351,7 +352,7 @@ def bench(
 
     res = run_bench(engines, batches=batch, steps=steps, schedules=schedule, repeats=repeats,
                     torch_variants=None if torch_baseline else (), cond_only=(cond_only,),
-                    say=lambda m: console.print(m, highlight=False))
+                    say=_say)
     out = Console(width=140)
     t = Table(title=f"stages: one call ({res.model}, {res.precision})")
     for c in ("backend", "graph", "rows", "median ms", "min..max ms"):

@@ -36,6 +36,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 from ddt_export.build import build  # noqa: E402
 from ddt_export.config import load_config  # noqa: E402
@@ -53,13 +54,10 @@ MARK_BEGIN, MARK_END = "<!-- fid_digits table begin -->", "<!-- fid_digits table
 
 def real_digits_16() -> tuple[np.ndarray, np.ndarray]:
     """(1797, 1, 16, 16) float32 in [-1, 1] as the model was trained on them, and the labels."""
-    import torch
-    import torch.nn.functional as F
-    from sklearn.datasets import load_digits
+    from train_digits import load_digits_16  # scripts/: the training script's own preprocessing
 
-    d = load_digits()
-    x = torch.from_numpy(d.images.astype(np.float32) / 16.0)[:, None]
-    return (F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False) * 2 - 1).numpy(), d.target
+    x, y = load_digits_16()
+    return x.numpy(), y.numpy()
 
 
 def classifiers():

@@ -6,7 +6,9 @@ manifest is written last. Names, dynamic axes, dummy inputs and tolerances all c
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import logging
 import os
 import warnings
@@ -42,26 +44,20 @@ def export_graph(module: torch.nn.Module, spec: GraphSpec, dims: dict[str, int],
     batch = torch.export.Dim("batch", min=1, max=4096)
     dyn = {t.name: {i: batch for i, d in enumerate(t.dims) if d == BATCH} for t in spec.inputs}
     external = _param_bytes(module) > EXTERNAL_DATA_BYTES
-    with warnings.catch_warnings(), _quiet_exporter():
-        warnings.simplefilter("ignore")
+    with quiet_exporter():
         torch.onnx.export(module, example, str(path), input_names=spec.input_names(),
                           output_names=spec.output_names(), dynamic_shapes=dyn, opset_version=OPSET,
                           dynamo=True, external_data=external, optimize=True, verbose=False)
 
 
-class _quiet_exporter:
-    """The dynamo exporter prints progress lines to stdout; keep the CLI's output ours."""
-
-    def __enter__(self):
-        import contextlib
-        import io
-
-        self._ctx = contextlib.redirect_stdout(io.StringIO())
-        self._ctx.__enter__()
+@contextlib.contextmanager
+def quiet_exporter():
+    """Around torch.onnx.export (dynamo): its progress lines on stdout, its warnings (pytree deprecations,
+    unregistered torchvision ops) and torch.onnx's logging below ERROR are dropped; the CLI's output stays ours."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-
-    def __exit__(self, *exc):
-        self._ctx.__exit__(*exc)
+        yield
 
 
 def check_graph(path: Path) -> None:

@@ -29,12 +29,8 @@ statistics from the reference batch's `arr_0` images) and report which conventio
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
-import logging
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -267,9 +263,9 @@ def export_onnx(model: FIDInceptionV3, path: Path, opset: int = 18) -> None:
     example = torch.rand(2, 3, 64, 64)
     dims = {0: torch.export.Dim("batch", min=1), 2: torch.export.Dim("height", min=16),
             3: torch.export.Dim("width", min=16)}
-    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")  # exporter chatter (torchvision ops not registered, pytree deprecations)
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    from .export import quiet_exporter
+
+    with torch.no_grad(), quiet_exporter():
         torch.onnx.export(model, (example,), str(path), input_names=["image"], output_names=["features"],
                           opset_version=opset, dynamo=True, external_data=False, verbose=False,
                           dynamic_shapes={"image": dims})

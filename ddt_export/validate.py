@@ -226,15 +226,17 @@ def _sample_pairs(engines: Engines, ref, noise: np.ndarray, labels: np.ndarray, 
 # ------------------------------------------------------------------------------------------ the command
 
 
-def validate(engines_dir: Path, *, reference: str | Path = "torch", num: int = DEFAULT_NUM, seed: int = 0,
+def validate(engines_dir: Path, *, reference: str | Path = "torch", num: int | None = None, seed: int = 0,
              schedule: str | None = None, stats: Path | None = None,
              features: str | FeatureExtractor | None = None, inception_onnx: Path | None = None,
              max_fid_delta: float | None = None, out: Path | None = None, batch: int = DEFAULT_BATCH,
              backend: str = "auto", progress: Progress | None = None, say: Say = print) -> dict:
     """Engines vs reference on `num` samples; returns the report (also written to out/report.json with out/PNG).
 
-    Raises NumericsError after writing the report when the FID delta exceeds `max_fid_delta`.
+    Raises NumericsError after writing the report when the FID delta exceeds `max_fid_delta`. `num`: default
+    DEFAULT_NUM.
     """
+    num = DEFAULT_NUM if num is None else num
     if num < 2:
         raise InputError("--num", ">= 2 samples (FID needs a covariance)", num)
     if batch < 1:

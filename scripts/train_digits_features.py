@@ -15,12 +15,8 @@ Writes, each via a temporary name:
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
-import logging
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -104,9 +100,9 @@ def accuracy(model: DigitsCNN, images, labels) -> float:
 
 def export_onnx(model: DigitsCNN, path: Path) -> None:
     batch = torch.export.Dim("batch", min=1, max=65536)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    from ddt_export.export import quiet_exporter
+
+    with quiet_exporter():
         torch.onnx.export(model, (torch.zeros(2, 1, 16, 16),), str(path), input_names=["image"],
                           output_names=["features", "logits"], dynamic_shapes={"image": {0: batch}},
                           opset_version=OPSET, dynamo=True, external_data=False, optimize=True, verbose=False)

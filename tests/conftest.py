@@ -46,6 +46,18 @@ data:
 """
 
 
+def train_digits():
+    """scripts/train_digits.py as a module: the real digits as the model was trained on them, the SVC check."""
+    import sys
+
+    scripts = str(Path(__file__).resolve().parents[1] / "scripts")
+    if scripts not in sys.path:
+        sys.path.insert(0, scripts)
+    import train_digits as module
+
+    return module
+
+
 def tiny_model(seed: int = 0, cfg: Config = TINY):
     from ddt_export.model import DDT
 

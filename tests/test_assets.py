@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,27 +9,20 @@ import pytest
 
 from ddt_export.config import PRESETS, Config, load_config
 
+from conftest import train_digits
+
 ASSETS = Path(__file__).resolve().parents[1] / "ddt_export" / "assets"
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 NAME = "ddt-tiny-digits"
 WEIGHTS, CONFIG = ASSETS / f"{NAME}.safetensors", ASSETS / f"{NAME}.json"
 FEATURES, STATS = ASSETS / "digits_features.onnx", ASSETS / "digits_stats.npz"
 FEATURE_DIM, NUM_CLASSES, IMAGE = 64, 10, (1, 16, 16)
 
 
-def _scripts():
-    if str(SCRIPTS) not in sys.path:
-        sys.path.insert(0, str(SCRIPTS))
-    import train_digits
-
-    return train_digits
-
-
 def _real_digits() -> tuple[np.ndarray, np.ndarray]:
     """The 1797 digits, preprocessed as the training scripts do (needs torch and scikit-learn)."""
     pytest.importorskip("torch")
     pytest.importorskip("sklearn")
-    images, labels = _scripts().load_digits_16()
+    images, labels = train_digits().load_digits_16()
     return images.numpy(), labels.numpy()
 
 
@@ -132,7 +124,7 @@ def test_stats_are_the_real_digits_through_the_onnx():
 def test_training_is_deterministic():
     """Two short runs of the training loop from the same seed give bit-identical EMA weights."""
     torch = pytest.importorskip("torch")
-    td = _scripts()
+    td = train_digits()
     images, labels = td.load_digits_16()
     tc = td.TrainConfig(steps=4, batch=16, warmup=2, max_shift=1, log_every=2)
     runs = [td.train(PRESETS[NAME], images, labels, tc, log=lambda *_: None) for _ in range(2)]

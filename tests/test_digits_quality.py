@@ -13,6 +13,7 @@ import pytest
 from ddt_export.checkpoint import bundled_weights
 from ddt_export.config import load_config
 
+from conftest import train_digits
 from engines_cache import run_cli
 
 torch = pytest.importorskip("torch")
@@ -25,17 +26,6 @@ PER_CLASS = 4  # 40 samples: the test stays under 30 s on 2 cores; benchmarks/fi
 MIN_RECOGNIZED = 0.90
 
 
-def real_digits_16() -> tuple[np.ndarray, np.ndarray]:
-    """The 1797 digits as the model was trained on them: /16, bilinear 8 -> 16, to [-1, 1]. (N, 256), (N,)."""
-    import torch.nn.functional as F
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.from_numpy(d.images.astype(np.float32) / 16.0)[:, None]  # N 1 8 8
-    x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False) * 2.0 - 1.0  # N 1 16 16
-    return x.reshape(len(x), -1).numpy(), d.target
-
-
 @pytest.fixture(scope="module")
 def fp16_default(tmp_path_factory):
     """`ddt-export build --precision fp16` with no checkpoint: the bundled model."""
@@ -46,16 +36,11 @@ def fp16_default(tmp_path_factory):
 
 
 def test_default_model_draws_recognizable_digits(fp16_default):
-    from sklearn.model_selection import train_test_split
-    from sklearn.svm import SVC
-
     from ddt_export.fid import images_from_samples
     from ddt_export.generate import generate
 
-    x, y = real_digits_16()
-    xa, xb, ya, yb = train_test_split(x, y, test_size=0.2, stratify=y, random_state=0)
-    clf = SVC(gamma="scale").fit(xa, ya)
-    held_out = float((clf.predict(xb) == yb).mean())
+    td = train_digits()
+    clf, held_out = td.fit_classifier(*td.load_digits_16())  # RBF SVC, 80/20 stratified split, seed 0
     assert held_out >= 0.97, held_out
 
     res = generate(fp16_default, num=CFG.model.num_classes * PER_CLASS, seed=7, say=lambda m: None)

@@ -315,12 +315,12 @@ def test_cli_fid_errors_are_one_line(tmp_path, capsys):
                     reason="ddt_export/assets/digits_features.onnx / digits_stats.npz not built yet "
                            "(scripts/train_digits_features.py)")
 def test_bundled_digits_features_on_real_digits():
-    datasets = pytest.importorskip("sklearn.datasets", reason="real digits come from scikit-learn")
-    torch = pytest.importorskip("torch", reason="the digits' 8->16 bilinear upsampling")
-    d = datasets.load_digits()
-    x = torch.from_numpy(d.images.astype(np.float32) / 16.0)[:, None]
-    x = torch.nn.functional.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
-    real = F.images_from_samples(x.numpy() * 2 - 1)  # (1797, 16, 16, 1) uint8, as samples are saved
+    pytest.importorskip("sklearn.datasets", reason="real digits come from scikit-learn")
+    pytest.importorskip("torch", reason="the digits' 8->16 bilinear upsampling")
+    from conftest import train_digits
+
+    x, _ = train_digits().load_digits_16()  # (1797, 1, 16, 16) in [-1, 1], as the model was trained on them
+    real = F.images_from_samples(x.numpy())  # (1797, 16, 16, 1) uint8, as samples are saved
     ref = F.load_stats(F.DIGITS_STATS)
     ex = F.DigitsFeatures()
     real_stats = F.stats_from_features(ex.extract(real))
