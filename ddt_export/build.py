@@ -184,18 +184,17 @@ def _record_bf16(model, cfg: Config, out: Path) -> None:
 def _fp8(model: _Model, cfg: Config, out: Path, source: dict, batch: BatchProfile, vae: Path | None,
          high_precision: str, calibration: Path | None, say: Say, progress) -> Manifest:
     from . import calibrate
-    from .generate import resolve_schedule
+    from .generate import default_schedule
     from .precision import graph_errors, record_parity
     from .quantize import quantize_folder
-    from .runtime import load_engines
+    from .schedule import parse_spec, steps_for
 
     stages = out / "stages"
     fp32 = _export(model, cfg, stages / "fp32", source, "fp32", batch, None, say)
     _export(model, cfg, stages / high_precision, source, high_precision, batch, vae, say)
     calib = Path(calibration) if calibration else out / "calibration"
-    engines = load_engines(stages / "fp32", "onnxruntime")
-    sampler = engines.config.sampler
-    steps, _ = resolve_schedule(None, engines, sampler, say)
+    sampler = fp32.config.sampler
+    steps = steps_for(parse_spec(default_schedule(sampler)), sampler.num_steps)  # never dp: no engines needed
     try:  # a --calibration folder brings its own schedule (e.g. dp:K); a captured one uses the default
         diffs = calibrate.matches(calibrate.read_calibration(calib), cfg, fp32.source, sampler,
                                   None if calibration else steps)

@@ -28,7 +28,8 @@ from .schedule import (parse_spec, plot_heatmap, schedule_cost, schedule_record,
 TEMPLATE_SAMPLES = 8  # the official sharing_dp template batch
 TEMPLATE_SEED = 0
 GRID_MIN_SIDE = 256  # grids of tiny images are upscaled (nearest) to at least this many pixels wide
-SAMPLE_NAME = re.compile(r"\d{5,}-class\d+\.png")  # what write_images names a sample: 00003-class7.png
+SAMPLE_FILE = "{index:05d}-class{label}.png"  # what write_images names a sample: 00003-class7.png ...
+SAMPLE_NAME = re.compile(r"\d{5,}-class\d+\.png")  # ... and the pattern that finds them again
 Say = Callable[[str], None]
 
 
@@ -113,11 +114,16 @@ def schedule_from_similarity(sim_path: Path, recompute: int, out: Path) -> tuple
     return record, {"json": write_schedule(out, record), "png": plot_heatmap(sim, steps, out.with_suffix(".png"))}
 
 
+def default_schedule(sampler: SamplerConfig) -> str:
+    """The schedule with no --schedule: `all`, or uniform:R for a sampler with state_refresh_rate R (the official)."""
+    return "all" if sampler.state_refresh_rate == 1 else f"uniform:{sampler.state_refresh_rate}"
+
+
 def resolve_schedule(spec: str | None, engines: Engines, sampler: SamplerConfig, say: Say = print,
                      progress=None) -> tuple[list[int], str]:
-    """Recompute steps for a --schedule spec; default: `all`, or uniform:R for a sampler with state_refresh_rate R."""
+    """Recompute steps for a --schedule spec (default: `default_schedule`); dp:K needs the engines."""
     if spec is None:
-        spec = "all" if sampler.state_refresh_rate == 1 else f"uniform:{sampler.state_refresh_rate}"
+        spec = default_schedule(sampler)
     parsed = parse_spec(spec)
     if parsed.kind != "dp":
         return steps_for(parsed, sampler.num_steps), spec
@@ -184,7 +190,7 @@ def write_images(images: np.ndarray, labels: np.ndarray, out_dir: Path, say: Say
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     u8 = to_uint8(images).transpose(0, 2, 3, 1)  # (B, H, W, C)
-    paths = [out_dir / f"{i:05d}-class{int(y)}.png" for i, y in enumerate(labels)]
+    paths = [out_dir / SAMPLE_FILE.format(index=i, label=int(y)) for i, y in enumerate(labels)]
     keep = set(paths)
     stale = [f for f in out_dir.iterdir() if SAMPLE_NAME.fullmatch(f.name) and f not in keep]
     for f in stale:
