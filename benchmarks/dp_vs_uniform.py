@@ -26,10 +26,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from ddt_export.build import build  # noqa: E402
-from ddt_export.config import load_config  # noqa: E402
-from ddt_export.fid import DIGITS_STATS, DigitsFeatures, load_stats  # noqa: E402
-from ddt_export.manifest import library_versions, write_json  # noqa: E402
+from ddt_export.build.engine import build  # noqa: E402
+from ddt_export.core.config import load_config  # noqa: E402
+from ddt_export.core.artifacts import library_versions, write_json  # noqa: E402
+from ddt_export.evaluate.features import DIGITS_STATS, DigitsFeatures  # noqa: E402
+from ddt_export.evaluate.fid import load_stats  # noqa: E402
 from fid_digits import bootstrap_draws, classifiers, deviation, fid_run, limit_threads  # noqa: E402
 
 

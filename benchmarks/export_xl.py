@@ -13,9 +13,9 @@ import resource
 import time
 from pathlib import Path
 
-from ddt_export.config import load_config
-from ddt_export.export import load_checkpoint_model, export_model
-from ddt_export.manifest import library_versions
+from ddt_export.core.config import load_config
+from ddt_export.export.exporter import load_checkpoint_model, export_model
+from ddt_export.core.artifacts import library_versions
 
 
 def main(argv=None):
@@ -27,11 +27,11 @@ def main(argv=None):
     cfg = load_config(a.preset)
     t0 = time.time()
     model, source = load_checkpoint_model(None, cfg, random_weights=True)
-    man = export_model(model, cfg, Path(a.out), source=source, force=True, progress=lambda m: print(m, flush=True))
+    man = export_model(model, cfg, Path(a.out), weights=source, force=True, progress=lambda m: print(m, flush=True))
     dt = time.time() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     sizes = {n: sum(f.stat().st_size for f in Path(a.out).glob(g["file"] + "*")) / 2**30 for n, g in man.graphs.items()}
-    errs = {n: g["parity"]["max_rel_err"] for n, g in man.graphs.items()}
+    errs = {n: g.parity["vs_pytorch"]["max_rel_err"] for n, g in man.graphs.items()}
     v = library_versions()
     row = (f"| {time.strftime('%Y-%m-%d')} | export {a.preset} fp32 (random weights) | {dt:.0f} s | {peak:.1f} GiB | "
            + ", ".join(f"{n} {sizes[n]:.2f} GiB rel err {errs[n]:.1e}" for n in sizes)

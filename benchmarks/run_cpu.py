@@ -15,10 +15,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from ddt_export.bench import bench, write_outputs
-from ddt_export.config import load_config
-from ddt_export.export import export_model, load_checkpoint_model
-from ddt_export.flops import step_flops
+from ddt_export.evaluate.bench import bench, write_outputs
+from ddt_export.core.config import load_config
+from ddt_export.export.exporter import export_model, load_checkpoint_model
+from ddt_export.core.flops import step_flops
 
 HERE = Path(__file__).parent
 
@@ -63,7 +63,7 @@ def main(argv=None):
     cfg = load_config("ddt-xl-cpu")
     folder = Path(a.work) / "xl-cpu-fp32"
     model, src = load_checkpoint_model(None, cfg, random_weights=True, seed=0)
-    export_model(model, cfg, folder, source=src, force=True)
+    export_model(model, cfg, folder, weights=src, force=True)
     n = a.steps
     f = step_flops(cfg.model)
     res = bench(folder, batches=a.batches, steps=n,

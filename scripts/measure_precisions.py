@@ -13,8 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
-from ddt_export.build import build
-from ddt_export.precision import graph_errors, sample_error
+from ddt_export.build.engine import build
+from ddt_export.build.parity import graph_errors, sample_error
 
 
 def main() -> None:
@@ -36,7 +36,7 @@ def main() -> None:
         e, d = rows[p]["encoder"], rows[p]["decoder"]
         print(f"| {p} | {e['max_rel_err']:.2e} / {e['rel_l2']:.2e} | {d['max_rel_err']:.2e} / {d['rel_l2']:.2e} | "
               f"{samples[p]['final_latent_rel_l2']:.2e} |")
-    tb = {g: bf16.graphs[g]["parity"]["torch_bf16"]["max_rel_err"] for g in ("encoder", "decoder")}
+    tb = {g: bf16.graphs[g].parity["torch_bf16"]["max_rel_err"] for g in ("encoder", "decoder")}
     print(f"| bf16 (PyTorch CPU) | {tb['encoder']:.2e} | {tb['decoder']:.2e} | not run (no bf16 MatMul on CPU) |")
     record = {"graphs": rows, "samples": samples, "bf16_torch": tb}
     (a.out / "measurements.json").write_text(json.dumps(record, indent=2))

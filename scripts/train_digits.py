@@ -41,9 +41,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ddt_export.config import PRESETS, Config, SamplerConfig  # noqa: E402
-from ddt_export.manifest import atomic_path  # noqa: E402
-from ddt_export.model import DDT  # noqa: E402
+from ddt_export.core.config import PRESETS, Config, SamplerConfig  # noqa: E402
+from ddt_export.core.artifacts import atomic_path  # noqa: E402
+from ddt_export.export.model import DDT  # noqa: E402
 
 NAME = "ddt-tiny-digits"
 ASSETS = ROOT / "ddt_export" / "assets"

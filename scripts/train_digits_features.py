@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_digits import ASSETS, THREADS, load_digits_16, random_shift  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ddt_export.manifest import atomic_path  # noqa: E402
+from ddt_export.core.artifacts import atomic_path  # noqa: E402
 
 FEATURES_ONNX = "digits_features.onnx"
 STATS_NPZ = "digits_stats.npz"
@@ -100,7 +100,7 @@ def accuracy(model: DigitsCNN, images, labels) -> float:
 
 def export_onnx(model: DigitsCNN, path: Path) -> None:
     batch = torch.export.Dim("batch", min=1, max=65536)
-    from ddt_export.export import quiet_exporter
+    from ddt_export.export.exporter import quiet_exporter
 
     with quiet_exporter():
         torch.onnx.export(model, (torch.zeros(2, 1, 16, 16),), str(path), input_names=["image"],

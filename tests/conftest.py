@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ddt_export.config import Config, ModelConfig, SamplerConfig
+from ddt_export.core.config import Config, ModelConfig, SamplerConfig
 
 torch = pytest.importorskip("torch", reason="export fixtures need the [export] extra (torch)")
 
@@ -59,7 +59,7 @@ def train_digits():
 
 
 def tiny_model(seed: int = 0, cfg: Config = TINY):
-    from ddt_export.model import DDT
+    from ddt_export.export.model import DDT
 
     torch.manual_seed(seed)
     return DDT(cfg.model).eval()
@@ -73,11 +73,11 @@ def tiny_cfg() -> Config:
 @pytest.fixture(scope="session")
 def tiny_engines(tmp_path_factory):
     """(folder, fp32 reference model): encoder/decoder graphs of a random tiny DDT, exported once per session."""
-    from ddt_export.export import export_model
+    from ddt_export.export.exporter import export_model, random_weights_ref
 
     model = tiny_model(0)
     out = tmp_path_factory.mktemp("engines") / "fp32"
-    export_model(model, TINY, out, source={"path": None, "sha256": "random-seed-0", "weights": "random"})
+    export_model(model, TINY, out, weights=random_weights_ref(0))
     return out, model
 
 

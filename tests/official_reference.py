@@ -1,12 +1,15 @@
-"""A straightforward restatement of the official DDT forward, for tests only.
+"""Straightforward restatements of the official DDT code, for tests only: the forward, the sharing sampler
+(ODE and SDE step functions, timeshift), the encoder-state similarity and the sharing DP.
 
 Written from the official formulation (F.unfold/F.fold patches, complex RoPE via torch.polar and
-view_as_complex, F.scaled_dot_product_attention, nn.LayerNorm final norm) as plain functions over a state dict,
-so it shares no code with ddt_export.model.
+view_as_complex, F.scaled_dot_product_attention, nn.LayerNorm final norm; `stateful_flow_matching/sampling.py`
+and `sharing_sampling.py` as plain loops) so they share no code with ddt_export.
 """
 from __future__ import annotations
 
 import math
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -79,3 +82,77 @@ def official_forward(sd, cfg, x, t, y, s=None):
     h = _linear(sd, "final_layer.linear", h)
     v = F.fold(h.transpose(1, 2).contiguous(), (H, W), kernel_size=p, stride=p)
     return v, s
+
+
+def official_sampler(net, noise, labels, *, num_steps, guidance, interval, last_step, recompute, null, shift=1.0,
+                     step_fn="ode", step_noise=None):
+    """The official stateful_flow_matching EulerSampler._impl_sampling (simple_guidance_fn, LinearScheduler for
+    scheduler and w_scheduler), restated in torch. `net(x, t, y, state) -> (v, state)`; `step_noise(i)` gives
+    the Gaussian draw of step i for the SDE step functions (the official randn_like)."""
+    ts = torch.linspace(0.0, 1 - last_step, num_steps)
+    ts = torch.cat([ts, torch.tensor([1.0])])
+    ts = ts / (ts + (1 - ts) * shift)  # shift_respace_fn
+    b = noise.shape[0]
+    cond = torch.cat([torch.full((b,), null), labels])
+    x, state = noise, None
+    for i, (t_cur, t_next) in enumerate(zip(ts[:-1], ts[1:])):
+        dt = t_next - t_cur
+        t = t_cur.repeat(b)
+        if i in recompute:
+            state = None
+        out, state = net(torch.cat([x, x]), t.repeat(2), cond, state)
+        scale = guidance if interval[0] < t[0] < interval[1] else 1.0
+        u, c = out.chunk(2)
+        v = u + scale * (c - u)
+        sigma, w = 1 - t_cur, 1 - t_cur  # LinearScheduler: alpha = t, sigma = 1 - t; w_scheduler.w = sigma
+        s = (t_cur * v - x) / (sigma ** 2 + t_cur * sigma)  # ((1/dalpha_over_alpha) v - x) / (sigma^2 - ...)
+        name = step_fn if i < num_steps - 1 else "ode"  # last_step_fn
+        if name == "ode":
+            x = x + v * dt
+        elif name == "sde_mean":
+            x = x + v * dt + s * w * dt
+        elif name == "sde":
+            x = x + v * dt + s * w * dt + torch.sqrt(2 * w * dt) * step_noise(i)
+        else:  # sde_preserve
+            x = x + v * dt + 0.5 * s * w * dt + torch.sqrt(w * dt) * step_noise(i)
+    return x
+
+
+def official_similarity(states) -> "torch.Tensor":
+    """sharing_sampling's similarity of encoder states (N, B, L, D): mean over tokens of the cosine of s_i, s_j."""
+    states = torch.as_tensor(states, dtype=torch.float64)
+    n = states.shape[0]
+    unit = F.normalize(states, dim=-1)
+    sim = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(n):
+        for j in range(n):
+            sim[i, j] = (unit[i] * unit[j]).sum(-1).mean()
+    return sim
+
+
+def official_dp(sim: np.ndarray, k: int) -> list[int]:
+    """Plain loops, as the official sharing_dp after `error_map = (1 - sim).tolist()`."""
+    n = len(sim)
+    err = (1 - np.asarray(sim, np.float64)).tolist()
+    for i in range(1, n):
+        for j in range(0, i):
+            err[i][j] = err[i - 1][j] + err[i][j]
+    cost = [[0.0] * (n + 1) for _ in range(k + 1)]
+    par = [[-1] * (n + 1) for _ in range(k + 1)]
+    for i in range(1, n + 1):
+        cost[1][i] = err[i - 1][0]
+        par[1][i] = 0
+    for step in range(2, k + 1):
+        for i in range(step, n + 1):
+            best, arg = 99999, -1
+            for j in range(step - 1, i):
+                value = cost[step - 1][j] + err[i - 1][j]
+                if value < best:
+                    best, arg = value, j
+            cost[step][i] = best
+            par[step][i] = arg
+    out = [n]
+    for step in range(k, 0, -1):
+        out.append(par[step][out[-1]])
+    out.reverse()
+    return out[:-1]

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ddt_export.config import PRESETS, Config, load_config
+from ddt_export.core.config import PRESETS, Config, load_config
 
 from conftest import train_digits
 
@@ -43,7 +43,7 @@ def test_weights_load_strict():
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from ddt_export.model import DDT
+    from ddt_export.export.model import DDT
 
     model = DDT(PRESETS[NAME].model)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -65,7 +65,7 @@ def test_model_denoises_real_digits():
     torch = pytest.importorskip("torch")
     from safetensors.torch import load_file
 
-    from ddt_export.model import DDT
+    from ddt_export.export.model import DDT
 
     images, labels = _real_digits()
     x, y = torch.from_numpy(images[:256]), torch.from_numpy(labels[:256])

@@ -9,11 +9,12 @@ import numpy as np
 import onnx
 import pytest
 
-from ddt_export.build import build, differences, point_default, profile_shapes, tensorrt_status
-from ddt_export.errors import ArtifactError, BackendError
-from ddt_export.manifest import read_manifest
-from ddt_export.quantize import fp8_gemm_report
-from ddt_export.specs import BatchProfile
+from ddt_export.build.engine import build, point_default, reuse_differences
+from ddt_export.build.tensorrt import profile_shapes, tensorrt_status
+from ddt_export.core.errors import ArtifactError, BackendError
+from ddt_export.core.manifest import read_manifest
+from ddt_export.build.quantize import fp8_gemm_report
+from ddt_export.core.specs import BatchProfile, Dims
 from engines_cache import fp8_build, run_cli
 
 pytest.importorskip("modelopt.onnx.quantization", reason="FP8 needs nvidia-modelopt (the [fp8] extra + --no-deps)")
@@ -26,9 +27,10 @@ def fp8(tmp_path_factory, official_ckpt):
 
 
 def test_profiles_from_spec(tiny_cfg):
-    p = profile_shapes("encoder", tiny_cfg, BatchProfile(2, 8, 32))
+    dims = Dims.of(tiny_cfg.model)
+    p = profile_shapes("encoder", dims, BatchProfile(2, 8, 32))
     assert p == {"x": [[2, 4, 8, 8], [8, 4, 8, 8], [32, 4, 8, 8]], "t": [[2], [8], [32]], "y": [[2], [8], [32]]}
-    d = profile_shapes("decoder", tiny_cfg, BatchProfile(1, 16, 64))
+    d = profile_shapes("decoder", dims, BatchProfile(1, 16, 64))
     assert d["s"] == [[1, 16, 64], [16, 16, 64], [64, 16, 64]] and list(d) == ["x", "s"]
 
 
@@ -76,10 +78,8 @@ def test_reuse_only_when_manifest_matches(fp8, official_ckpt, tmp_path):
     shutil.copytree(out, copy, symlinks=True)
     with open(copy / "decoder.onnx", "ab") as f:
         f.write(b"\0")
-    cfg = read_manifest(copy).config
-    req = read_manifest(copy).extra["build"]
-    diffs = differences(copy, cfg, read_manifest(copy).source, req)
-    assert any("sha256" in d for d in diffs)
+    diffs = reuse_differences(copy, read_manifest(copy).provenance)  # the same request: only the file differs
+    assert len(diffs) == 1 and "sha256" in diffs[0]
     with pytest.raises(ArtifactError, match="sha256"):
         build("fp8", out=copy, ckpt=ckpt, config=str(yaml), say=said.append)
 
@@ -126,8 +126,8 @@ def test_fp16_build_default_out_and_generate(tmp_path, official_ckpt, monkeypatc
     assert code == 0, text
     assert "backend onnxruntime" in text and os.readlink("engines/default") == "fp16"
     man = json.loads((tmp_path / "engines" / "fp16" / "manifest.json").read_text())
-    assert man["backend"] == "onnxruntime" and man["extra"]["build"]["precision"] == "fp16"
-    assert man["graphs"]["decoder"]["parity"]["max_rel_err"] < 2e-2
+    assert man["backend"] == "onnxruntime" and man["provenance"]["precision"] == "fp16"
+    assert man["graphs"]["decoder"]["parity"]["vs_pytorch"]["max_rel_err"] < 2e-2
     code, text = run_cli(["generate", "--num", 2, "--out", tmp_path / "samples"])
     assert code == 0, text
     assert len(list((tmp_path / "samples").glob("*.png"))) == 2 and (tmp_path / "samples/preview/grid.png").is_file()
@@ -135,7 +135,7 @@ def test_fp16_build_default_out_and_generate(tmp_path, official_ckpt, monkeypatc
 
 def test_given_calibration_brings_its_schedule(fp8, official_ckpt, tmp_path):
     """--calibration: captured under another encoder schedule (what will run), used as is; another sampler: refused."""
-    from ddt_export.calibrate import capture
+    from ddt_export.build.calibrate import capture
 
     out, _ = fp8
     ckpt, yaml, _ = official_ckpt
@@ -148,9 +148,9 @@ def test_given_calibration_brings_its_schedule(fp8, official_ckpt, tmp_path):
     res = build("fp8", out=copy, ckpt=ckpt, config=str(yaml), calibration=tmp_path / "cal", force=True,
                 say=said.append)
     assert any("fp32 graphs in" in s and "up to date" in s for s in said)  # the stages were reused
-    assert res.manifest.extra["quantization"]["schedule"]["spec"] == "uniform:4"
-    assert res.manifest.graphs["decoder"]["parity"]["vs_fp32_onnx"]["max_rel_err"] < 0.1
+    assert res.manifest.graphs["encoder"].info["quantization"]["calibration"]["schedule"]["spec"] == "uniform:4"
+    assert res.manifest.graphs["decoder"].parity["vs_fp32_onnx"]["max_rel_err"] < 0.1
     capture(copy / "stages" / "fp32", tmp_path / "short", num=1, steps=5, say=lambda m: None)
-    with pytest.raises(ArtifactError, match="sampler settings"):
+    with pytest.raises(ArtifactError, match="sampler.num_steps: built 5, asked 20"):
         build("fp8", out=copy, ckpt=ckpt, config=str(yaml), calibration=tmp_path / "short", force=True,
               say=said.append)

@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ddt_export.calibrate import calibration_inputs, capture, read_calibration, read_classes
-from ddt_export.errors import ArtifactError, InputError
-from ddt_export.sampling import step_times
-from ddt_export.specs import DECODER
+from ddt_export.build.calibrate import calibration_inputs, capture, read_calibration, read_classes
+from ddt_export.core.errors import ArtifactError, InputError
+from ddt_export.core.sampling import step_times
+from ddt_export.core.specs import DECODER
 from engines_cache import fp8_build, run_cli
 
 pytest.importorskip("modelopt.onnx.quantization", reason="the shared FP8 build needs nvidia-modelopt")
@@ -20,7 +20,7 @@ def fp32_dir(tmp_path_factory, official_ckpt):
 
 def test_capture_counts_and_schedule(fp32_dir, tmp_path, tiny_cfg):
     num, steps = 2, tiny_cfg.sampler.num_steps
-    rec = capture(fp32_dir, tmp_path / "c", num=num, seed=3, schedule="uniform:4", classes=[5, 7], say=lambda m: None)
+    _, rec = capture(fp32_dir, tmp_path / "c", num=num, seed=3, schedule="uniform:4", classes=[5, 7], say=lambda m: None)
     enc = np.load(tmp_path / "c" / "encoder.npz")
     dec = np.load(tmp_path / "c" / "decoder.npz")
     schedule = list(range(0, steps, 4))
@@ -44,7 +44,7 @@ def test_capture_counts_and_schedule(fp32_dir, tmp_path, tiny_cfg):
 
 
 def test_rows_are_subsampled_over_the_whole_trajectory(fp32_dir, tmp_path, tiny_cfg):
-    rec = capture(fp32_dir, tmp_path / "c", num=2, max_rows=30, say=lambda m: None)
+    _, rec = capture(fp32_dir, tmp_path / "c", num=2, max_rows=30, say=lambda m: None)
     g = rec["graphs"]["decoder"]
     assert g["rows_captured"] == tiny_cfg.sampler.num_steps * 4 and g["rows_stored"] == 30
     steps = np.load(tmp_path / "c" / "decoder.npz")["step"]

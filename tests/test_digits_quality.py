@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ddt_export.checkpoint import bundled_weights
-from ddt_export.config import load_config
+from ddt_export.export.checkpoint import bundled_weights
+from ddt_export.core.config import load_config
 
 from conftest import train_digits
 from engines_cache import run_cli
@@ -36,8 +36,8 @@ def fp16_default(tmp_path_factory):
 
 
 def test_default_model_draws_recognizable_digits(fp16_default):
-    from ddt_export.fid import images_from_samples
-    from ddt_export.generate import generate
+    from ddt_export.core.images import images_from_samples
+    from ddt_export.runtime.generate import generate
 
     td = train_digits()
     clf, held_out = td.fit_classifier(*td.load_digits_16())  # RBF SVC, 80/20 stratified split, seed 0

@@ -12,11 +12,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from ddt_export.checkpoint import convert_checkpoint, load_model, read_state_dict  # noqa: E402
-from ddt_export.config import load_config  # noqa: E402
-from ddt_export.errors import ArtifactError, CheckpointError  # noqa: E402
-from ddt_export.export import export_checkpoint, export_model  # noqa: E402
-from ddt_export.manifest import read_manifest, sha256_file, verify_graphs  # noqa: E402
+from ddt_export.export.checkpoint import convert_checkpoint, load_model, read_state_dict  # noqa: E402
+from ddt_export.core.config import load_config  # noqa: E402
+from ddt_export.core.errors import ArtifactError, CheckpointError  # noqa: E402
+from ddt_export.export.exporter import export_checkpoint, export_model  # noqa: E402
+from ddt_export.core.artifacts import sha256_file  # noqa: E402
+from ddt_export.core.manifest import read_manifest, verify_graphs  # noqa: E402
+from ddt_export.core.provenance import WeightsRef  # noqa: E402
 from official_reference import official_forward  # noqa: E402
 
 from conftest import TINY, tiny_model  # noqa: E402
@@ -87,7 +89,7 @@ def test_official_checkpoint_exports_to_official_numerics(official_ckpt, tmp_pat
     ckpt, yaml, ema = official_ckpt
     out = tmp_path / "eng"
     man = export_checkpoint(ckpt, yaml, out)
-    assert man.source["sha256"] == sha256_file(ckpt) and man.source["weights"] == "ema"
+    assert man.provenance.weights == sha256_file(ckpt) and man.provenance.weights_kind == "ema"
     sd = ema.state_dict()
     enc = ort.InferenceSession(str(out / "encoder.onnx"))
     dec = ort.InferenceSession(str(out / "decoder.onnx"))
@@ -107,7 +109,7 @@ def test_official_checkpoint_exports_to_official_numerics(official_ckpt, tmp_pat
         assert g.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch
     m = read_manifest(out)
     assert m.config.model == TINY.model.__class__(**{**TINY.model.__dict__})
-    assert m.graphs["encoder"]["parity"]["max_rel_err"] < 1e-4
+    assert m.graphs["encoder"].parity["vs_pytorch"]["max_rel_err"] < 1e-4
     assert {"torch", "onnx", "onnxruntime"} <= set(m.versions)
     verify_graphs(m, out)
     (out / "decoder.onnx").write_bytes(b"tampered")
@@ -117,16 +119,16 @@ def test_official_checkpoint_exports_to_official_numerics(official_ckpt, tmp_pat
 
 def test_foreign_folder_refused_unless_force(tiny_engines, tmp_path):
     out = tmp_path / "eng"
-    export_model(tiny_model(0), TINY, out, source={"path": None, "sha256": "aaa", "weights": "random"}, check=False)
+    export_model(tiny_model(0), TINY, out, weights=WeightsRef("aaa", "random"), check=False)
     with pytest.raises(ArtifactError, match="--force"):
-        export_model(tiny_model(1), TINY, out, source={"path": None, "sha256": "bbb", "weights": "random"}, check=False)
-    export_model(tiny_model(1), TINY, out, source={"path": None, "sha256": "bbb", "weights": "random"}, check=False,
+        export_model(tiny_model(1), TINY, out, weights=WeightsRef("bbb", "random"), check=False)
+    export_model(tiny_model(1), TINY, out, weights=WeightsRef("bbb", "random"), check=False,
                  force=True)
-    assert read_manifest(out).source["sha256"] == "bbb"
+    assert read_manifest(out).provenance.weights == "bbb"
 
 
 def test_failed_export_leaves_nothing_finished(tmp_path, monkeypatch):
-    import ddt_export.export as ex
+    import ddt_export.export.exporter as ex
 
     def boom(*a, **k):
         raise RuntimeError("simulated crash while checking")
@@ -134,20 +136,20 @@ def test_failed_export_leaves_nothing_finished(tmp_path, monkeypatch):
     monkeypatch.setattr(ex, "check_graph", boom)
     out = tmp_path / "eng"
     with pytest.raises(RuntimeError):
-        export_model(tiny_model(0), TINY, out, source={"path": None, "sha256": "a", "weights": "random"})
+        export_model(tiny_model(0), TINY, out, weights=WeightsRef("a", "random"))
     assert sorted(p.name for p in out.iterdir()) == []  # no graph, no manifest, no scratch folder
 
 
 def test_parity_failure_lists_outputs(tmp_path, monkeypatch):
-    import ddt_export.export as ex
-    from ddt_export.errors import NumericsError
+    import ddt_export.export.exporter as ex
+    from ddt_export.core.errors import NumericsError
 
     other = tiny_model(5)
     real_parity = ex.parity
     monkeypatch.setattr(ex, "parity", lambda path, spec, ref, *a, **k: real_parity(
         path, spec, type(ref)(other), *a, **k))  # compare against a different model: must fail loudly
     with pytest.raises(NumericsError, match=r"encoder.s @ batch 1: max rel err .* @ batch 3"):
-        export_model(tiny_model(0), TINY, tmp_path / "e", source={"path": None, "sha256": "a", "weights": "random"})
+        export_model(tiny_model(0), TINY, tmp_path / "e", weights=WeightsRef("a", "random"))
 
 
 def test_vae_decoder_export(tmp_path):
@@ -161,16 +163,16 @@ def test_vae_decoder_export(tmp_path):
     cfg = TINY.__class__("tiny-latent", TINY.model.__class__(**{**TINY.model.__dict__, "latent_scale": 0.18215}),
                          TINY.sampler)
     out = tmp_path / "eng"
-    man = export_model(tiny_model(0), cfg, out, source={"path": None, "sha256": "a", "weights": "random"},
+    man = export_model(tiny_model(0), cfg, out, weights=WeightsRef("a", "random"),
                        vae_dir=tmp_path / "vae")
-    assert man.graphs["vae_decoder"]["parity"]["max_rel_err"] < 1e-4
+    assert man.graphs["vae_decoder"].parity["vs_pytorch"]["max_rel_err"] < 1e-4
     z = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)
     img = ort.InferenceSession(str(out / "vae_decoder.onnx")).run(None, {"latent": z})[0]
     with torch.no_grad():
         ref = vae.decode(torch.from_numpy(z) / 0.18215).sample.numpy()  # the official LatentVAE.decode
     assert img.shape == (2, 3, 16, 16) and np.abs(img - ref).max() < 1e-4
     with pytest.raises(CheckpointError, match="config.json"):
-        export_model(tiny_model(0), cfg, tmp_path / "e2", source={"path": None, "sha256": "a", "weights": "random"},
+        export_model(tiny_model(0), cfg, tmp_path / "e2", weights=WeightsRef("a", "random"),
                      vae_dir=tmp_path)
 
 
@@ -188,7 +190,7 @@ def test_cli_export_and_convert(official_ckpt, tmp_path):
     ckpt, yaml, _ = official_ckpt
     r = cli("export", "--ckpt", ckpt, "--config", yaml, "--out", tmp_path / "e", "--weights", "raw")
     assert r.returncode == 0, r.stderr
-    assert "max rel err" in r.stdout and read_manifest(tmp_path / "e").source["weights"] == "raw"
+    assert "max rel err" in r.stdout and read_manifest(tmp_path / "e").provenance.weights_kind == "raw"
     r = cli("convert", "--ckpt", ckpt, "--config", yaml, "--out", tmp_path / "m.safetensors")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "m.json").is_file()

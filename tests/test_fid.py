@@ -10,8 +10,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from ddt_export import fid as F
-from ddt_export.errors import ArtifactError, ConfigError, InputError, NumericsError
+from ddt_export.core.images import images_from_samples
+from ddt_export.evaluate import features as X, fid as F
+from ddt_export.core.errors import ArtifactError, ConfigError, InputError, NumericsError
 
 
 # --------------------------------------------------------------------------------------- references
@@ -144,7 +145,7 @@ def fake_digits(tmp_path, monkeypatch):
     """A digits-shaped feature graph (N, 1, 16, 16) -> (N, 8), installed as the bundled one."""
     path = tmp_path / "digits_features.onnx"
     onnx_features_graph(path, 1, 16, 8)
-    monkeypatch.setattr(F, "DIGITS_ONNX", path)
+    monkeypatch.setattr(X, "DIGITS_ONNX", path)
     return path
 
 
@@ -164,7 +165,7 @@ def write_pngs(folder, images: np.ndarray):
 
 def test_digits_features_preprocess_and_batching(fake_digits):
     imgs = digit_images(23)
-    ex = F.DigitsFeatures(batch=5)  # 23 = 4 * 5 + 3: a ragged last batch
+    ex = X.DigitsFeatures(batch=5)  # 23 = 4 * 5 + 3: a ragged last batch
     feats = ex.extract(imgs)
     w = numpy_helper.to_array(onnx.load(str(fake_digits)).graph.initializer[0])
     x = imgs[..., 0].reshape(23, -1).astype(np.float64) / 127.5 - 1.0  # official uint82fp
@@ -180,35 +181,35 @@ def test_digits_features_preprocess_and_batching(fake_digits):
 
 def test_images_from_samples_rounds_like_official_fp2uint8():
     x = np.array([-1.0, -0.999, 0.0, 0.5, 1.0, 1.5]).reshape(1, 1, 1, 6)
-    np.testing.assert_array_equal(F.images_from_samples(x)[0, 0, :, 0], [0, 0, 128, 191, 255, 255])
+    np.testing.assert_array_equal(images_from_samples(x)[0, 0, :, 0], [0, 0, 128, 191, 255, 255])
 
 
 def test_inception_features_convention_and_stale_graph(tmp_path):
     path = tmp_path / "inception_fid.onnx"
-    onnx_features_graph(path, 3, None, F.INCEPTION_DIM)
+    onnx_features_graph(path, 3, None, X.INCEPTION_DIM)
     imgs = np.random.default_rng(0).integers(0, 256, (3, 20, 24, 3), dtype=np.uint8)
-    feats = F.InceptionFeatures(path).extract(imgs)
+    feats = X.InceptionFeatures(path).extract(imgs)
     w = numpy_helper.to_array(onnx.load(str(path)).graph.initializer[1])
     np.testing.assert_allclose(feats, (imgs / 255.0).mean(axis=(1, 2)) @ w, rtol=1e-4, atol=1e-4)  # [0,1] RGB
     gray = imgs[..., :1]
-    np.testing.assert_allclose(F.InceptionFeatures(path).extract(gray),
-                               F.InceptionFeatures(path).extract(np.repeat(gray, 3, -1)))
+    np.testing.assert_allclose(X.InceptionFeatures(path).extract(gray),
+                               X.InceptionFeatures(path).extract(np.repeat(gray, 3, -1)))
     (tmp_path / "inception_fid.json").write_text(json.dumps({"sha256": "0" * 64}))
     with pytest.raises(ArtifactError, match="fid-inception"):
-        F.InceptionFeatures(path)
+        X.InceptionFeatures(path)
 
 
 def test_extractor_graph_io_is_checked(tmp_path):
     path = tmp_path / "wrong.onnx"
     onnx_features_graph(path, 3, None, 16)  # 16-d, not 2048
     with pytest.raises(ArtifactError, match="2048"):
-        F.InceptionFeatures(path)
+        X.InceptionFeatures(path)
     with pytest.raises(ArtifactError, match="no file"):
-        F.InceptionFeatures(tmp_path / "missing.onnx")
+        X.InceptionFeatures(tmp_path / "missing.onnx")
     with pytest.raises(ConfigError, match="--inception-onnx"):
-        F.make_extractor("inception", None)
+        X.make_extractor("inception", None)
     with pytest.raises(ConfigError, match="digits | inception"):
-        F.make_extractor("clip")
+        X.make_extractor("clip")
 
 
 # --------------------------------------------------------------------------------------- loaders
@@ -216,13 +217,13 @@ def test_extractor_graph_io_is_checked(tmp_path):
 
 def test_npz_stats_arr0_and_folder_agree(fake_digits, tmp_path):
     imgs = digit_images(23)
-    want = F.stats_from_features(F.DigitsFeatures().extract(imgs))
+    want = F.stats_from_features(X.DigitsFeatures().extract(imgs))
     np.savez(tmp_path / "arr.npz", arr_0=imgs[..., 0])  # (N, H, W): grayscale without a channel axis
     np.savez_compressed(tmp_path / "arrc.npz", arr_0=imgs)
     folder = write_pngs(tmp_path / "samples", imgs)
     (folder / "preview").mkdir()
     Image.new("L", (100, 60)).save(folder / "preview" / "grid.png")  # generate's preview: subfolders not read
-    get = F.DigitsFeatures
+    get = X.DigitsFeatures
     for src in (tmp_path / "arr.npz", tmp_path / "arrc.npz", folder):
         got = F.load_stats(src, get, batch=5)
         assert got.n == 23 and got.dim == 8
@@ -243,7 +244,7 @@ def test_adm_reference_batch_layout(fake_digits, tmp_path):
     called = []
     stored = F.load_stats(ref, lambda: called.append(1))
     assert not called and np.array_equal(stored.mu, mu) and np.array_equal(stored.sigma, sigma)
-    fresh = F.load_stats(ref, F.DigitsFeatures, from_images=True)
+    fresh = F.load_stats(ref, X.DigitsFeatures, from_images=True)
     assert fresh.n == 12
 
 
@@ -311,7 +312,7 @@ def test_cli_fid_errors_are_one_line(tmp_path, capsys):
 # --------------------------------------------------------------------------------------- the bundled asset
 
 
-@pytest.mark.skipif(not (F.DIGITS_ONNX.is_file() and F.DIGITS_STATS.is_file()),
+@pytest.mark.skipif(not (X.DIGITS_ONNX.is_file() and X.DIGITS_STATS.is_file()),
                     reason="ddt_export/assets/digits_features.onnx / digits_stats.npz not built yet "
                            "(scripts/train_digits_features.py)")
 def test_bundled_digits_features_on_real_digits():
@@ -320,9 +321,9 @@ def test_bundled_digits_features_on_real_digits():
     from conftest import train_digits
 
     x, _ = train_digits().load_digits_16()  # (1797, 1, 16, 16) in [-1, 1], as the model was trained on them
-    real = F.images_from_samples(x.numpy())  # (1797, 16, 16, 1) uint8, as samples are saved
-    ref = F.load_stats(F.DIGITS_STATS)
-    ex = F.DigitsFeatures()
+    real = images_from_samples(x.numpy())  # (1797, 16, 16, 1) uint8, as samples are saved
+    ref = F.load_stats(X.DIGITS_STATS)
+    ex = X.DigitsFeatures()
     real_stats = F.stats_from_features(ex.extract(real))
     noise = np.random.default_rng(0).integers(0, 256, real.shape, dtype=np.uint8)
     noise_stats = F.stats_from_features(ex.extract(noise))

@@ -14,25 +14,7 @@ import cli
 
 torch = pytest.importorskip("torch")
 
-
-def official_sharing_sampler(net, noise, labels, *, num_steps, guidance, interval, last_step, recompute, null):
-    """The official stateful_flow_matching EulerSampler._impl_sampling (ODE, simple_guidance_fn), restated in torch."""
-    ts = torch.linspace(0.0, 1 - last_step, num_steps)
-    ts = torch.cat([ts, torch.tensor([1.0])])
-    ts = ts / (ts + (1 - ts) * 1.0)  # timeshift 1.0
-    b = noise.shape[0]
-    cond = torch.cat([torch.full((b,), null), labels])
-    x, state = noise, None
-    for i, (t_cur, t_next) in enumerate(zip(ts[:-1], ts[1:])):
-        dt = t_next - t_cur
-        t = t_cur.repeat(b)
-        if i in recompute:
-            state = None
-        out, state = net(torch.cat([x, x]), t.repeat(2), cond, state)
-        scale = guidance if interval[0] < t[0] < interval[1] else 1.0
-        u, c = out.chunk(2)
-        x = x + (u + scale * (c - u)) * dt
-    return x
+from official_reference import official_dp, official_sampler, official_similarity  # noqa: E402
 
 
 def run_cli(argv, capsys):
@@ -64,7 +46,7 @@ def test_generate_matches_official_sampler(engines_dir, tiny_engines, tiny_cfg, 
     assert code == 0, err
     got = np.load(tmp_path / "lat.npy")
     with torch.no_grad():
-        want = official_sharing_sampler(tiny_engines[1], torch.from_numpy(noise), torch.from_numpy(labels),
+        want = official_sampler(tiny_engines[1], torch.from_numpy(noise), torch.from_numpy(labels),
                                         num_steps=20, guidance=3.0, interval=(0.3, 1.0), last_step=0.04,
                                         recompute=list(recompute), null=m.null_class).numpy()
     rel = np.abs(got - want).max() / np.abs(want).max()
@@ -72,6 +54,33 @@ def test_generate_matches_official_sampler(engines_dir, tiny_engines, tiny_cfg, 
     assert rel < 1e-4
     assert len(list((tmp_path / "png").glob("*-class*.png"))) == 3 and (tmp_path / "png" / "preview" / "grid.png").is_file()
     assert "saved" in out
+
+
+@pytest.mark.parametrize("step_fn, shift", [("sde", 1.0), ("sde_preserve", 1.0), ("ode", 3.0)])
+def test_sampler_matches_official_sde_and_timeshift(engines_dir, tiny_engines, tiny_cfg, step_fn, shift):
+    """The host loop against the official sampler restated in torch, for a noisy step function (the step noise
+    drawn in the same order from the same generator) and for a timeshift other than 1."""
+    import dataclasses
+
+    from ddt_export.runtime import load_engines, sample
+
+    m = tiny_cfg.model
+    sampler = dataclasses.replace(tiny_cfg.sampler, step_fn=step_fn, timeshift=shift)
+    rng = np.random.default_rng(3)
+    noise = rng.standard_normal((2, *m.latent_shape), dtype=np.float32)
+    labels = np.array([4, 9], np.int64)
+    with load_engines(engines_dir) as engines:
+        got = sample(engines, noise, labels, sampler, list(range(0, 20, 2)), rng=np.random.default_rng(8))
+    draws = np.random.default_rng(8)
+    with torch.no_grad():
+        want = official_sampler(tiny_engines[1], torch.from_numpy(noise), torch.from_numpy(labels), num_steps=20,
+                                guidance=3.0, interval=(0.3, 1.0), last_step=0.04, recompute=list(range(0, 20, 2)),
+                                null=m.null_class, shift=shift, step_fn=step_fn,
+                                step_noise=lambda i: torch.from_numpy(draws.standard_normal(noise.shape,
+                                                                                            dtype=np.float32))).numpy()
+    rel = np.abs(got - want).max() / np.abs(want).max()
+    print(f"{step_fn}, timeshift {shift}: max rel err vs official sampler {rel:.2e}")
+    assert rel < 1e-4
 
 
 def test_seeded_noise_and_classes(engines_dir, tmp_path, capsys):
@@ -95,10 +104,23 @@ def test_schedule_commands_and_dp_generate(engines_dir, tmp_path, capsys):
     code, out, err = run_cli(["schedule", "--engines", engines_dir, "--steps", 10, "--recompute", 4], capsys)
     assert code == 0, err
     rec = json.loads((engines_dir / "schedule-10-4.json").read_text())
-    assert len(rec["recompute_steps"]) == 4 and rec["recompute_steps"][0] == 0 and rec["num_steps"] == 10
-    assert rec["sampler"]["num_steps"] == 10 and (engines_dir / "schedule-10-4.png").is_file()
+    assert rec["num_steps"] == 10 and rec["provenance"]["sampler"]["num_steps"] == 10
+    assert (engines_dir / "schedule-10-4.png").is_file()
     sim = np.load(engines_dir / "similarity-10.npy")
-    assert sim.shape == (10, 10)
+    # the official DP on the official similarity of the template trajectory's states (8 samples, seed 0)
+    import dataclasses
+
+    from ddt_export.runtime import load_engines, record_states
+
+    with load_engines(engines_dir) as engines:
+        m = engines.config.model
+        template = np.random.default_rng(0)
+        noise = template.standard_normal((8, *m.latent_shape), dtype=np.float32)
+        labels = template.integers(0, m.num_classes, 8, dtype=np.int64)
+        states = record_states(engines, noise, labels, dataclasses.replace(engines.config.sampler, num_steps=10))
+    want_sim = official_similarity(states).numpy()
+    np.testing.assert_allclose(sim, want_sim, atol=1e-10)
+    assert rec["recompute_steps"] == official_dp(want_sim, 4)
     code, out, err = run_cli(["schedule", "--from-similarity", engines_dir / "similarity-10.npy", "--recompute", 4,
                               "--out", tmp_path / "s.json"], capsys)
     assert code == 0, err

@@ -9,9 +9,9 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the Inception export needs the [export] extra (torch)")
 
-from ddt_export import inception as I  # noqa: E402
-from ddt_export.errors import CheckpointError  # noqa: E402
-from ddt_export.fid import InceptionFeatures  # noqa: E402
+from ddt_export.export import inception as I  # noqa: E402
+from ddt_export.core.errors import CheckpointError  # noqa: E402
+from ddt_export.evaluate.features import InceptionFeatures  # noqa: E402
 
 SMALL = 139  # same graph as 299 at ~1/4 of the compute; Mixed_7c still sees 3x3 maps, so its pools matter
 
@@ -74,9 +74,9 @@ def test_strict_loading_lists_every_mismatch(tmp_path):
     with pytest.raises(CheckpointError) as e:
         I.load_fid_weights(I.FIDInceptionV3(), tmp_path / "bad.pth")
     msg = str(e.value)
-    assert "missing (1): Mixed_6c.branch7x7_2.bn.running_mean" in msg
-    assert "unexpected (1): AuxLogits.fc.weight" in msg
-    assert "wrong shape (1): Mixed_7b.branch_pool.conv.weight (192, 1280, 3, 3) != (192, 1280, 1, 1)" in msg
+    assert "1 missing: Mixed_6c.branch7x7_2.bn.running_mean" in msg  # the one strict check's wording
+    assert "1 unexpected: AuxLogits.fc.weight" in msg
+    assert "1 shape (file vs model): Mixed_7b.branch_pool.conv.weight (192, 1280, 3, 3) vs (192, 1280, 1, 1)" in msg
 
     torch.save([1, 2], tmp_path / "list.pth")
     with pytest.raises(CheckpointError, match="state dict"):

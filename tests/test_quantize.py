@@ -5,10 +5,10 @@ import onnx
 import pytest
 from onnx import TensorProto
 
-from ddt_export.errors import ArtifactError
-from ddt_export.manifest import read_manifest
-from ddt_export.precision import graph_errors
-from ddt_export.quantize import fp8_gemm_report, gemm_roles, island_nodes
+from ddt_export.core.errors import ArtifactError
+from ddt_export.core.manifest import read_manifest
+from ddt_export.build.parity import graph_errors
+from ddt_export.build.quantize import fp8_gemm_report, gemm_roles, island_nodes
 from engines_cache import fp8_build
 
 pytest.importorskip("modelopt.onnx.quantization", reason="FP8 needs nvidia-modelopt (the [fp8] extra + --no-deps)")
@@ -60,9 +60,9 @@ def test_fp8_numerics_in_onnxruntime(fp8_dir):
         assert 1e-4 < errs[name]["max_rel_err"] < 0.1, errs  # quantized (not zero), and close
         assert errs[name]["rel_l2"] < 0.05, errs
     man = read_manifest(fp8_dir)
-    rec = man.graphs["decoder"]["parity"]["vs_fp32_onnx"]
+    rec = man.graphs["decoder"].parity["vs_fp32_onnx"]
     assert rec["inputs"] == "calibration rows" and rec["max_rel_err"] < 0.1
-    q = man.graphs["encoder"]["quantization"]
+    q = man.graphs["encoder"].info["quantization"]
     assert q["mode"] == "fp8 e4m3" and q["high_precision"] == "fp16" and q["calibration_method"] == "max"
 
 

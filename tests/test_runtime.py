@@ -9,10 +9,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from ddt_export.config import SamplerConfig
-from ddt_export.errors import ArtifactError, BackendError, InputError, NumericsError
+from ddt_export.core.config import SamplerConfig
+from ddt_export.core.errors import ArtifactError, BackendError, InputError, NumericsError
 from ddt_export.runtime import load_engines, plan_steps, record_states, sample, saved_fraction, work_rows
-from ddt_export.specs import BatchProfile
+from ddt_export.core.specs import BatchProfile
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_bad_folders(tiny_engines, tmp_path):
 
 @pytest.mark.parametrize("schedule, calls", [("all", 20), ("uniform:2", 10), ("uniform:3", 7), ([0, 5, 11], 3)])
 def test_encoder_calls_per_schedule(engines, tiny_cfg, schedule, calls):
-    from ddt_export.schedule import parse_spec, steps_for
+    from ddt_export.runtime.schedules import parse_spec, steps_for
 
     steps = steps_for(parse_spec(schedule), 20) if isinstance(schedule, str) else schedule
     seen = Counter()
@@ -99,18 +99,26 @@ def test_encoder_calls_per_schedule(engines, tiny_cfg, schedule, calls):
     assert seen["decoder"] == tiny_cfg.sampler.num_steps
 
 
-@pytest.mark.parametrize("schedule", [list(range(20)), [0, 2, 4, 6, 8, 10, 12, 14, 16, 18], [0, 5], [0, 3, 9, 17]])
-def test_cond_only_equals_full_batch(engines, tiny_cfg, schedule):
+# Rows for B = 3 on the tiny sampler (20 steps, t_i = 0.96 i / 19): steps 0..5 are outside the guidance interval
+# (3 cond rows), 6..19 inside (6 rows). A recompute step computes both halves iff one of the steps its state
+# serves is inside. Derived by hand: e.g. [0, 3, 9, 17]: step 0 serves 0..2 (3 rows), 3 serves 3..8 (6), 9 and
+# 17 (6 each) = 21 encoder rows; the decoder always 6 * 3 + 14 * 6 = 102.
+HAND_ROWS = [(list(range(20)), 6 * 3 + 14 * 6), ([0, 2, 4, 6, 8, 10, 12, 14, 16, 18], 3 * 3 + 7 * 6), ([0, 5], 3 + 6),
+             ([0, 3, 9, 17], 3 + 6 + 6 + 6)]
+
+
+@pytest.mark.parametrize("schedule, encoder_rows", HAND_ROWS)
+def test_cond_only_equals_full_batch(engines, tiny_cfg, schedule, encoder_rows):
     x, y = _inputs(tiny_cfg, 3, seed=1)
     rows = Counter()
     full = sample(engines, x, y, tiny_cfg.sampler, schedule, cond_only_outside=False)
     fast = sample(engines, x, y, tiny_cfg.sampler, schedule, cond_only_outside=True,
                   observer=lambda g, i, inp: rows.update({g: len(inp["x"])}))
     assert _rel(fast, full) < 1e-5
-    plan = plan_steps(tiny_cfg.sampler, schedule)
-    want = work_rows(plan, 3)
-    assert rows["encoder"] == want["encoder_rows"] < want["encoder_rows_full"]
-    assert rows["decoder"] == want["decoder_rows"] < want["decoder_rows_full"]
+    assert rows["encoder"] == encoder_rows and rows["decoder"] == 102
+    want = work_rows(plan_steps(tiny_cfg.sampler, schedule), 3)  # the counter the CLI prints says the same
+    assert (want["encoder_rows"], want["decoder_rows"]) == (encoder_rows, 102)
+    assert (want["encoder_rows_full"], want["decoder_rows_full"]) == (6 * len(schedule), 6 * 20)
 
 
 def test_plan_keeps_both_halves_for_guided_reuse(tiny_cfg):
@@ -135,14 +143,16 @@ def test_saved_fraction_ddt_xl_defaults():
 
 def test_batches_split_to_max_batch(tiny_engines, tiny_cfg):
     small = load_engines(tiny_engines[0])
-    small.manifest.batch = BatchProfile(1, 2, 3)
+    small.manifest.provenance = small.manifest.provenance.replace(batch=BatchProfile(1, 2, 3))
     big = load_engines(tiny_engines[0])
     x, y = _inputs(tiny_cfg, 4, seed=2)
     sizes = []
     got = sample(small, x, y, tiny_cfg.sampler, [0, 4, 8, 12, 16],
                  observer=lambda g, i, inp: sizes.append(len(inp["x"])))
-    assert max(sizes) == 3 and sum(sizes) == work_rows(plan_steps(tiny_cfg.sampler, [0, 4, 8, 12, 16]), 4)[
-        "encoder_rows"] + work_rows(plan_steps(tiny_cfg.sampler, [0, 4, 8, 12, 16]), 4)["decoder_rows"]
+    # B = 4: outside steps 0..5 are 4 cond rows (calls of 3 + 1), inside 8 rows (3 + 3 + 2); the encoder at 0
+    # serves 0..3 (outside: 4 rows), at 4 serves 4..7 (6, 7 inside: 8 rows), 8, 12, 16 (8 rows): 4 + 4 * 8 = 36;
+    # the decoder 6 * 4 + 14 * 8 = 136
+    assert max(sizes) == 3 and sum(sizes) == 36 + 136
     assert _rel(got, sample(big, x, y, tiny_cfg.sampler, [0, 4, 8, 12, 16])) < 1e-5
 
 
@@ -185,11 +195,20 @@ def test_bad_inputs(engines, tiny_cfg):
 
 
 def test_record_states(engines, tiny_cfg):
+    """Every recorded state equals an independent statement of the official full-batch loop: timesteps from
+    linspace, [uncond; cond] through both graphs every step, CFG only where 0.3 < t < 1, Euler."""
     sampler = dataclasses.replace(tiny_cfg.sampler, num_steps=6)
     x, y = _inputs(tiny_cfg, 2)
     states = record_states(engines, x, y, sampler)
     m = tiny_cfg.model
     assert states.shape == (6, 4, m.num_tokens, m.hidden_size) and states.dtype == np.float32
     y_cfg = np.concatenate([np.full(2, m.null_class), y])
-    first = engines.encoder(np.concatenate([x, x]), np.zeros(4, np.float32), y_cfg)
-    np.testing.assert_allclose(states[0], first, rtol=1e-6, atol=1e-6)
+    t = np.append(np.linspace(0.0, 1.0 - sampler.last_step, 6), 1.0)
+    xi = x.copy()
+    for i in range(6):
+        x2 = np.concatenate([xi, xi])
+        s = engines.encoder(x2, np.full(4, t[i], np.float32), y_cfg)
+        np.testing.assert_allclose(states[i], s, rtol=1e-5, atol=1e-5, err_msg=f"state {i}")
+        v = engines.decoder(x2, s)
+        scale = sampler.guidance if 0.3 < np.float32(t[i]) < 1.0 else 1.0
+        xi = xi + (v[:2] + np.float32(scale) * (v[2:] - v[:2])) * np.float32(t[i + 1] - t[i])

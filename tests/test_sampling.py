@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ddt_export import sampling
-from ddt_export.config import SamplerConfig
+from ddt_export.core import sampling
+from ddt_export.core.config import SamplerConfig
 
 
 def test_timesteps_official_formula():

@@ -11,7 +11,8 @@ import json
 import numpy as np
 import pytest
 
-from ddt_export.build import build, profile_shapes, tensorrt_status
+from ddt_export.build.engine import build
+from ddt_export.build.tensorrt import profile_shapes, tensorrt_status
 
 usable, why = tensorrt_status()
 
@@ -51,7 +52,7 @@ def test_step_kernel_compiles_without_fma():
 def test_check_raises_on_real_cuda_status():
     from cuda.bindings import nvrtc
 
-    from ddt_export.errors import BackendError
+    from ddt_export.core.errors import BackendError
     from ddt_export.runtime.trt import check
 
     prog = check(nvrtc.nvrtcCreateProgram(b"this is not CUDA", b"bad.cu", 0, [], []), "nvrtcCreateProgram")
@@ -78,26 +79,28 @@ def test_build_writes_plans_and_manifest(trt_fp16, tiny_cfg):
     out, res = trt_fp16
     man = res.manifest
     assert res.backend == "tensorrt" and man.backend == "tensorrt" and man.precision == "fp16"
-    trt = man.extra["tensorrt"]
-    assert trt["strongly_typed"] and trt["tensorrt"] and trt["gpu"] and "." in trt["compute_capability"]
-    assert trt["profiles"]["decoder"] == profile_shapes("decoder", tiny_cfg, man.batch)
+    platform = dict(man.provenance.platform)
+    assert man.tensorrt["strongly_typed"] and platform["tensorrt"] and platform["gpu"]
+    assert "." in platform["compute_capability"]
+    assert man.tensorrt["profiles"]["decoder"] == profile_shapes("decoder", man.dims, man.batch)
     for g in ("encoder", "decoder"):
-        assert (out / f"{g}.plan").is_file() and man.graphs[g]["onnx"]["sha256"]
+        assert (out / f"{g}.plan").is_file() and man.graphs[g].info["onnx"]["sha256"]
     assert (out.parent / "timing.cache").is_file()
 
 
 @needs_gpu
 def test_plans_match_onnxruntime(trt_fp16, tiny_cfg):
+    from ddt_export.core.specs import ENCODER
     from ddt_export.runtime import load_engines
-    from ddt_export.specs import ENCODER, model_dims
 
     out, _ = trt_fp16
     trt_eng, ort_eng = load_engines(out), load_engines(out / "onnx")
-    feeds = ENCODER.dummy_inputs(model_dims(tiny_cfg.model), 3, np.random.default_rng(0), tiny_cfg.model.num_classes)
+    feeds = ENCODER.dummy_inputs(trt_eng.dims, 3, np.random.default_rng(0), tiny_cfg.model.num_classes)
     s_trt, s_ort = trt_eng.encoder(**feeds), ort_eng.encoder(**feeds)
-    assert np.abs(s_trt - s_ort).max() / np.abs(s_ort).max() < 2e-2
+    # the same fp16 graph (fp32 islands) on two runtimes: only kernel rounding differs
+    assert np.abs(s_trt - s_ort).max() / np.abs(s_ort).max() < 5e-3
     v_trt, v_ort = trt_eng.decoder(feeds["x"], s_ort), ort_eng.decoder(feeds["x"], s_ort)
-    assert np.abs(v_trt - v_ort).max() / np.abs(v_ort).max() < 2e-2
+    assert np.abs(v_trt - v_ort).max() / np.abs(v_ort).max() < 5e-3
 
 
 @needs_gpu
@@ -107,13 +110,16 @@ def test_device_loop_equals_host_loop(trt_fp16, cuda_graphs):
     from ddt_export.runtime.trt import sample_on_device
 
     out, _ = trt_fp16
-    eng = load_engines(out)
+    eng, host_eng = load_engines(out), load_engines(out, device_loop=False)
+    assert eng.loop == "device" and host_eng.loop == "host"  # chosen once, at load
     sampler = eng.config.sampler
     noise = np.random.default_rng(1).standard_normal((2, 4, 8, 8), dtype=np.float32)
     labels = np.array([1, 2])
     schedule = list(range(0, sampler.num_steps, 3))
-    host = sample(eng, noise, labels, sampler, schedule)
+    host = sample(host_eng, noise, labels, sampler, schedule)
     dev = sample_on_device(eng, noise, labels, sampler, schedule, cuda_graphs=cuda_graphs)
+    if not cuda_graphs:
+        assert np.array_equal(sample(eng, noise, labels, sampler, schedule), dev)  # sample() runs the device loop
     assert np.abs(dev - host).max() / np.abs(host).max() < 1e-5  # same engines, same float32 update
 
 
@@ -121,7 +127,7 @@ def test_device_loop_equals_host_loop(trt_fp16, cuda_graphs):
 def test_reuse_and_platform_check(trt_fp16, official_ckpt, tmp_path):
     import shutil
 
-    from ddt_export.errors import BackendError
+    from ddt_export.core.errors import BackendError
     from ddt_export.runtime import load_engines
 
     out, _ = trt_fp16
@@ -130,7 +136,7 @@ def test_reuse_and_platform_check(trt_fp16, official_ckpt, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     man = json.loads((copy / "manifest.json").read_text())
-    man["extra"]["tensorrt"]["tensorrt"] = "0.0.1"
+    man["provenance"]["platform"]["tensorrt"] = "0.0.1"
     (copy / "manifest.json").write_text(json.dumps(man))
     with pytest.raises(BackendError, match="rebuild"):
         load_engines(copy)
@@ -138,11 +144,12 @@ def test_reuse_and_platform_check(trt_fp16, official_ckpt, tmp_path):
 
 @needs_gpu
 def test_fp8_engine(tmp_path, official_ckpt):
-    from ddt_export.build import FP8_MIN_CC, gpu_record
+    from ddt_export.build.tensorrt import running_platform
+    from ddt_export.core.precision import PRECISIONS
     from ddt_export.runtime import load_engines, sample
 
-    cc = tuple(int(v) for v in gpu_record()["compute_capability"].split("."))
-    if cc < FP8_MIN_CC:
+    cc = tuple(int(v) for v in running_platform()["compute_capability"].split("."))
+    if cc < PRECISIONS["fp8"].min_cc:
         pytest.skip(f"FP8 engines need compute capability >= 8.9; this GPU has {cc}")
     ckpt, yaml, _ = official_ckpt
     res = build("fp8", out=tmp_path / "fp8", ckpt=ckpt, config=str(yaml), say=lambda m: None)
@@ -151,4 +158,4 @@ def test_fp8_engine(tmp_path, official_ckpt):
     noise = np.random.default_rng(2).standard_normal((2, 4, 8, 8), dtype=np.float32)
     a = sample(eng, noise, np.array([3, 4]), sampler, list(range(sampler.num_steps)))
     b = sample(ref, noise, np.array([3, 4]), sampler, list(range(sampler.num_steps)))
-    assert np.linalg.norm(a - b) / np.linalg.norm(b) < 0.2
+    assert np.linalg.norm(a - b) / np.linalg.norm(b) < 0.05  # the CPU test's bar (test_build: FP8 acceptance)

@@ -14,10 +14,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from ddt_export.errors import ArtifactError
-from ddt_export.export import export_checkpoint
-from ddt_export.fid import OnnxFeatures
-from ddt_export.validate import relative_errors, validate
+from ddt_export.core.errors import ArtifactError
+from ddt_export.export.exporter import export_checkpoint
+from ddt_export.evaluate.features import OnnxFeatures
+from ddt_export.core.numerics import relative_errors
+from ddt_export.evaluate.validate import validate
 
 from conftest import TINY
 from engines_cache import run_cli
@@ -69,11 +70,12 @@ def folders(official_ckpt, tmp_path_factory):
     return root / "fp32", root / "fp16"
 
 
-def edited_copy(folder: Path, dest: Path, **source) -> Path:
-    """A copy of an engine folder whose manifest records another `source` (what the weights came from)."""
+def edited_copy(folder: Path, dest: Path, key: str = "source", **changes) -> Path:
+    """A copy of an engine folder whose manifest records another `source` (where the weights came from) or
+    `provenance` (what they are)."""
     shutil.copytree(folder, dest)
     man = json.loads((dest / "manifest.json").read_text())
-    man["source"].update(source)
+    man[key].update(changes)
     (dest / "manifest.json").write_text(json.dumps(man))
     return dest
 
@@ -125,7 +127,7 @@ def test_fp16_vs_fp32_folder_bounded_and_gate(folders, features, tmp_path, monke
     fid_value = rep["fid"]["engine_vs_reference"]
     assert rep["fid"]["gate"]["passed"] and 0 < fid_value < 1.0
     # the same run with a bound below the measured delta: exit 2, one line, no traceback, report still written
-    import ddt_export.validate as V
+    import ddt_export.evaluate.validate as V
 
     monkeypatch.setattr(V, "choose_features", lambda *a: (features, ""))  # the CLI knows digits/inception only
     code, text = run_cli(["validate", "--engines", fp16, "--reference", fp32, "--num", NUM, "--seed", 1,
@@ -137,7 +139,7 @@ def test_fp16_vs_fp32_folder_bounded_and_gate(folders, features, tmp_path, monke
 
 
 def test_foreign_reference_refused(folders, features, tmp_path):
-    foreign = edited_copy(folders[1], tmp_path / "foreign", sha256="0" * 64)
+    foreign = edited_copy(folders[1], tmp_path / "foreign", "provenance", weights="0" * 64)
     with pytest.raises(ArtifactError, match="same model"):
         validate(folders[0], reference=foreign, num=NUM, features=features, say=lambda m: None)
     code, text = run_cli(["validate", "--engines", folders[0], "--reference", foreign, "--num", NUM])
@@ -146,7 +148,7 @@ def test_foreign_reference_refused(folders, features, tmp_path):
 
 def test_torch_reference_must_be_rebuildable(folders, official_ckpt, features, tmp_path):
     gone = edited_copy(folders[0], tmp_path / "gone", path=str(tmp_path / "deleted.ckpt"))
-    with pytest.raises(ArtifactError, match="--reference torch.*not on this machine"):
+    with pytest.raises(ArtifactError, match="--reference torch.*checkpoint on this machine"):
         validate(gone, num=NUM, features=features, say=lambda m: None)
     changed = tmp_path / "changed.ckpt"
     changed.write_bytes(official_ckpt[0].read_bytes() + b"\0")

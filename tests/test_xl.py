@@ -10,8 +10,8 @@ pytest.importorskip("torch")
 def test_xl_256_export_random_weights(tmp_path):
     import onnx
 
-    from ddt_export.export import export_checkpoint
-    from ddt_export.manifest import read_manifest
+    from ddt_export.export.exporter import export_checkpoint
+    from ddt_export.core.manifest import read_manifest
 
     out = tmp_path / "xl"
     man = export_checkpoint(None, "ddt-xl-256", out, random_weights=True)
@@ -19,5 +19,5 @@ def test_xl_256_export_random_weights(tmp_path):
     g = onnx.load(str(out / "encoder.onnx"), load_external_data=False)
     dims = [d.dim_param or d.dim_value for d in g.graph.output[0].type.tensor_type.shape.dim]
     assert dims[1:] == [256, 1152]
-    assert all(rec["parity"]["max_rel_err"] < 1e-4 for rec in man.graphs.values())
+    assert all(rec.parity["vs_pytorch"]["max_rel_err"] < 1e-4 for rec in man.graphs.values())
     assert read_manifest(out).config.name == "ddt-xl-256"

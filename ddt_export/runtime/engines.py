@@ -1,71 +1,47 @@
-"""Engines: the graphs of one artifact folder behind one small interface, backend chosen once at load.
+"""Engines: the graphs of one artifact folder behind one small interface; backend and loop chosen once, at load.
 
-`load_engines(folder)` reads and verifies the manifest, picks the backend (ONNX Runtime here; TensorRT
-through `ddt_export.runtime.trt`, imported only when a folder asks for it), and returns an `Engines` whose
-`encoder(x, t, y) -> s`, `decoder(x, s) -> v` and `vae_decoder(latent) -> image` (None when the folder has
-no VAE) each make exactly one graph call, with every input and output checked against `ddt_export.specs`.
+    with load_engines("engines/default") as engines:      # manifest read and verified, backend opened
+        s = engines.encoder(x, t, y)                        # one graph call each, I/O checked against the specs
+        v = engines.decoder(x, s)
+        img = engines.vae_decoder(latent)                   # None when the folder has no VAE graph
+        latents = runtime.sample(engines, noise, labels, sampler, schedule)   # host or device loop
 
-A backend opens one graph as a runner: `runner.run(feeds: dict[str, ndarray]) -> dict[str, ndarray]`
-(outputs by name). The TensorRT module provides
-`open_graphs(folder: Path, manifest: Manifest) -> dict[graph name, runner]` with the same runner contract.
+`load_engines` picks the backend the manifest names (`backends.REGISTRY`) and, when that backend has a
+device-resident loop and the folder's sampler can run on it, chooses that loop for `sample()`
+(`device_loop=False` keeps the host loop). `close()` (or the `with` block) frees the backend's resources.
 """
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-from ..config import Config
-from ..errors import ArtifactError, BackendError, InputError
-from ..manifest import Manifest, read_manifest, verify_graphs
-from ..specs import DECODER, ENCODER, SPECS, VAE_DECODER, GraphSpec, model_dims
+from ..core.config import Config
+from ..core.errors import ArtifactError, BackendError, InputError
+from ..core.manifest import Manifest, read_manifest, verify_graphs
+from ..core.specs import DECODER, ENCODER, VAE_DECODER, Dims, GraphSpec
+from .backends import CHOICES, OrtBackend, backend_class
 
-BACKEND_CHOICES = ("auto", "onnxruntime", "tensorrt")
-AUTO_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")  # first available wins; TensorRT EP on request
-
-
-class OrtGraph:
-    """One ONNX graph in an onnxruntime InferenceSession."""
-
-    def __init__(self, path: Path, providers: Sequence[str]):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3  # warnings about unused initializers etc. are not the user's business
-        try:
-            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=list(providers))
-        except Exception as e:  # onnxruntime raises its own untyped exceptions for unreadable graphs
-            raise ArtifactError(str(path), "a graph onnxruntime can load", f"{type(e).__name__}: {e}")
-        self.output_names = [o.name for o in self.session.get_outputs()]
-
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
-
-
-def choose_providers(requested: Sequence[str] | None) -> list[str]:
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    if requested:
-        missing = [p for p in requested if p not in available]
-        if missing:
-            raise BackendError("onnxruntime providers", f"some of {available}", ", ".join(missing))
-        return list(requested)
-    return [p for p in AUTO_PROVIDERS if p in available][:1] or list(available[:1])
+DEFAULT_ENGINES = Path("engines/default")  # where `build` points its last build; what the sampling commands read
+NO_ENGINES_HINT = "build them first: ddt-export build --precision fp16 (or pass --engines DIR)"
 
 
 class Engines:
     """The loaded graphs of one folder; each method is one graph call with checked shapes and dtypes."""
 
-    def __init__(self, folder: Path, manifest: Manifest, backend_name: str, runners: dict):
-        self.folder, self.manifest, self.backend_name = Path(folder), manifest, backend_name
+    def __init__(self, folder: Path, manifest: Manifest, backend, runners: dict, device_loop: bool = True):
+        self.folder, self.manifest, self.backend = Path(folder), manifest, backend
+        self.backend_name = backend.describe()
         self._runners = runners
-        vae_rec = manifest.graphs.get(VAE_DECODER.name, {})
-        self.dims = model_dims(manifest.config.model, vae_rec.get("image_channels", 3), vae_rec.get("factor", 8))
-        vae = runners.get(VAE_DECODER.name)
-        self.vae_decoder: Callable[[np.ndarray], np.ndarray] | None = self._vae_decoder if vae else None
+        self.dims: Dims = manifest.dims
+        self.vae_decoder: Callable[[np.ndarray], np.ndarray] | None = (
+            self._vae_decoder if VAE_DECODER.name in runners else None)
+        caps = backend.capabilities
+        use_device = (device_loop and caps.device_loop
+                      and manifest.config.sampler.step_fn in caps.device_step_fns)
+        # the loop `runtime.sample` runs, decided here once: the backend's device sampler, or None (host loop)
+        self.device_sampler = backend.device_sampler(self) if use_device else None
 
     @property
     def config(self) -> Config:
@@ -78,6 +54,14 @@ class Engines:
     @property
     def min_batch(self) -> int:
         return self.manifest.batch.min
+
+    @property
+    def loop(self) -> str:
+        return "device" if self.device_sampler is not None else "host"
+
+    def runner(self, graph: str):
+        """The backend's runner of one graph (KeyError when the folder has no such graph)."""
+        return self._runners[graph]
 
     def encoder(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
         """x (B, C, H, W) float32, t (B,) float32, y (B,) int64 -> s (B, L, D) float32."""
@@ -110,13 +94,30 @@ class Engines:
                                     f"{o.dtype} {o.shape}", "the graph does not match its manifest")
         return outs
 
+    def close(self) -> None:
+        """Free what the backend holds (device sampler, runners, the backend's own resources); idempotent."""
+        if self.device_sampler is not None:
+            self.device_sampler.close()
+            self.device_sampler = None
+        for r in self._runners.values():
+            r.close()
+        self._runners = {}
+        self.backend.close()
 
-def load_engines(folder: Path, backend: str = "auto", providers: Sequence[str] | None = None) -> Engines:
-    """Engines of an export/build folder; the backend is chosen here, once."""
+    def __enter__(self) -> "Engines":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def load_engines(folder: Path, backend: str = "auto", providers: Sequence[str] | None = None, *,
+                 device_loop: bool = True) -> Engines:
+    """Engines of an export/build folder; the backend (and the loop `sample` uses) are chosen here, once."""
     folder = Path(folder)
-    if backend not in BACKEND_CHOICES:
-        raise BackendError("--backend", " | ".join(BACKEND_CHOICES), backend)
-    man = read_manifest(folder)
+    if backend not in CHOICES:
+        raise BackendError("--backend", " | ".join(CHOICES), backend)
+    man = read_manifest(folder, NO_ENGINES_HINT)
     missing = [g for g in (ENCODER.name, DECODER.name) if g not in man.graphs]
     if missing:
         raise ArtifactError(f"{folder}/manifest.json", "encoder and decoder graphs", f"missing {', '.join(missing)}")
@@ -124,16 +125,14 @@ def load_engines(folder: Path, backend: str = "auto", providers: Sequence[str] |
     name = man.backend if backend == "auto" else backend
     if name != man.backend:
         raise BackendError(f"backend for {folder}", f"{man.backend} (what the folder was built for)", name)
-    if name == "tensorrt":
-        try:
-            trt = importlib.import_module("ddt_export.runtime.trt")
-            runners = trt.open_graphs(folder, man)
-        except ImportError as e:
-            raise BackendError("TensorRT backend", "tensorrt and cuda-python importable with a GPU", repr(e),
-                               "install the [tensorrt] extra, or build an onnxruntime folder")
-        return Engines(folder, man, "tensorrt", runners)
-    if name != "onnxruntime":
-        raise ArtifactError(f"{folder}/manifest.json: backend", "onnxruntime | tensorrt", name)
-    chosen = choose_providers(providers)
-    runners = {g: OrtGraph(folder / rec["file"], chosen) for g, rec in man.graphs.items() if g in SPECS}
-    return Engines(folder, man, f"onnxruntime ({chosen[0]})", runners)
+    try:
+        impl = OrtBackend(providers) if name == "onnxruntime" else backend_class(name)(folder, man)
+    except (ImportError, OSError) as e:  # OSError: a wheel whose shared library (libnvinfer, libcudart) won't load
+        raise BackendError(f"{name} backend for {folder}", "its packages importable and a usable device", repr(e),
+                           "install the backend's extra (e.g. [tensorrt-cu12]), or build an onnxruntime folder")
+    try:
+        runners = impl.open(folder, man)
+        return Engines(folder, man, impl, runners, device_loop)
+    except BaseException:
+        impl.close()
+        raise

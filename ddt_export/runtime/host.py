@@ -16,13 +16,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..config import SamplerConfig
-from ..errors import InputError, NumericsError
-from ..sampling import cfg_combine, euler_step, guidance_scale, step_times
-from ..schedule import validate_steps
+from ..core.config import SamplerConfig
+from ..core.errors import InputError, NumericsError
+from ..core.log import Progress
+from ..core.sampling import cfg_combine, euler_step, guidance_scale, step_times
+from .schedules import validate_steps
 
 Observer = Callable[[str, int, dict], None]  # (graph, step, inputs) before every graph call
-Progress = Callable[[int, int], None]  # (steps done, total)
 
 
 @dataclass(frozen=True)
@@ -147,8 +147,14 @@ def sample(engines, noise: np.ndarray, labels: np.ndarray, sampler: SamplerConfi
            rng: np.random.Generator | None = None) -> np.ndarray:
     """Final latents (B, C, H, W) float32 from noise (B, C, H, W) and labels (B,), encoder on `schedule` steps.
 
+    Runs the loop the engines chose at load: their device sampler (TensorRT: x and s stay on the GPU) or this
+    module's host loop. An `observer` sees graph inputs as host arrays, so it always runs the host loop.
     rng draws the SDE step functions' noise (default: a generator seeded with 0, for reproducibility).
     """
+    device = getattr(engines, "device_sampler", None)
+    if device is not None and observer is None:
+        return device.sample(noise, labels, sampler, schedule, cond_only_outside=cond_only_outside,
+                             progress=progress)
     x, labels = check_inputs(engines, noise, labels)
     steps = plan_steps(sampler, schedule, cond_only_outside)
     return _run(engines, x, labels, sampler, steps, observer, progress, rng or np.random.default_rng(0))

@@ -1,11 +1,12 @@
 """TensorRT backend: the plans of a `ddt-export build` folder, run through cuda-python. Never imports torch.
 
-Imported only by `load_engines` for folders whose manifest says backend "tensorrt" (tensorrt and
-cuda.bindings are imported here, lazily, inside functions). Two ways to run:
-- `open_graphs(folder, manifest)`: one runner per plan with the host loop's contract
+Imported only by `load_engines` (through `backends.REGISTRY`) for folders whose manifest says backend
+"tensorrt" (tensorrt and cuda.bindings are imported here, lazily, inside functions). `TrtBackend` runs:
+- `open(folder, manifest)`: one runner per plan with the host loop's contract
   (`run(feeds) -> outputs`, numpy in and out): inputs are copied into device buffers allocated once for the
   manifest's max batch, `execute_async_v3` on one stream, outputs copied back.
-- `sample_on_device(engines, ...)`: the same sampler (same plan of steps, `host.plan_steps`) with the state
+- `device_sampler(engines)` -> `sample_on_device(engines, ...)`, which `runtime.sample` calls on a TensorRT
+  folder (the loop is chosen once, at load): the same sampler (same plan of steps, `host.plan_steps`) with the state
   on the GPU: x stays on the device in float32, the encoder's output buffer s is bound as the decoder's input
   (its conditional half by pointer offset, no copy), and CFG + Euler is one small NVRTC kernel. Optional CUDA
   graph per (engine, batch, bindings). Only the ODE step function (the FID configs' sampler).
@@ -22,9 +23,10 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import ArtifactError, BackendError, InputError, NumericsError
-from ..manifest import Manifest
-from ..specs import SPECS, GraphSpec, model_dims
+from ..core.errors import ArtifactError, BackendError, InputError, NumericsError
+from ..core.manifest import Manifest
+from ..core.specs import SPECS, GraphSpec
+from .backends import Capabilities
 
 _STATUS_TYPES = ("cudaError_t", "CUresult", "nvrtcResult")
 
@@ -72,7 +74,7 @@ def _handle(obj) -> int:
 
 
 def running_platform() -> dict:
-    """{"tensorrt", "gpu", "compute_capability"} of this process, in the form build manifests record."""
+    """{"tensorrt", "gpu", "compute_capability"} of this process, as TensorRT provenance records its platform."""
     import tensorrt as trt
     from cuda.bindings import runtime as cudart
 
@@ -83,9 +85,9 @@ def running_platform() -> dict:
 
 
 def check_compatible(folder: Path, man: Manifest) -> None:
-    rec = man.extra.get("tensorrt") or {}
-    now = running_platform()
-    diffs = [f"{k}: built {rec.get(k)!r}, running {v!r}" for k, v in now.items() if rec.get(k) != v]
+    """TensorRT plans run only on the TensorRT version and GPU they were built with: the provenance decides."""
+    running = man.provenance.replace(platform=running_platform())
+    diffs = man.provenance.diff(running, ("platform",))
     if diffs:
         raise BackendError(f"TensorRT plans in {folder}", "the TensorRT version and GPU they were built with",
                            "; ".join(diffs), f"rebuild: ddt-export build --precision {man.precision} --force")
@@ -117,7 +119,7 @@ def _copy(dst: int, src: int, nbytes: int, kind: str, stream) -> None:
     check(cudart.cudaMemcpyAsync(dst, src, nbytes, k, stream), f"cudaMemcpyAsync {kind} ({nbytes} bytes)")
 
 
-def _nbytes(spec_tensor, dims: dict, batch: int) -> int:
+def _nbytes(spec_tensor, dims, batch: int) -> int:
     return int(np.prod(spec_tensor.shape(dims, batch))) * np.dtype(spec_tensor.dtype).itemsize
 
 
@@ -127,7 +129,7 @@ def _nbytes(spec_tensor, dims: dict, batch: int) -> int:
 class TrtGraph:
     """One deserialized plan: an execution context, device buffers for max batch, optional CUDA graphs."""
 
-    def __init__(self, runtime, plan: bytes, spec: GraphSpec, dims: dict, max_batch: int, stream,
+    def __init__(self, runtime, plan: bytes, spec: GraphSpec, dims, max_batch: int, stream,
                  cuda_graphs: bool = False):
         self.spec, self.dims, self.max_batch, self.stream, self.cuda_graphs = spec, dims, max_batch, stream, cuda_graphs
         self.engine = check(runtime.deserialize_cuda_engine(plan), f"deserialize {spec.name}.plan")
@@ -197,21 +199,53 @@ class TrtGraph:
             buf.free()
 
 
-def open_graphs(folder: Path, manifest: Manifest, cuda_graphs: bool = False) -> dict[str, TrtGraph]:
-    """{graph name: runner} for a TensorRT build folder, after checking TensorRT version and GPU."""
-    import tensorrt as trt
-    from cuda.bindings import runtime as cudart
+class TrtBackend:
+    """The `tensorrt` backend: one runner per plan on one CUDA stream; a device-resident sampler (ODE)."""
 
-    folder = Path(folder)
-    check_compatible(folder, manifest)
-    logger = trt.Logger(trt.Logger.WARNING)
-    runtime = check(trt.Runtime(logger), "trt.Runtime")
-    stream = check(cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking), "cudaStreamCreateWithFlags")
-    vae = manifest.graphs.get("vae_decoder", {})
-    dims = model_dims(manifest.config.model, vae.get("image_channels", 3), vae.get("factor", 8))
-    return {name: TrtGraph(runtime, (folder / rec["file"]).read_bytes(), SPECS[name], dims, manifest.batch.max,
-                           stream, cuda_graphs)
-            for name, rec in manifest.graphs.items() if name in SPECS}
+    name = "tensorrt"
+    capabilities = Capabilities(device_loop=True, device_step_fns=("ode",))
+
+    def __init__(self, folder: Path, manifest: Manifest):
+        import tensorrt as trt
+        from cuda.bindings import runtime as cudart
+
+        check_compatible(Path(folder), manifest)
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = check(trt.Runtime(self.logger), "trt.Runtime")
+        self.stream = check(cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking),
+                            "cudaStreamCreateWithFlags")
+
+    def open(self, folder: Path, manifest: Manifest) -> dict[str, "TrtGraph"]:
+        return {name: TrtGraph(self.runtime, (Path(folder) / rec.file).read_bytes(), SPECS[name], manifest.dims,
+                               manifest.batch.max, self.stream)
+                for name, rec in manifest.graphs.items() if name in SPECS}
+
+    def describe(self) -> str:
+        return "tensorrt"
+
+    def device_sampler(self, engines) -> "DeviceSampler":
+        return DeviceSampler(engines)
+
+    def close(self) -> None:
+        from cuda.bindings import runtime as cudart
+
+        if self.stream is not None:
+            check(cudart.cudaStreamDestroy(self.stream), "cudaStreamDestroy")
+            self.stream = None
+
+
+class DeviceSampler:
+    """`runtime.sample` on a TensorRT `Engines` with x and s resident on the GPU (see `sample_on_device`)."""
+
+    def __init__(self, engines):
+        self.engines = engines
+
+    def sample(self, noise, labels, sampler, schedule, *, cond_only_outside: bool = True, progress=None):
+        return sample_on_device(self.engines, noise, labels, sampler, schedule,
+                                cond_only_outside=cond_only_outside, progress=progress)
+
+    def close(self) -> None:
+        self.engines = None
 
 
 # ------------------------------------------------------------------------------------------ device-resident loop
@@ -270,8 +304,7 @@ def sample_on_device(engines, noise: np.ndarray, labels: np.ndarray, sampler, sc
 
     from .host import check_inputs, plan_steps
 
-    graphs = getattr(engines, "_runners", {})
-    enc, dec = graphs.get("encoder"), graphs.get("decoder")
+    enc, dec = engines.runner("encoder"), engines.runner("decoder")
     if not isinstance(enc, TrtGraph) or not isinstance(dec, TrtGraph):
         raise BackendError("device sampling", "engines loaded from a TensorRT folder", engines.backend_name)
     if sampler.step_fn != "ode":

@@ -1,0 +1,111 @@
+"""Commands that make artifacts: convert, export, calibrate, build."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..build.calibrate import DEFAULT_NUM as CALIBRATION_NUM
+from ..build.engine import DEFAULT_HIGH_PRECISION, DEFAULT_OPT_LEVEL
+from ..core.precision import NAMES as PRECISIONS
+from ..core.specs import BatchProfile
+from ..runtime.backends import CHOICES as BACKENDS
+from .common import say, step_progress
+
+WEIGHTS_HELP = "ema | raw: which weights of a Lightning checkpoint"
+TRUST_HELP = "allow pickle code in the checkpoint (executes it!)"
+CONFIG_HELP = "preset name, official DDT YAML, or config JSON"
+
+
+def convert(
+    ckpt: Path = typer.Option(..., help="official Lightning .ckpt, a plain state dict (.pt/.pth) or .safetensors"),
+    config: Optional[str] = typer.Option(None, help=CONFIG_HELP),
+    out: Path = typer.Option(..., help="output .safetensors; the config JSON is written beside it"),
+    weights: str = typer.Option("ema", help=WEIGHTS_HELP),
+    trust_checkpoint: bool = typer.Option(False, help=TRUST_HELP),
+):
+    """Convert a checkpoint to safetensors + config JSON."""
+    from ..core.config import load_config
+    from ..export.checkpoint import convert_checkpoint
+
+    st, js = convert_checkpoint(ckpt, load_config(config), out, weights=weights, trust=trust_checkpoint)
+    print(f"wrote {st} and {js}")
+
+
+def export(
+    ckpt: Optional[Path] = typer.Option(None, help="checkpoint; default: the bundled model's weights"),
+    config: Optional[str] = typer.Option(None, help=CONFIG_HELP),
+    out: Path = typer.Option(Path("engines/fp32"), help="output folder"),
+    weights: str = typer.Option("ema", help=WEIGHTS_HELP),
+    vae: Optional[Path] = typer.Option(None, help="local diffusers AutoencoderKL folder (latent models); no downloads"),
+    random_weights: bool = typer.Option(False, help="random weights (shape checks, benchmarks); no --ckpt"),
+    trust_checkpoint: bool = typer.Option(False, help=TRUST_HELP),
+    force: bool = typer.Option(False, help="overwrite a folder holding another model's artifacts"),
+):
+    """Export encoder.onnx (x,t,y -> s), decoder.onnx (x,s -> v) and vae_decoder.onnx, checked against PyTorch."""
+    from ..export.exporter import export_checkpoint
+
+    man = export_checkpoint(ckpt, config, out, weights=weights, vae_dir=vae, random_weights=random_weights,
+                            trust=trust_checkpoint, force=force)
+    for name, g in man.graphs.items():
+        print(f"{name}: {out / g.file}  max rel err vs PyTorch {g.parity['vs_pytorch']['max_rel_err']:.2e}")
+    print(f"wrote {out / 'manifest.json'}")
+
+
+def calibrate(
+    engines: Path = typer.Option(Path("engines/fp32"), help="fp32 export folder (`ddt-export export`)"),
+    num: int = typer.Option(CALIBRATION_NUM, help="images per trajectory batch (the CFG batch is twice this)"),
+    seed: int = typer.Option(0, help="noise seed: numpy default_rng(seed).standard_normal"),
+    schedule: Optional[str] = typer.Option(None, help="the schedule that will run: all | uniform:R | dp:K | FILE.json"),
+    classes: Optional[Path] = typer.Option(None, help="file of class ids (text or 1-D .npy), cycled to --num"),
+    steps: Optional[int] = typer.Option(None, help="sampling steps (default: the manifest's sampler)"),
+    out: Optional[Path] = typer.Option(None, help="output folder (default: calibration/<config name>)"),
+):
+    """Capture encoder/decoder inputs of real trajectories on fp32 graphs (every step, full CFG batch)."""
+    from ..build.calibrate import capture, read_classes
+
+    bar, progress = step_progress("calibration trajectories")
+    with bar:
+        out, rec = capture(engines, out, num=num, seed=seed, classes=read_classes(classes) if classes else None,
+                           schedule=schedule, steps=steps, progress=progress, say=say)
+    for name, g in rec["graphs"].items():
+        print(f"{name}: {g['rows_stored']} of {g['rows_captured']} rows -> {out / g['file']}")
+    print(f"wrote {out / 'manifest.json'} ({rec['provenance']['sampler']['num_steps']} steps, "
+          f"schedule {rec['schedule']['spec']})")
+
+
+def build(
+    precision: str = typer.Option(..., help=" | ".join(PRECISIONS)),
+    ckpt: Optional[Path] = typer.Option(None, help="checkpoint; default: the bundled model's weights"),
+    config: Optional[str] = typer.Option(None, help=CONFIG_HELP),
+    out: Optional[Path] = typer.Option(None, help="engine folder (default: engines/<precision>, and engines/default "
+                                                  "is pointed at it)"),
+    batch: str = typer.Option(str(BatchProfile()), help="engine batch range MIN:OPT:MAX (CFG rows: 2 per image)"),
+    timing_cache: Optional[Path] = typer.Option(None, help="TensorRT timing cache file (read and updated)"),
+    force: bool = typer.Option(False, help="rebuild a folder built from something else"),
+    vae: Optional[Path] = typer.Option(None, help="local diffusers AutoencoderKL folder (latent models)"),
+    high_precision: str = typer.Option(DEFAULT_HIGH_PRECISION, help="fp8 only: fp16 | bf16 for everything not in FP8"),
+    calibration: Optional[Path] = typer.Option(None, help="fp8 only: calibration folder (default: captured into OUT)"),
+    weights: str = typer.Option("ema", help=WEIGHTS_HELP),
+    opt_level: int = typer.Option(DEFAULT_OPT_LEVEL, help="TensorRT builder optimization level 0-5"),
+    backend: str = typer.Option("auto", help=" | ".join(BACKENDS) + " (auto: TensorRT if usable)"),
+    trust_checkpoint: bool = typer.Option(False, help=TRUST_HELP),
+):
+    """Export, quantize (fp8) and build the engines of one precision; without TensorRT, an ONNX Runtime folder."""
+    from ..build.engine import build as run_build
+
+    bar, progress = step_progress("calibration steps")  # shown while fp8 captures its calibration
+    with bar:
+        res = run_build(precision, out=out, ckpt=ckpt, config=config, batch=BatchProfile.parse(batch),
+                        timing_cache=timing_cache, force=force, vae=vae, high_precision=high_precision,
+                        calibration=calibration, weights=weights, trust=trust_checkpoint, opt_level=opt_level,
+                        backend=backend, say=say, progress=progress)
+    for name, g in res.manifest.graphs.items():
+        shown = ", ".join(f"{k} {v['max_rel_err']:.2e}" if "max_rel_err" in v else f"{k}: {next(iter(v.values()))}"
+                          for k, v in g.parity.items())
+        print(f"{name}: {res.folder / g.file}" + (f"  max rel err [{shown}]" if shown else ""))
+        if "quantization" in g.info:
+            q = g.info["quantization"]["fp8_gemms"]
+            print(f"  FP8 block GEMMs: {q['block_fp8']}/{q['block_gemms']}")
+    print(f"{'reused' if res.reused else 'built'} {res.folder} ({precision}, backend {res.backend})")

@@ -1,0 +1,142 @@
+"""Commands that measure: fid, fid-inception, validate, bench."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from ..evaluate.bench import DEFAULT_BATCHES, DEFAULT_REPEATS, DEFAULT_SCHEDULES
+from ..evaluate.features import DEFAULT_BATCH as FEATURE_BATCH
+from ..evaluate.validate import DEFAULT_NUM as VALIDATE_NUM
+from ..runtime.engines import DEFAULT_ENGINES
+from .common import console, say, step_progress
+
+
+def fid(
+    a: Path = typer.Argument(..., metavar="A", help="ADM-style .npz (mu/sigma, or arr_0 uint8 NHWC) or PNG folder"),
+    b: Path = typer.Argument(..., metavar="B", help="the other side, same kinds"),
+    features: str = typer.Option("digits", help="digits | inception: the extractor for image inputs"),
+    inception_onnx: Optional[Path] = typer.Option(None, help="inception_fid.onnx from `ddt-export fid-inception`"),
+    batch: int = typer.Option(FEATURE_BATCH, help="images per feature-extractor call"),
+    from_images: bool = typer.Option(False, help="recompute stats from arr_0 even where mu/sigma are stored"),
+):
+    """Frechet distance between two image sets or statistics; the distance alone is the last line printed."""
+    from ..evaluate.fid import fid_from_paths
+
+    res = fid_from_paths(a, b, features=features, inception_onnx=inception_onnx, batch=batch,
+                         from_images=from_images)
+    for s in (res.a, res.b):
+        console.print(s.describe(), highlight=False, soft_wrap=True)
+    if res.features == "inception" and any(s.n is None for s in (res.a, res.b)):
+        console.print("note: stored statistics are used as they are; ADM's were made with the TF graph, whose "
+                      "preprocessing differs from pytorch-fid's (use --from-images for one convention)",
+                      highlight=False, soft_wrap=True)
+    print(f"{res.value:.6f}")
+
+
+def fid_inception(
+    weights: Path = typer.Option(..., help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (no download)"),
+    out: Path = typer.Option(Path("engines/fid"), help="folder for inception_fid.onnx and inception_fid.json"),
+):
+    """Export pytorch-fid's FID Inception-v3 to ONNX (needs torch), checked against PyTorch."""
+    import json
+
+    from ..export.inception import INFO_NAME, export_inception
+
+    path = export_inception(weights, out)
+    info = json.loads((out / INFO_NAME).read_text())
+    if not info["source"]["official"]:
+        console.print(f"note: {weights} has sha256 {info['source']['sha256'][:12]}, not pytorch-fid's 6726825d...; "
+                      "its features are not the FID ones unless it holds the same weights", highlight=False,
+                      soft_wrap=True)
+    print(f"{path}: max rel err vs PyTorch {info['parity']['max_rel_err']:.2e} (tol {info['parity']['tol']:.1e})")
+    print(f"wrote {path} and {out / INFO_NAME}")
+
+
+def validate(
+    engines: Path = typer.Option(DEFAULT_ENGINES, help="engine folder to validate"),
+    reference: str = typer.Option("torch", help="torch (fp32 PyTorch from the manifest's checkpoint) | DIR2 "
+                                                "(a second engine folder of the same model)"),
+    num: int = typer.Option(VALIDATE_NUM, help="number of samples, labels 0, 1, ... cycled"),
+    seed: int = typer.Option(0, help="noise seed: numpy default_rng(seed).standard_normal"),
+    schedule: Optional[str] = typer.Option(None, help="encoder schedule of both sides: all | uniform:R | dp:K | FILE"),
+    stats: Optional[Path] = typer.Option(None, help="data statistics .npz (ADM-style mu/sigma or arr_0 images); "
+                                                    "default for the digits model: the bundled digits_stats.npz"),
+    max_fid_delta: Optional[float] = typer.Option(None, help="fail (exit 2) when the FID delta exceeds this"),
+    features: Optional[str] = typer.Option(None, help="digits | inception (default: digits for the digits model)"),
+    inception_onnx: Optional[Path] = typer.Option(None, help="inception_fid.onnx from `ddt-export fid-inception`"),
+    out: Path = typer.Option(Path("validation"), help="folder for report.json and side_by_side.png"),
+):
+    """Engines vs a reference from identical noise: latent error, per-tensor parity, FID; the FID delta gate."""
+    from ..evaluate.validate import validate as run_validate
+
+    bar, progress = step_progress("validating (sample-steps)")
+    with bar:
+        rep = run_validate(engines, reference=reference, num=num, seed=seed, schedule=schedule, stats=stats,
+                           features=features, inception_onnx=inception_onnx, max_fid_delta=max_fid_delta, out=out,
+                           progress=progress, say=say)
+    r, e = rep["reference"], rep["latent_rel_err"]
+    print(f"{rep['num']} samples, schedule {rep['schedule']['spec']}: {rep['engines']['precision']} engines vs "
+          f"{r['kind']} {r['precision']} reference")
+    print(f"final latent rel err: mean {e['mean']:.3e}  p99 {e['p99']:.3e}  max {e['max']:.3e}")
+    for name, p in rep["parity"].items():
+        print(f"{name} at step {p['step']}: max rel err {p['max_rel_err']:.3e} (tol {p['tolerance']:.1e}), "
+              f"rel L2 {p['rel_l2']:.3e}")
+    f = rep["fid"]
+    if "skipped" in f:
+        print(f"FID skipped: {f['skipped']}")
+    else:
+        print(f"FID ({f['features']} features) engine vs reference: {f['engine_vs_reference']:.4f}")
+        if "engine_vs_data" in f:
+            print(f"FID vs data ({f['stats']}): engine {f['engine_vs_data']:.4f}, "
+                  f"reference {f['reference_vs_data']:.4f}")
+        gate = f.get("gate")
+        print(f"delta {f['delta_definition']} = {f['delta']:.4f}"
+              + (f" <= {gate['max_fid_delta']:g}: passed" if gate else ""))
+    print(f"wrote {out / 'report.json'} and {out / 'side_by_side.png'}")
+
+
+def bench(
+    engines: Path = typer.Option(DEFAULT_ENGINES, help="engine folder (export or build output)"),
+    batch: List[int] = typer.Option(list(DEFAULT_BATCHES), help="batch sizes in images (repeat the option)"),
+    steps: Optional[int] = typer.Option(None, help="sampling steps (default: the manifest's)"),
+    schedule: List[str] = typer.Option(list(DEFAULT_SCHEDULES), help="encoder schedules (repeat); `all` always runs"),
+    repeats: int = typer.Option(DEFAULT_REPEATS, help="timed repeats per measurement (after one warm-up)"),
+    torch_baseline: bool = typer.Option(True, help="also time the PyTorch reference (needs the [export] extra)"),
+    cond_only: bool = typer.Option(True, help="skip the unconditional half outside the guidance interval"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write all numbers as JSON"),
+    plot: Optional[Path] = typer.Option(None, help="PNG of images/s against batch size and schedule"),
+):
+    """Per-stage latency, images/s per batch and schedule, sharing speed-up measured vs predicted, vs PyTorch."""
+    from rich.table import Table
+
+    from ..evaluate.bench import bench as run_bench, write_outputs
+
+    res = run_bench(engines, batches=batch, steps=steps, schedules=schedule, repeats=repeats,
+                    torch_variants=None if torch_baseline else (), cond_only=(cond_only,),
+                    say=say)
+    out = Console(width=140)
+    t = Table(title=f"stages: one call ({res.model}, {res.precision})")
+    for c in ("backend", "graph", "rows", "median ms", "min..max ms"):
+        t.add_column(c)
+    for s in res.stages:
+        t.add_row(s["backend"], s["graph"], str(s["rows"]), f"{1e3 * s['s']['median']:.2f}",
+                  f"{1e3 * s['s']['lo']:.2f}..{1e3 * s['s']['hi']:.2f}")
+    out.print(t)
+    t = Table(title=f"trajectories: {res.steps} steps")
+    for c in ("backend", "batch", "schedule", "enc calls", "median s", "images/s", "host share"):
+        t.add_column(c)
+    for r in res.runs:
+        t.add_row(r["backend"], str(r["batch"]), r["schedule"], str(r["encoder_calls"]), f"{r['s']['median']:.3f}",
+                  f"{r['images_per_s']:.3f}", f"{r['host_fraction']:.1%}" if "host_fraction" in r else "-")
+    out.print(t)
+    t = Table(title="encoder sharing: speed-up over `all`")
+    for c in ("backend", "batch", "schedule", "recompute", "predicted (FLOPs)", "measured"):
+        t.add_column(c)
+    for s in res.sharing:
+        t.add_row(s["backend"], str(s["batch"]), s["schedule"], f"{s['recompute_fraction']:.2f}",
+                  f"{s['predicted']:.2f}x", f"{s['measured']:.2f}x")
+    out.print(t)
+    write_outputs(res, json_out, plot)

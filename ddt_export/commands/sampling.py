@@ -1,0 +1,73 @@
+"""Commands that sample: generate, schedule."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ..runtime.backends import CHOICES as BACKENDS
+from ..runtime.engines import DEFAULT_ENGINES
+from ..runtime.schedules import TEMPLATE_SAMPLES, TEMPLATE_SEED
+from .common import say, step_progress
+
+SCHEDULE_HELP = "encoder schedule: all | uniform:R | dp:K | FILE.json"
+
+
+def generate(
+    engines: Path = typer.Option(DEFAULT_ENGINES, help="engine folder written by `export` or `build`"),
+    class_: Optional[List[int]] = typer.Option(None, "--class", help="class id; repeat for several (cycled to --num)"),
+    labels: Optional[Path] = typer.Option(None, help="class ids as a 1-D integer .npy (instead of --class)"),
+    num: Optional[int] = typer.Option(None, help="number of images (default: the classes given, or 8)"),
+    seed: int = typer.Option(0, help="noise seed: numpy default_rng(seed).standard_normal"),
+    steps: Optional[int] = typer.Option(None, help="sampling steps (default: the manifest's sampler)"),
+    cfg: Optional[float] = typer.Option(None, help="CFG scale inside the guidance interval (default: manifest)"),
+    schedule: Optional[str] = typer.Option(None, help=SCHEDULE_HELP),
+    noise: Optional[Path] = typer.Option(None, help="initial noise (B, C, H, W) .npy, for exact reproduction"),
+    latents_out: Optional[Path] = typer.Option(None, help="write the final latents (before the VAE) as .npy"),
+    out: Path = typer.Option(Path("samples"), help="folder for one PNG per sample (and preview/grid.png)"),
+    backend: str = typer.Option("auto", help=" | ".join(BACKENDS)),
+):
+    """Sample images with the engines: torch-free host loop, encoder only on the schedule's steps."""
+    from ..runtime.generate import generate as run_generate
+
+    bar, progress = step_progress("sampling")
+    t0 = time.perf_counter()
+    with bar:
+        res = run_generate(engines, classes=class_, labels_file=labels, num=num, seed=seed, steps=steps, cfg=cfg,
+                           schedule=schedule, noise_file=noise, latents_out=latents_out, out_dir=out,
+                           backend=backend, progress=progress, say=say)
+    r, n = res.rows, res.sampler.num_steps
+    print(f"{len(res.labels)} samples, {n} steps, cfg {res.sampler.guidance}, schedule {res.schedule_spec}: "
+          f"encoder {r['encoder_calls']}/{n} steps, backend {res.backend}, {time.perf_counter() - t0:.1f} s")
+    print(f"cond-only outside the guidance interval: encoder rows {r['encoder_rows']}/{r['encoder_rows_full']}, "
+          f"decoder rows {r['decoder_rows']}/{r['decoder_rows_full']}, {100 * res.saved:.1f}% of the work saved")
+    if latents_out is not None:
+        print(f"wrote {latents_out}")
+    if res.grid is not None:
+        print(f"wrote {len(res.images)} PNGs and {res.grid}")
+
+
+def schedule(
+    engines: Optional[Path] = typer.Option(None, help="engine folder: run the template trajectory on it"),
+    steps: Optional[int] = typer.Option(None, help="sampling steps N (default: the manifest's sampler)"),
+    recompute: int = typer.Option(..., help="K: number of steps on which the encoder runs"),
+    cfg: Optional[float] = typer.Option(None, help="CFG scale of the template trajectory (default: manifest)"),
+    seed: int = typer.Option(TEMPLATE_SEED, help=f"template seed ({TEMPLATE_SAMPLES} samples)"),
+    from_similarity: Optional[Path] = typer.Option(None, help="solve from a saved similarity-N.npy instead"),
+    out: Optional[Path] = typer.Option(None, help="with --from-similarity: the schedule JSON to write"),
+):
+    """Choose the encoder's recompute steps with the statistical DP; store them with the engines."""
+    from ..runtime.schedules import make_schedule
+
+    bar, progress = step_progress("template trajectory")
+    with bar:
+        rec, paths = make_schedule(recompute, engines_dir=engines, from_similarity=from_similarity, out=out,
+                                   steps=steps, cfg=cfg, seed=seed, progress=progress)
+    print(f"recompute steps ({len(rec['recompute_steps'])} of {rec['num_steps']}): {rec['recompute_steps']}")
+    if "uniform" in rec:
+        u = rec["uniform"]
+        print(f"cumulative error: dp {rec['cost']:.4g}, uniform:{u['rate']} ({u['recompute']} steps) {u['cost']:.4g}")
+    for p in paths.values():
+        print(f"wrote {p}")

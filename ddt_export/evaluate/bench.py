@@ -1,0 +1,237 @@
+"""`ddt-export bench`: where the time goes, engines against the PyTorch original, measured in one run.
+
+- Stages: one encoder call, one decoder call (2B CFG rows), the VAE decoder (B rows), each timed alone.
+- Runs: whole `generate` trajectories (host loop + graph calls) per batch size and schedule; images/s, and the
+  host's share (loop wall time minus time inside graph calls).
+- Baselines: the PyTorch reference on the same weights and inputs — eager fp32 on CPU (the official loop:
+  full 2B batch every step); on a GPU also bf16 eager and torch.compile.
+- Sharing: the speed-up of each schedule over `all`, measured, against the FLOP model (`flops.py`).
+Warm-up runs are excluded; every number is a median over repeats with its min/max spread.
+Torch is imported only for the PyTorch baselines.
+"""
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..core.artifacts import atomic_path, library_versions, write_json
+from ..core.flops import step_flops
+from ..core.log import Say
+from ..core.noise import make_noise
+from ..runtime import load_engines, sample
+from ..runtime.schedules import resolve_schedule
+
+DEFAULT_BATCHES = (1, 4)
+DEFAULT_SCHEDULES = ("all", "uniform:2")
+DEFAULT_REPEATS = 3
+TORCH_VARIANTS = ("torch-eager-fp32", "torch-eager-bf16", "torch-compile-bf16")  # = export.reference.VARIANTS
+
+
+@dataclass
+class Timing:
+    median: float
+    lo: float
+    hi: float
+    n: int
+
+    @staticmethod
+    def of(xs: Sequence[float]) -> "Timing":
+        return Timing(statistics.median(xs), min(xs), max(xs), len(xs))
+
+
+def timeit(fn: Callable[[], object], repeats: int, warmup: int = 1) -> Timing:
+    for _ in range(warmup):
+        fn()
+    xs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        xs.append(time.perf_counter() - t0)
+    return Timing.of(xs)
+
+
+class TimedEngines:
+    """Engines whose graph calls add their wall time to `spent`; everything else passes through."""
+
+    def __init__(self, engines):
+        self._e = engines
+        self.spent = defaultdict(float)
+
+    def __getattr__(self, name):
+        return getattr(self._e, name)
+
+    def encoder(self, **kw):
+        t0 = time.perf_counter()
+        out = self._e.encoder(**kw)
+        self.spent["encoder"] += time.perf_counter() - t0
+        return out
+
+    def decoder(self, **kw):
+        t0 = time.perf_counter()
+        out = self._e.decoder(**kw)
+        self.spent["decoder"] += time.perf_counter() - t0
+        return out
+
+
+@dataclass
+class BenchResult:
+    model: str
+    engines: str
+    backend: str
+    precision: str
+    steps: int
+    machine: dict = field(default_factory=dict)
+    stages: list = field(default_factory=list)  # {backend, graph, batch(rows), ms: Timing}
+    runs: list = field(default_factory=list)  # {backend, batch, schedule, cond_only, s: Timing, images_per_s, ...}
+    sharing: list = field(default_factory=list)  # {backend, batch, schedule, predicted, measured}
+
+
+def machine_info() -> dict:
+    import os
+
+    info = {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(), "versions": library_versions(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    try:
+        import onnxruntime as ort
+
+        info["onnxruntime_providers"] = ort.get_available_providers()
+    except ImportError:
+        pass
+    return info
+
+
+def torch_reference(engines, variant: str):
+    """The PyTorch reference of `variant` on the engines' model, or the reason it is not available here."""
+    from ..core.errors import DDTExportError
+
+    try:
+        from ..export.reference import TorchReference
+    except ImportError:
+        return "needs PyTorch (the [export] extra)"
+    try:
+        return TorchReference(engines.manifest, variant)
+    except DDTExportError as e:  # no GPU for a GPU variant, a checkpoint that is gone or changed: skipped, said
+        return str(e)
+
+
+def bench(engines_dir: Path, *, batches: Sequence[int] = DEFAULT_BATCHES, steps: int | None = None,
+          schedules: Sequence[str] = DEFAULT_SCHEDULES, repeats: int = DEFAULT_REPEATS,
+          torch_variants: Sequence[str] | None = None, cond_only: Sequence[bool] = (True,),
+          say: Say = print) -> BenchResult:
+    with load_engines(engines_dir, device_loop=False) as engines:  # the host loop: its share is measured
+        sampler = engines.config.sampler
+        if steps is not None:
+            from dataclasses import replace
+
+            sampler = replace(sampler, num_steps=steps)
+        m = engines.config.model
+        res = BenchResult(engines.config.name, str(engines_dir), engines.backend_name, engines.manifest.precision,
+                          sampler.num_steps, machine_info())
+        flops = step_flops(m)
+        if torch_variants is None:
+            torch_variants = TORCH_VARIANTS
+        schedules = ["all"] + [s for s in schedules if s != "all"]  # the reference for measured speed-ups
+        resolved = {spec: resolve_schedule(spec, engines, sampler, say=say)[0] for spec in schedules}
+        rng = np.random.default_rng(0)
+
+        # stages: one call each, CFG rows
+        for b in batches:
+            rows = 2 * b
+            x = rng.standard_normal((rows, *m.latent_shape), dtype=np.float32)
+            t = np.full(rows, 0.5, np.float32)
+            y = np.zeros(rows, np.int64)
+            s = engines.encoder(x=x, t=t, y=y)
+            res.stages.append({"backend": engines.backend_name, "graph": "encoder", "rows": rows,
+                               "s": asdict(timeit(lambda: engines.encoder(x=x, t=t, y=y), repeats))})
+            res.stages.append({"backend": engines.backend_name, "graph": "decoder", "rows": rows,
+                               "s": asdict(timeit(lambda: engines.decoder(x=x, s=s), repeats))})
+            if engines.vae_decoder is not None:
+                res.stages.append({"backend": engines.backend_name, "graph": "vae_decoder", "rows": b,
+                                   "s": asdict(timeit(lambda: engines.vae_decoder(x[:b]), repeats))})
+
+        # whole trajectories on the engines
+        for b in batches:
+            noise, labels = make_noise(0, b, m.latent_shape), np.arange(b, dtype=np.int64) % m.num_classes
+            for co in cond_only:
+                base = None
+                for spec, sched in resolved.items():
+                    timed = TimedEngines(engines)
+                    sample(timed, noise, labels, sampler, sched, cond_only_outside=co)  # warm-up
+                    walls, host = [], []
+                    for _ in range(repeats):
+                        timed.spent.clear()
+                        t0 = time.perf_counter()
+                        sample(timed, noise, labels, sampler, sched, cond_only_outside=co)
+                        w = time.perf_counter() - t0
+                        walls.append(w)
+                        host.append((w - sum(timed.spent.values())) / w)
+                    tm = Timing.of(walls)
+                    run = {"backend": engines.backend_name, "batch": b, "schedule": spec, "cond_only": co,
+                           "encoder_calls": len(sched), "s": asdict(tm), "images_per_s": b / tm.median,
+                           "host_fraction": statistics.median(host)}
+                    res.runs.append(run)
+                    say(f"{engines.backend_name:>12} batch {b:>3} {spec:>12} cond_only={co}: "
+                        f"{run['images_per_s']:.3f} img/s (host {run['host_fraction']:.1%})")
+                    if spec == "all":
+                        base = tm.median
+                for r in res.runs:
+                    if r["batch"] == b and r["cond_only"] == co and r["backend"] == engines.backend_name and base:
+                        frac = r["encoder_calls"] / sampler.num_steps
+                        res.sharing.append({"backend": r["backend"], "batch": b, "schedule": r["schedule"],
+                                            "cond_only": co, "recompute_fraction": frac,
+                                            "predicted": flops.predicted_speedup(frac),
+                                            "measured": base / r["s"]["median"]})
+
+        # PyTorch baselines: the official loop, same weights, noise, labels and schedules
+        for variant in torch_variants:
+            ref = torch_reference(engines, variant)
+            if isinstance(ref, str):
+                say(f"{variant}: skipped ({ref})")
+                continue
+            for b in batches:
+                for graph in ("encoder", "decoder"):
+                    res.stages.append({"backend": variant, "graph": graph, "rows": 2 * b,
+                                       "s": asdict(timeit(ref.stage(graph, 2 * b), repeats))})
+                noise, labels = make_noise(0, b, m.latent_shape), np.arange(b, dtype=np.int64) % m.num_classes
+                for spec, sched in resolved.items():
+                    tm = timeit(lambda: ref.sample(noise, labels, sampler, sched), repeats)
+                    res.runs.append({"backend": variant, "batch": b, "schedule": spec, "cond_only": False,
+                                     "encoder_calls": len(sched), "s": asdict(tm), "images_per_s": b / tm.median})
+                    say(f"{variant:>12} batch {b:>3} {spec:>12}: {b / tm.median:.3f} img/s")
+        return res
+
+
+def write_outputs(res: BenchResult, json_path: Path | None, plot_path: Path | None) -> None:
+    if json_path:
+        write_json(Path(json_path), asdict(res))
+    if plot_path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        series = defaultdict(list)
+        for r in res.runs:
+            series[(r["backend"], r["schedule"], r["cond_only"])].append((r["batch"], r["images_per_s"]))
+        for (backend, spec, co), pts in sorted(series.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                    label=f"{backend} {spec}" + (" cond-only" if co else ""))
+        ax.set_xlabel("batch (images)")
+        ax.set_ylabel("images / s")
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{res.model} {res.precision}, {res.steps} steps")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        with atomic_path(Path(plot_path)) as tmp:
+            fig.savefig(tmp, format="png", dpi=120)
+        plt.close(fig)

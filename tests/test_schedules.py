@@ -1,0 +1,99 @@
+"""The statistical DP against a plain-loop restatement of the official sharing_dp; schedule specs."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ddt_export.runtime import dp, schedules as sch
+from ddt_export.core.errors import InputError, NumericsError
+from official_reference import official_dp
+
+
+
+
+def _random_sim(rng, n, levels=None):
+    a = rng.standard_normal((n, 6))
+    a /= np.linalg.norm(a, axis=1, keepdims=True)
+    sim = a @ a.T
+    if levels:  # few distinct values: many exact ties in the DP
+        sim = np.round(sim * levels) / levels
+    return sim
+
+
+@pytest.mark.parametrize("levels", [None, 2, 4])
+def test_dp_matches_official_loops(levels):
+    rng = np.random.default_rng(levels or 0)
+    for n in (1, 2, 3, 5, 8, 13, 20, 31):
+        sim = _random_sim(rng, n, levels)
+        for k in sorted({1, min(2, n), max(1, n // 3), max(1, n // 2), max(1, n - 1), n}):
+            steps, cost = dp.solve_dp(sim, k)
+            assert steps == official_dp(sim, k), (n, k, levels)
+            assert len(steps) == k and steps[0] == 0
+            assert cost == pytest.approx(dp.schedule_cost(sim, steps), abs=1e-12)
+
+
+def test_dp_ties_constant_matrix():
+    sim = np.ones((12, 12))  # every schedule costs 0: the first minimum decides
+    for k in (1, 3, 6, 12):
+        assert dp.solve_dp(sim, k)[0] == official_dp(sim, k)
+
+
+def test_dp_beats_uniform_at_equal_k():
+    rng = np.random.default_rng(3)
+    sim = _random_sim(rng, 24)
+    steps, cost = dp.solve_dp(sim, 6)
+    assert cost <= dp.schedule_cost(sim, sch.uniform_steps(24, 4)) + 1e-12
+
+
+def test_cumulative_error_bitwise_equal_to_loops():
+    sim = _random_sim(np.random.default_rng(7), 17)
+    err = (1 - sim).tolist()
+    for i in range(1, 17):
+        for j in range(i):
+            err[i][j] = err[i - 1][j] + err[i][j]
+    np.testing.assert_array_equal(dp.cumulative_error(sim), np.array(err))
+
+
+def test_similarity_is_mean_token_cosine():
+    rng = np.random.default_rng(0)
+    states = rng.standard_normal((5, 3, 4, 8)).astype(np.float32)  # N B L D
+    tok = states.reshape(5, 12, 8).astype(np.float64)
+    want = np.zeros((5, 5))
+    for i in range(5):
+        for j in range(5):
+            a, b = tok[i], tok[j]
+            want[i, j] = np.mean((a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1))
+    np.testing.assert_allclose(dp.similarity(states), want, atol=1e-12)
+    np.testing.assert_allclose(dp.similarity(states, chunk_tokens=5), want, atol=1e-12)
+
+
+def test_specs_and_validation(tmp_path):
+    assert sch.steps_for(sch.parse_spec("all"), 5) == [0, 1, 2, 3, 4]
+    assert sch.steps_for(sch.parse_spec("uniform:2"), 5) == [0, 2, 4]
+    assert sch.parse_spec("dp:7") == sch.ScheduleSpec("dp", 7)
+    for bad in ("uniform:0", "dp:x", "dp:-1", "every", "missing.json"):
+        with pytest.raises(InputError):
+            sch.parse_spec(bad)
+    for bad in ([], [1, 2], [0, 2, 2], [0, 3, 1], [0, 5], ["a"]):
+        with pytest.raises(InputError):
+            sch.validate_steps(bad, 5)
+    f = tmp_path / "s.json"
+    f.write_text(json.dumps({"recompute_steps": [0, 2, 3], "num_steps": 5}))
+    assert sch.steps_for(sch.parse_spec(str(f)), 5) == [0, 2, 3]
+    with pytest.raises(InputError, match="num_steps"):
+        sch.steps_for(sch.parse_spec(str(f)), 6)
+    f.write_text(json.dumps({"steps": [0]}))
+    with pytest.raises(InputError, match="recompute_steps"):
+        sch.steps_for(sch.parse_spec(str(f)), 5)
+    with pytest.raises(InputError):
+        dp.solve_dp(np.ones((4, 4)), 5)
+    with pytest.raises(NumericsError):
+        dp.solve_dp(np.full((4, 4), np.nan), 2)
+
+
+def test_heatmap_png(tmp_path):
+    sim = _random_sim(np.random.default_rng(1), 10)
+    p = dp.plot_heatmap(sim, [0, 4, 7], tmp_path / "h.png")
+    assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
