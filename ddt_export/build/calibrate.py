@@ -107,7 +107,7 @@ def capture(engines_dir: Path, out: Path | None = None, *, num: int = DEFAULT_NU
             say: Say = print) -> tuple[Path, dict]:
     """Run the calibration trajectories on an fp32 engine folder and write `out` (default: `default_out`).
     Returns (out, its manifest dict)."""
-    from ..core.noise import make_noise
+    from ..core.noise import StepNoise, sample_noise
     from ..runtime import load_engines, plan_steps, sample, work_rows
     from ..runtime.generate import make_labels, sampler_for
     from ..runtime.schedules import resolve_schedule
@@ -121,7 +121,7 @@ def capture(engines_dir: Path, out: Path | None = None, *, num: int = DEFAULT_NU
             raise InputError("--engines", "an fp32 export (calibration runs the fp32 graphs)",
                              f"a {man.precision} folder: {engines_dir}")
         labels = make_labels(m.num_classes, list(classes) if classes else None, None, num)
-        noise = make_noise(seed, num, m.latent_shape)
+        noise = sample_noise(seed, range(num), m.latent_shape)
         sampler = sampler_for(engines, steps)
         recompute, spec = resolve_schedule(schedule, engines, sampler, say)
         rows = work_rows(plan_steps(sampler, recompute, cond_only_outside=False), num)
@@ -129,6 +129,7 @@ def capture(engines_dir: Path, out: Path | None = None, *, num: int = DEFAULT_NU
         recorders = {s.name: _Recorder(s, totals[s.name], _row_budget(s, engines.dims, max_rows, max_bytes))
                      for s in CAPTURED}
         sample(engines, noise, labels, sampler, recompute, cond_only_outside=False, progress=progress,
+               rng=StepNoise(seed, range(num)),
                observer=lambda graph, step, inputs: recorders[graph](step, inputs) if graph in recorders else None)
     record = {
         "kind": KIND, "format_version": FORMAT_VERSION, "name": man.name,

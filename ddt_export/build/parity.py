@@ -103,7 +103,7 @@ def files_errors(files: dict[str, Path], precision: Precision, dims: Dims, num_c
 def sample_error(folder: Path, ref_folder: Path, *, num: int = 4, seed: int = 0, steps: int | None = None,
                  schedule: Sequence[int] | None = None, labels: Sequence[int] | None = None) -> dict:
     """Final latents of the host loop on `folder` vs on `ref_folder`, same noise, labels, sampler, schedule."""
-    from ..core.noise import make_noise
+    from ..core.noise import StepNoise, sample_noise
     from ..runtime import load_engines, sample
     from ..runtime.generate import make_labels, sampler_for
 
@@ -112,9 +112,9 @@ def sample_error(folder: Path, ref_folder: Path, *, num: int = 4, seed: int = 0,
         sampler = sampler_for(ref, steps)
         recompute = list(schedule) if schedule is not None else list(range(sampler.num_steps))
         y = make_labels(m.num_classes, list(labels) if labels else None, None, num)
-        noise = make_noise(seed, num, m.latent_shape)
-        a = sample(eng, noise, y, sampler, recompute)
-        b = sample(ref, noise, y, sampler, recompute)
+        noise = sample_noise(seed, range(num), m.latent_shape)
+        a = sample(eng, noise, y, sampler, recompute, rng=StepNoise(seed, range(num)))
+        b = sample(ref, noise, y, sampler, recompute, rng=StepNoise(seed, range(num)))
     max_rel, rel_l2 = tensor_errors(a, b)
     per_sample = relative_errors(a, b).tolist()
     return {"final_latent_rel_l2": rel_l2, "final_latent_max_rel_err": max_rel, "per_sample_rel_l2": per_sample,

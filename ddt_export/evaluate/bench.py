@@ -24,7 +24,7 @@ import numpy as np
 from ..core.artifacts import atomic_path, library_versions, write_json
 from ..core.flops import step_flops
 from ..core.log import Say
-from ..core.noise import make_noise
+from ..core.noise import sample_noise
 from ..runtime import load_engines, sample
 from ..runtime.schedules import resolve_schedule
 
@@ -159,7 +159,7 @@ def bench(engines_dir: Path, *, batches: Sequence[int] = DEFAULT_BATCHES, steps:
 
         # whole trajectories on the engines
         for b in batches:
-            noise, labels = make_noise(0, b, m.latent_shape), np.arange(b, dtype=np.int64) % m.num_classes
+            noise, labels = sample_noise(0, range(b), m.latent_shape), np.arange(b, dtype=np.int64) % m.num_classes
             for co in cond_only:
                 base = None
                 for spec, sched in resolved.items():
@@ -200,7 +200,7 @@ def bench(engines_dir: Path, *, batches: Sequence[int] = DEFAULT_BATCHES, steps:
                 for graph in ("encoder", "decoder"):
                     res.stages.append({"backend": variant, "graph": graph, "rows": 2 * b,
                                        "s": asdict(timeit(ref.stage(graph, 2 * b), repeats))})
-                noise, labels = make_noise(0, b, m.latent_shape), np.arange(b, dtype=np.int64) % m.num_classes
+                noise, labels = sample_noise(0, range(b), m.latent_shape), np.arange(b, dtype=np.int64) % m.num_classes
                 for spec, sched in resolved.items():
                     tm = timeit(lambda: ref.sample(noise, labels, sampler, sched), repeats)
                     res.runs.append({"backend": variant, "batch": b, "schedule": spec, "cond_only": False,

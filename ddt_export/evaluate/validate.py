@@ -30,7 +30,7 @@ from ..core.artifacts import library_versions, write_json
 from ..core.errors import ArtifactError, ConfigError, InputError, NumericsError
 from ..core.images import images_from_samples, save_png, tile
 from ..core.log import Progress, Say
-from ..core.noise import make_noise
+from ..core.noise import StepNoise, sample_noise
 from ..core.numerics import relative_errors, tensor_errors
 from ..core.specs import DECODER, ENCODER
 from ..runtime import Engines, load_engines, sample
@@ -181,11 +181,11 @@ def _sample_pairs(engines: Engines, ref, noise: np.ndarray, labels: np.ndarray, 
         b = len(y)
         t0 = time.perf_counter()
         a = sample(engines, x0, y, sampler, recompute, observer=capture if lo == 0 else None,
-                   progress=_ticker(progress, done, b, total), rng=np.random.default_rng([seed, lo, 1]))
+                   progress=_ticker(progress, done, b, total), rng=StepNoise(seed, range(lo, lo + b)))
         timing["engine_s"] += time.perf_counter() - t0
         done += b * sampler.num_steps
         t0 = time.perf_counter()
-        r = ref.sample(x0, y, sampler, recompute, np.random.default_rng([seed, lo, 1]),  # same SDE noise
+        r = ref.sample(x0, y, sampler, recompute, StepNoise(seed, range(lo, lo + b)),  # same SDE noise
                        progress=_ticker(progress, done, b, total))
         timing["reference_s"] += time.perf_counter() - t0
         done += b * sampler.num_steps
@@ -244,7 +244,7 @@ def validate(engines_dir: Path, *, reference: str | Path = "torch", num: int | N
         if data is not None and getattr(extractor, "dim", None) is not None:
             _check_dims(data, extractor.dim, extractor.name)  # before minutes of sampling
         recompute, spec = resolve_schedule(schedule, engines, sampler, say)
-        noise = make_noise(seed, num, m.latent_shape)  # (num, C, H, W) float32
+        noise = sample_noise(seed, range(num), m.latent_shape)  # (num, C, H, W) float32, per sample
         labels = make_labels(m.num_classes, None, None, num)  # 0, 1, ..., C-1 cycled
         pstep = parity_step(recompute, sampler.num_steps)
         capture = _Capture(pstep)
@@ -267,7 +267,7 @@ def validate(engines_dir: Path, *, reference: str | Path = "torch", num: int | N
             "model": {"name": engines.config.name, "sha256": engines.manifest.provenance.weights,
                       "weights": engines.manifest.provenance.weights_kind},
             "num": num, "seed": seed, "labels": f"0..{m.num_classes - 1} cycled",
-            "noise": f"numpy default_rng({seed}).standard_normal(({num}, {', '.join(map(str, m.latent_shape))}))",
+            "noise": f"per sample i: numpy default_rng([{seed}, i]) (core.noise)",
             "sampler": dataclasses.asdict(sampler),
             "schedule": {"spec": spec, "recompute_steps": list(recompute)},
             "images": "vae_decoder graph" if engines.vae_decoder is not None else "latents (pixel space)",

@@ -20,7 +20,7 @@ from ..core.config import SamplerConfig
 from ..core.errors import InputError
 from ..core.images import images_from_samples, save_png, tile
 from ..core.log import Say
-from ..core.noise import make_noise
+from ..core.noise import StepNoise, sample_noise
 from .engines import Engines, load_engines
 from .host import call_graph, plan_steps, sample, saved_fraction, work_rows
 from .schedules import resolve_schedule
@@ -126,12 +126,12 @@ def generate(engines_dir: Path, *, classes: Sequence[int] | None = None, labels_
             num = noise.shape[0] if noise.ndim == 4 else num
         labels = make_labels(m.num_classes, classes, labels_file, num)
         if noise_file is None:
-            noise = make_noise(seed, labels.shape[0], m.latent_shape)
+            noise = sample_noise(seed, range(labels.shape[0]), m.latent_shape)
         recompute, spec = resolve_schedule(schedule, engines, sampler, say)
         plan = plan_steps(sampler, recompute, cond_only_outside)
         rows = work_rows(plan, labels.shape[0])
         latents = sample(engines, noise, labels, sampler, recompute, progress=progress,
-                         cond_only_outside=cond_only_outside, rng=np.random.default_rng(seed + 1))
+                         cond_only_outside=cond_only_outside, rng=StepNoise(seed, range(labels.shape[0])))
         if latents_out is not None:
             save_npy(latents_out, latents)
         images, grid = [], None

@@ -149,7 +149,8 @@ def sample(engines, noise: np.ndarray, labels: np.ndarray, sampler: SamplerConfi
 
     Runs the loop the engines chose at load: their device sampler (TensorRT: x and s stay on the GPU) or this
     module's host loop. An `observer` sees graph inputs as host arrays, so it always runs the host loop.
-    rng draws the SDE step functions' noise (default: a generator seeded with 0, for reproducibility).
+    rng draws the SDE step functions' noise: a `core.noise.StepNoise` (per sample, what every command passes) or
+    any numpy Generator (default: one seeded with 0).
     """
     device = getattr(engines, "device_sampler", None)
     if device is not None and observer is None:

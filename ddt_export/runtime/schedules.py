@@ -23,6 +23,7 @@ from ..core.artifacts import load_npy, save_npy, write_json
 from ..core.config import SamplerConfig
 from ..core.errors import ArtifactError, InputError
 from ..core.log import Say
+from ..core.noise import sample_noise
 from ..core.provenance import Provenance
 from .dp import plot_heatmap, schedule_cost, similarity, solve_dp
 
@@ -143,9 +144,8 @@ def compute_schedule(engines, sampler: SamplerConfig, recompute: int, *, seed: i
     n, m = sampler.num_steps, engines.config.model
     if not 1 <= recompute <= n:
         raise InputError("--recompute K", f"1 <= K <= --steps = {n}", recompute)
-    rng = np.random.default_rng(seed)
-    noise = rng.standard_normal((TEMPLATE_SAMPLES, *m.latent_shape), dtype=np.float32)
-    labels = rng.integers(0, m.num_classes, TEMPLATE_SAMPLES, dtype=np.int64)
+    noise = sample_noise(seed, range(TEMPLATE_SAMPLES), m.latent_shape)  # (8, C, H, W), per sample
+    labels = np.random.default_rng(seed).integers(0, m.num_classes, TEMPLATE_SAMPLES, dtype=np.int64)
     sim = similarity(record_states(engines, noise, labels, sampler, progress=progress))  # (N, N) float64
     steps, cost = solve_dp(sim, recompute)
     rate = math.ceil(n / recompute)  # the sparsest uniform schedule with no more steps than the DP's
