@@ -13,7 +13,7 @@ from typing import List, Optional
 import typer
 from rich.markup import escape
 
-from ddt_export.commands import artifacts, quality, sampling
+from ddt_export.commands import artifacts, quality, sampling, serving
 from ddt_export.commands.common import console
 from ddt_export.core.errors import DDTExportError
 
@@ -24,6 +24,7 @@ COMMANDS = {
     "convert": artifacts.convert, "export": artifacts.export, "calibrate": artifacts.calibrate,
     "build": artifacts.build, "generate": sampling.generate, "schedule": sampling.schedule,
     "fid": quality.fid, "fid-inception": quality.fid_inception, "validate": quality.validate, "bench": quality.bench,
+    "serve": serving.serve,
 }
 for _name, _fn in COMMANDS.items():
     app.command(_name)(_fn)

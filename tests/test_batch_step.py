@@ -137,7 +137,7 @@ def test_resolve_request_names_the_field(engines):
         resolve_request(engines, label=0, num=1, interval=(0.8, 0.2))
     with pytest.raises(InputError, match=r"^timeshift: expected > 0"):
         resolve_request(engines, label=0, num=1, timeshift=0.0)
-    with pytest.raises(InputError, match=r"dp:K: expected K <= 5 steps, got 9"):
+    with pytest.raises(InputError, match=r"^schedule dp:K: expected K <= 5 steps, got 9"):
         resolve_request(engines, label=0, num=1, steps=5, schedule="dp:9")
     with pytest.raises(InputError, match=r"^class: expected a class id in \[0, 10\), got 10"):
         resolve_request(engines, label=10, num=1)

@@ -7,8 +7,8 @@ names are its digits "0".."9". ImageNet models take the official DDT repo's `ima
     | 0        | tench, Tinca tinca                 |
 
 (the first cell must equal the line's index), or as a bare label (`tench, Tinca tinca`). A class is found by
-its full label or by any one of its comma-separated synonyms that no other class shares (ImageNet has two
-"crane"s and two "maillot"s: those names are refused, naming the candidates), case-insensitively.
+its full label (first: ImageNet's 517 is "crane", its 134 "crane, bird") or by any one of its comma-separated
+synonyms that no other class shares (a shared one is refused, naming the candidates), case-insensitively.
 """
 from __future__ import annotations
 
@@ -51,14 +51,15 @@ class ClassNames:
     """Labels of a model's classes by id; `resolve` turns a request's `class` into an id."""
 
     labels: list[str]
-    source: str = "class ids"
-    _by_key: dict[str, list[int]] = field(default_factory=dict, repr=False)
+    source: str = ""  # the names file, if any
+    _by_label: dict[str, list[int]] = field(default_factory=dict, repr=False)
+    _by_synonym: dict[str, list[int]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         for i, label in enumerate(self.labels):
-            keys = {_key(label)} | {_key(p) for p in label.split(",") if _key(p)}
-            for k in keys:
-                self._by_key.setdefault(k, []).append(i)
+            self._by_label.setdefault(_key(label), []).append(i)
+            for k in {_key(p) for p in label.split(",") if _key(p)}:
+                self._by_synonym.setdefault(k, []).append(i)
 
     @staticmethod
     def ids(num_classes: int) -> "ClassNames":
@@ -90,7 +91,7 @@ class ClassNames:
             if not 0 <= value < n:
                 raise InputError("class", f"a class id in [0, {n})", value)
             return value
-        hits = self._by_key.get(_key(value), [])
+        hits = self._by_label.get(_key(value)) or self._by_synonym.get(_key(value), [])
         if len(hits) == 1:
             return hits[0]
         if len(hits) > 1:
@@ -98,4 +99,5 @@ class ClassNames:
                              f"{value!r} ({'; '.join(f'{i}: {self.labels[i]}' for i in hits)})")
         if value.strip().isdigit():  # "7" where the names are not the ids: the id
             return self.resolve(int(value))
-        raise InputError("class", f"a class id in [0, {n}) or a class name from {self.source}", repr(value)[:120])
+        where = f" from {self.source}" if self.source else ""
+        raise InputError("class", f"a class id in [0, {n}) or a class name{where}", repr(value)[:120])

@@ -63,7 +63,10 @@ def resolve_request(engines, label: int, num: int, seed: int = 0, steps: int | N
     except ConfigError as e:  # named by the request's field, not the config's
         raise InputError(e.thing.replace("sampler.guidance_interval", "interval").replace("sampler.", ""),
                          e.expected, e.actual)
-    recompute, spec = resolve_schedule(schedule, engines, sampler, say)
+    try:
+        recompute, spec = resolve_schedule(schedule, engines, sampler, say)
+    except InputError as e:  # "--schedule dp:K: ..." is the request's "schedule" field
+        raise InputError(e.thing.replace("--schedule", "schedule"), e.expected, e.actual, e.hint)
     return RequestSpec(int(label), int(num), int(seed), sampler, tuple(recompute), spec)
 
 

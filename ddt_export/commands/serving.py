@@ -1,0 +1,45 @@
+"""`ddt-export serve`: the HTTP server (needs the [serve] extra)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..runtime.backends import CHOICES as BACKENDS
+from ..runtime.batching import POLICIES
+from ..runtime.engines import DEFAULT_ENGINES
+from ..serve.settings import BATCHING, LOOPBACK, MAX_DELAY_MS, MAX_QUEUE, MAX_STEPS, PORT, ServeSettings
+from .common import say
+
+
+def serve(
+    engines: Path = typer.Option(DEFAULT_ENGINES, help="engine folder written by `export` or `build`"),
+    host: str = typer.Option(LOOPBACK, help="address to bind (loopback unless told otherwise)"),
+    port: int = typer.Option(PORT, help="TCP port"),
+    max_queue: int = typer.Option(MAX_QUEUE, help="waiting requests before new ones get 503 (Retry-After)"),
+    max_images_per_request: Optional[int] = typer.Option(
+        None, help="largest num per request (default: batch.max / 2, a guided image takes 2 rows)"),
+    max_steps: int = typer.Option(MAX_STEPS, help="largest steps per request"),
+    batching: str = typer.Option(BATCHING, help="step: requests join the batch at every step boundary; request: "
+                                 "Triton-style groups run to completion; single: one request at a time"),
+    max_delay_ms: float = typer.Option(MAX_DELAY_MS, help="--batching request: how long the oldest waiting "
+                                       "request waits for others to join its group"),
+    class_names: Optional[Path] = typer.Option(None, help="class labels, one per line in id order (the official "
+                                               "imagenet_classlabels.txt format); default: the ids"),
+    backend: str = typer.Option("auto", help=" | ".join(BACKENDS)),
+    lifetime: Optional[float] = typer.Option(None, help="seconds after which the server drains and exits 0 "
+                                             "(tests, benchmarks)"),
+    log_level: str = typer.Option("warning", help="uvicorn log level (info shows the access log)"),
+):
+    """Serve the engines over HTTP: POST /v1/generate (JSON or SSE), /health, /metrics, a web page at /."""
+    from ..serve.server import serve as run_server
+
+    if batching not in POLICIES:
+        from ..core.errors import ConfigError
+
+        raise ConfigError("--batching", " | ".join(POLICIES), batching)
+    settings = ServeSettings(batching=batching, max_delay_ms=max_delay_ms, max_queue=max_queue,
+                             max_images_per_request=max_images_per_request, max_steps=max_steps,
+                             class_names=class_names, backend=backend)
+    run_server(engines, settings, host, port, lifetime_s=lifetime, log_level=log_level, say=say)

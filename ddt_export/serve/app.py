@@ -1,0 +1,237 @@
+"""The HTTP app: FastAPI over the step-level batch loop. `create_app(engines_dir, settings)` is the factory a
+uvicorn server (`ddt-export serve`) or a Ray Serve deployment wraps.
+
+    POST /v1/generate   JSON in; JSON out (base64 PNGs, labels, resolved settings, timings), or with
+                        "stream": true Server-Sent Events: `queued`, `progress` per step, then `result` | `error`
+    GET  /v1/info       the model, its class names, the defaults and limits (what the page builds its form from)
+    GET  /health        200 once the engines are loaded and the loop runs; 503 while shutting down
+    GET  /metrics       Prometheus text
+    GET  /              the web page
+
+The engines are opened and closed in the lifespan; one background task runs the batch loop (`Service`);
+handlers validate, resolve, enqueue and await. Errors: 422 (InputError/ConfigError/validation: field, expected,
+actual), 503 with Retry-After (queue full, shutting down), 500 (a request's tensors went non-finite, an engine
+call failed). The process imports no torch.
+"""
+import asyncio
+import base64
+import json
+import logging
+from contextlib import asynccontextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+
+from ..core.classes import ClassNames
+from ..core.errors import ConfigError, DDTExportError, InputError
+from ..core.images import png_bytes
+from ..core.manifest import read_manifest
+from ..runtime.batch_step import resolve_request
+from ..runtime.batching import POLICIES, QueueFull, Scheduler
+from ..runtime.engines import NO_ENGINES_HINT, load_engines
+from ..runtime.schedules import default_schedule
+from . import schemas as S
+from .metrics import CONTENT_TYPE, Metrics
+from .service import RETRY_AFTER_S, Outcome, Service, ShuttingDown, Ticket
+from .settings import CFG_ROWS, ServeSettings
+
+log = logging.getLogger("ddt_export.serve")
+
+def _limits(manifest, settings: ServeSettings) -> S.Limits:
+    top = manifest.batch.max
+    images = settings.max_images_per_request or max(1, top // CFG_ROWS)
+    if not 1 <= images <= top:
+        raise ConfigError("--max-images-per-request", f"1..{top} (the engines' batch.max; a guided image takes "
+                          f"{CFG_ROWS} rows)", images)
+    if settings.max_steps < 1:
+        raise ConfigError("--max-steps", ">= 1", settings.max_steps)
+    if settings.batching not in POLICIES:
+        raise ConfigError("--batching", " | ".join(POLICIES), settings.batching)
+    return S.Limits(manifest.config.model.num_classes, images, settings.max_steps)
+
+
+def _error(status: int, e: Exception, headers: Optional[dict] = None) -> JSONResponse:
+    return JSONResponse({"error": type(e).__name__, "message": str(e)}, status_code=status, headers=headers)
+
+
+def _sse(event: str, data) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+ERRORS = {422: {"model": S.ErrorResponse, "description": "invalid request: names the field, expected, actual"},
+          503: {"model": S.ErrorResponse, "description": "queue full or shutting down; see Retry-After"},
+          500: {"model": S.ErrorResponse, "description": "non-finite tensors in this request, or an engine failure"}}
+
+
+def create_app(engines_dir: Path, settings: ServeSettings = ServeSettings(), *,
+               open_engines: Optional[Callable] = None) -> FastAPI:
+    """The app for one engine folder. The manifest is read now (bad folders and flags fail here, before any
+    port is bound); the engines are opened in the lifespan (`open_engines(folder)`, default `load_engines`)."""
+    engines_dir = Path(engines_dir)
+    manifest = read_manifest(engines_dir, NO_ENGINES_HINT)
+    cfg = manifest.config
+    lim = _limits(manifest, settings)
+    classes = (ClassNames.load(settings.class_names, lim.num_classes) if settings.class_names is not None
+               else ClassNames.ids(lim.num_classes))
+    sampler = cfg.sampler
+    defaults = {"steps": sampler.num_steps, "cfg": sampler.guidance, "schedule": default_schedule(sampler),
+                "interval": list(sampler.guidance_interval), "timeshift": sampler.timeshift, "num": 1, "seed": 0}
+    words = S.expectations(lim)
+    Req = S.request_model(lim, defaults)
+    field_names = [f.alias or n for n, f in Req.model_fields.items()]
+    metrics = Metrics()
+    opener = open_engines or (lambda folder: load_engines(folder, settings.backend))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engines = await asyncio.to_thread(opener, engines_dir)
+        scheduler = Scheduler(engines.max_batch, settings.batching, settings.max_delay_ms / 1000.0,
+                              settings.max_queue)
+        service = Service(engines, scheduler, metrics)
+        service.start()
+        app.state.service, app.state.engines = service, engines
+        log.info("serving %s (%s, %s), batching %s", engines_dir, cfg.name, engines.backend_name, settings.batching)
+        try:
+            yield
+        finally:
+            await service.close()
+            engines.close()
+
+    app = FastAPI(title="ddt-export serve", version="0.1.0", lifespan=lifespan,
+                  description=f"DDT ({cfg.name}) sampling with step-level continuous batching. " + words["class"])
+    app.state.metrics, app.state.classes, app.state.limits = metrics, classes, lim
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        metrics.requests.labels("invalid").inc()
+        return JSONResponse({"error": "InputError", "message": S.validation_message(exc.errors(), words,
+                                                                                     field_names)}, 422)
+
+    @app.exception_handler(DDTExportError)
+    async def refused(request: Request, exc: DDTExportError):
+        if isinstance(exc, (QueueFull, ShuttingDown)):
+            metrics.requests.labels("rejected").inc()
+            return _error(503, exc, {"Retry-After": str(RETRY_AFTER_S)})
+        if isinstance(exc, (InputError, ConfigError)):
+            metrics.requests.labels("invalid").inc()
+            return _error(422, exc)
+        metrics.requests.labels("failed").inc()
+        return _error(500, exc)
+
+    async def resolve(service: Service, body) -> tuple:
+        label = classes.resolve(body.class_)
+        kw = dict(label=label, num=body.num, seed=body.seed, steps=body.steps, cfg=body.cfg, schedule=body.schedule,
+                  interval=body.interval, timeshift=body.timeshift, say=log.info)
+        if body.schedule and body.schedule.startswith("dp:"):  # may run the template trajectory: off the loop
+
+            def locked():
+                with service.schedule_lock:
+                    return resolve_request(service.engines, **kw)
+
+            return await asyncio.to_thread(locked)
+        return resolve_request(service.engines, **kw)
+
+    def payload(ticket: Ticket, outcome: Outcome) -> dict:
+        spec = ticket.spec
+        s = spec.sampler
+        return {"id": ticket.id, "images": [base64.b64encode(png_bytes(im)).decode() for im in outcome.images],
+                "labels": [spec.label] * spec.num, "batching": settings.batching, "timings": outcome.timings,
+                "settings": {"class": spec.label, "class_name": classes.labels[spec.label], "num": spec.num,
+                             "seed": spec.seed, "steps": s.num_steps, "cfg": s.guidance,
+                             "schedule": spec.schedule_spec, "recompute_steps": list(spec.schedule),
+                             "interval": list(s.guidance_interval), "timeshift": s.timeshift}}
+
+    async def answered(ticket: Ticket, request: Request) -> Optional[Outcome]:
+        """The outcome, or None when the client disconnected first (the request is then cancelled)."""
+        async def gone():
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        watch = asyncio.ensure_future(gone())
+        try:
+            done, _ = await asyncio.wait({ticket.future, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+        if ticket.future in done:
+            return ticket.future.result()
+        request.app.state.service.cancel(ticket)
+        return None
+
+    async def stream(ticket: Ticket, service: Service):
+        try:
+            yield _sse("queued", {"id": ticket.id, "waiting": len(service.scheduler.waiting)})
+            while True:
+                kind, data = await ticket.events.get()
+                if kind == "progress":
+                    yield _sse("progress", data)
+                    continue
+                if data.status == "done":
+                    yield _sse("result", await asyncio.to_thread(payload, ticket, data))
+                elif data.error is not None:
+                    yield _sse("error", {"status": 500, "error": type(data.error).__name__,
+                                         "message": str(data.error)})
+                return
+        finally:  # the client went away (the server cancels this generator) or the stream ended
+            service.cancel(ticket)
+
+    @app.post("/v1/generate", response_model=S.GenerateResponse, responses={
+        **ERRORS, 200: {"description": "the images (JSON), or with stream: true an SSE stream of `queued`, "
+                        "`progress` ({step, steps}) and then `result` (this JSON) or `error` events",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
+    async def generate(body: Req, request: Request):  # type: ignore[valid-type]
+        """Sample `num` images of one class: equal, pixel for pixel, to `ddt-export generate` with the same
+        class, num, seed, steps, cfg and schedule, whatever else shares the batch."""
+        service: Service = request.app.state.service
+        if service.draining:
+            raise ShuttingDown("server", "accepting requests", "shutting down (SIGTERM)")
+        spec = await resolve(service, body)
+        ticket = service.submit(spec, stream=body.stream)
+        if body.stream:
+            return StreamingResponse(stream(ticket, service), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+        outcome = await answered(ticket, request)
+        if outcome is None:
+            return Response(status_code=499)  # nobody is listening; for the access log
+        if outcome.status != "done":
+            return _error(500, outcome.error)
+        return JSONResponse(await asyncio.to_thread(payload, ticket, outcome))
+
+    @app.get("/v1/info", response_model=S.Info)
+    async def info(request: Request):
+        """The model, its class names in id order, the request defaults and limits, the batching policy."""
+        engines = request.app.state.engines
+        side, channels = manifest.dims.image
+        return {"model": cfg.name, "precision": manifest.precision, "backend": engines.backend_name,
+                "batching": settings.batching, "row_budget": engines.max_batch,
+                "image": {"side": side, "channels": channels}, "classes": classes.labels, "defaults": defaults,
+                "limits": {"max_images": lim.max_images, "max_steps": lim.max_steps,
+                           "num_classes": lim.num_classes}}
+
+    @app.get("/health", response_model=S.Health, responses={503: {"model": S.ErrorResponse}})
+    async def health(request: Request):
+        """200 once the engines are loaded and the batch loop runs; 503 while shutting down."""
+        service: Service = request.app.state.service
+        if not service.healthy:
+            why = "shutting down" if service.draining else "the batch loop stopped"
+            return _error(503, ShuttingDown("server", "serving", why), {"Retry-After": str(RETRY_AFTER_S)})
+        return {"status": "ok", "model": cfg.name, "backend": request.app.state.engines.backend_name}
+
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}},
+                                                                   "description": "Prometheus text format"}})
+    async def prometheus():
+        """Prometheus metrics: ddt_requests_total{status}, ddt_request_seconds, ddt_queue_seconds,
+        ddt_active_requests, ddt_waiting_requests, ddt_iteration_requests, ddt_iteration_rows{graph}, ..."""
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    page = resources.files("ddt_export.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        """The web page: class picker, steps, CFG, images, seed, schedule, live progress, gallery."""
+        return HTMLResponse(page)
+
+    return app

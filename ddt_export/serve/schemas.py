@@ -1,0 +1,162 @@
+"""Request and response bodies of the HTTP API: pydantic models whose field constraints are the validation and
+the OpenAPI schema at once. The request model is built per app (`request_model`), because its limits (classes,
+images per request, steps) come from the engines' manifest and the server's flags.
+
+Every 422 names the field, the expected value and the actual one (`validation_message`), like the CLI's errors.
+No field names a file: the schedule is `all | uniform:R | dp:K` only (a schedule JSON path is refused).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+SCHEDULE_PATTERN = r"^(all|uniform:[1-9][0-9]{0,5}|dp:[1-9][0-9]{0,5})$"
+MAX_SEED = 2 ** 63 - 1
+MAX_NAME = 200
+STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+
+
+@dataclass(frozen=True)
+class Limits:
+    num_classes: int
+    max_images: int  # per request (--max-images-per-request)
+    max_steps: int  # (--max-steps)
+
+
+def expectations(lim: Limits) -> dict[str, str]:
+    """What each field must be, in words: the 422 messages say it, and the OpenAPI descriptions."""
+    return {
+        "class": f"a class id in [0, {lim.num_classes}) or a class name (GET /v1/info lists them)",
+        "num": f"an integer in [1, {lim.max_images}] (--max-images-per-request)",
+        "seed": f"an integer in [0, {MAX_SEED}]",
+        "steps": f"an integer in [1, {lim.max_steps}] (--max-steps)",
+        "cfg": "a finite number >= 0 (the CFG scale inside the guidance interval)",
+        "schedule": "all | uniform:R | dp:K (the encoder's recompute steps)",
+        "interval": "[lo, hi] with 0 <= lo <= hi <= 1 (guidance applies where lo < t < hi)",
+        "timeshift": "a finite number in (0, 100] (the official timestep shift)",
+        "stream": "true or false (true: Server-Sent Events, progress per step, then the result)",
+    }
+
+
+def descriptions(lim: Limits, defaults: dict) -> dict[str, str]:
+    """The expectations and, where the manifest gives one, the default."""
+    out = expectations(lim)
+    for k in ("steps", "cfg", "schedule", "interval", "timeshift"):
+        out[k] += f"; default {defaults[k]} (the manifest's)"
+    return out
+
+
+def request_model(lim: Limits, defaults: dict) -> type[BaseModel]:
+    """The POST /v1/generate body for these limits. Unknown fields, NaN/Inf, strings for numbers: refused."""
+    say = descriptions(lim, defaults)
+    unit = Annotated[float, Field(ge=0.0, le=1.0)]
+    fields: dict[str, Any] = {
+        "class_": (Union[Annotated[int, Field(ge=0, lt=lim.num_classes)], Annotated[str, Field(min_length=1,
+                   max_length=MAX_NAME)]], Field(alias="class", description=say["class"], examples=[3])),
+        "num": (int, Field(1, ge=1, le=lim.max_images, description=say["num"])),
+        "seed": (int, Field(0, ge=0, le=MAX_SEED, description=say["seed"])),
+        "steps": (Optional[int], Field(None, ge=1, le=lim.max_steps, description=say["steps"])),
+        "cfg": (Optional[float], Field(None, ge=0.0, description=say["cfg"])),
+        "schedule": (Optional[str], Field(None, pattern=SCHEDULE_PATTERN, description=say["schedule"],
+                                          examples=["uniform:2"])),
+        "interval": (Optional[list[unit]], Field(None, min_length=2, max_length=2, description=say["interval"])),
+        "timeshift": (Optional[float], Field(None, gt=0.0, le=100.0, description=say["timeshift"])),
+        "stream": (bool, Field(False, description=say["stream"])),
+    }
+    model = create_model("GenerateRequest", __config__=ConfigDict(**STRICT, populate_by_name=False,
+                                                                  title="GenerateRequest"), **fields)
+    model.__doc__ = "Sample `num` images of one class, as `ddt-export generate --class C --num N --seed S ...`."
+    return model
+
+
+class Settings(BaseModel):
+    """The request as resolved: every default filled in from the manifest."""
+
+    class_: int = Field(alias="class", serialization_alias="class")
+    class_name: str
+    num: int
+    seed: int
+    steps: int
+    cfg: float
+    schedule: str
+    recompute_steps: list[int]
+    interval: list[float]
+    timeshift: float
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class Timings(BaseModel):
+    queue_s: float = Field(description="arrival to admission into the batch")
+    sampling_s: float = Field(description="admission to the last step")
+    vae_s: float = Field(description="the batched VAE call (0 without a VAE graph)")
+    total_s: float = Field(description="arrival to answer, inside the server")
+
+
+class GenerateResponse(BaseModel):
+    id: str
+    images: list[str] = Field(description="base64 PNGs, one per image, at the model's resolution")
+    labels: list[int]
+    settings: Settings
+    timings: Timings
+    batching: str = Field(description="the server's policy: step | request | single")
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="the error type (InputError, QueueFull, ShuttingDown, NumericsError, ...)")
+    message: str = Field(description="names the thing, the expected value and the actual one")
+
+
+class ProgressEvent(BaseModel):
+    step: int
+    steps: int
+
+
+class Info(BaseModel):
+    model: str
+    precision: str
+    backend: str
+    batching: str
+    row_budget: int
+    image: dict[str, int]
+    classes: list[str]
+    defaults: dict[str, Any]
+    limits: dict[str, int]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    model: str
+    backend: str
+
+
+def validation_message(errors: list[dict], lim_words: dict[str, str], fields: list[str]) -> str:
+    """pydantic errors -> 'FIELD: expected ..., got ...' (one per field, '; '-joined)."""
+    out, seen = [], set()
+    for e in errors:
+        loc = [p for p in e.get("loc", ()) if p != "body"]
+        kind, value = e.get("type", ""), e.get("input")
+        if kind == "json_invalid":
+            out.append(f"body: expected valid JSON, got {e.get('ctx', {}).get('error', 'invalid JSON')}")
+            break
+        if not loc:
+            out.append(f"body: expected a JSON object with the fields {', '.join(fields)}, got "
+                       f"{type(value).__name__}")
+            break
+        field = str(loc[0])
+        if field in seen:
+            continue
+        seen.add(field)
+        if kind == "extra_forbidden":
+            out.append(f"{field}: expected no such field (the fields: {', '.join(fields)}), got {_show(value)}")
+        elif kind == "missing" and len(loc) == 1:
+            out.append(f"{field}: expected {lim_words.get(field, 'a value')}, got nothing (required)")
+        else:
+            out.append(f"{field}: expected {lim_words.get(field, e.get('msg', ''))}, got {_show(value)}")
+    return "; ".join(out) or "body: expected a valid request"
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
