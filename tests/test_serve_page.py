@@ -1,0 +1,122 @@
+"""The web page (GET /) in a real headless Chromium through Selenium: the form is built from /v1/info, the live
+progress bar moves while the request runs, the gallery shows the images the API gives for the same settings,
+and a refused request shows the server's message."""
+from __future__ import annotations
+
+import io
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("selenium")
+
+from serve_helpers import png_pixels, running  # noqa: E402
+
+from ddt_export.serve.app import create_app  # noqa: E402
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+pytestmark = [pytest.mark.timeout(240),
+              pytest.mark.skipif(not (CHROMIUM.exists() or shutil.which("chromium")) or not (
+                  CHROMEDRIVER.exists() or shutil.which("chromedriver")),
+                  reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")]
+CHROME_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-dev-shm-usage",
+                "--window-size=1180,820")
+
+
+def chrome(profile: Path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    for flag in (*CHROME_FLAGS, f"--user-data-dir={profile}"):  # a fresh profile per run
+        opts.add_argument(flag)
+    opts.binary_location = str(CHROMIUM if CHROMIUM.exists() else shutil.which("chromium"))
+    driver = str(CHROMEDRIVER if CHROMEDRIVER.exists() else shutil.which("chromedriver"))
+    return webdriver.Chrome(service=Service(driver), options=opts)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    d = chrome(tmp_path_factory.mktemp("chrome-profile"))
+    d.set_page_load_timeout(60)
+    yield d
+    d.quit()
+
+
+def set_value(browser, element_id: str, value) -> None:
+    """Set a form control as a user would (range inputs included) and fire its input event."""
+    browser.execute_script("const e = document.getElementById(arguments[0]); e.value = arguments[1];"
+                           "e.dispatchEvent(new Event('input')); e.dispatchEvent(new Event('change'));",
+                           element_id, str(value))
+
+
+def wait(browser, cond, timeout=60.0, poll=0.03, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(poll)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_page_generates_with_live_progress(digits_engines, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    with running(create_app(digits_engines)) as url:
+        browser.get(url + "/")
+        wait(browser, lambda: len(browser.find_elements(By.CSS_SELECTOR, "#class option")) == 10, what="classes")
+        assert "ddt-tiny-digits" in browser.find_element(By.ID, "model").text
+        assert browser.find_element(By.ID, "steps").get_attribute("value") == "50"  # the manifest's default
+        Select(browser.find_element(By.ID, "class")).select_by_visible_text("7")
+        set_value(browser, "steps", 150)
+        set_value(browser, "num", 3)
+        set_value(browser, "seed", 42)
+        Select(browser.find_element(By.ID, "schedule-kind")).select_by_value("uniform")
+        set_value(browser, "schedule-value", 2)
+        assert browser.find_element(By.ID, "steps-out").text == "150"
+        browser.find_element(By.ID, "generate").click()
+        seen = set()
+
+        def done():
+            seen.add(int(browser.execute_script("return document.getElementById('progress').value")))
+            return len(browser.find_elements(By.CSS_SELECTOR, "#gallery img")) == 3
+
+        wait(browser, done, what="the gallery")
+        assert any(0 < v < 150 for v in seen), seen  # the bar moved while the request ran
+        assert browser.execute_script("const p = document.getElementById('progress'); return [p.value, p.max]") == [
+            150, 150]
+        assert "3 images of 7" in browser.find_element(By.ID, "status").text
+        srcs = [img.get_attribute("src") for img in browser.find_elements(By.CSS_SELECTOR, "#gallery img")]
+        api = httpx.post(url + "/v1/generate", json={"class": 7, "num": 3, "seed": 42, "steps": 150,
+                                                     "schedule": "uniform:2"}, timeout=120).json()
+        for src, b64 in zip(srcs, api["images"]):
+            assert src.startswith("data:image/png;base64,")
+            assert np.array_equal(png_pixels(src.split(",", 1)[1]), png_pixels(b64))
+        shot = tmp_path / "page.png"
+        browser.save_screenshot(str(shot))
+        from PIL import Image
+
+        assert Image.open(io.BytesIO(shot.read_bytes())).size[0] > 500
+
+
+def test_page_shows_the_servers_message(digits_engines, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    with running(create_app(digits_engines)) as url:
+        browser.get(url + "/")
+        wait(browser, lambda: len(browser.find_elements(By.CSS_SELECTOR, "#class option")) == 10, what="classes")
+        set_value(browser, "steps", 5)
+        Select(browser.find_element(By.ID, "schedule-kind")).select_by_value("dp")
+        set_value(browser, "schedule-value", 9)
+        browser.find_element(By.ID, "generate").click()
+        msg = wait(browser, lambda: browser.find_element(By.ID, "error").text, what="the error")
+        assert msg == "422: schedule dp:K: expected K <= 5 steps, got 9"
