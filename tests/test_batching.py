@@ -158,3 +158,28 @@ def test_virtual_clock_short_request_stops_waiting_behind_a_long_one():
     # request level: the long one started alone (no delay), the short one waits for all its 10 steps
     lat_req = drive("request", arrivals)
     assert lat_req == pytest.approx([0.2, 0.2 + 0.04 - 0.001])
+
+
+def test_simulator_is_the_scheduler_on_a_virtual_clock():
+    """runtime.simulate against this file's own driver (above) on a linear cost curve, for every policy, on a
+    random mixed trace; then the per-request and VAE costs it adds, by hand."""
+    import numpy as np
+
+    from ddt_export.runtime.simulate import Arrival, CostCurve, simulate
+
+    rng = np.random.default_rng(3)
+    specs = [spec(num=int(rng.integers(1, 4)), steps=int(s), cfg=float(rng.choice([1.0, 1.5])))
+             for s in rng.integers(1, 12, 30)]
+    times = np.cumsum(rng.exponential(0.05, len(specs)))
+    linear = CostCurve(encoder=((1, 0.01), (64, 0.64)), decoder=((1, 0.01), (64, 0.64)))
+    for policy, delay in (("step", 0.0), ("request", 0.03), ("single", 0.0)):
+        want = drive(policy, list(zip(times, specs)), budget=8, max_delay=delay)
+        res = simulate([Arrival(float(t), s, 0) for t, s in zip(times, specs)], linear, 8, policy, delay)
+        assert [res.latency[i] for i in range(len(specs))] == pytest.approx(want), policy
+    curve = CostCurve(encoder=((1, 0.01), (2, 0.02)), decoder=((1, 0.01), (2, 0.02)),
+                      vae_decoder=((1, 0.5), (2, 0.5)), iteration_s=0.1, request_step_s=0.01, request_s=1.0)
+    one = spec(num=1, steps=2, schedule=(0, 1), cfg=1.0)  # 2 iterations of 1 encoder + 1 decoder row
+    res = simulate([Arrival(0.0, one, 0)], curve, 8)
+    assert res.latency[0] == pytest.approx(2 * (0.02 + 0.1 + 0.01) + 0.5 + 1.0)
+    assert curve.call("encoder", 4) == pytest.approx(0.04)  # extrapolated from the last two points
+    assert res.iterations == 2 and res.requests_per_iteration == 1
