@@ -102,11 +102,13 @@ def measure_curve(engines, repeats: int = 15) -> tuple[CostCurve, dict]:
 
 def calibrate(curve: CostCurve, specs: list[RequestSpec], solo: list[float], budget: int) -> tuple[CostCurve, dict]:
     """Fit the loop's per-iteration overhead h and the per-request fixed cost c from the solo latencies:
-    measured_k = simulated_k (graph calls + host) + steps_k x h + c, least squares over the catalog."""
+    measured_k = simulated_k (graph calls + host) + steps_k x h + c, non-negative least squares over the catalog."""
     base = [simulate([Arrival(0.0, s, k)], curve, budget).latency[0] for k, s in enumerate(specs)]
     a = np.array([[s.sampler.num_steps, 1.0] for s in specs])
-    (h, c), *_ = np.linalg.lstsq(a, np.array(solo) - np.array(base), rcond=None)
-    fitted = dataclasses.replace(curve, iteration_s=max(float(h), 0.0), request_s=max(float(c), 0.0))
+    from scipy.optimize import nnls
+
+    (h, c), _ = nnls(a, np.array(solo) - np.array(base))  # both costs >= 0
+    fitted = dataclasses.replace(curve, iteration_s=float(h), request_s=float(c))
     pred = [simulate([Arrival(0.0, s, k)], fitted, budget).latency[0] for k, s in enumerate(specs)]
     err = [abs(p - m) / m for p, m in zip(pred, solo)]
     return fitted, {"iteration_s": float(h), "request_s": float(c), "solo_max_rel_err": float(max(err)),
@@ -247,6 +249,7 @@ def measure(args) -> None:
     from ddt_export.runtime import load_engines
     from ddt_export.runtime.batch_step import resolve_request
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the servers
     t_start, kinds = time.time(), catalog(args.seed)
     print(f"catalog: {kinds}", flush=True)
     engines = load_engines(args.engines)  # open all along: the cost curve is measured again before each load
