@@ -247,7 +247,8 @@ def main(argv=None) -> None:
     p.add_argument("--no-write", action="store_true", help="JSON only: leave results.md alone")
     p.set_defaults(fn=cmd_measure)
     p = sub.add_parser("simulate", help="the scheduler on a virtual clock with a cost curve")
-    p.add_argument("--curve", default="gpu", help="gpu (the FLOP-model assumption) or a curve JSON from measure")
+    p.add_argument("--curve", default="gpu", help="gpu (the FLOP-model assumption), a gpu_check.json "
+                   "(scripts/gpu_check.sh's measured cost-curve) or a JSON from measure")
     p.add_argument("--preset", default="ddt-xl-256", help="the model of the GPU-like curve")
     p.add_argument("--loads", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9])
     p.add_argument("--requests", type=int, default=4000)

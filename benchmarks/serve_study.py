@@ -100,19 +100,30 @@ def measure_curve(engines, repeats: int = 15) -> tuple[CostCurve, dict]:
     return curve, {"host_s_by_requests": host}
 
 
+def scaled(curve: CostCurve, factor: float) -> CostCurve:
+    """The graph calls `factor` times slower (the server's calls against the tight-loop microbenchmark)."""
+    sc = {g: tuple((r, factor * t) for r, t in getattr(curve, g)) for g in ("encoder", "decoder", "vae_decoder")}
+    return dataclasses.replace(curve, **sc)
+
+
 def calibrate(curve: CostCurve, specs: list[RequestSpec], solo: list[float], budget: int) -> tuple[CostCurve, dict]:
-    """Fit the loop's per-iteration overhead h and the per-request fixed cost c from the solo latencies:
-    measured_k = simulated_k (graph calls + host) + steps_k x h + c, non-negative least squares over the catalog."""
-    base = [simulate([Arrival(0.0, s, k)], curve, budget).latency[0] for k, s in enumerate(specs)]
-    a = np.array([[s.sampler.num_steps, 1.0] for s in specs])
+    """Fit to the solo latencies, by non-negative least squares over the catalog:
+    measured_k = a x graph_k + steps_k x h + c, where graph_k is the request's graph-call time on the measured
+    curve (a: how much slower the server's calls run than the tight-loop microbenchmark: ORT's spinning thread
+    pool, the client and the loop share the cores), h the loop's per-iteration overhead, c the per-request cost
+    outside the loop (HTTP, PNGs)."""
     from scipy.optimize import nnls
 
-    (h, c), _ = nnls(a, np.array(solo) - np.array(base))  # both costs >= 0
-    fitted = dataclasses.replace(curve, iteration_s=float(h), request_s=float(c))
+    bare = dataclasses.replace(curve, request_step_s=0.0)
+    graph = [simulate([Arrival(0.0, s, k)], bare, budget).latency[0] for k, s in enumerate(specs)]
+    host = [s.sampler.num_steps * curve.request_step_s for s in specs]
+    a = np.array([[g, s.sampler.num_steps, 1.0] for g, s in zip(graph, specs)])
+    (factor, h, c), _ = nnls(a, np.array(solo) - np.array(host))
+    fitted = dataclasses.replace(scaled(curve, factor), iteration_s=float(h), request_s=float(c))
     pred = [simulate([Arrival(0.0, s, k)], fitted, budget).latency[0] for k, s in enumerate(specs)]
     err = [abs(p - m) / m for p, m in zip(pred, solo)]
-    return fitted, {"iteration_s": float(h), "request_s": float(c), "solo_max_rel_err": float(max(err)),
-                    "solo_mean_rel_err": float(np.mean(err))}
+    return fitted, {"graph_factor": float(factor), "iteration_s": float(h), "request_s": float(c),
+                    "solo_max_rel_err": float(max(err)), "solo_mean_rel_err": float(np.mean(err))}
 
 
 # ---------------------------------------------------------------------------------------------- servers
@@ -202,11 +213,19 @@ def specs_for_preset(preset: str, kinds: list[dict]) -> list[RequestSpec]:
 
 
 def load_curve(which: str, preset: str) -> tuple[CostCurve, list[RequestSpec], int]:
+    """`gpu` (the FLOP-model assumption), a gpu_check.json (scripts/gpu_check.sh: `results.cost-curve`, seconds
+    by rows measured on a GPU), or a JSON written by `measure` (its `curve`)."""
     kinds = catalog(0)
     if which == "gpu":
         f = step_flops(load_config(preset).model)
         return gpu_like_curve(f.encoder, f.decoder, VAE_FLOPS_256), specs_for_preset(preset, kinds), 64
     d = json.loads(Path(which).read_text())
+    if "cost-curve" in d.get("results", {}):
+        c = d["results"]["cost-curve"]
+        pts = {g: tuple(sorted((int(r), float(t)) for r, t in c[g].items())) for g in ("encoder", "decoder",
+                                                                                     "vae_decoder") if g in c}
+        return (CostCurve(**pts, note=f"measured by gpu_check on {c.get('gpu', 'a GPU')}: {c.get('source', '')}"),
+                specs_for_preset(preset, kinds), 64)
     return CostCurve.from_dict(d["curve"]), specs_for_preset(d.get("preset", "ddt-tiny-digits"), kinds), d["budget"]
 
 
@@ -283,7 +302,8 @@ def measure(args) -> None:
         sat = out["saturation"].get("request", next(iter(out["saturation"].values())))["throughput"]
         for i, load in enumerate(args.loads):
             now_curve, _ = measure_curve(engines, repeats=7)  # this load's curve: the machine is shared
-            point = dataclasses.replace(now_curve, iteration_s=fitted.iteration_s, request_s=fitted.request_s)
+            point = dataclasses.replace(scaled(now_curve, cal["graph_factor"]), iteration_s=fitted.iteration_s,
+                                        request_s=fitted.request_s)
             out["machine"]["load_avg"].append(os.getloadavg())
             rate = load * sat
             duration = max(args.duration, args.min_requests / rate)  # enough requests for a p99
