@@ -96,19 +96,22 @@ class Record:
     sent: float  # seconds from the start
     latency: float | None  # None: not answered 200
     status: int
+    server_s: float | None = None  # the server's own arrival-to-answer time (timings.total_s)
 
 
 async def _one(client, url: str, kinds: list[dict], s: Sent, t0: float) -> Record:
     import httpx
 
-    start = time.perf_counter()
+    start, server = time.perf_counter(), None
     try:
         r = await client.post(url + "/v1/generate", json=body(kinds[s.kind], s))
         status = r.status_code
+        if status == 200:
+            server = r.json()["timings"]["total_s"]
     except httpx.HTTPError:
         status = 0
     lat = time.perf_counter() - start
-    return Record(s.kind, start - t0, lat if status == 200 else None, status)
+    return Record(s.kind, start - t0, lat if status == 200 else None, status, server)
 
 
 async def open_loop(url: str, kinds: list[dict], trace: list[Sent], timeout: float = 900.0) -> list[Record]:
@@ -126,23 +129,27 @@ async def open_loop(url: str, kinds: list[dict], trace: list[Sent], timeout: flo
         return list(await asyncio.gather(*tasks))
 
 
-async def closed_loop(url: str, kinds: list[dict], clients: int, duration: float, seed: int) -> dict:
-    """`clients` clients each sending its next request as soon as its last is answered: saturation."""
+async def closed_loop(url: str, kinds: list[dict], clients: int, duration: float, seed: int,
+                      warmup: float = 30.0) -> dict:
+    """`clients` clients each sending its next request as soon as its last is answered: the server always has
+    work. Throughput: requests answered between `warmup` and `warmup + duration` seconds (the start, when every
+    client's first request runs at once, is left out)."""
     import httpx
 
     rng = np.random.default_rng([seed, 31])
-    done, t0 = [], time.perf_counter()
+    done, t0, end = [], time.perf_counter(), warmup + duration
 
     async def client_loop(c):
         async with httpx.AsyncClient(timeout=900.0) as client:
-            while time.perf_counter() - t0 < duration:
+            while time.perf_counter() - t0 < end:
                 s = Sent(0.0, int(rng.integers(0, len(kinds))), int(rng.integers(0, 10)), int(rng.integers(0, 2 ** 31)))
                 r = await _one(client, url, kinds, s, t0)
-                if r.latency is not None and r.sent + r.latency <= duration:
+                if r.latency is not None and warmup <= r.sent + r.latency <= end:
                     done.append(r)
 
     await asyncio.gather(*(client_loop(c) for c in range(clients)))
-    return {"throughput": len(done) / duration, "answered": len(done), "clients": clients, "duration_s": duration}
+    return {"throughput": len(done) / duration, "answered": len(done), "clients": clients, "duration_s": duration,
+            "warmup_s": warmup}
 
 
 def stats(records: list[Record], solo: list[float], duration: float) -> dict:

@@ -83,7 +83,7 @@ def checks(out: dict) -> dict:
 
 
 def write_section(out: dict, results: Path, args=None) -> None:
-    c, cal, ck = out["curve"], out["calibration"], checks(out)
+    c, ck = out["curve"], checks(out)
     ms = lambda s: f"{1e3 * s:.1f}"  # noqa: E731
     lines = [f"\n## Serving: step-level vs request-level batching (`python benchmarks/serve_load.py measure`), "
              f"{out['date']}\n",
@@ -96,19 +96,26 @@ def write_section(out: dict, results: Path, args=None) -> None:
              f"steps 10-100, all / uniform:2 / uniform:4 / dp:K, cfg 1.0-2.0), random class and seed; latency "
              f"measured at the client. {out['minutes']:.0f} min in all. Raw: `benchmarks/serve_load.json`; plot "
              f"`benchmarks/serve_load.png`.\n",
-             "Cost curve measured in this run (median ms per call):\n", "| rows | encoder | per row | decoder | "
-             "per row |", "| --- | --- | --- | --- | --- |"]
-    for (r, e), (_, d) in zip(c["encoder"], c["decoder"]):
-        lines.append(f"| {r} | {ms(e)} | {ms(e / r)} | {ms(d)} | {ms(d / r)} |")
-    lines += ["", f"Host overheads: {1e3 * c['request_step_s']:.3f} ms per request per iteration (CFG, Euler; "
-              f"measured in-process). Fitted to the {len(out['kinds'])} solo latencies: the server's graph calls "
-              f"run {cal['graph_factor']:.2f}x the tight-loop times above, {1e3 * c['iteration_s']:.2f} ms per "
-              f"iteration, {1e3 * c['request_s']:.1f} ms per request (HTTP, PNGs) (fit error mean "
-              f"{cal['solo_mean_rel_err']:.1%}, max {cal['solo_max_rel_err']:.1%}).", "",
-              "Saturation (16 closed-loop clients, "
-              f"{out['saturation'][next(iter(out['saturation']))]['duration_s']:.0f} s): " + ", ".join(
+             "Cost curves of this run, ms per call: the tight loop (one graph called over and over in one process) and"
+             " the servers' own iterations (`serve --trace`, all loads pooled, fitted linear in rows):\n",
+             "| rows | encoder, tight loop | per row | decoder, tight loop | per row | encoder, servers | decoder, "
+             "servers |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    t = out["tight_curve"]
+    for (r, e), (_, d), (_, se), (_, sd) in zip(t["encoder"], t["decoder"], c["encoder"], c["decoder"]):
+        lines.append(f"| {r} | {ms(e)} | {ms(e / r)} | {ms(d)} | {ms(d / r)} | {ms(se)} | {ms(sd)} |")
+    f = out["fit"]
+    lines += ["", f"Servers' fit over {f['iterations']} iterations (R^2 {f['r2']:.2f}): encoder "
+              f"{f['encoder_ms'][0]:.1f} ms + {f['encoder_ms'][1]:.2f} ms/row, decoder {f['decoder_ms'][0]:.1f} ms + "
+              f"{f['decoder_ms'][1]:.2f} ms/row, {f['request_ms']:.2f} ms per request per iteration, "
+              f"{f['gap_ms']:.2f} ms between iterations; "
+              f"{1e3 * f['request_s']:.0f} ms per request outside the loop (client latency less the server's own: "
+              f"HTTP, JSON, PNGs). The simulator uses the fit of each load's own iterations (the machine's load "
+              f"drifts).", "",
+              f"Saturation ({out['saturation'][next(iter(out['saturation']))]['clients']} closed-loop clients, "
+              f"{out['saturation'][next(iter(out['saturation']))]['duration_s']:.0f} s after a warm-up): " + ", ".join(
                   f"{p} {s['throughput']:.2f} req/s (simulated {s['simulated']:.2f})" for p, s in
-                  out["saturation"].items()) + ".", "",
+                  out["saturation"].items()) + ". Loads are fractions of `request`'s. Solo latencies: "
+              + ", ".join(f"{x:.2f}" for x in out["solo_s"]) + " s.", "",
               "| load | rate /s | policy | throughput /s | p50 s | p95 s | p99 s | p99 slowdown | req/iter | enc rows"
               "/iter | dec rows/iter | sim p50 s | sim p99 s | sim p99 slowdown |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

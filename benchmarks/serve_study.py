@@ -26,7 +26,7 @@ from ddt_export.runtime.simulate import Arrival, CostCurve, gpu_like_curve, simu
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = (1, 2, 4, 8, 16, 32, 48, 64)
-SAT_CLIENTS = 16
+SAT_CLIENTS = 6
 VAE_FLOPS_256 = 0.31e12  # sd-vae-ft-ema decoder, one 256 px image (a stated estimate, ~1.2 TFLOP at 512 px)
 
 
@@ -100,38 +100,54 @@ def measure_curve(engines, repeats: int = 15) -> tuple[CostCurve, dict]:
     return curve, {"host_s_by_requests": host}
 
 
-def scaled(curve: CostCurve, factor: float) -> CostCurve:
-    """The graph calls `factor` times slower (the server's calls against the tight-loop microbenchmark)."""
-    sc = {g: tuple((r, factor * t) for r, t in getattr(curve, g)) for g in ("encoder", "decoder", "vae_decoder")}
-    return dataclasses.replace(curve, **sc)
-
-
-def calibrate(curve: CostCurve, specs: list[RequestSpec], solo: list[float], budget: int) -> tuple[CostCurve, dict]:
-    """Fit to the solo latencies, by non-negative least squares over the catalog:
-    measured_k = a x graph_k + steps_k x h + c, where graph_k is the request's graph-call time on the measured
-    curve (a: how much slower the server's calls run than the tight-loop microbenchmark: ORT's spinning thread
-    pool, the client and the loop share the cores), h the loop's per-iteration overhead, c the per-request cost
-    outside the loop (HTTP, PNGs)."""
+def fit_trace(recs: list[dict], request_s: float) -> tuple[CostCurve, dict]:
+    """The cost curve from the servers' own iterations (`serve --trace`): one loop iteration, less its VAE call,
+    takes E0 [encoder ran] + e1 x encoder rows + D0 + d1 x decoder rows + h x requests seconds (non-negative
+    least squares); the loop's idle-free gap between iterations is the per-iteration overhead; `request_s`
+    (client latency less the server's own time: HTTP, JSON, PNGs) is the per-request cost."""
     from scipy.optimize import nnls
 
-    bare = dataclasses.replace(curve, request_step_s=0.0)
-    graph = [simulate([Arrival(0.0, s, k)], bare, budget).latency[0] for k, s in enumerate(specs)]
-    host = [s.sampler.num_steps * curve.request_step_s for s in specs]
-    a = np.array([[g, s.sampler.num_steps, 1.0] for g, s in zip(graph, specs)])
-    (factor, h, c), _ = nnls(a, np.array(solo) - np.array(host))
-    fitted = dataclasses.replace(scaled(curve, factor), iteration_s=float(h), request_s=float(c))
-    pred = [simulate([Arrival(0.0, s, k)], fitted, budget).latency[0] for k, s in enumerate(specs)]
-    err = [abs(p - m) / m for p, m in zip(pred, solo)]
-    return fitted, {"graph_factor": float(factor), "iteration_s": float(h), "request_s": float(c),
-                    "solo_max_rel_err": float(max(err)), "solo_mean_rel_err": float(np.mean(err))}
+    busy = [r for r in recs if r["step_s"] is not None]
+    x = np.array([[r["encoder_rows"] > 0, r["encoder_rows"], 1.0, r["decoder_rows"], r["requests"]] for r in busy],
+                 np.float64)
+    y = np.array([r["end"] - r["start"] - r["vae_s"] for r in busy])
+    (e0, e1, d0, d1, h), _ = nnls(x, y)
+    resid = y - x @ np.array([e0, e1, d0, d1, h])
+    order = sorted(busy, key=lambda r: r["start"])
+    gaps = [b["start"] - a["end"] for a, b in zip(order, order[1:]) if 0 <= b["start"] - a["end"] < 0.02]
+    curve = CostCurve(tuple((r, float(e0 + e1 * r)) for r in ROWS), tuple((r, float(d0 + d1 * r)) for r in ROWS),
+                      iteration_s=float(np.median(gaps)) if gaps else 0.0, request_step_s=float(h),
+                      request_s=float(request_s), note="fitted to the servers' iterations at this load")
+    return curve, {"iterations": len(busy), "encoder_ms": [1e3 * e0, 1e3 * e1], "decoder_ms": [1e3 * d0, 1e3 * d1],
+                   "request_ms": 1e3 * h, "gap_ms": 1e3 * curve.iteration_s, "request_s": request_s,
+                   "r2": float(1 - resid.var() / y.var()) if len(y) > 1 else float("nan")}
+
+
+class Traces:
+    """The servers' --trace files, read as they grow."""
+
+    def __init__(self, paths: dict[str, Path]):
+        self.paths, self.offsets = paths, {p: 0 for p in paths}
+
+    def new(self) -> list[dict]:
+        out = []
+        for p, path in self.paths.items():
+            with open(path) as fh:
+                fh.seek(self.offsets[p])
+                text = fh.read()
+            done = text.rfind("\n") + 1
+            self.offsets[p] += done
+            out += [dict(json.loads(line), policy=p) for line in text[:done].splitlines() if line]
+        return out
 
 
 # ---------------------------------------------------------------------------------------------- servers
 
 
-def start_server(engines: Path, port: int, policy: str, max_delay_ms: float, lifetime: float):
+def start_server(engines: Path, port: int, policy: str, max_delay_ms: float, lifetime: float, trace: Path):
     argv = [sys.executable, "-m", "cli", "serve", "--engines", str(engines), "--port", str(port), "--batching",
-            policy, "--max-delay-ms", str(max_delay_ms), "--max-queue", "512", "--lifetime", str(lifetime)]
+            policy, "--max-delay-ms", str(max_delay_ms), "--max-queue", "512", "--lifetime", str(lifetime),
+            "--trace", str(trace)]
     return subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -263,64 +279,71 @@ def gpu_sensitivity(specs, budget, n, seed, max_delay, load=0.7) -> list[dict]:
 
 
 def measure(args) -> None:
+    import tempfile
+
     from serve_report import plot, write_section
 
     from ddt_export.runtime import load_engines
     from ddt_export.runtime.batch_step import resolve_request
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the servers
-    t_start, kinds = time.time(), catalog(args.seed)
+    t_start, kinds, delay = time.time(), catalog(args.seed), args.max_delay_ms / 1e3
     print(f"catalog: {kinds}", flush=True)
-    engines = load_engines(args.engines)  # open all along: the cost curve is measured again before each load
-    budget, model = engines.max_batch, engines.config.name
-    curve, host = measure_curve(engines)
-    print(f"cost curve: {curve}", flush=True)
-    specs = [resolve_request(engines, label=0, num=k["num"], steps=k["steps"], cfg=k["cfg"],
-                             schedule=k["schedule"], say=lambda m: print(m, flush=True)) for k in kinds]
+    with load_engines(args.engines) as engines:
+        budget, model = engines.max_batch, engines.config.name
+        tight, host = measure_curve(engines)  # the tight-loop reference, reported beside the servers' own
+        specs = [resolve_request(engines, label=0, num=k["num"], steps=k["steps"], cfg=k["cfg"],
+                                 schedule=k["schedule"], say=lambda m: print(m, flush=True)) for k in kinds]
+    work = Path(tempfile.mkdtemp(prefix="serve-load-"))
     ports = {p: free_port() for p in args.policies}
-    procs = {p: start_server(args.engines, ports[p], p, args.max_delay_ms, 4 * 3600) for p in args.policies}
+    traces = Traces({p: work / f"trace-{p}.jsonl" for p in args.policies})
+    procs = {p: start_server(args.engines, ports[p], p, args.max_delay_ms, 4 * 3600, traces.paths[p])
+             for p in args.policies}
     urls = {p: f"http://{LOOPBACK}:{ports[p]}" for p in args.policies}
     out = {"date": time.strftime("%Y-%m-%d"), "model": model, "engines": str(args.engines), "budget": budget,
            "kinds": kinds, "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                                        "python": platform.python_version(), "load_avg": [os.getloadavg()]},
-           "max_delay_ms": args.max_delay_ms, "duration_s": args.duration, "host": host, "runs": []}
+           "max_delay_ms": args.max_delay_ms, "duration_s": args.duration, "host": host,
+           "tight_curve": tight.to_dict(), "runs": []}
+    pooled = []
     try:
         for p in args.policies:
             wait_healthy(urls[p], procs[p])
         solo = solo_latencies(urls[args.policies[0]], kinds, args.solo_repeats)
         out["solo_s"] = solo
         print(f"solo latencies (s): {[round(s, 3) for s in solo]}", flush=True)
-        fitted, cal = calibrate(curve, specs, solo, budget)
-        out.update(curve=fitted.to_dict(), calibration=cal)
-        args.json.write_text(json.dumps(out, indent=1))
-        print(f"calibrated: {cal}", flush=True)
         out["saturation"] = {}
         for p in args.policies:
             out["saturation"][p] = asyncio.run(closed_loop(urls[p], kinds, SAT_CLIENTS, args.saturation_s, args.seed))
-            out["saturation"][p]["simulated"] = sim_saturation(fitted, specs, budget, p, args.max_delay_ms / 1e3)
             print(f"saturation {p}: {out['saturation'][p]}", flush=True)
+        pooled += traces.new()
         sat = out["saturation"].get("request", next(iter(out["saturation"].values())))["throughput"]
         for i, load in enumerate(args.loads):
-            now_curve, _ = measure_curve(engines, repeats=7)  # this load's curve: the machine is shared
-            point = dataclasses.replace(scaled(now_curve, cal["graph_factor"]), iteration_s=fitted.iteration_s,
-                                        request_s=fitted.request_s)
-            out["machine"]["load_avg"].append(os.getloadavg())
             rate = load * sat
             duration = max(args.duration, args.min_requests / rate)  # enough requests for a p99
             trace = poisson_trace(rate, duration, len(kinds), args.seed + 1 + i)
-            arr = arrivals(trace, specs)
+            arr, meas = arrivals(trace, specs), {}
+            out["machine"]["load_avg"].append(os.getloadavg())
+            gaps = []
             for p in args.policies:
                 before = metric_sums(urls[p])
                 recs = asyncio.run(open_loop(urls[p], kinds, trace))
-                meas = {**stats(recs, solo, duration), **per_iteration(before, metric_sums(urls[p])),
-                        "duration_s": duration}
-                sim = sim_stats(arr, simulate(arr, point, budget, p, args.max_delay_ms / 1e3, 512), solo)
-                out["runs"].append({"load": load, "rate": rate, "policy": p, "measured": meas, "simulated": sim,
-                                    "curve": point.to_dict()})
-                print(f"load {load:.0%} {p:>7}: measured p50 {meas['p50']:.3f} p99 {meas['p99']:.3f} slow99 "
-                      f"{meas['slowdown_p99']:.2f} | sim p50 {sim['p50']:.3f} p99 {sim['p99']:.3f} slow99 "
+                meas[p] = {**stats(recs, solo, duration), **per_iteration(before, metric_sums(urls[p])),
+                           "duration_s": duration}
+                gaps += [r.latency - r.server_s for r in recs if r.latency is not None]
+                print(f"load {load:.0%} {p:>7}: p50 {meas[p]['p50']:.3f} p99 {meas[p]['p99']:.3f} slowdown p99 "
+                      f"{meas[p]['slowdown_p99']:.2f} ({meas[p]['answered']} answered)", flush=True)
+            recs = traces.new()
+            pooled += recs
+            curve, fit = fit_trace(recs, float(np.median(gaps)))
+            print(f"load {load:.0%} curve: {fit}", flush=True)
+            for p in args.policies:
+                sim = sim_stats(arr, simulate(arr, curve, budget, p, delay, 512), solo)
+                out["runs"].append({"load": load, "rate": rate, "policy": p, "measured": meas[p], "simulated": sim,
+                                    "curve": curve.to_dict(), "fit": fit})
+                print(f"load {load:.0%} {p:>7}: simulated p50 {sim['p50']:.3f} p99 {sim['p99']:.3f} slowdown p99 "
                       f"{sim['slowdown_p99']:.2f}", flush=True)
-                args.json.write_text(json.dumps(out, indent=1))
+            args.json.write_text(json.dumps(out, indent=1))
     finally:
         for proc in procs.values():
             if proc.poll() is None:
@@ -330,12 +353,14 @@ def measure(args) -> None:
                 proc.wait(120)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        engines.close()
+    rs = [g for r in out["runs"] for g in [r["fit"]["request_s"]]]
+    curve, fit = fit_trace(pooled + traces.new(), float(np.median(rs)) if rs else 0.0)
+    out.update(curve=curve.to_dict(), fit=fit)
+    for p in out["saturation"]:
+        out["saturation"][p]["simulated"] = sim_saturation(curve, specs, budget, p, delay)
     gcurve, gspecs, gbudget = load_curve("gpu", "ddt-xl-256")
-    out["gpu"] = gpu_study(gcurve, gspecs, gbudget, args.gpu_loads, args.gpu_requests, args.seed,
-                           args.max_delay_ms / 1e3)
-    out["gpu"]["sensitivity"] = gpu_sensitivity(gspecs, gbudget, args.gpu_requests // 2, args.seed,
-                                                args.max_delay_ms / 1e3)
+    out["gpu"] = gpu_study(gcurve, gspecs, gbudget, args.gpu_loads, args.gpu_requests, args.seed, delay)
+    out["gpu"]["sensitivity"] = gpu_sensitivity(gspecs, gbudget, args.gpu_requests // 2, args.seed, delay)
     out["minutes"] = (time.time() - t_start) / 60
     args.json.write_text(json.dumps(out, indent=1))
     plot(out, args.plot)

@@ -31,6 +31,8 @@ def serve(
     lifetime: Optional[float] = typer.Option(None, help="seconds after which the server drains and exits 0 "
                                              "(tests, benchmarks)"),
     log_level: str = typer.Option("warning", help="uvicorn log level (info shows the access log)"),
+    trace: Optional[Path] = typer.Option(None, help="append one JSON line per iteration (start, seconds, "
+                                         "requests, rows) to this file"),
 ):
     """Serve the engines over HTTP: POST /v1/generate (JSON or SSE), /health, /metrics, a web page at /."""
     from ..serve.server import serve as run_server
@@ -41,5 +43,5 @@ def serve(
         raise ConfigError("--batching", " | ".join(POLICIES), batching)
     settings = ServeSettings(batching=batching, max_delay_ms=max_delay_ms, max_queue=max_queue,
                              max_images_per_request=max_images_per_request, max_steps=max_steps,
-                             class_names=class_names, backend=backend)
+                             class_names=class_names, backend=backend, trace=trace)
     run_server(engines, settings, host, port, lifetime_s=lifetime, log_level=log_level, say=say)

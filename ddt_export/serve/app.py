@@ -75,6 +75,8 @@ def create_app(engines_dir: Path, settings: ServeSettings = ServeSettings(), *,
     manifest = read_manifest(engines_dir, NO_ENGINES_HINT)
     cfg = manifest.config
     lim = _limits(manifest, settings)
+    if settings.trace is not None and not Path(settings.trace).parent.is_dir():
+        raise ConfigError("--trace", "a file in an existing folder", str(settings.trace))
     classes = (ClassNames.load(settings.class_names, lim.num_classes) if settings.class_names is not None
                else ClassNames.ids(lim.num_classes))
     sampler = cfg.sampler
@@ -91,7 +93,9 @@ def create_app(engines_dir: Path, settings: ServeSettings = ServeSettings(), *,
         engines = await asyncio.to_thread(opener, engines_dir)
         scheduler = Scheduler(engines.max_batch, settings.batching, settings.max_delay_ms / 1000.0,
                               settings.max_queue)
-        service = Service(engines, scheduler, metrics)
+        trace_file = open(settings.trace, "a", buffering=1) if settings.trace is not None else None
+        trace = (lambda rec: trace_file.write(json.dumps(rec) + "\n")) if trace_file is not None else None
+        service = Service(engines, scheduler, metrics, trace=trace)
         service.start()
         app.state.service, app.state.engines = service, engines
         log.info("serving %s (%s, %s), batching %s", engines_dir, cfg.name, engines.backend_name, settings.batching)
@@ -100,6 +104,8 @@ def create_app(engines_dir: Path, settings: ServeSettings = ServeSettings(), *,
         finally:
             await service.close()
             engines.close()
+            if trace_file is not None:
+                trace_file.close()
 
     app = FastAPI(title="ddt-export serve", version="0.1.0", lifespan=lifespan,
                   description=f"DDT ({cfg.name}) sampling with step-level continuous batching. " + words["class"])

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -65,8 +65,10 @@ class Ticket:
 class Service:
     """The engines, the scheduler, the metrics and the task that runs the batch loop."""
 
-    def __init__(self, engines, scheduler: Scheduler, metrics: Metrics, *, clock=time.monotonic):
+    def __init__(self, engines, scheduler: Scheduler, metrics: Metrics, *, clock=time.monotonic,
+                 trace: Callable[[dict], None] | None = None):
         self.engines, self.scheduler, self.metrics, self.clock = engines, scheduler, metrics, clock
+        self.trace = trace  # one record per iteration (--trace FILE)
         self.draining = False
         self.loop_error: BaseException | None = None
         self._wake = asyncio.Event()
@@ -164,22 +166,29 @@ class Service:
             m.iteration_rows.labels("encoder").observe(batch.encoder_rows)
         m.iteration_rows.labels("decoder").observe(batch.decoder_rows)
         t0 = self.clock()
+        t1 = None
         try:
             failed = await asyncio.to_thread(batch_step.run_iteration, self.engines, batch)
+            t1 = self.clock()
         except Exception as e:  # the engines failed: every request of this iteration fails, the server stays up
             log.error("engine failure at an iteration of %d requests: %r", len(batch), e)
             sch.fail(batch.jobs, engine_failure(e, "encoder/decoder"))
         else:
-            m.iteration_seconds.observe(self.clock() - t0)
-            sch.advance(batch, self.clock(), failed)
+            m.iteration_seconds.observe(t1 - t0)
+            sch.advance(batch, t1, failed)
             for job in batch.jobs:
                 if job.status in ("running", SAMPLED):
                     job.context.progress(job.step, job.total_steps)
-        await self._finish(sch.retire(self.clock()))
+        vae_rows, vae_s = await self._finish(sch.retire(self.clock()))
+        if self.trace is not None:
+            self.trace({"start": now, "step_s": None if t1 is None else t1 - t0, "end": self.clock(),
+                        "requests": len(batch), "encoder_rows": batch.encoder_rows,
+                        "decoder_rows": batch.decoder_rows, "vae_rows": vae_rows, "vae_s": vae_s})
         return True
 
-    async def _finish(self, retired: list[Job]) -> None:
-        """One VAE call for every retired request that finished its steps, then answer every retired one."""
+    async def _finish(self, retired: list[Job]) -> tuple[int, float]:
+        """One VAE call for every retired request that finished its steps, then answer every retired one.
+        Returns (the VAE call's rows, its seconds)."""
         sampled = [j for j in retired if j.status == SAMPLED]
         images, vae_s = {}, 0.0
         if sampled:
@@ -199,6 +208,7 @@ class Service:
         for job in retired:
             self._answer(job, job.status, images.get(job.id), vae_s if job in sampled else 0.0)
         self.metrics.active.set(len(self.scheduler.running))
+        return sum(j.spec.num for j in sampled), vae_s
 
     def _answer(self, job: Job, status: str, images: np.ndarray | None = None, vae_s: float = 0.0) -> None:
         ticket: Ticket = job.context

@@ -26,3 +26,4 @@ class ServeSettings:
     max_steps: int = MAX_STEPS
     class_names: Optional[Path] = None  # None: the classes are named by their ids
     backend: str = "auto"
+    trace: Optional[Path] = None  # a JSON line per iteration: start, seconds, requests, rows (load benchmark)
