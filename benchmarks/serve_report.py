@@ -91,7 +91,7 @@ def write_section(out: dict, results: Path, args=None) -> None:
              f"{out['machine']['cores']} cores shared with other engineers' jobs, so every number is noisy "
              f"(ratios are from one run, side by side). Three servers on 127.0.0.1 (`--batching step`, `request "
              f"--max-delay-ms {out['max_delay_ms']:g}`, `single`), each load the same Poisson trace to each, "
-             f"{out['duration_s']:.0f} s of arrivals (longer where needed for 80 requests); requests from a "
+             f"{out['duration_s']:.0f} s of arrivals (longer where needed for 50 requests); requests from a "
              f"{len(out['kinds'])}-kind catalog (num 1-4, "
              f"steps 10-100, all / uniform:2 / uniform:4 / dp:K, cfg 1.0-2.0), random class and seed; latency "
              f"measured at the client. {out['minutes']:.0f} min in all. Raw: `benchmarks/serve_load.json`; plot "
