@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from ddt_export.runtime.batching import RequestSpec  # noqa: E402
 from ddt_export.runtime.simulate import Arrival  # noqa: E402
 
-POLICIES = ("step", "request", "single")
+POLICIES = ("step", "fair", "request", "single")
 CATALOG_SIZE = 16
 LOOPBACK = "127.0.0.1"
 
@@ -242,6 +242,8 @@ def main(argv=None) -> None:
     p.add_argument("--loads", type=float, nargs="+", default=[0.5, 0.7, 0.9])
     p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
     p.add_argument("--min-requests", type=int, default=50, help="a load runs longer than --duration if needed")
+    p.add_argument("--focus-load", type=float, default=0.7, help="the load the targets are checked at ...")
+    p.add_argument("--focus-requests", type=int, default=150, help="... and how many requests it gets at least")
     p.add_argument("--saturation-s", type=float, default=90.0)
     p.add_argument("--solo-repeats", type=int, default=3)
     p.add_argument("--max-delay-ms", type=float, default=10.0)

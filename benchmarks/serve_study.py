@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serve_load import (LOOPBACK, arrivals, catalog, closed_loop, metric_sums, open_loop, per_iteration,
+from serve_load import (LOOPBACK, POLICIES, arrivals, catalog, closed_loop, metric_sums, open_loop, per_iteration,
                         poisson_trace, stats, summary)
 
 from ddt_export.core.config import load_config
@@ -247,17 +247,19 @@ def load_curve(which: str, preset: str) -> tuple[CostCurve, list[RequestSpec], i
 
 def gpu_study(curve, specs, budget, loads, n, seed, max_delay) -> dict:
     solo = [simulate([Arrival(0.0, s, k)], curve, budget).latency[0] for k, s in enumerate(specs)]
-    sat = {p: sim_saturation(curve, specs, budget, p, max_delay) for p in ("step", "request", "single")}
+    sat = {p: sim_saturation(curve, specs, budget, p, max_delay) for p in POLICIES}
     rows, ratios = [], {}
     for i, load in enumerate(loads):
         rate = load * sat["request"]
         trace = poisson_trace(rate, n / rate, len(specs), seed + 100 + i)
         arr = arrivals(trace, specs)
         by = {}
-        for p in ("step", "request", "single"):
+        for p in POLICIES:
             by[p] = sim_stats(arr, simulate(arr, curve, budget, p, max_delay, max_queue=10 ** 6), solo)
             rows.append({"load": load, "rate": rate, "policy": p, **by[p]})
         ratios[f"{load:.0%}"] = {k: by["step"][k] / by["request"][k] for k in ("p50", "p99", "slowdown_p99")}
+        ratios[f"{load:.0%}"].update({f"fair_{k}": by["fair"][k] / by["request"][k] for k in ("p50", "p99",
+                                                                                          "slowdown_p99")})
     return {"curve": curve.to_dict(), "solo_s": solo, "saturation": sat, "rows": rows, "ratios": ratios,
             "budget": budget}
 
@@ -320,7 +322,8 @@ def measure(args) -> None:
         sat = out["saturation"].get("request", next(iter(out["saturation"].values())))["throughput"]
         for i, load in enumerate(args.loads):
             rate = load * sat
-            duration = max(args.duration, args.min_requests / rate)  # enough requests for a p99
+            want = args.focus_requests if abs(load - args.focus_load) < 1e-9 else args.min_requests
+            duration = max(args.duration, want / rate)  # enough requests for a p99
             trace = poisson_trace(rate, duration, len(kinds), args.seed + 1 + i)
             arr, meas = arrivals(trace, specs), {}
             out["machine"]["load_avg"].append(os.getloadavg())

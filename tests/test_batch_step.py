@@ -109,8 +109,9 @@ def test_one_call_per_graph_per_iteration_with_per_row_t(engines):
     assert len({float(v) for _, _, t in enc for v in t}) > 10
 
 
-def test_rows_stay_within_the_budget(engines):
-    jobs, batches = run(engines, mixed(engines), budget=8)
+@pytest.mark.parametrize("policy", ["step", "fair"])
+def test_rows_stay_within_the_budget(engines, policy):
+    jobs, batches = run(engines, mixed(engines), budget=8, policy=policy)
     assert max(b.decoder_rows for b in batches) <= 8 and max(b.encoder_rows for b in batches) <= 8
     for job in jobs:
         assert np.array_equal(job.context, images_from_samples(solo(engines, job.spec)))

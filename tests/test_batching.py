@@ -113,6 +113,24 @@ def test_single_policy_one_at_a_time():
     assert sch.retire(0.5) == [a] and sch.admit(0.5) == [b]
 
 
+def test_fair_policy_steps_each_request_in_proportion_to_one_over_its_rows():
+    sch = Scheduler(row_budget=16, policy="fair")
+    small = sch.submit(spec(num=1, steps=10, cfg=1.0, schedule=range(10)), 0.0)  # 1 row
+    big = sch.submit(spec(num=2, steps=10, schedule=range(10)), 0.0)  # 4 rows (CFG)
+    assert sch.admit(0.0) == [small, big]
+    seen = []
+    for it in range(8):
+        b = sch.batch()
+        seen.append([j is big for j in b.jobs])
+        sch.advance(b, float(it))
+    assert seen == [[False]] * 3 + [[False, True]] + [[False]] * 3 + [[False, True]]  # big: every 4th
+    assert (small.step, big.step) == (8, 2)
+    alone = Scheduler(row_budget=16, policy="fair")
+    j = alone.submit(spec(num=2), 0.0)
+    alone.admit(0.0)
+    assert alone.batch().jobs == [j]  # alone, a request steps every iteration (work-conserving)
+
+
 def test_queue_limit_and_requests_that_never_fit():
     sch = Scheduler(row_budget=8, max_queue=2)
     sch.submit(spec(), 0.0)
@@ -125,6 +143,8 @@ def test_queue_limit_and_requests_that_never_fit():
                       ({"max_delay": -1.0}, "--max-delay-ms"), ({"row_budget": 0}, "row budget")]:
         with pytest.raises(InputError, match=match):
             Scheduler(**{"row_budget": 8, **kw})
+    with pytest.raises(InputError, match=r"--batching: expected step \| fair \| request \| single, got fifo"):
+        Scheduler(8, "fifo")
 
 
 def drive(policy, arrivals, cost_per_row=0.01, budget=8, max_delay=0.0):
@@ -172,7 +192,7 @@ def test_simulator_is_the_scheduler_on_a_virtual_clock():
              for s in rng.integers(1, 12, 30)]
     times = np.cumsum(rng.exponential(0.05, len(specs)))
     linear = CostCurve(encoder=((1, 0.01), (64, 0.64)), decoder=((1, 0.01), (64, 0.64)))
-    for policy, delay in (("step", 0.0), ("request", 0.03), ("single", 0.0)):
+    for policy, delay in (("step", 0.0), ("fair", 0.0), ("request", 0.03), ("single", 0.0)):
         want = drive(policy, list(zip(times, specs)), budget=8, max_delay=delay)
         res = simulate([Arrival(float(t), s, 0) for t, s in zip(times, specs)], linear, 8, policy, delay)
         assert [res.latency[i] for i in range(len(specs))] == pytest.approx(want), policy

@@ -21,8 +21,9 @@ def serve(
     max_images_per_request: Optional[int] = typer.Option(
         None, help="largest num per request (default: batch.max / 2, a guided image takes 2 rows)"),
     max_steps: int = typer.Option(MAX_STEPS, help="largest steps per request"),
-    batching: str = typer.Option(BATCHING, help="step: requests join the batch at every step boundary; request: "
-                                 "Triton-style groups run to completion; single: one request at a time"),
+    batching: str = typer.Option(BATCHING, help="step: requests join the batch at every step boundary; fair: "
+                                 "step-level, each request advancing in proportion to 1/its rows (cost-linear "
+                                 "CPUs); request: Triton-style groups run to completion; single: one at a time"),
     max_delay_ms: float = typer.Option(MAX_DELAY_MS, help="--batching request: how long the oldest waiting "
                                        "request waits for others to join its group"),
     class_names: Optional[Path] = typer.Option(None, help="class labels, one per line in id order (the official "

@@ -16,7 +16,14 @@ the caller passes `now`, so the server drives it with `time.monotonic()` and the
 (`benchmarks/serve_load.py simulate`) and the tests with a virtual clock.
 
 Policies (`POLICIES`):
-- `step`: admit at every step boundary, first come first served, while the request's rows fit the budget.
+- `step`: admit at every step boundary, first come first served, while the request's rows fit the budget;
+  every running request does one step per iteration.
+- `fair`: admitted as `step`, but a request steps in an iteration only when its credit covers its rows
+  (deficit round robin: every iteration each running request earns the smallest running request's rows), so
+  a request advances at a rate inversely proportional to its rows. Where a step's cost is linear in rows (a
+  CPU), every request then gets an equal share of the machine instead of a share proportional to its rows: a
+  1-image request beside a 4-image CFG request no longer runs at the big one's pace. Where rows are nearly
+  free (a GPU), `step` keeps the batches fuller.
 - `request`: the Triton-style baseline: when the batch is empty, group what arrived within `max_delay` of
   the oldest waiting request (sooner when the group fills the budget) and run the group to completion before
   admitting anyone else; a member that finishes early still answers at once (the stronger baseline).
@@ -37,7 +44,8 @@ from ..core.config import SamplerConfig
 from ..core.errors import DDTExportError, InputError
 from .host import Step, plan_steps
 
-POLICIES = ("step", "request", "single")
+POLICIES = ("step", "fair", "request", "single")
+STEP_LEVEL = ("step", "fair")  # policies that admit at every step boundary
 
 # Job.status values
 WAITING, RUNNING, SAMPLED, DONE, FAILED, CANCELLED = "waiting", "running", "sampled", "done", "failed", "cancelled"
@@ -86,6 +94,7 @@ class Job:
     status: str = WAITING
     error: Exception | None = None
     cancel_requested: bool = False
+    credit: int = 0  # the `fair` policy's deficit counter, in rows
     state: Any = None
     context: Any = None
 
@@ -171,7 +180,7 @@ class Scheduler:
 
     def admit(self, now: float) -> list[Job]:
         """Move waiting requests into the running set, as the policy allows at this step boundary."""
-        if not self.waiting or (self.policy != "step" and self.running):
+        if not self.waiting or (self.policy not in STEP_LEVEL and self.running):
             return []
         group = self._group()
         if self.policy == "request":
@@ -193,9 +202,16 @@ class Scheduler:
     # ------------------------------------------------------------------------------------------- the step
 
     def batch(self) -> Batch:
-        """Every running request at its current step."""
+        """Every running request at its current step (`fair`: those whose credit covers their rows). Call it
+        once per iteration: under `fair` it spends the credits."""
         b = Batch()
+        quantum = min((j.rows for j in self.running), default=0)
         for job in self.running:
+            if self.policy == "fair":
+                job.credit += quantum
+                if job.credit < job.rows:
+                    continue
+                job.credit -= job.rows
             st = job.current
             enc, dec = step_rows(st, job.spec.num)
             b.jobs.append(job)

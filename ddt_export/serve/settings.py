@@ -19,7 +19,7 @@ PORT = 8000
 class ServeSettings:
     """What the app needs besides the engine folder."""
 
-    batching: str = BATCHING  # step | request | single (runtime.batching.POLICIES)
+    batching: str = BATCHING  # step | fair | request | single (runtime.batching.POLICIES)
     max_delay_ms: float = MAX_DELAY_MS
     max_queue: int = MAX_QUEUE
     max_images_per_request: Optional[int] = None  # None: batch.max / CFG_ROWS
