@@ -10,6 +10,11 @@ from ddt_export.core.config import Config, ModelConfig, SamplerConfig
 
 torch = pytest.importorskip("torch", reason="export fixtures need the [export] extra (torch)")
 
+# Subprocess tests: a child gets CHILD_TIMEOUT seconds (about 10x what it takes on an idle 2-core machine, so a
+# busy CI machine is not a failure) and the test CHILD_TIMEOUT + 60 (pytest-timeout), so a hung child fails with
+# its output instead of stalling the suite. Every other test has pyproject's global limit.
+CHILD_TIMEOUT = 300
+
 # 4 blocks (3 encoder + 1 decoder), 16 tokens: every path of the real model, milliseconds per call.
 TINY = Config(
     "tiny-test",
