@@ -28,10 +28,11 @@ from .model import DDT, DecoderGraph, EncoderGraph
 NO_VAE_NOTE = "vae_decoder not exported: no --vae folder given; generate writes latents only"
 
 
-def torch_cast_errors(model: DDT, cfg: Config, p: Precision, batch: int = 3, seed: int = 1234) -> dict[str, dict]:
+def torch_cast_errors(model: DDT, cfg: Config, dims: Dims, p: Precision, batch: int = 3,
+                      seed: int = 1234) -> dict[str, dict]:
     """PyTorch's own error for a precision onnxruntime CPU cannot run (bf16): the same model cast to its dtype
     against fp32, on random inputs; NumericsError past the precision's tolerance."""
-    dims, rng = Dims.of(cfg.model), np.random.default_rng(seed)
+    rng = np.random.default_rng(seed)
     low = copy.deepcopy(model).to(torch_dtype(p))
     errs, bad = {}, []
     for spec, wrap in ((ENCODER, EncoderGraph), (DECODER, DecoderGraph)):
@@ -66,7 +67,7 @@ def export_model(model: DDT, cfg: Config, out: Path, *, weights: WeightsRef, pre
     dims = Dims.of(cfg.model)
     reference = model.float().eval()
     exported = copy.deepcopy(reference).to(torch_dtype(p))
-    cast = torch_cast_errors(reference, cfg, p) if check and not p.ort_cpu else {}
+    cast = torch_cast_errors(reference, cfg, dims, p) if check and not p.ort_cpu else {}
     graphs, notes = {}, []
     with artifact_folder(out, refuse=refuse_foreign(prov, force)) as staging:
         for spec, wrap in ((ENCODER, EncoderGraph), (DECODER, DecoderGraph)):
