@@ -112,6 +112,8 @@ def test_unusable_and_cuda_reasons():  # defect 8, and the driver line of build
     assert "[tensorrt-cu12]" in old and "no CUDA GPU" not in old
     assert "[tensorrt-cu" not in cuda_reason("cudaErrorInsufficientDriver", 0, 11080, 12090)  # no cu11 extra
     assert cuda_reason("cudaErrorNoDevice", 0, 12040, 12090) == "no CUDA GPU visible"
+    # what cuda-bindings 12.9 answers on a machine with no driver (this one): not a driver that is too old
+    assert cuda_reason("cudaErrorInsufficientDriver", 0, 0, 12090) == "no CUDA GPU visible (no NVIDIA driver loaded)"
     assert "older than the CUDA 13.0" in cuda_reason("cudaErrorInitializationError", 1, 12090, 13000)
     assert cuda_reason("cudaSuccess", 1, 13000, 13000) == "" and cuda_reason("cudaSuccess", 1, 12040, 12090) == ""
     assert "precision_is_set" in polygraphy_reason("0.49.26") and polygraphy_reason("0.53.6") == ""

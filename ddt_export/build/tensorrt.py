@@ -40,7 +40,7 @@ def tensorrt_status() -> tuple[bool, str]:
         if not why:
             raise
         return False, f"cuda-python cannot reach a GPU ({why})"
-    why = cuda_reason(getattr(err, "name", str(err)), int(count), int(driver or 0), int(runtime or 0))
+    why = cuda_reason(getattr(err, "name", str(err)), int(count or 0), int(driver or 0), int(runtime or 0))
     if why:
         return False, why
     try:

@@ -199,6 +199,8 @@ def cuda_reason(status: str, count: int, driver_version: int, runtime_version: i
     def ver(v: int) -> str:
         return f"{v // 1000}.{(v % 1000) // 10}"
 
+    if not driver_version:  # cuda-bindings answers cudaErrorInsufficientDriver when there is no driver at all
+        return "no CUDA GPU visible (no NVIDIA driver loaded)"
     # within one major a newer runtime runs on an older driver (CUDA minor-version compatibility); across majors not
     if status == "cudaErrorInsufficientDriver" or (driver_version and runtime_version // 1000 > driver_version // 1000):
         major, have = runtime_version // 1000, driver_version // 1000
@@ -208,8 +210,8 @@ def cuda_reason(status: str, count: int, driver_version: int, runtime_version: i
                 f"of the installed cuda-python: {fix}")
     if status in ("cudaErrorNoDevice", "cudaSuccess") and count < 1:
         return "no CUDA GPU visible"
-    if status == "cudaErrorNoDevice" or (status == "cudaErrorInitializationError" and not driver_version):
-        return "no CUDA GPU visible (no NVIDIA driver loaded)"
+    if status == "cudaErrorNoDevice":
+        return "no CUDA GPU visible"
     if status != "cudaSuccess":
         return f"CUDA cannot start: {status}"
     return ""
