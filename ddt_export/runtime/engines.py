@@ -135,9 +135,12 @@ def load_engines(folder: Path, backend: str = "auto", providers: Sequence[str] |
         raise BackendError(f"{name} backend for {folder}", "its packages importable and a usable device", why,
                            "install the backend's extra ([tensorrt-cu12] or [tensorrt-cu13]), or build an "
                            "onnxruntime folder") from e
+    runners: dict = {}
     try:
         runners = impl.open(folder, man)
         return Engines(folder, man, impl, runners, device_loop)
-    except BaseException:
+    except BaseException:  # nothing half-open is left behind: runners (device buffers), then the backend
+        for r in runners.values():
+            r.close()
         impl.close()
         raise
