@@ -245,6 +245,9 @@ def main(argv=None) -> None:
     p.add_argument("--focus-load", type=float, default=0.7, help="the load the targets are checked at ...")
     p.add_argument("--focus-requests", type=int, default=150, help="... and how many requests it gets at least")
     p.add_argument("--saturation-s", type=float, default=90.0)
+    p.add_argument("--saturation-policies", nargs="+", default=list(POLICIES), choices=POLICIES,
+                   help="the policies whose saturation is measured (the loads are fractions of request's; every "
+                   "policy's is simulated)")
     p.add_argument("--solo-repeats", type=int, default=3)
     p.add_argument("--max-delay-ms", type=float, default=10.0)
     p.add_argument("--seed", type=int, default=0)

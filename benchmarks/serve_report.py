@@ -98,7 +98,8 @@ def write_section(out: dict, results: Path, args=None) -> None:
              f"{out['machine']['cores']} cores shared with other engineers' jobs, so every number is noisy "
              f"(ratios are from one run, side by side). Four servers on 127.0.0.1 (`--batching step`, `fair`, "
              f"`request --max-delay-ms {out['max_delay_ms']:g}`, `single`), each load the same Poisson trace to each, "
-             f"{out['duration_s']:.0f} s of arrivals (longer where needed for 50 requests, 150 at 70%); requests "
+             f"{out['duration_s']:.0f} s of arrivals (longer where needed for {out.get('min_requests', 50)} requests, "
+             f"{out.get('focus_requests', 150)} at {out.get('focus_load', 0.7):.0%}); requests "
              f"from a {len(out['kinds'])}-kind catalog (num 1-4, "
              f"steps 10-100, all / uniform:2 / uniform:4 / dp:K, cfg 1.0-2.0), random class and seed; latency "
              f"measured at the client. {out['minutes']:.0f} min in all. Raw: `benchmarks/serve_load.json`; plot "
@@ -111,6 +112,8 @@ def write_section(out: dict, results: Path, args=None) -> None:
     for (r, e), (_, d), (_, se), (_, sd) in zip(t["encoder"], t["decoder"], c["encoder"], c["decoder"]):
         lines.append(f"| {r} | {ms(e)} | {ms(e / r)} | {ms(d)} | {ms(d / r)} | {ms(se)} | {ms(sd)} |")
     f = out["fit"]
+    sat = out["saturation"]
+    meas = next((v for v in sat.values() if "throughput" in v), {"clients": 0, "duration_s": 0})
     lines += ["", f"Servers' fit over {f['iterations']} iterations (R^2 {f['r2']:.2f}): encoder "
               f"{f['encoder_ms'][0]:.1f} ms + {f['encoder_ms'][1]:.2f} ms/row, decoder {f['decoder_ms'][0]:.1f} ms + "
               f"{f['decoder_ms'][1]:.2f} ms/row, {f['request_ms']:.2f} ms per request per iteration, "
@@ -118,10 +121,11 @@ def write_section(out: dict, results: Path, args=None) -> None:
               f"{1e3 * f['request_s']:.0f} ms per request outside the loop (client latency less the server's own: "
               f"HTTP, JSON, PNGs). The simulator uses the fit of each load's own iterations (the machine's load "
               f"drifts).", "",
-              f"Saturation ({out['saturation'][next(iter(out['saturation']))]['clients']} closed-loop clients, "
-              f"{out['saturation'][next(iter(out['saturation']))]['duration_s']:.0f} s after a warm-up): " + ", ".join(
-                  f"{p} {s['throughput']:.2f} req/s (simulated {s['simulated']:.2f})" for p, s in
-                  out["saturation"].items()) + ". Loads are fractions of `request`'s. Solo latencies: "
+              f"Saturation ({meas['clients']} closed-loop clients, {meas['duration_s']:.0f} s after a warm-up; "
+              "simulated on the pooled fit): " + ", ".join(
+                  f"{p} " + (f"{s['throughput']:.2f} req/s measured, " if "throughput" in s else "")
+                  + f"{s['simulated']:.2f} simulated" for p, s in sat.items())
+              + ". Loads are fractions of `request`'s measured saturation. Solo latencies: "
               + ", ".join(f"{x:.2f}" for x in out["solo_s"]) + " s.", "",
               "| load | rate /s | policy | throughput /s | p50 s | p95 s | p99 s | p99 slowdown | req/iter | enc rows"
               "/iter | dec rows/iter | sim p50 s | sim p99 s | sim p99 slowdown |",

@@ -306,6 +306,7 @@ def measure(args) -> None:
            "kinds": kinds, "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                                        "python": platform.python_version(), "load_avg": [os.getloadavg()]},
            "max_delay_ms": args.max_delay_ms, "duration_s": args.duration, "host": host,
+           "min_requests": args.min_requests, "focus_load": args.focus_load, "focus_requests": args.focus_requests,
            "tight_curve": tight.to_dict(), "runs": []}
     pooled = []
     try:
@@ -315,7 +316,7 @@ def measure(args) -> None:
         out["solo_s"] = solo
         print(f"solo latencies (s): {[round(s, 3) for s in solo]}", flush=True)
         out["saturation"] = {}
-        for p in args.policies:
+        for p in [p for p in args.policies if p in args.saturation_policies]:
             out["saturation"][p] = asyncio.run(closed_loop(urls[p], kinds, SAT_CLIENTS, args.saturation_s, args.seed))
             print(f"saturation {p}: {out['saturation'][p]}", flush=True)
         pooled += traces.new()
@@ -359,8 +360,8 @@ def measure(args) -> None:
     rs = [g for r in out["runs"] for g in [r["fit"]["request_s"]]]
     curve, fit = fit_trace(pooled + traces.new(), float(np.median(rs)) if rs else 0.0)
     out.update(curve=curve.to_dict(), fit=fit)
-    for p in out["saturation"]:
-        out["saturation"][p]["simulated"] = sim_saturation(curve, specs, budget, p, delay)
+    for p in args.policies:  # simulated for every policy, measured for --saturation-policies
+        out["saturation"].setdefault(p, {})["simulated"] = sim_saturation(curve, specs, budget, p, delay)
     gcurve, gspecs, gbudget = load_curve("gpu", "ddt-xl-256")
     out["gpu"] = gpu_study(gcurve, gspecs, gbudget, args.gpu_loads, args.gpu_requests, args.seed, delay)
     out["gpu"]["sensitivity"] = gpu_sensitivity(gspecs, gbudget, args.gpu_requests // 2, args.seed, delay)
