@@ -214,7 +214,8 @@ def cmd_simulate(args) -> None:
     out = gpu_study(curve, specs, budget, args.loads, args.requests, args.seed, args.max_delay_ms / 1e3)
     for row in out["rows"]:
         print(f"load {row['load']:.0%} ({row['rate']:.2f}/s) {row['policy']:>7}: p50 {row['p50'] * 1e3:8.1f} ms, "
-              f"p99 {row['p99'] * 1e3:8.1f} ms, p99 slowdown {row['slowdown_p99']:6.2f}")
+              f"p99 {row['p99'] * 1e3:8.1f} ms, p99 slowdown {row['slowdown_p99']:6.2f}; the p99's requests: queue "
+              f"{row['p99_queue_s'] * 1e3:.0f} ms + run {row['p99_run_s'] * 1e3:.0f} ms, steps {row['p99_steps']}")
     for load, r in out["ratios"].items():
         print(f"load {load}: step / request p99 latency {r['p99']:.2f}x, p99 slowdown {r['slowdown_p99']:.2f}x")
     if args.json:

@@ -203,6 +203,11 @@ def sim_stats(arr: list[Arrival], res, solo: list[float]) -> dict:
     span = max(res.end, arr[-1].t if arr else 0.0, 1e-9)
     out = summary(lat, slow, len(arr), len(res.rejected), span)
     out.update(requests_per_iteration=res.requests_per_iteration, rows_per_iteration=res.rows_per_iteration)
+    if len(lat):  # what the p99 is made of: the requests at or above it, their wait for admission and their run
+        ids = [i for i in sorted(res.latency) if res.latency[i] >= out["p99"]]
+        queue = float(np.mean([res.queue[i] for i in ids]))
+        out.update(p99_queue_s=queue, p99_run_s=float(np.mean([res.latency[i] for i in ids])) - queue,
+                   p99_steps=sorted({arr[i].spec.sampler.num_steps for i in ids}))
     return out
 
 
