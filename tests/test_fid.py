@@ -263,6 +263,9 @@ def test_loader_errors(tmp_path):
     Image.new("L", (8, 8)).save(folder / "00009.png")
     with pytest.raises(InputError, match="00009.png.*16x16.*8x8"):
         list(F.iter_folder_images(folder))
+    (folder / "00009.png").write_bytes(b"not a png")  # a file named .png that is not an image
+    with pytest.raises(InputError, match="00009.png"):
+        list(F.iter_folder_images(folder))
     with pytest.raises(InputError, match="image files"):
         F.image_files((tmp_path / "empty").mkdir() or tmp_path / "empty")
     with pytest.raises(InputError, match="N >= 2"):

@@ -174,6 +174,10 @@ def _bad_cases(engines_dir, tmp_path):
         "schedule N": (g + ["--schedule", tmp_path / "wrong-n.json"], "num_steps"),
         "schedule step": (g + ["--schedule", tmp_path / "late.json"], "InputError"),
         "recompute K": (["schedule", "--engines", engines_dir, "--steps", 5, "--recompute", 6], "InputError"),
+        "out is a file": (["generate", "--engines", engines_dir, "--out", tmp_path / "late.json"], "InputError: --out"),
+        "cfg NaN": (g + ["--cfg", "nan"], "InputError: --cfg"),
+        "cfg Inf": (g + ["--cfg", "inf"], "InputError: --cfg"),
+        "before build": (["generate", "--engines", tmp_path / "engines" / "default"], "build them first"),
     }
 
 
