@@ -34,6 +34,10 @@ def serve(
     log_level: str = typer.Option("warning", help="uvicorn log level (info shows the access log)"),
     trace: Optional[Path] = typer.Option(None, help="append one JSON line per iteration (start, seconds, "
                                          "requests, rows) to this file"),
+    ray: bool = typer.Option(False, "--ray", help="run the app as a Ray Serve deployment (the [ray] extra)"),
+    ray_address: Optional[str] = typer.Option(None, help="--ray: the cluster to join (default: start a local one)"),
+    replicas: Optional[int] = typer.Option(None, help="--ray: replicas, each with its own batcher (default: one "
+                                           "per GPU, else 1)"),
 ):
     """Serve the engines over HTTP: POST /v1/generate (JSON or SSE), /health, /metrics, a web page at /."""
     from ..serve.server import serve as run_server
@@ -45,4 +49,10 @@ def serve(
     settings = ServeSettings(batching=batching, max_delay_ms=max_delay_ms, max_queue=max_queue,
                              max_images_per_request=max_images_per_request, max_steps=max_steps,
                              class_names=class_names, backend=backend, trace=trace)
-    run_server(engines, settings, host, port, lifetime_s=lifetime, log_level=log_level, say=say)
+    if ray:
+        from ..serve.ray_serve import serve_on_ray
+
+        serve_on_ray(engines, settings, host, port, replicas=replicas, address=ray_address, lifetime_s=lifetime,
+                     say=say)
+    else:
+        run_server(engines, settings, host, port, lifetime_s=lifetime, log_level=log_level, say=say)

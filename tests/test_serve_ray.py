@@ -1,0 +1,71 @@
+"""`serve --ray`: the app as a Ray Serve deployment. Two replicas on a local cluster both serve, and their images
+equal `generate`'s; the per-replica limits come from the row budget."""
+from __future__ import annotations
+
+import base64
+import concurrent.futures as cf
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ddt_export.serve.ray_serve import REPLICA_CPUS, REPLICA_HEADER, plan
+from ddt_export.serve.settings import ServeSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_plan_from_the_row_budget():
+    # CPU cluster: 1 replica by default, fractional CPUs; the batcher may hold batch.max one-row requests plus its
+    # queue, so Ray Serve must let that many in (its default of 5 would cap the batch at 5 requests)
+    p = plan(64, ServeSettings(max_queue=10), None, cluster_gpus=0)
+    assert (p.replicas, p.max_ongoing_requests, p.max_queued_requests, p.num_cpus, p.num_gpus) == \
+        (1, 74, 10, REPLICA_CPUS, 0)
+    p = plan(32, ServeSettings(max_queue=4), None, cluster_gpus=4)  # one replica per GPU
+    assert (p.replicas, p.max_ongoing_requests, p.max_queued_requests, p.num_gpus) == (4, 36, 16, 1)
+    from ddt_export.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--replicas"):
+        plan(32, ServeSettings(), 5, cluster_gpus=4)
+    with pytest.raises(ConfigError, match="--replicas"):
+        plan(32, ServeSettings(), 0, cluster_gpus=0)
+
+
+@pytest.mark.timeout(600)
+def test_two_replicas_serve_and_equal_generate(tiny_engines, tmp_path):
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.serve")
+    httpx = pytest.importorskip("httpx")
+    from PIL import Image
+
+    from ddt_export.runtime.generate import generate
+    from ddt_export.serve.ray_serve import deploy, shutdown
+    from serve_helpers import free_port
+
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    try:
+        p = deploy(tiny_engines[0], ServeSettings(), port=port, replicas=2, say=lambda m: None)
+        assert p.replicas == 2
+
+        def post(i):
+            body = {"class": i % 10, "num": 2, "seed": 100 + i, "steps": 6}
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/generate", json=body, timeout=240)
+            return body, r
+
+        with cf.ThreadPoolExecutor(8) as ex:
+            answers = list(ex.map(post, range(12)))
+    finally:
+        shutdown()
+    assert all(r.status_code == 200 for _, r in answers), [r.text for _, r in answers if r.status_code != 200]
+    replicas = {r.headers[REPLICA_HEADER] for _, r in answers}
+    assert len(replicas) == 2, replicas  # both replicas served
+    for body, r in answers[:4]:
+        res = generate(tiny_engines[0], classes=[body["class"]], num=2, seed=body["seed"], steps=6,
+                       out_dir=tmp_path / str(body["seed"]), say=lambda m: None)
+        for png, path in zip(r.json()["images"], res.images):
+            served = np.asarray(Image.open(io.BytesIO(base64.b64decode(png))))
+            np.testing.assert_array_equal(served, np.asarray(Image.open(path)))  # to the uint8 pixel
