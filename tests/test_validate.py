@@ -163,3 +163,58 @@ def test_cli_validate_without_features_reports_latents(folders, tmp_path):
     rep = json.loads((tmp_path / "report.json").read_text())
     assert "skipped" in rep["fid"] and rep["latent_rel_err"]["max"] < 1e-4
     assert "FID skipped" in text
+
+
+def test_adm_section_and_precision_recall_gates(folders, features, tmp_path, monkeypatch):
+    """ADM's numbers for both sides and their deltas; against data with images (arr_0) precision and recall are
+    each side's against the data; the ratio gates pass, fail (exit 2, one line, report written) and refuse to
+    start on statistics without images."""
+    from ddt_export.core.errors import ConfigError, NumericsError
+
+    fp32, fp16 = folders
+    data = np.random.default_rng(3).integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "data.npz", arr_0=data)
+    rep = validate(fp16, reference=fp32, num=NUM, seed=2, features=features, stats=tmp_path / "data.npz",
+                   min_precision_ratio=0.5, min_recall_ratio=0.5, say=lambda m: None)
+    adm = rep["adm"]
+    assert "data.npz: 40 images" in adm["against"]
+    for side in ("engine", "reference"):
+        s = adm[side]
+        assert s["fid"] == pytest.approx(rep["fid"][f"{side}_vs_data"], rel=1e-9)  # the same FID as the FID section
+        assert 0 <= s["precision"] <= 1 and 0 <= s["recall"] <= 1 and s["n_samples"] == NUM
+        assert s["inception_score"] is None and "no `logits`" in s["skipped"]["inception_score"]  # tiny graph
+        assert s["sfid"] is None
+    assert adm["delta"]["fid"] == pytest.approx(rep["fid"]["delta"], rel=1e-9)
+    assert adm["delta"]["precision"] == pytest.approx(adm["engine"]["precision"] - adm["reference"]["precision"])
+    for k in ("precision", "recall"):
+        g = adm["gates"][k]
+        assert g["ratio"] == pytest.approx(adm["engine"][k] / adm["reference"][k]) and g["passed"], g
+
+    # no data statistics: the reference samples are the reference batch; the reference side is 1 and 1 by definition
+    rep = validate(fp16, reference=fp32, num=NUM, seed=2, features=features, say=lambda m: None)
+    assert rep["adm"]["reference"]["precision"] == 1.0 and rep["adm"]["reference"]["recall"] == 1.0
+    assert rep["adm"]["reference"]["fid"] == pytest.approx(0.0, abs=1e-6)
+
+    f = features.extract(data)
+    np.savez(tmp_path / "stats.npz", mu=f.mean(0), sigma=np.cov(f, rowvar=False))
+    with pytest.raises(ConfigError, match="--min-recall-ratio.*arr_0"):
+        validate(fp16, reference=fp32, num=NUM, features=features, stats=tmp_path / "stats.npz",
+                 min_recall_ratio=0.9, say=lambda m: None)
+    with pytest.raises(NumericsError, match="precision/recall gate.*recall\\(engine\\) / recall\\(reference\\)"):
+        validate(fp16, reference=fp32, num=NUM, seed=2, features=features, min_recall_ratio=1.5, say=lambda m: None)
+
+    import ddt_export.evaluate.validate as V
+
+    monkeypatch.setattr(V, "choose_features", lambda *a: (features, ""))
+    code, text = run_cli(["validate", "--engines", fp16, "--reference", fp32, "--num", NUM, "--seed", 2,
+                          "--stats", tmp_path / "data.npz", "--min-precision-ratio", 2, "--out", tmp_path / "v"])
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and "precision(engine) / precision(reference)" in lines[0], text
+    saved = json.loads((tmp_path / "v" / "report.json").read_text())["adm"]
+    assert saved["gates"]["precision"]["passed"] is False and saved["gates"]["precision"]["min"] == 2
+    code, text = run_cli(["validate", "--engines", fp16, "--reference", fp32, "--num", NUM, "--seed", 2,
+                          "--stats", tmp_path / "data.npz", "--min-recall-ratio", 0.5, "--out", tmp_path / "w"])
+    assert code == 0, text
+    assert "ADM metrics against" in text and "Precision: engine" in text and "gate recall(engine)" in text
+    code, text = run_cli(["validate", "--engines", fp16, "--min-recall-ratio", "nan"])
+    assert code == 2 and "--min-recall-ratio" in text

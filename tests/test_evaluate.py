@@ -1,0 +1,157 @@
+"""`ddt-export evaluate` and evaluate.suite: ADM's five numbers over folders and .npz batches, checked against the
+independent restatements (tests/test_adm.py, tests/test_fid.py) on a small fixed random feature graph with the
+three outputs (`features`, `spatial`, `logits`); stored statistics; skipped metrics and why; the CLI."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from ddt_export.core.errors import ArtifactError, ConfigError, InputError
+from ddt_export.evaluate import features as X, suite as S
+
+from engines_cache import run_cli
+from test_adm import ref_inception_score, ref_precision_recall
+from test_fid import digit_images, fid_eig, write_pngs
+
+DIM, SPATIAL, CLASSES = 8, 12, 10
+
+
+def three_output_graph(path, outputs=("features", "spatial", "logits"), seed: int = 0):
+    """image (N, 1, 16, 16) -> features = x W (N, 8), spatial = x V (N, 12), logits = features H (N, 10)."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((256, DIM)).astype(np.float32) / 16
+    v = rng.standard_normal((256, SPATIAL)).astype(np.float32) / 16
+    h = rng.standard_normal((DIM, CLASSES)).astype(np.float32)
+    nodes = [helper.make_node("Flatten", ["image"], ["flat"], axis=1),
+             helper.make_node("MatMul", ["flat", "w"], ["features"]),
+             helper.make_node("MatMul", ["flat", "v"], ["spatial"]),
+             helper.make_node("MatMul", ["features", "h"], ["logits"])]
+    shapes = {"features": DIM, "spatial": SPATIAL, "logits": CLASSES}
+    graph = helper.make_graph(
+        nodes, "three", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, 16, 16])],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["N", shapes[o]]) for o in outputs],
+        [numpy_helper.from_array(a, n) for a, n in ((w, "w"), (v, "v"), (h, "h"))])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return w.astype(np.float64), v.astype(np.float64), h.astype(np.float64)
+
+
+@pytest.fixture
+def graph(tmp_path, monkeypatch):
+    """The three-output graph installed as the bundled digits extractor; returns its weights."""
+    path = tmp_path / "digits_features.onnx"
+    weights = three_output_graph(path)
+    monkeypatch.setattr(X, "DIGITS_ONNX", path)
+    return weights
+
+
+def by_hand(images: np.ndarray, weights) -> dict:
+    """features, spatial, logits of uint8 (N, 16, 16, 1) images in float64, from the weights."""
+    w, v, h = weights
+    x = images[..., 0].reshape(len(images), -1).astype(np.float64) / 127.5 - 1.0  # official uint82fp
+    return {"features": x @ w, "spatial": x @ v, "logits": x @ w @ h}
+
+
+def fid_of(a: np.ndarray, b: np.ndarray) -> float:
+    return fid_eig(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+
+
+def test_folder_vs_npz_matches_the_restatements(graph, tmp_path):
+    samples, ref = digit_images(37, seed=1), digit_images(45, seed=2)
+    ref[:20] = samples[:20]  # some overlap, so precision and recall are strictly between 0 and 1
+    folder = write_pngs(tmp_path / "samples", samples)
+    np.savez(tmp_path / "ref.npz", arr_0=ref, arr_1=np.arange(45) % 10)
+    res = S.evaluate_paths(folder, tmp_path / "ref.npz", batch=10)  # 37 = 3 * 10 + 7: ragged batches
+    got, a, b = res.numbers, by_hand(samples, graph), by_hand(ref, graph)
+    assert got["inception_score"] == pytest.approx(ref_inception_score(a["logits"]), rel=1e-5)
+    assert got["inception_score_splits"] == 1 and got["is_split_size"] == 5000
+    assert got["reference_inception_score"] == pytest.approx(ref_inception_score(b["logits"]), rel=1e-5)
+    assert got["fid"] == pytest.approx(fid_of(a["features"], b["features"]), rel=1e-4)
+    assert got["sfid"] == pytest.approx(fid_of(a["spatial"], b["spatial"]), rel=1e-4)
+    assert (got["precision"], got["recall"]) == pytest.approx(ref_precision_recall(b["features"], a["features"]))
+    assert 0 < got["precision"] < 1 and 0 < got["recall"] < 1
+    assert got["skipped"] == {} and got["n_samples"] == 37 and got["n_reference"] == 45
+
+
+def test_npz_vs_npz_reference_with_stored_statistics(graph, tmp_path):
+    """ADM's reference batch layout: arr_0 plus mu/sigma and mu_s/sigma_s. The stored statistics are used for
+    FID and sFID (here deliberately not the images' own), arr_0 for precision and recall."""
+    samples, ref = digit_images(30, seed=3), digit_images(40, seed=4)
+    rng = np.random.default_rng(0)
+    mu, mu_s = rng.standard_normal(DIM), rng.standard_normal(SPATIAL)
+    sigma, sigma_s = np.eye(DIM) * 0.5, np.eye(SPATIAL) * 0.2
+    np.savez(tmp_path / "samples.npz", arr_0=samples, arr_1=np.arange(30) % 10)  # generate --format npz layout
+    np.savez(tmp_path / "ref.npz", arr_0=ref, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+    res = S.evaluate_paths(tmp_path / "samples.npz", tmp_path / "ref.npz")
+    a, b = by_hand(samples, graph), by_hand(ref, graph)
+    fa, sa = a["features"], a["spatial"]
+    assert res.numbers["fid"] == pytest.approx(fid_eig(fa.mean(0), np.cov(fa, rowvar=False), mu, sigma), rel=1e-4)
+    assert res.numbers["sfid"] == pytest.approx(fid_eig(sa.mean(0), np.cov(sa, rowvar=False), mu_s, sigma_s),
+                                                rel=1e-4)
+    assert (res.numbers["precision"], res.numbers["recall"]) == pytest.approx(
+        ref_precision_recall(b["features"], fa))
+    assert "stored mu/sigma" in res.reference.describe() and "stored mu_s/sigma_s" in res.reference.describe()
+    again = S.evaluate_paths(tmp_path / "samples.npz", tmp_path / "ref.npz", from_images=True)  # from arr_0
+    assert again.numbers["fid"] == pytest.approx(fid_of(fa, b["features"]), rel=1e-4)
+
+
+def test_statistics_only_reference_skips_precision_recall(graph, tmp_path):
+    samples = digit_images(30, seed=5)
+    f = by_hand(digit_images(50, seed=6), graph)["features"]
+    np.savez(tmp_path / "stats.npz", mu=f.mean(0), sigma=np.cov(f, rowvar=False))  # no arr_0, no mu_s
+    np.savez(tmp_path / "samples.npz", arr_0=samples)
+    got = S.evaluate_paths(tmp_path / "samples.npz", tmp_path / "stats.npz").numbers
+    assert got["fid"] == pytest.approx(fid_of(by_hand(samples, graph)["features"], f), rel=1e-4)
+    assert got["inception_score"] > 1
+    for k in ("precision", "recall", "sfid", "reference_inception_score"):
+        assert got[k] is None and "stats.npz" in got["skipped"][k], k
+    assert "arr_0" in got["skipped"]["precision"] and "mu_s" in got["skipped"]["sfid"]
+    lines = S.format_numbers(got)
+    assert [ln.split(":")[0] for ln in lines] == ["Inception Score", "FID", "sFID", "Precision", "Recall"]
+    assert lines[3].startswith("Precision: skipped (needs the images of both sides")
+
+
+def test_graph_without_spatial_and_logits(tmp_path, monkeypatch):
+    """An extractor with `features` only (an Inception graph exported before the ADM outputs): FID, precision and
+    recall; IS and sFID skipped, saying which output is missing."""
+    path = tmp_path / "old.onnx"
+    three_output_graph(path, outputs=("features",))
+    monkeypatch.setattr(X, "DIGITS_ONNX", path)
+    write_pngs(tmp_path / "a", digit_images(20, seed=7))
+    write_pngs(tmp_path / "b", digit_images(20, seed=8))
+    got = S.evaluate_paths(tmp_path / "a", tmp_path / "b").numbers
+    assert got["fid"] > 0 and got["precision"] is not None and got["recall"] is not None
+    assert "no `logits` output" in got["skipped"]["inception_score"]
+    assert "no `spatial` output" in got["skipped"]["sfid"]
+
+
+def test_input_errors(graph, tmp_path):
+    np.savez(tmp_path / "junk.npz", x=np.zeros(3))
+    with pytest.raises(ArtifactError, match="arr_0"):
+        S.evaluate_paths(tmp_path / "junk.npz", tmp_path / "junk.npz")
+    with pytest.raises(InputError, match="folder of images"):
+        S.evaluate_paths(tmp_path / "missing.npz", tmp_path / "junk.npz")
+    with pytest.raises(ConfigError, match="digits | inception"):
+        S.evaluate_paths(tmp_path, tmp_path, features="clip")
+    np.savez(tmp_path / "three.npz", arr_0=digit_images(3))
+    np.savez(tmp_path / "ten.npz", arr_0=digit_images(10))
+    with pytest.raises(InputError, match="N >= 4"):  # k = 3 neighbours besides self
+        S.evaluate_paths(tmp_path / "three.npz", tmp_path / "ten.npz")
+
+
+def test_cli_evaluate_prints_five_numbers_and_json(graph, tmp_path):
+    folder = write_pngs(tmp_path / "samples", digit_images(24, seed=9))
+    np.savez(tmp_path / "ref.npz", arr_0=digit_images(30, seed=10))
+    code, text = run_cli(["evaluate", folder, tmp_path / "ref.npz", "--json", tmp_path / "out.json"])
+    assert code == 0, text
+    rec = json.loads((tmp_path / "out.json").read_text())
+    for label, key in (("Inception Score", "inception_score"), ("FID", "fid"), ("sFID", "sfid"),
+                       ("Precision", "precision"), ("Recall", "recall")):
+        assert f"{label}: {rec[key]:.4f}" in text, (label, text)
+    assert rec["features"] == "digits" and rec["n_samples"] == 24
+    code, text = run_cli(["evaluate", folder, tmp_path / "nothing.npz"])
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: InputError") and "Traceback" not in text
