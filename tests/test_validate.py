@@ -208,8 +208,10 @@ def test_adm_section_and_precision_recall_gates(folders, features, tmp_path, mon
     monkeypatch.setattr(V, "choose_features", lambda *a: (features, ""))
     code, text = run_cli(["validate", "--engines", fp16, "--reference", fp32, "--num", NUM, "--seed", 2,
                           "--stats", tmp_path / "data.npz", "--min-precision-ratio", 2, "--out", tmp_path / "v"])
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    assert code == 2 and len(lines) == 1 and "precision(engine) / precision(reference)" in lines[0], text
+    errors = [ln for ln in text.splitlines() if ln.startswith("error:")]
+    assert code == 2 and "Traceback" not in text and len(errors) == 1, text
+    assert errors[0].startswith("error: NumericsError: precision/recall gate") and \
+        "precision(engine) / precision(reference) = 1 < 2" in errors[0], text
     saved = json.loads((tmp_path / "v" / "report.json").read_text())["adm"]
     assert saved["gates"]["precision"]["passed"] is False and saved["gates"]["precision"]["min"] == 2
     code, text = run_cli(["validate", "--engines", fp16, "--reference", fp32, "--num", NUM, "--seed", 2,

@@ -253,8 +253,8 @@ def validate(engines_dir: Path, *, reference: str | Path = "torch", num: int | N
                               no_fid)
         if stats is None and extractor is not None and extractor.name == "digits" and DIGITS_STATS.is_file():
             stats = DIGITS_STATS  # the bundled statistics of the 1797 real digits
-        if stats is not None:
-            say(f"reading {stats} (the images it holds are featurized: precision and recall need them)")
+        if stats is not None and suite.image_count(Path(stats)):
+            say(f"featurizing the images of {stats} (precision and recall need them)")
         data_batch = suite.read_batch(Path(stats), lambda: extractor) if stats is not None else None
         suite.check_gates_possible(data_batch, ratios)  # before minutes of sampling
         data = None if data_batch is None else data_batch.stats
