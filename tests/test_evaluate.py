@@ -15,7 +15,7 @@ from ddt_export.evaluate import features as X, suite as S
 
 from engines_cache import run_cli
 from test_adm import ref_inception_score, ref_precision_recall
-from test_fid import digit_images, fid_eig, write_pngs
+from test_fid import digit_images, fid_eig, one_blas_thread, write_pngs
 
 DIM, SPATIAL, CLASSES = 8, 12, 10
 
@@ -155,3 +155,30 @@ def test_cli_evaluate_prints_five_numbers_and_json(graph, tmp_path):
     code, text = run_cli(["evaluate", folder, tmp_path / "nothing.npz"])
     lines = [ln for ln in text.splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: InputError") and "Traceback" not in text
+
+
+@pytest.mark.slow  # ~20-40 s: sqrtm of a singular 2048 x 2048 product, twice; the digits twin above is fast
+def test_cli_inception_graph_without_adm_outputs(tmp_path):
+    """An inception_fid.onnx exported before `spatial`/`logits`: FID, precision and recall; IS and sFID skipped,
+    telling the user to export it again."""
+    w = np.random.default_rng(12).standard_normal((3, X.INCEPTION_DIM)).astype(np.float32)
+    graph = helper.make_graph(  # channel means -> a random 2048-d projection; `features` only
+        [helper.make_node("ReduceMean", ["image", "axes"], ["m"], keepdims=0),
+         helper.make_node("MatMul", ["m", "w"], ["features"])], "old_inception",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", X.INCEPTION_DIM])],
+        [numpy_helper.from_array(np.array([2, 3], np.int64), "axes"), numpy_helper.from_array(w, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]),
+              str(tmp_path / "inception_fid.onnx"))
+    rng = np.random.default_rng(11)
+    np.savez(tmp_path / "a.npz", arr_0=rng.integers(0, 256, (12, 20, 24, 3), dtype=np.uint8))
+    np.savez(tmp_path / "b.npz", arr_0=rng.integers(0, 256, (14, 20, 24, 3), dtype=np.uint8))
+    with one_blas_thread():  # sqrtm of 2048 x 2048
+        code, text = run_cli(["evaluate", tmp_path / "a.npz", tmp_path / "b.npz", "--features", "inception",
+                              "--inception-onnx", tmp_path / "inception_fid.onnx", "--json", tmp_path / "o.json"])
+    assert code == 0, text
+    rec = json.loads((tmp_path / "o.json").read_text())
+    assert rec["fid"] is not None and rec["precision"] is not None and rec["recall"] is not None
+    assert rec["inception_score"] is None and rec["sfid"] is None
+    assert "export it again with `ddt-export fid-inception`" in rec["skipped"]["inception_score"]
+    assert "Inception Score: skipped" in text and "sFID: skipped" in text
