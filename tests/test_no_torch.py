@@ -10,7 +10,10 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 import cli
+from conftest import CHILD_TIMEOUT
 
 BLOCK_TORCH = textwrap.dedent("""
     import sys
@@ -38,6 +41,7 @@ SCRIPT = BLOCK_TORCH + textwrap.dedent("""
 """)
 
 
+@pytest.mark.timeout(CHILD_TIMEOUT + 60)
 def test_generate_without_torch(tiny_engines, tmp_path):
     import numpy as np
     from PIL import Image
@@ -59,7 +63,7 @@ def test_generate_without_torch(tiny_engines, tmp_path):
              ["evaluate", str(digits), str(DIGITS_STATS), "--json", str(tmp_path / "adm.json")],
              ["fid", str(digits), str(DIGITS_STATS)]]
     code = f"ARGVS = {argvs!r}\n" + SCRIPT
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=CHILD_TIMEOUT,
                        cwd=Path(cli.__file__).parent)
     assert r.returncode == 0, r.stderr
     assert "TORCH_MODULES []" in r.stdout, r.stdout
@@ -69,7 +73,8 @@ def test_generate_without_torch(tiny_engines, tmp_path):
     assert "Recall: " in r.stdout and (tmp_path / "adm.json").is_file()  # all five numbers, torch-free
 
 
+@pytest.mark.timeout(CHILD_TIMEOUT + 60)
 def test_blocker_blocks():
     r = subprocess.run([sys.executable, "-c", BLOCK_TORCH + "import torch"], capture_output=True, text=True,
-                       timeout=60)
+                       timeout=CHILD_TIMEOUT)
     assert r.returncode != 0 and "blocked by test_no_torch" in r.stderr
