@@ -41,6 +41,7 @@ from train_digits import ASSETS, THREADS, load_digits_16, random_shift  # noqa: 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ddt_export.core.artifacts import atomic_path  # noqa: E402
 from ddt_export.core.images import images_from_samples  # noqa: E402
+from ddt_export.runtime import ort as ddt_ort  # noqa: E402  (the one place sessions are made)
 
 FEATURES_ONNX = "digits_features.onnx"
 STATS_NPZ = "digits_stats.npz"
@@ -127,9 +128,7 @@ def export_onnx(model: DigitsCNN, path: Path) -> None:
 
 def onnx_features(path: Path, images: np.ndarray) -> tuple[np.ndarray, ...]:
     """features, logits, spatial of images (N, 1, 16, 16) float32 from the ONNX file under onnxruntime."""
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = ddt_ort.session(path)
     return tuple(sess.run(list(OUTPUTS), {"image": images.astype(np.float32)}))
 
 
@@ -183,10 +182,8 @@ def write_stats(onnx_path: Path, stats_path: Path, images: torch.Tensor, labels:
 
 def add_spatial(out: Path, images: torch.Tensor, labels: torch.Tensor) -> None:
     """--add-spatial: the graph in `out` gains `spatial`; features, logits and mu/sigma must not move a bit."""
-    import onnxruntime as ort
-
     onnx_path, stats_path = out / FEATURES_ONNX, out / STATS_NPZ
-    before = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(
+    before = ddt_ort.session(onnx_path).run(
         ["features", "logits"], {"image": images.numpy()})
     with np.load(stats_path) as z:
         stored = {k: z[k] for k in ("mu", "sigma")}
