@@ -12,7 +12,8 @@ The real-data row: `num` real digits drawn without replacement (seed s), through
 the same reference; they are part of the reference set, so their precision is 1 by construction.
 
 Results are written after every run to `--json` and a rerun resumes from it (same num, seeds and sampler);
-`--report` appends the table of the finished rows to benchmarks/results.md.
+`--report` appends the table of the finished rows (and their paired differences from fp32 `all`) to
+benchmarks/results.md and replaces the table between the markers in docs/metrics.md.
 On a shared 2-core CPU a 500-sample run takes about 1 min (fp32) to 5 min (FP8, emulated by onnxruntime).
 """
 from __future__ import annotations
@@ -44,6 +45,7 @@ from ddt_export.runtime.generate import generate  # noqa: E402
 SCHEDULES = ("all", "uniform:2", "dp:25", "uniform:4", "dp:13")
 PRECISIONS = ("fp32", "fp16", "fp8")
 FIRST = ("all", "dp:25")  # the low-precision rows of benchmarks/fid_digits.py's table run before the rest
+MARK_BEGIN, MARK_END = "<!-- adm table begin -->", "<!-- adm table end -->"  # docs/metrics.md
 METRICS = (("fid", "FID", 3), ("inception_score", "IS", 3), ("sfid", "sFID", 2), ("precision", "precision", 3),
            ("recall", "recall", 3))
 
@@ -105,6 +107,26 @@ def table(result: dict) -> str:
     if all(s in real for s in seeds):
         cells = [mean_sd([real[s][k] for s in seeds], d) for k, _, d in METRICS]
         lines.append(f"| real digits ({result['num']} of 1797) | - | - | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired_table(result: dict, base: str = "fp32 all") -> str:
+    """Each finished row minus `base`, seed by seed (the same noise on both sides), mean ± sd over seeds."""
+    seeds = [str(s) for s in result["seeds"]]
+    b = result["rows"].get(base, {}).get("runs", {})
+    if not all(s in b for s in seeds):
+        return ""
+    head = "| engines | schedule | " + " | ".join(f"Δ{label}" for _, label, _ in METRICS) + " |"
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    for key, row in result["rows"].items():
+        if key == base or not all(s in row["runs"] for s in seeds):
+            continue
+        cells = []
+        for k, _, d in METRICS:
+            diffs = [row["runs"][s][k] - b[s][k] for s in seeds]
+            cells.append(f"{statistics.mean(diffs):+.{d}f}"
+                         + (f" ± {statistics.stdev(diffs):.{d}f}" if len(diffs) > 1 else ""))
+        lines.append("| " + " | ".join(key.split(" ")) + " | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -175,7 +197,7 @@ def main(argv=None) -> int:
 
 def report(result: dict) -> int:
     """Append the finished rows of a result JSON to benchmarks/results.md as a dated section."""
-    md, cfg, v = table(result), load_config(None), result.get("versions", {})
+    md, pmd, cfg, v = table(result), paired_table(result), load_config(None), result.get("versions", {})
     fp8 = result["builds"].get("fp8", {}).get("options")
     run_s = sum(r["seconds"] for row in result["rows"].values() for r in row["runs"].values())
     with open(ROOT / "benchmarks" / "results.md", "a") as fh:
@@ -187,8 +209,16 @@ def report(result: dict) -> int:
                  f"onnxruntime {v.get('onnxruntime')} CPU engines on a shared 2-core machine ({run_s / 60:.0f} min "
                  f"of runs). FP8: the recipe of this date ({fp8}). uniform:2 and dp:25 resolve to the same steps "
                  "on this model, so their samples are the same (run once). Raw numbers: "
-                 f"`benchmarks/adm_digits.json`.\n\n{md}\n")
-    print(md)
+                 f"`benchmarks/adm_digits.json`.\n\n{md}\n"
+                 + (f"\nPaired differences from fp32 `all`, seed by seed (same noise), mean ± sd over seeds:\n\n"
+                    f"{pmd}\n" if pmd else ""))
+    doc = ROOT / "docs" / "metrics.md"
+    if doc.is_file() and MARK_BEGIN in doc.read_text():
+        text = doc.read_text()
+        head, rest = text.split(MARK_BEGIN, 1)
+        body = md + (f"\n\nPaired differences from fp32 `all` (same noise, seed by seed):\n\n{pmd}" if pmd else "")
+        doc.write_text(head + MARK_BEGIN + "\n" + body + "\n" + MARK_END + rest.split(MARK_END, 1)[1])
+    print(md + "\n\n" + pmd)
     return 0
 
 
