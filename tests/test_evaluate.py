@@ -182,3 +182,61 @@ def test_cli_inception_graph_without_adm_outputs(tmp_path):
     assert rec["inception_score"] is None and rec["sfid"] is None
     assert "export it again with `ddt-export fid-inception`" in rec["skipped"]["inception_score"]
     assert "Inception Score: skipped" in text and "sFID: skipped" in text
+
+
+def write_streamed_npz(path, images: np.ndarray, labels: np.ndarray):
+    """`generate --format npz`'s layout, written the way its assembler writes it (restated here, not imported):
+    an uncompressed zip of ZIP64 entries `arr_0.npy` uint8 (N, H, W, C) and `arr_1.npy` int64 (N,), npy 1.0."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, a in (("arr_0.npy", images.astype(np.uint8)), ("arr_1.npy", labels.astype(np.int64))):
+            with zf.open(name, "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(a.dtype),
+                                                         "fortran_order": False, "shape": a.shape})
+                f.write(np.ascontiguousarray(a).tobytes())
+    return path
+
+
+def test_cli_evaluate_generated_npz_layout_against_a_digits_reference_npz(tmp_path):
+    """Done-when: `evaluate` on an npz sample batch (generate --format npz's layout) against an npz reference
+    (the bundled extractor; stored mu/sigma, mu_s/sigma_s and arr_0), each number against the restatements with
+    the features taken straight from onnxruntime."""
+    import onnxruntime
+
+    with np.load(X.DIGITS_STATS) as z:
+        real, stored = z["arr_0"], {k: z[k] for k in ("mu", "sigma", "mu_s", "sigma_s")}
+    rng = np.random.default_rng(13)
+    ref = real[rng.choice(len(real), 300, replace=False)]
+    samples = np.roll(real[rng.choice(len(real), 60, replace=False)], 1, axis=2)  # shifted a pixel right
+    samples = np.clip(samples.astype(np.int16) + rng.integers(-40, 41, samples.shape), 0, 255).astype(np.uint8)
+    write_streamed_npz(tmp_path / "samples.npz", samples, np.arange(60) % 10)
+    np.savez(tmp_path / "ref.npz", arr_0=ref, **stored)
+    code, text = run_cli(["evaluate", tmp_path / "samples.npz", tmp_path / "ref.npz", "--json", tmp_path / "o.json"])
+    assert code == 0, text
+    rec = json.loads((tmp_path / "o.json").read_text())
+
+    sess = onnxruntime.InferenceSession(str(X.DIGITS_ONNX), providers=["CPUExecutionProvider"])  # independent
+
+    def acts(u8):
+        x = (u8.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(127.5) - 1).astype(np.float32)
+        return {k: v.astype(np.float64) for k, v in zip(("features", "spatial", "logits"),
+                                                          sess.run(["features", "spatial", "logits"], {"image": x}))}
+
+    a, b = acts(samples), acts(ref)
+    fa, sa = a["features"], a["spatial"]
+    want_fid = fid_eig(fa.mean(0), np.cov(fa, rowvar=False), stored["mu"], stored["sigma"])
+    want_sfid = fid_eig(sa.mean(0), np.cov(sa, rowvar=False), stored["mu_s"], stored["sigma_s"])
+    assert rec["inception_score"] == pytest.approx(ref_inception_score(a["logits"]), rel=1e-5)
+    assert rec["fid"] == pytest.approx(want_fid, rel=1e-4) and rec["sfid"] == pytest.approx(want_sfid, rel=1e-4)
+    assert (rec["precision"], rec["recall"]) == pytest.approx(ref_precision_recall(b["features"], fa), abs=1e-12)
+    assert 0 < rec["precision"] < 1 and 0 < rec["recall"] < 1, rec  # the perturbation is visible to both
+    assert rec["skipped"] == {} and rec["n_samples"] == 60 and rec["n_reference"] == 300
+    for label, key in (("Inception Score", "inception_score"), ("FID", "fid"), ("sFID", "sfid"),
+                       ("Precision", "precision"), ("Recall", "recall")):
+        assert f"{label}: {rec[key]:.4f}" in text, (label, text)
+    np.savez(tmp_path / "plain.npz", arr_0=samples, arr_1=np.arange(60) % 10)  # np.savez's layout: the same numbers
+    code, text = run_cli(["evaluate", tmp_path / "plain.npz", tmp_path / "ref.npz", "--json", tmp_path / "p.json"])
+    assert code == 0, text
+    plain = json.loads((tmp_path / "p.json").read_text())
+    assert all(plain[k] == rec[k] for k in S.METRICS)
