@@ -93,11 +93,20 @@ def mean_sd(values: list[float], digits: int) -> str:
     return f"{m:.{digits}f}" + (f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else "")
 
 
+def ordered_rows(result: dict) -> list[tuple[str, dict]]:
+    """The rows in table order: precisions, then schedules, as PRECISIONS and SCHEDULES list them."""
+    def rank(key):
+        prec, spec = key.split(" ")
+        return (PRECISIONS.index(prec) if prec in PRECISIONS else len(PRECISIONS),
+                SCHEDULES.index(spec) if spec in SCHEDULES else len(SCHEDULES), key)
+    return [(k, result["rows"][k]) for k in sorted(result["rows"], key=rank)]
+
+
 def table(result: dict) -> str:
     seeds = [str(s) for s in result["seeds"]]
     head = "| engines | schedule | encoder steps | " + " | ".join(label for _, label, _ in METRICS) + " |"
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
-    for key, row in result["rows"].items():
+    for key, row in ordered_rows(result):
         if not all(s in row["runs"] for s in seeds):
             continue
         prec, spec = key.split(" ")
@@ -118,7 +127,7 @@ def paired_table(result: dict, base: str = "fp32 all") -> str:
         return ""
     head = "| engines | schedule | " + " | ".join(f"Δ{label}" for _, label, _ in METRICS) + " |"
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
-    for key, row in result["rows"].items():
+    for key, row in ordered_rows(result):
         if key == base or not all(s in row["runs"] for s in seeds):
             continue
         cells = []
@@ -195,6 +204,13 @@ def main(argv=None) -> int:
     return 0
 
 
+def twins_text(result: dict) -> str:
+    """Which rows resolved to the same encoder steps as another row of their precision (their samples are shared)."""
+    twins = sorted({f"{k} = {run['same_samples_as']}" for k, row in result["rows"].items()
+                    for run in row["runs"].values() if "same_samples_as" in run})
+    return (f"Same encoder steps, so the same samples (run once): {'; '.join(twins)}. " if twins else "")
+
+
 def report(result: dict) -> int:
     """Append the finished rows of a result JSON to benchmarks/results.md as a dated section."""
     md, pmd, cfg, v = table(result), paired_table(result), load_config(None), result.get("versions", {})
@@ -207,8 +223,7 @@ def report(result: dict) -> int:
                  "extractor against the bundled reference batch of all 1797 real digits (IS: the CNN's 10 logits; "
                  "FID: 64-d features; sFID: 448-d spatial features; precision/recall: k = 3 on the 64-d features). "
                  f"onnxruntime {v.get('onnxruntime')} CPU engines on a shared 2-core machine ({run_s / 60:.0f} min "
-                 f"of runs). FP8: the recipe of this date ({fp8}). uniform:2 and dp:25 resolve to the same steps "
-                 "on this model, so their samples are the same (run once). Raw numbers: "
+                 f"of runs). FP8: the ModelOpt recipe of this date ({fp8}). {twins_text(result)}Raw numbers: "
                  f"`benchmarks/adm_digits.json`.\n\n{md}\n"
                  + (f"\nPaired differences from fp32 `all`, seed by seed (same noise), mean ± sd over seeds:\n\n"
                     f"{pmd}\n" if pmd else ""))
