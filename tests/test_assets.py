@@ -16,6 +16,7 @@ NAME = "ddt-tiny-digits"
 WEIGHTS, CONFIG = ASSETS / f"{NAME}.safetensors", ASSETS / f"{NAME}.json"
 FEATURES, STATS = ASSETS / "digits_features.onnx", ASSETS / "digits_stats.npz"
 FEATURE_DIM, NUM_CLASSES, IMAGE = 64, 10, (1, 16, 16)
+SPATIAL_DIM = 8 * 8 * 7  # the third conv's 8x8 map, its first 7 channels (as ADM's sFID takes Inception's)
 
 
 def _real_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -85,12 +86,30 @@ def test_features_onnx_io():
     assert (inp.name, inp.type) == ("image", "tensor(float)")
     assert isinstance(inp.shape[0], str) and list(inp.shape[1:]) == list(IMAGE)
     outs = {o.name: o for o in sess.get_outputs()}
-    assert set(outs) == {"features", "logits"}
+    assert set(outs) == {"features", "logits", "spatial"}
     assert all(o.type == "tensor(float)" for o in outs.values())
     for batch in (1, 5):
-        f, lg = sess.run(["features", "logits"], {"image": np.full((batch, *IMAGE), -1.0, np.float32)})
+        f, lg, sp = sess.run(["features", "logits", "spatial"], {"image": np.full((batch, *IMAGE), -1.0, np.float32)})
         assert f.shape == (batch, FEATURE_DIM) and f.dtype == np.float32
         assert lg.shape == (batch, NUM_CLASSES) and lg.dtype == np.float32
+        assert sp.shape == (batch, SPATIAL_DIM) and sp.dtype == np.float32
+
+
+def test_spatial_is_the_third_conv_map_first_7_channels_nhwc(tmp_path):
+    """`spatial` against the graph's own intermediate tensor, exposed as an extra output and cut in numpy."""
+    import onnx
+
+    model = onnx.load(str(FEATURES))
+    act = [n for n in model.graph.node if n.op_type == "MaxPool"][1].input[0]  # feeds the second pool
+    model.graph.output.append(onnx.helper.make_tensor_value_info(act, onnx.TensorProto.FLOAT, None))
+    onnx.save(model, str(tmp_path / "exposed.onnx"))
+    import onnxruntime as ort
+
+    x = np.random.default_rng(0).uniform(-1, 1, (6, *IMAGE)).astype(np.float32)
+    sp, h = ort.InferenceSession(str(tmp_path / "exposed.onnx"), providers=["CPUExecutionProvider"]).run(
+        ["spatial", act], {"image": x})
+    assert h.shape == (6, 64, 8, 8)
+    np.testing.assert_array_equal(sp, h[:, :7].transpose(0, 2, 3, 1).reshape(6, -1))
 
 
 def test_features_onnx_classifies_real_digits():
@@ -101,23 +120,32 @@ def test_features_onnx_classifies_real_digits():
 
 
 def test_stats_shapes_symmetric_psd():
-    with np.load(STATS) as z:
-        assert set(z.files) == {"mu", "sigma"}
-        mu, sigma = z["mu"], z["sigma"]
-    assert mu.shape == (FEATURE_DIM,) and sigma.shape == (FEATURE_DIM, FEATURE_DIM)
-    assert mu.dtype == np.float64 and sigma.dtype == np.float64
-    assert np.array_equal(sigma, sigma.T)
-    eig = np.linalg.eigvalsh(sigma)
-    assert eig.min() >= -1e-9 * eig.max(), eig.min()
+    with np.load(STATS) as z:  # an ADM-style reference batch
+        assert set(z.files) == {"mu", "sigma", "mu_s", "sigma_s", "arr_0", "arr_1"}
+        st = {k: z[k] for k in z.files}
+    for m, s, d in (("mu", "sigma", FEATURE_DIM), ("mu_s", "sigma_s", SPATIAL_DIM)):
+        mu, sigma = st[m], st[s]
+        assert mu.shape == (d,) and sigma.shape == (d, d)
+        assert mu.dtype == np.float64 and sigma.dtype == np.float64
+        assert np.array_equal(sigma, sigma.T)
+        eig = np.linalg.eigvalsh(sigma)
+        assert eig.min() >= -1e-9 * eig.max(), eig.min()
+    assert st["arr_0"].shape == (1797, 16, 16, 1) and st["arr_0"].dtype == np.uint8
+    assert st["arr_1"].shape == (1797,) and set(st["arr_1"].tolist()) == set(range(NUM_CLASSES))
 
 
 def test_stats_are_the_real_digits_through_the_onnx():
-    images, _ = _real_digits()
-    (f,) = _session().run(["features"], {"image": images})
-    f = f.astype(np.float64)
+    images, labels = _real_digits()
+    f, sp = (a.astype(np.float64) for a in _session().run(["features", "spatial"], {"image": images}))
     with np.load(STATS) as z:
         np.testing.assert_allclose(z["mu"], f.mean(0), rtol=1e-6, atol=1e-9)
         np.testing.assert_allclose(z["sigma"], np.cov(f, rowvar=False), rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(z["mu_s"], sp.mean(0), rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(z["sigma_s"], np.cov(sp, rowvar=False), rtol=1e-6, atol=1e-9)
+        from ddt_export.core.images import images_from_samples
+
+        np.testing.assert_array_equal(z["arr_0"], images_from_samples(images))  # rounded as samples are
+        np.testing.assert_array_equal(z["arr_1"], labels)
 
 
 @pytest.mark.slow

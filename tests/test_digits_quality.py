@@ -61,11 +61,36 @@ def test_validate_end_to_end_on_the_default_model(fp16_default, tmp_path):
     import json
 
     code, text = run_cli(["validate", "--engines", fp16_default, "--num", 20, "--max-fid-delta", 5.0,
-                          "--out", tmp_path / "val"])
+                          "--min-precision-ratio", 0.8, "--min-recall-ratio", 0.8, "--out", tmp_path / "val"])
     assert code == 0, text
     rep = json.loads((tmp_path / "val" / "report.json").read_text())
+    adm = rep["adm"]  # all five for both sides against the real digits (the bundled reference batch has arr_0)
+    for side in ("engine", "reference"):
+        assert adm[side]["skipped"] == {} and all(adm[side][k] is not None for k in
+                                                  ("inception_score", "fid", "sfid", "precision", "recall"))
+        assert adm[side]["inception_score"] > 5  # ten classes, drawn recognizably
+    assert adm["gates"]["precision"]["passed"] and adm["gates"]["recall"]["passed"]
+    assert "Recall: engine" in text and "gate precision(engine) / precision(reference)" in text
     assert rep["num"] == 20 and rep["fid"]["features"] == "digits"
     assert rep["fid"]["stats"].endswith("digits_stats.npz") and rep["fid"]["gate"]["passed"]
     assert rep["latent_rel_err"]["max"] < 1e-2  # fp16 engines vs fp32 PyTorch (measured 1.4e-3 at 200 samples)
     assert rep["parity"]["encoder"]["within_tolerance"] and rep["parity"]["decoder"]["within_tolerance"]
     assert (tmp_path / "val" / "side_by_side.png").is_file()
+
+
+def test_evaluate_a_digits_sample_folder(fp16_default, tmp_path):
+    """`ddt-export evaluate` on a folder written by `generate`, against the bundled reference batch: five numbers."""
+    import json
+
+    code, text = run_cli(["generate", "--engines", fp16_default, "--num", 40, "--seed", 3, "--out", tmp_path / "s"])
+    assert code == 0, text
+    from ddt_export.evaluate.features import DIGITS_STATS
+
+    code, text = run_cli(["evaluate", tmp_path / "s", DIGITS_STATS, "--json", tmp_path / "adm.json"])
+    assert code == 0, text
+    rec = json.loads((tmp_path / "adm.json").read_text())
+    assert rec["skipped"] == {} and rec["n_samples"] == 40 and rec["n_reference"] == 1797
+    assert 5 < rec["inception_score"] <= 10 and rec["reference_inception_score"] > 9  # 10 classes at most
+    assert 0.5 < rec["precision"] <= 1 and 0.3 < rec["recall"] <= 1
+    for label in ("Inception Score", "FID", "sFID", "Precision", "Recall"):
+        assert f"{label}: " in text

@@ -117,6 +117,38 @@ def test_onnx_export_matches_torch(small_model, tmp_path):
     assert np.abs(feats - want).max() <= 1e-3 * np.abs(want).max()  # fp32 rounding, amplified by random weights
 
 
+def test_adm_outputs_match_the_rebuild(small_model, tmp_path):
+    """`spatial` and `logits` of the exported graph against the PyTorch rebuild taken apart independently: a forward
+    hook on Mixed_6d.branch1x1 (TF's mixed_6/conv) during the plain pool_3 forward, cut to its first 7 channels and
+    flattened NHWC as ADM does; logits = pool_3 @ fc.weight.T without fc.bias (ADM's softmax/logits/MatMul)."""
+    m = copy.deepcopy(small_model)
+    with torch.no_grad():  # a non-zero bias, so that leaving it out is visible
+        m.fc.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
+        m.fc.bias.normal_(0, 1.0, generator=torch.Generator().manual_seed(4))
+    path = I.export_inception(None, tmp_path / "fid", model=m)
+    info = json.loads((tmp_path / "fid" / I.INFO_NAME).read_text())
+    assert set(info["parity"]["outputs"]) == {"features", "spatial", "logits"}
+    assert info["outputs"]["logits"]["shape"] == ["N", I.FID_CLASSES]
+
+    u8 = np.random.default_rng(5).integers(0, 256, (2, 40, 52, 3), dtype=np.uint8)
+    x = torch.from_numpy(u8.transpose(0, 3, 1, 2).astype(np.float32) / 255)
+    seen = {}
+    hook = m.Mixed_6d.branch1x1.register_forward_hook(lambda mod, inp, out: seen.update(b1=out))
+    with torch.no_grad():
+        pool = m(x)
+    hook.remove()
+    b1 = seen["b1"].double().numpy()  # N x 192 x h x w (7 x 7 at SMALL; 17 x 17 at 299)
+    assert b1.shape[1] == 192
+    want_spatial = b1[:, :7].transpose(0, 2, 3, 1).reshape(2, -1)
+    want_logits = pool.double().numpy() @ m.fc.weight.detach().double().numpy().T
+    acts = InceptionFeatures(path).activations(u8)
+    assert acts.spatial.shape == (2, 7 * b1.shape[2] * b1.shape[3]) and acts.logits.shape == (2, I.FID_CLASSES)
+    np.testing.assert_allclose(acts.spatial, want_spatial, rtol=0, atol=1e-3 * np.abs(want_spatial).max())
+    np.testing.assert_allclose(acts.logits, want_logits, rtol=0, atol=1e-3 * np.abs(want_logits).max())
+    with_bias = want_logits + m.fc.bias.detach().double().numpy()
+    assert np.abs(acts.logits - with_bias).max() > 0.5  # the bias is really left out
+
+
 @pytest.mark.slow
 def test_cli_exports_299_from_a_pth(tmp_path):
     """The full-size graph from a .pth file through `ddt-export fid-inception` (about a minute on 2 cores)."""
@@ -135,3 +167,4 @@ def test_cli_exports_299_from_a_pth(tmp_path):
     x = np.random.default_rng(2).random((2, 3, 256, 256), dtype=np.float32)  # ImageNet-256 samples
     rep = I.onnx_parity(m, tmp_path / "fid" / I.ONNX_NAME, x)
     assert rep["onnx"] <= I.parity_tolerance(rep), rep
+    assert rep["outputs"]["spatial"]["dim"] == I.SPATIAL_DIM == 2023  # ADM's 17 x 17 x 7 at 299

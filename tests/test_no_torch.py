@@ -1,4 +1,5 @@
-"""The runtime imports no torch: `generate` (with a DP schedule), `schedule` and `fid` run with torch unimportable.
+"""The runtime imports no torch: `generate` (with a DP schedule), `schedule`, `evaluate` and `fid` run with torch
+unimportable.
 
 (The import-linter contracts in pyproject.toml state the same boundary for every module; this runs it.)"""
 from __future__ import annotations
@@ -34,7 +35,7 @@ SCRIPT = BLOCK_TORCH + textwrap.dedent("""
         except SystemExit as e:
             assert e.code == 0, (argv, e.code)
     import ddt_export.runtime, ddt_export.runtime.generate, ddt_export.core.sampling, ddt_export.runtime.schedules
-    import ddt_export.evaluate.fid, ddt_export.evaluate.features
+    import ddt_export.evaluate.fid, ddt_export.evaluate.features, ddt_export.evaluate.adm, ddt_export.evaluate.suite
     loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
     print("TORCH_MODULES", loaded)
 """)
@@ -59,6 +60,7 @@ def test_generate_without_torch(tiny_engines, tmp_path):
              ["schedule", "--engines", str(eng), "--steps", "6", "--recompute", "2"],
              ["schedule", "--from-similarity", str(eng / "similarity-6.npy"), "--recompute", "3",
               "--out", str(tmp_path / "s.json")],
+             ["evaluate", str(digits), str(DIGITS_STATS), "--json", str(tmp_path / "adm.json")],
              ["fid", str(digits), str(DIGITS_STATS)]]
     code = f"ARGVS = {argvs!r}\n" + SCRIPT
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=CHILD_TIMEOUT,
@@ -68,6 +70,7 @@ def test_generate_without_torch(tiny_engines, tmp_path):
     assert float(r.stdout.strip().splitlines()[-2]) > 0  # fid's last line before ours: the distance
     assert (tmp_path / "lat.npy").is_file() and (tmp_path / "png" / "preview" / "grid.png").is_file()
     assert (eng / "schedule-6-3.json").is_file() and (tmp_path / "s.json").is_file()
+    assert "Recall: " in r.stdout and (tmp_path / "adm.json").is_file()  # all five numbers, torch-free
 
 
 @pytest.mark.timeout(CHILD_TIMEOUT + 60)

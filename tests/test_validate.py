@@ -163,3 +163,60 @@ def test_cli_validate_without_features_reports_latents(folders, tmp_path):
     rep = json.loads((tmp_path / "report.json").read_text())
     assert "skipped" in rep["fid"] and rep["latent_rel_err"]["max"] < 1e-4
     assert "FID skipped" in text
+
+
+def test_adm_section_and_precision_recall_gates(folders, features, tmp_path, monkeypatch):
+    """ADM's numbers for both sides and their deltas; against data with images (arr_0) precision and recall are
+    each side's against the data; the ratio gates pass, fail (exit 2, one line, report written) and refuse to
+    start on statistics without images."""
+    from ddt_export.core.errors import ConfigError, NumericsError
+    import ddt_export.evaluate.validate as V
+
+    fp32, fp16 = folders
+    data = np.random.default_rng(3).integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "data.npz", arr_0=data)
+    monkeypatch.setattr(V, "choose_features", lambda *a: (features, ""))  # the CLI knows digits/inception only
+    common = ["validate", "--engines", fp16, "--reference", fp32, "--num", NUM, "--seed", 2,
+              "--stats", tmp_path / "data.npz"]
+    code, text = run_cli(common + ["--min-precision-ratio", 0.5, "--min-recall-ratio", 0.5, "--out", tmp_path / "w"])
+    assert code == 0, text
+    assert "ADM metrics against" in text and "Precision: engine" in text and "gate recall(engine)" in text
+    rep = json.loads((tmp_path / "w" / "report.json").read_text())
+    adm = rep["adm"]
+    assert "data.npz: 40 images" in adm["against"]
+    for side in ("engine", "reference"):
+        s = adm[side]
+        assert s["fid"] == pytest.approx(rep["fid"][f"{side}_vs_data"], rel=1e-9)  # the same FID as the FID section
+        assert 0 <= s["precision"] <= 1 and 0 <= s["recall"] <= 1 and s["n_samples"] == NUM
+        assert s["inception_score"] is None and "no `logits`" in s["skipped"]["inception_score"]  # tiny graph
+        assert s["sfid"] is None
+    assert adm["delta"]["fid"] == pytest.approx(rep["fid"]["delta"], rel=1e-9)
+    assert adm["delta"]["precision"] == pytest.approx(adm["engine"]["precision"] - adm["reference"]["precision"])
+    for k in ("precision", "recall"):
+        g = adm["gates"][k]
+        assert g["ratio"] == pytest.approx(adm["engine"][k] / adm["reference"][k]) and g["passed"], g
+
+    # no data statistics: the reference samples are the reference batch, so the reference side is 1 and 1 by
+    # definition and a recall ratio of 1.5 cannot pass; the report is written before the error
+    with pytest.raises(NumericsError, match="precision/recall gate.*recall\\(engine\\) / recall\\(reference\\)"):
+        validate(fp16, reference=fp32, num=NUM, seed=2, features=features, min_recall_ratio=1.5,
+                 out=tmp_path / "nodata", say=lambda m: None)
+    ref_side = json.loads((tmp_path / "nodata" / "report.json").read_text())["adm"]["reference"]
+    assert ref_side["precision"] == 1.0 and ref_side["recall"] == 1.0
+    assert ref_side["fid"] == pytest.approx(0.0, abs=1e-6)
+
+    f = features.extract(data)
+    np.savez(tmp_path / "stats.npz", mu=f.mean(0), sigma=np.cov(f, rowvar=False))
+    with pytest.raises(ConfigError, match="--min-recall-ratio.*arr_0"):  # before any sampling
+        validate(fp16, reference=fp32, num=NUM, features=features, stats=tmp_path / "stats.npz",
+                 min_recall_ratio=0.9, say=lambda m: None)
+
+    code, text = run_cli(common + ["--min-precision-ratio", 2, "--out", tmp_path / "v"])
+    errors = [ln for ln in text.splitlines() if ln.startswith("error:")]
+    assert code == 2 and "Traceback" not in text and len(errors) == 1, text
+    assert errors[0].startswith("error: NumericsError: precision/recall gate") and \
+        "precision(engine) / precision(reference) = 1 < 2" in errors[0], text
+    saved = json.loads((tmp_path / "v" / "report.json").read_text())["adm"]
+    assert saved["gates"]["precision"]["passed"] is False and saved["gates"]["precision"]["min"] == 2
+    code, text = run_cli(["validate", "--engines", fp16, "--min-recall-ratio", "nan"])
+    assert code == 2 and "--min-recall-ratio" in text

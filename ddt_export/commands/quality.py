@@ -1,4 +1,4 @@
-"""Commands that measure: fid, fid-inception, validate, bench."""
+"""Commands that measure: fid, evaluate, fid-inception, validate, bench."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,6 +36,41 @@ def fid(
     print(f"{res.value:.6f}")
 
 
+def evaluate(
+    samples: Path = typer.Argument(..., metavar="SAMPLES", help="sample batch: ADM-style .npz (arr_0 uint8 NHWC) "
+                                                                "or PNG folder"),
+    ref: Path = typer.Argument(..., metavar="REF", help="reference batch: .npz (arr_0 and/or mu, sigma, mu_s, "
+                                                        "sigma_s) or PNG folder"),
+    features: str = typer.Option("digits", help="digits | inception: the feature network"),
+    inception_onnx: Optional[Path] = typer.Option(None, help="inception_fid.onnx from `ddt-export fid-inception`"),
+    batch: int = typer.Option(FEATURE_BATCH, help="images per feature-extractor call"),
+    from_images: bool = typer.Option(False, help="recompute stats from arr_0 even where they are stored"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the numbers as JSON"),
+):
+    """ADM's five numbers (Inception Score, FID, sFID, precision, recall) of SAMPLES against REF."""
+    from ..core.artifacts import write_json
+    from ..evaluate.suite import evaluate_paths, format_numbers
+
+    bar, progress = step_progress("featurizing (images)")
+    with bar:
+        res = evaluate_paths(samples, ref, features=features, inception_onnx=inception_onnx, batch=batch,
+                             from_images=from_images, progress=progress)
+    for side in (res.samples, res.reference):
+        console.print(side.describe(), highlight=False, soft_wrap=True)
+    if res.features == "inception" and any(s.stats.n is None for s in (res.samples, res.reference)):
+        console.print("note: stored statistics are used as they are; ADM's were made with the TF graph, whose "
+                      "preprocessing differs from pytorch-fid's (use --from-images for one convention)",
+                      highlight=False, soft_wrap=True)
+    rec = res.record()
+    if rec["reference_inception_score"] is not None:
+        console.print(f"reference Inception Score: {rec['reference_inception_score']:.4f}", highlight=False)
+    for line in format_numbers(rec):
+        print(line)
+    if json_out is not None:
+        write_json(json_out, rec)
+        print(f"wrote {json_out}")
+
+
 def fid_inception(
     weights: Path = typer.Option(..., help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (no download)"),
     out: Path = typer.Option(Path("engines/fid"), help="folder for inception_fid.onnx and inception_fid.json"),
@@ -65,18 +100,25 @@ def validate(
     stats: Optional[Path] = typer.Option(None, help="data statistics .npz (ADM-style mu/sigma or arr_0 images); "
                                                     "default for the digits model: the bundled digits_stats.npz"),
     max_fid_delta: Optional[float] = typer.Option(None, help="fail (exit 2) when the FID delta exceeds this"),
+    min_precision_ratio: Optional[float] = typer.Option(None, help="fail (exit 2) when precision(engine) / "
+                                                                   "precision(reference) is below this"),
+    min_recall_ratio: Optional[float] = typer.Option(None, help="fail (exit 2) when recall(engine) / "
+                                                                "recall(reference) is below this"),
     features: Optional[str] = typer.Option(None, help="digits | inception (default: digits for the digits model)"),
     inception_onnx: Optional[Path] = typer.Option(None, help="inception_fid.onnx from `ddt-export fid-inception`"),
     out: Path = typer.Option(Path("validation"), help="folder for report.json and side_by_side.png"),
     device_loop: bool = typer.Option(True, "--device-loop/--no-device-loop", help=DEVICE_LOOP_HELP),
 ):
-    """Engines vs a reference from identical noise: latent error, per-tensor parity, FID; the FID delta gate."""
+    """Engines vs a reference from identical noise: latent error, per-tensor parity, FID and ADM's IS, sFID,
+    precision, recall; gates on the FID delta and the precision/recall ratios."""
+    from ..evaluate.suite import summary_lines
     from ..evaluate.validate import validate as run_validate
 
     bar, progress = step_progress("validating (sample-steps)")
     with bar:
         rep = run_validate(engines, reference=reference, num=num, seed=seed, schedule=schedule, stats=stats,
-                           features=features, inception_onnx=inception_onnx, max_fid_delta=max_fid_delta, out=out,
+                           features=features, inception_onnx=inception_onnx, max_fid_delta=max_fid_delta,
+                           min_precision_ratio=min_precision_ratio, min_recall_ratio=min_recall_ratio, out=out,
                            device_loop=device_loop, progress=progress, say=say)
     r, e = rep["reference"], rep["latent_rel_err"]
     print(f"{rep['num']} samples, schedule {rep['schedule']['spec']}: {rep['engines']['precision']} engines "
@@ -97,6 +139,9 @@ def validate(
         gate = f.get("gate")
         print(f"delta {f['delta_definition']} = {f['delta']:.4f}"
               + (f" <= {gate['max_fid_delta']:g}: passed" if gate else ""))
+    if "skipped" not in rep["adm"]:
+        for line in summary_lines(rep["adm"]):
+            print(line)
     print(f"wrote {out / 'report.json'} and {out / 'side_by_side.png'}")
 
 

@@ -1,10 +1,12 @@
 """Feature extractors for FID: ONNX graphs under onnxruntime, torch-free.
 
 An extractor implements `FeatureExtractor`: `extract(images)` takes uint8 NHWC images in [0, 255] (channels 1
-or 3) and returns float64 features (N, d).
-- `DigitsFeatures` runs the bundled `assets/digits_features.onnx` (16x16 grayscale digits, 64-d);
+or 3) and returns float64 features (N, d). ONNX extractors also have `activations(images)`: every output the
+graph has of `features` (FID), `spatial` (sFID) and `logits` (Inception Score), as `evaluate.adm.Activations`.
+- `DigitsFeatures` runs the bundled `assets/digits_features.onnx` (16x16 grayscale digits: 64-d features, 10
+  logits, 448-d spatial features);
 - `InceptionFeatures` runs `inception_fid.onnx` from `ddt-export fid-inception` (pytorch-fid's convention; see
-  `ddt_export.export.inception` for how it differs from ADM's TensorFlow graph).
+  `ddt_export.export.inception` for how it differs from ADM's TensorFlow graph, and which tensor `spatial` is).
 """
 from __future__ import annotations
 
@@ -18,12 +20,14 @@ from ..core.artifacts import sha256_file
 from ..core.config import ASSETS
 from ..core.errors import ArtifactError, ConfigError, InputError, NumericsError
 from ..runtime import ort
+from .adm import Activations
 
 DIGITS_ONNX = ASSETS / "digits_features.onnx"
 DIGITS_STATS = ASSETS / "digits_stats.npz"
 DIGITS_SIZE = 16
 INCEPTION_DIM = 2048
 FEATURES = ("digits", "inception")
+OUTPUTS = ("features", "spatial", "logits")  # graph outputs -> Activations.pool, .spatial, .logits
 DEFAULT_BATCH = 50
 LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601, as PIL's convert("L")
 
@@ -54,6 +58,7 @@ class OnnxFeatures:
 
     name = "onnx"
     missing_hint = "a graph with input `image` and output `features`"  # what to do when the file is not there
+    outputs_hint = "a graph with that output"  # where a graph with `spatial` and `logits` comes from
 
     def __init__(self, path: Path, batch: int = DEFAULT_BATCH, dim: int | None = None):
         self.path = Path(path)
@@ -70,6 +75,7 @@ class OnnxFeatures:
             raise ArtifactError(str(self.path), "input `image` and output `features`",
                                 f"inputs {inputs}, outputs {list(outputs)}")
         self.dim = outputs["features"][1] if isinstance(outputs["features"][1], int) else None
+        self.outputs = tuple(o for o in OUTPUTS if o in outputs)  # what activations() returns
         if dim is not None and self.dim not in (None, dim):
             raise ArtifactError(f"{self.path}: features", f"(N, {dim})", f"(N, {self.dim})")
 
@@ -85,12 +91,31 @@ class OnnxFeatures:
             raise NumericsError(f"{self.name} features from {self.path}", "finite values", "inf/nan")
         return feats
 
+    def activations(self, images: np.ndarray) -> Activations:
+        """images (N, H, W, C) uint8 -> Activations of every output the graph has, float32 as emitted."""
+        images = check_images(images, f"images for the {self.name} features")
+        runs = [self.session.run(list(self.outputs), {"image": self.preprocess(images[i:i + self.batch])})
+                for i in range(0, len(images), self.batch)]
+        if not runs:
+            raise InputError(f"images for the {self.name} features", "at least one image", "none")
+        out = {name: np.concatenate([r[j] for r in runs]) for j, name in enumerate(self.outputs)}
+        for name, a in out.items():
+            if not np.isfinite(a).all():
+                raise NumericsError(f"{self.name} `{name}` from {self.path}", "finite values", "inf/nan")
+        return Activations(out["features"], out.get("spatial"), out.get("logits"))
+
+    def missing(self) -> dict[str, str]:
+        """{activation: why it is absent} for the outputs this graph lacks."""
+        return {name: f"{self.path} has no `{name}` output ({self.outputs_hint})"
+                for name in OUTPUTS if name not in self.outputs}
+
 
 class DigitsFeatures(OnnxFeatures):
     """The bundled digits extractor: (N, 16, 16, 1|3) uint8 -> (N, 64). Graph input (N, 1, 16, 16) in [-1, 1]."""
 
     name = "digits"
     missing_hint = "the bundled one is made by scripts/train_digits_features.py"
+    outputs_hint = "scripts/train_digits_features.py makes the bundled one with all three"
 
     def __init__(self, path: Path | None = None, batch: int = DEFAULT_BATCH):
         super().__init__(DIGITS_ONNX if path is None else path, batch)
@@ -114,6 +139,8 @@ class InceptionFeatures(OnnxFeatures):
 
     name = "inception"
     missing_hint = "export it with `ddt-export fid-inception`"
+    outputs_hint = "graphs exported before the ADM metrics have `features` only: export it again with " \
+                   "`ddt-export fid-inception`"
 
     def __init__(self, path: Path, batch: int = DEFAULT_BATCH):
         path = Path(path)

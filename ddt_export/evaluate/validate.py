@@ -9,7 +9,11 @@ Measured, in batches:
   recompute step nearest the middle (same inputs to both sides: the error of the graph alone);
 - FID of the engine samples against the reference samples, and with data statistics (`--stats`, or the bundled
   digits statistics for the digits model) each side's FID against the data. The gate bounds the delta
-  FID(engine, data) - FID(reference, data), or FID(engine, reference) when there are no statistics.
+  FID(engine, data) - FID(reference, data), or FID(engine, reference) when there are no statistics;
+- ADM's five numbers (IS, FID, sFID, precision, recall; `evaluate.suite`) of each side against the data (against
+  the reference samples when there is none), their deltas, and the precision and recall ratios engine /
+  reference, gated by `min_precision_ratio` / `min_recall_ratio`. Precision and recall need the data's images
+  (`arr_0`; the bundled digits statistics carry them).
 Images are the VAE decoder's output when the folder has one (the torch reference's latents go through the
 engines' VAE graph, so the delta isolates the DDT), else the latents themselves (pixel-space models).
 Writes report.json (atomic) and side_by_side.png (rows of engine samples, each above the reference's).
@@ -37,8 +41,10 @@ from ..runtime import Engines, load_engines, sample
 from ..runtime.generate import make_labels
 from ..runtime.host import call_graph
 from ..runtime.schedules import resolve_schedule
+from . import suite
+from .adm import Activations
 from .features import DIGITS_SIZE, DIGITS_STATS, FeatureExtractor, make_extractor
-from .fid import Stats, fid, load_stats, stats_from_features
+from .fid import Stats, fid, stats_from_features
 
 REPORT = "report.json"
 PNG = "side_by_side.png"
@@ -203,7 +209,7 @@ def _sample_pairs(engines: Engines, ref, noise: np.ndarray, labels: np.ndarray, 
                 continue
             imgs = _to_images(eng, lat if extractor is not None else lat[:PNG_SAMPLES], sampler.num_steps)
             if extractor is not None:
-                feats[side].append(extractor.extract(imgs))  # imgs (b, H, W, C) uint8
+                feats[side].append(suite.activations_of(extractor, imgs))  # imgs (b, H, W, C) uint8
             if show:
                 shown[side].append(imgs[:PNG_SAMPLES])
     return np.concatenate(errors), feats, shown, timing
@@ -215,12 +221,14 @@ def _sample_pairs(engines: Engines, ref, noise: np.ndarray, labels: np.ndarray, 
 def validate(engines_dir: Path, *, reference: str | Path = "torch", num: int | None = None, seed: int = 0,
              schedule: str | None = None, stats: Path | None = None,
              features: str | FeatureExtractor | None = None, inception_onnx: Path | None = None,
-             max_fid_delta: float | None = None, out: Path | None = None, batch: int = DEFAULT_BATCH,
+             max_fid_delta: float | None = None, min_precision_ratio: float | None = None,
+             min_recall_ratio: float | None = None, out: Path | None = None, batch: int = DEFAULT_BATCH,
              backend: str = "auto", device_loop: bool = True, progress: Progress | None = None,
              say: Say = print) -> dict:
     """Engines vs reference on `num` samples; returns the report (also written to out/report.json with out/PNG).
 
-    Raises NumericsError after writing the report when the FID delta exceeds `max_fid_delta`. `num`: default
+    Raises NumericsError after writing the report when the FID delta exceeds `max_fid_delta` or a precision /
+    recall ratio (engine / reference) is below `min_precision_ratio` / `min_recall_ratio`. `num`: default
     DEFAULT_NUM.
     """
     num = DEFAULT_NUM if num is None else num
@@ -230,6 +238,9 @@ def validate(engines_dir: Path, *, reference: str | Path = "torch", num: int | N
         raise InputError("batch", ">= 1", batch)
     if max_fid_delta is not None and not math.isfinite(max_fid_delta):
         raise InputError("--max-fid-delta", "a finite number", max_fid_delta)
+    ratios = {"precision": min_precision_ratio, "recall": min_recall_ratio}
+    for k, v in ratios.items():
+        suite.check_ratio(f"--min-{k}-ratio", v)
     t_start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         engines = stack.enter_context(load_engines(engines_dir, backend, device_loop=device_loop))
@@ -240,11 +251,17 @@ def validate(engines_dir: Path, *, reference: str | Path = "torch", num: int | N
             ref = EnginesReference(Path(reference), engines, backend)
             stack.callback(ref.engines.close)
         extractor, no_fid = choose_features(engines, features, inception_onnx)
-        if extractor is None and (max_fid_delta is not None or stats is not None):
-            raise ConfigError("feature extractor", "one, for --stats / --max-fid-delta", "none", no_fid)
+        if extractor is None and (max_fid_delta is not None or stats is not None
+                                  or any(v is not None for v in ratios.values())):
+            raise ConfigError("feature extractor", "one, for --stats / --max-fid-delta / --min-*-ratio", "none",
+                              no_fid)
         if stats is None and extractor is not None and extractor.name == "digits" and DIGITS_STATS.is_file():
             stats = DIGITS_STATS  # the bundled statistics of the 1797 real digits
-        data = load_stats(Path(stats), lambda: extractor) if stats is not None else None
+        if stats is not None and suite.image_count(Path(stats)):
+            say(f"featurizing the images of {stats} (precision and recall need them)")
+        data_batch = suite.read_batch(Path(stats), lambda: extractor) if stats is not None else None
+        suite.check_gates_possible(data_batch, ratios)  # before minutes of sampling
+        data = None if data_batch is None else data_batch.stats
         if data is not None and getattr(extractor, "dim", None) is not None:
             _check_dims(data, extractor.dim, extractor.name)  # before minutes of sampling
         recompute, spec = resolve_schedule(schedule, engines, sampler, say)
@@ -278,6 +295,9 @@ def validate(engines_dir: Path, *, reference: str | Path = "torch", num: int | N
             "latent_rel_err": dict(summarize(errors), per_sample=errors.tolist()),
             "parity": parity,
             "fid": _fid_section(feats, extractor, data, no_fid, max_fid_delta),
+            "adm": {"skipped": no_fid} if extractor is None else suite.validate_section(
+                {k: Activations.concat(v) for k, v in feats.items()}, data_batch, suite.missing_of(extractor),
+                ratios),
             "seconds": dict(timing, total=time.perf_counter() - t_start),
             "versions": library_versions(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         }
@@ -287,11 +307,15 @@ def validate(engines_dir: Path, *, reference: str | Path = "torch", num: int | N
             side_by_side(np.concatenate(shown["engine"])[:PNG_SAMPLES],
                          np.concatenate(shown["reference"])[:PNG_SAMPLES], out / PNG)
             write_json(out / REPORT, report)
-        gate = report["fid"].get("gate")
+        gate, failed = report["fid"].get("gate"), suite.failed_gates(report["adm"])
+        where = f"; report {out / REPORT}" if out is not None else ""
         if gate and not gate["passed"]:
-            where = f"; report {out / REPORT}" if out is not None else ""
+            also = f"; also {'; '.join(failed)}" if failed else ""
             raise NumericsError(f"FID delta, {gate['definition']}", f"<= {max_fid_delta:g}",
-                                f"{gate['delta']:.4g}{where}")
+                                f"{gate['delta']:.4g}{also}{where}")
+        if failed:
+            raise NumericsError("precision/recall gate", "ratios engine / reference at or above the bounds",
+                                "; ".join(failed) + where)
         return report
 
 
@@ -304,7 +328,7 @@ def _check_dims(data: Stats, dim: int, features: str) -> None:
 def _fid_section(feats: dict, extractor, data: Stats | None, no_fid: str, max_fid_delta: float | None) -> dict:
     if extractor is None:
         return {"skipped": no_fid}
-    st = {k: stats_from_features(np.concatenate(v), k) for k, v in feats.items()}
+    st = {k: stats_from_features(np.concatenate([a.pool for a in v]), k) for k, v in feats.items()}
     if data is not None:
         _check_dims(data, st["engine"].dim, extractor.name)
     sec = {"features": extractor.name, "engine_vs_reference": fid(st["engine"], st["reference"])}

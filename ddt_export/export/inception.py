@@ -10,7 +10,20 @@ pytorch-fid ported its weights to `pt_inception-2015-12-05-6726825d.pth`, a stat
 
 This module reimplements that network with the same attribute names, so the .pth loads one to one and strictly
 (`load_fid_weights` checks every key and shape first and lists all mismatches in one `CheckpointError`).
-`fc` (2048 -> 1008) is kept only because the file holds it; the features are pool_3, before it.
+
+Outputs of the exported graph: what ADM's evaluator takes from the TF graph, for its five numbers.
+- `features` (N, 2048): pool_3, for FID, precision and recall.
+- `spatial` (N, 2023): sFID's `mixed_6/conv:0`, first 7 channels, flattened. The TF graph names its eleven
+  mixed blocks `mixed, mixed_1, ..., mixed_10` in order; torchvision's are Mixed_5b, 5c, 5d, 6a, 6b, 6c, 6d, 6e,
+  7a, 7b, 7c, so `mixed_6` is **Mixed_6d**; inside a block, TF's `conv` is the 1x1 branch (the towers are
+  `tower/conv*`, `tower_1/conv*`, `tower_2/conv`) and the op named `conv` is the ReLU after its batch norm, so
+  `mixed_6/conv:0` is `Mixed_6d.branch1x1`'s output, (N, 192, 17, 17). The weight-conversion table of
+  torch-fidelity (`utils/util_convert_inception_weights.py`) maps `mixed_6/conv/conv2d_params` to
+  `Mixed_6d.branch1x1.conv` the same way. ADM slices `[..., :7]` of the NHWC tensor and flattens it, so the
+  graph takes channels 0..6 and flattens in (h, w, c) order, to match the layout of the stored `mu_s`/`sigma_s`.
+- `logits` (N, 1008): pool_3 @ fc.weight.T, **without** fc.bias, over all 1008 classes. That is what ADM's IS
+  (and openai/improved-gan's before it) takes the softmax of: the weight matrix of `softmax/logits/MatMul`
+  applied to pool_3, the bias add and the class subset left out. torch-fidelity calls it `logits_unbiased`.
 
 Input convention (pytorch-fid's): `image` float32 (N, 3, H, W) RGB in [0, 1], any H and W. The graph resizes
 it to 299x299, bilinear, `align_corners=False`, without antialiasing (PyTorch `F.interpolate`; exported as ONNX
@@ -44,7 +57,10 @@ from .checkpoint import check_state_dict
 
 FID_SIZE = 299  # the TF graph's input resolution
 FID_DIM = 2048  # pool_3 features
-FID_CLASSES = 1008  # the TF graph's classifier width (1000 classes + 8 unused); only `fc` has it
+FID_CLASSES = 1008  # the TF graph's classifier width (1000 classes + 8 unused): the Inception Score's softmax
+SPATIAL_CHANNELS = 7  # ADM's sFID: the first 7 channels of mixed_6/conv
+SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS  # 2023 at 299x299
+OUTPUTS = ("features", "spatial", "logits")
 BN_EPS = 1e-3  # TF's batch norm epsilon, as in the ported weights
 OFFICIAL_SHA256_PREFIX = "6726825d"  # torch-hub convention: the file name carries its sha256 prefix
 ONNX_NAME = "inception_fid.onnx"
@@ -120,13 +136,18 @@ class InceptionC(nn.Module):  # Mixed_6b..6e at 17x17x768: factorized 7x7 convol
         self.branch_pool = BasicConv2d(cin, 192, 1)
 
     def forward(self, x):
+        return self.forward_with_1x1(x)[0]
+
+    def forward_with_1x1(self, x):
+        """(block output N x 768 x h x w, its 1x1 branch N x 192 x h x w): TF's `mixed_k/conv` is that branch."""
+        b1 = self.branch1x1(x)
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
         bd = x
         for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
                      self.branch7x7dbl_5):
             bd = conv(bd)
         bp = self.branch_pool(_tf_avg_pool(x))
-        return torch.cat([self.branch1x1(x), b7, bd, bp], 1)
+        return torch.cat([b1, b7, bd, bp], 1), b1
 
 
 class InceptionD(nn.Module):  # Mixed_7a: 17x17x768 -> 8x8x1280 (320 + 192 + 768)
@@ -196,6 +217,11 @@ class FIDInceptionV3(nn.Module):
         self.fc = nn.Linear(FID_DIM, FID_CLASSES)  # unused: present so the checkpoint loads strictly
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.forward_all(image)[0]
+
+    def forward_all(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """image (N, 3, H, W) in [0, 1] -> (pool_3 (N, 2048), spatial (N, 7 h w), logits (N, 1008)); see the
+        module doc for what `spatial` and `logits` are (ADM's sFID and Inception Score inputs)."""
         x = F.interpolate(image, size=(self.size, self.size), mode="bilinear", align_corners=False)
         x = 2 * x - 1  # [0, 1] -> [-1, 1]                                    N x 3 x 299 x 299
         x = self.Conv2d_1a_3x3(x)  # N x 32 x 149 x 149
@@ -207,10 +233,14 @@ class FIDInceptionV3(nn.Module):
         x = F.max_pool2d(x, kernel_size=3, stride=2)  # N x 192 x 35 x 35
         x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))  # N x 288 x 35 x 35
         x = self.Mixed_6a(x)  # N x 768 x 17 x 17
-        x = self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x))))  # N x 768 x 17 x 17
+        x, b1 = self.Mixed_6d.forward_with_1x1(self.Mixed_6c(self.Mixed_6b(x)))  # b1: N x 192 x 17 x 17
+        x = self.Mixed_6e(x)  # N x 768 x 17 x 17
         x = self.Mixed_7a(x)  # N x 1280 x 8 x 8
         x = self.Mixed_7c(self.Mixed_7b(x))  # N x 2048 x 8 x 8
-        return x.mean(dim=(2, 3))  # N x 2048 (pool_3)
+        pool = x.mean(dim=(2, 3))  # N x 2048 (pool_3)
+        spatial = b1[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1)  # N x 2023: 17 x 17 x 7, (h, w, c)
+        logits = pool @ self.fc.weight.T  # N x 1008, no bias: ADM's softmax/logits/MatMul
+        return pool, spatial, logits
 
 
 # --------------------------------------------------------------------------------------- weights
@@ -246,8 +276,20 @@ def load_fid_weights(model: FIDInceptionV3, path: Path) -> dict:
 # --------------------------------------------------------------------------------------- export
 
 
+class _AllOutputs(nn.Module):
+    """The exported module: image -> (features, spatial, logits), the graph's three outputs."""
+
+    def __init__(self, model: FIDInceptionV3):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image):
+        return self.model.forward_all(image)
+
+
 def export_onnx(model: FIDInceptionV3, path: Path, opset: int = 18) -> None:
-    """Write `model` as ONNX: input `image` (N, 3, H, W) float32 in [0, 1], output `features` (N, 2048).
+    """Write `model` as ONNX: input `image` (N, 3, H, W) float32 in [0, 1]; outputs `features` (N, 2048),
+    `spatial` (N, 2023) and `logits` (N, 1008) (see the module doc).
 
     Batch, height and width are dynamic; the 299x299 resize is inside the graph.
     """
@@ -258,28 +300,38 @@ def export_onnx(model: FIDInceptionV3, path: Path, opset: int = 18) -> None:
     from .graphs import quiet_exporter
 
     with torch.no_grad(), quiet_exporter():
-        torch.onnx.export(model, (example,), str(path), input_names=["image"], output_names=["features"],
-                          opset_version=opset, dynamo=True, external_data=False, verbose=False,
-                          dynamic_shapes={"image": dims})
+        torch.onnx.export(_AllOutputs(model), (example,), str(path), input_names=["image"],
+                          output_names=list(OUTPUTS), opset_version=opset, dynamo=True, external_data=False,
+                          verbose=False, dynamic_shapes={"image": dims})
 
 
 def onnx_parity(model: FIDInceptionV3, onnx_path: Path, images: np.ndarray) -> dict:
     """Errors of the ONNX graph (onnxruntime, CPU) and of PyTorch fp32 itself against PyTorch in float64.
 
-    images: (N, 3, H, W) float32 in [0, 1]. Both errors are max |x - ref| / max |ref|. Comparing against
+    images: (N, 3, H, W) float32 in [0, 1]. Each error is max |x - ref| / max |ref| of one output; `onnx` and
+    `torch_fp32` are the largest over the outputs the graph has (`outputs`: each one's). Comparing against
     float64 separates a wrong graph from fp32 rounding, which a deep ReLU network with random weights
     amplifies to ~1e-4 relative (torch fp32 and onnxruntime then differ by that much, each equally right).
     """
     model = model.eval()
     x = torch.from_numpy(images)
     with torch.no_grad():
-        ref = copy.deepcopy(model).double()(x.double()).numpy()  # N x 2048, float64
-        fp32 = model(x).numpy()
-    got = ort.session(onnx_path).run(["features"], {"image": images})[0]
-    if got.shape != ref.shape:
-        raise NumericsError(f"{onnx_path}: features shape", ref.shape, got.shape)
-    scale = max(float(np.abs(ref).max()), 1e-12)
-    return {"onnx": float(np.abs(got - ref).max() / scale), "torch_fp32": float(np.abs(fp32 - ref).max() / scale)}
+        refs = [t.numpy() for t in copy.deepcopy(model).double().forward_all(x.double())]  # float64
+        fp32s = [t.numpy() for t in model.forward_all(x)]
+    sess = ort.session(onnx_path)
+    names = [o.name for o in sess.get_outputs() if o.name in OUTPUTS]
+    outs = dict(zip(names, sess.run(names, {"image": images})))
+    per = {}
+    for name, ref, fp32 in zip(OUTPUTS, refs, fp32s):
+        if name not in outs:
+            continue
+        if outs[name].shape != ref.shape:
+            raise NumericsError(f"{onnx_path}: {name} shape", ref.shape, outs[name].shape)
+        scale = max(float(np.abs(ref).max()), 1e-12)
+        per[name] = {"dim": ref.shape[1], "onnx": float(np.abs(outs[name] - ref).max() / scale),
+                     "torch_fp32": float(np.abs(fp32 - ref).max() / scale)}
+    return {"onnx": max(v["onnx"] for v in per.values()),
+            "torch_fp32": max(v["torch_fp32"] for v in per.values()), "outputs": per}
 
 
 def parity_tolerance(report: dict) -> float:
@@ -314,9 +366,15 @@ def export_inception(weights: Path | None, out: Path, model: FIDInceptionV3 | No
             "input": {"name": "image", "dtype": "float32", "shape": ["N", 3, "H", "W"], "range": [0, 1],
                       "layout": "RGB"},
             "output": {"name": "features", "dtype": "float32", "shape": ["N", FID_DIM]},
+            "outputs": {"features": {"shape": ["N", FID_DIM], "what": "pool_3 (FID, precision, recall)"},
+                        "spatial": {"shape": ["N", rep["outputs"]["spatial"]["dim"]],
+                                    "what": "mixed_6/conv = Mixed_6d.branch1x1, channels 0..6, (h, w, c) (sFID)"},
+                        "logits": {"shape": ["N", FID_CLASSES],
+                                   "what": "pool_3 @ fc.weight.T, no bias (Inception Score, as ADM)"}},
             "preprocessing": "in graph: bilinear resize to 299 (align_corners=False, no antialias), then 2x-1 "
                              "(pytorch-fid convention; not the ADM TF graph's resize and (x-128)/128)",
-            "parity": {"max_rel_err": rep["onnx"], "torch_fp32_max_rel_err": rep["torch_fp32"], "tol": tol},
+            "parity": {"max_rel_err": rep["onnx"], "torch_fp32_max_rel_err": rep["torch_fp32"], "tol": tol,
+                       "outputs": rep["outputs"]},
             "versions": library_versions(),
         }  # a folder whose json names another sha256 is refused by `evaluate.features.InceptionFeatures`
     return out / ONNX_NAME
