@@ -1,6 +1,8 @@
 """Tables and the Pareto plot of `benchmarks/fp8_sensitivity.py`'s results (its `report` step).
 
     python benchmarks/fp8_sensitivity.py report     # prints the markdown tables, writes docs/img/fp8-pareto.png
+
+The tables also replace the blocks between `<!-- fp8 TABLE begin -->` and `<!-- fp8 TABLE end -->` in docs/fp8.md.
 """
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PLOT = ROOT / "docs" / "img" / "fp8-pareto.png"
+DOC = ROOT / "docs" / "fp8.md"
 
 
 def _rule(r: dict | None) -> str:
@@ -98,14 +101,36 @@ def pareto_plot(res: dict, path: Path = PLOT) -> Path:
     return path
 
 
+def _ordered(rows: dict) -> dict:
+    """fp16 first, then by FP8 share of the block GEMM FLOPs, largest first."""
+    key = lambda kv: (kv[0] != "fp16", -kv[1].get("shares", {}).get("model", {}).get("of_block_gemm_flops", 0))  # noqa: E731
+    return dict(sorted(rows.items(), key=key))
+
+
+def replace_block(text: str, name: str, table: str) -> str:
+    begin, end = f"<!-- fp8 {name} begin -->", f"<!-- fp8 {name} end -->"
+    if begin not in text:
+        return text
+    head, rest = text.split(begin, 1)
+    return head + begin + "\n" + table + "\n" + end + rest.split(end, 1)[1]
+
+
 def report(res: dict) -> int:
     fid1 = res.get("fid-seed0", {})
+    tables = {}
     for title, key in (("Sensitivity (digits)", "deviation"), ("Calibration choices (digits)", "calibration"),
                        ("XL-shaped model (ddt-xl-cpu, random weights)", "xl")):
         if key in res:
-            print(f"\n### {title}\n\n{deviation_table(res[key], fid1)}")
+            tables[key] = deviation_table(_ordered(res[key]), fid1 if key != "xl" else {})
+            print(f"\n### {title}\n\n{tables[key]}")
     if "fid" in res:
-        print(f"\n### FID, 3 seeds\n\n{fid_table(res['fid'])}")
+        tables["fid"] = fid_table(_ordered(res["fid"]))
+        print(f"\n### FID, 3 seeds\n\n{tables['fid']}")
     if fid1 or "fid" in res:
         print(f"\nwrote {pareto_plot(res)}")
+    if DOC.is_file():
+        text = DOC.read_text()
+        for name, table in tables.items():
+            text = replace_block(text, name, table)
+        DOC.write_text(text)
     return 0

@@ -51,13 +51,17 @@ GROUPS = [Recipe(f"only-{n}", quantize=(rule,)) for n, rule in (
     ("qkv", "qkv"), ("proj", "proj"), ("ffn", "ffn"), ("w1w3", "w1,w3"), ("w2", "w2"), ("adaLN", "adaLN"),
     ("adaLN-enc", "adaLN@encoder"), ("adaLN-dec", "adaLN@decoder"), ("encoder", "*@encoder"),
     ("decoder", "*@decoder"), ("first", "*@first"), ("middle", "*@middle"), ("last", "*@last"))]
+# Compositions, chosen after the single-group FIDs (the decoder's GEMMs move FID least, the encoder's qkv most)
+CANDIDATES = [Recipe(f"mix-{n}", quantize=rules) for n, rules in (
+    ("dec+ffn-enc", ("*@decoder", "ffn@encoder")), ("dec+w1w3-enc", ("*@decoder", "w1,w3@encoder")),
+    ("dec+w2-enc", ("*@decoder", "w2@encoder")), ("ffn-enc", ("ffn@encoder",)), ("w1w3+adaLN", ("w1,w3", "adaLN")))]
 # Calibration choices the ONNX FP8 path offers, on the all-GEMMs recipe (where the differences are largest)
 CALIBRATION = [Recipe("all-entropy", calibration="entropy"), Recipe("all-guided-rows", calibration_rows="guided"),
                Recipe("all-unguided-rows", calibration_rows="unguided")]
 
 
 def recipe_named(name: str) -> Recipe:
-    return {r.name: r for r in (*GROUPS, *CALIBRATION, *PRESETS.values())}[name]
+    return {r.name: r for r in (*GROUPS, *CANDIDATES, *CALIBRATION, *PRESETS.values())}[name]
 
 
 def load() -> dict:
@@ -145,6 +149,43 @@ class PhaseEngines:
         return self.current.decoder(**kw)
 
 
+def with_headroom(folder: Path, factor: float) -> Path:
+    """Study only: a copy of an FP8 folder with every activation Q/DQ scale times `factor` (amax headroom:
+    FP8 loses no precision to a larger scale until values reach the subnormals, and saturates nothing).
+    ModelOpt has no such option; the scales are edited after it, and the manifest's sha256s follow."""
+    import hashlib
+    import json
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    out = folder.parent / f"{folder.name}-headroom{factor:g}"
+    if (out / "manifest.json").is_file():
+        return out
+    shutil.copytree(folder, out, dirs_exist_ok=True)
+    man = json.loads((out / "manifest.json").read_text())
+    for g in ("encoder", "decoder"):
+        m = onnx.load(str(out / f"{g}.onnx"))
+        inits = {i.name: i for i in m.graph.initializer}
+        consumers = {}
+        for n in m.graph.node:
+            for i in n.input:
+                consumers.setdefault(i, []).append(n)
+        names = set()
+        for n in m.graph.node:  # activations: a QuantizeLinear of a computed tensor, and its DequantizeLinear(s)
+            if n.op_type == "QuantizeLinear" and n.input[0] not in inits:
+                names.add(n.input[1])
+                names.update(d.input[1] for d in consumers.get(n.output[0], []) if d.op_type == "DequantizeLinear")
+        for name in names:
+            a = numpy_helper.to_array(inits[name])
+            inits[name].CopyFrom(numpy_helper.from_array((a * factor).astype(a.dtype), name))
+        onnx.save(m, str(out / f"{g}.onnx"))
+        man["graphs"][g]["sha256"] = hashlib.sha256((out / f"{g}.onnx").read_bytes()).hexdigest()
+    (out / "manifest.json").write_text(json.dumps(man, indent=2))
+    return out
+
+
 def latents(folder: Path | tuple, num: int, seed: int, steps: int | None = None) -> np.ndarray:
     """Final latents of `num` samples (classes cycled) from seed `seed`, schedule all, production host loop."""
     if isinstance(folder, tuple):  # (guided folder, unguided folder): per-phase scales
@@ -182,9 +223,13 @@ def deviation_rows(base: Path, model: str, recipes, section: str, num: int, seed
         t0 = time.time()
         if r is None:
             folder, row = base / "stages" / "fp16", {"recipe": None}
-        elif isinstance(r, str):  # "per-phase": the guided- and unguided-row folders
+        elif isinstance(r, str) and r == "per-phase":  # the guided- and unguided-row folders, by phase
             folder = tuple(where / f"all-{p}-rows" for p in ("guided", "unguided"))
-            row = {"recipe": {"name": r, "description": "all GEMMs; scales per guidance phase (two graphs)"},
+            row = {"recipe": {**PRESETS["all"].to_dict(), "name": r, "calibration_rows": "per phase (two graphs)"},
+                   "shares": shares(PRESETS["all"], model)}
+        elif isinstance(r, str) and r.startswith("all-headroom"):  # activation scales x N after ModelOpt
+            folder = with_headroom(quantized(base, PRESETS["all"], where), float(r.removeprefix("all-headroom")))
+            row = {"recipe": {**PRESETS["all"].to_dict(), "name": r, "calibration": f"max x {r[12:]}"},
                    "shares": shares(PRESETS["all"], model)}
         else:
             folder = quantized(base, r, where)
@@ -264,9 +309,10 @@ def main(argv=None) -> int:
     limit_threads(a.threads)
     presets = [recipe_named(n) for n in (a.recipes or PRESETS)]
     if a.what == "deviation":
-        deviation_rows(digits_base(), "ddt-tiny-digits", GROUPS + presets, "deviation", a.num or 100, a.seed)
+        deviation_rows(digits_base(), "ddt-tiny-digits", GROUPS + CANDIDATES + presets, "deviation", a.num or 100,
+                       a.seed)
     elif a.what == "calibration":
-        deviation_rows(digits_base(), "ddt-tiny-digits", [PRESETS["all"], *CALIBRATION, "per-phase"],
+        deviation_rows(digits_base(), "ddt-tiny-digits", [PRESETS["all"], *CALIBRATION, "per-phase", "all-headroom4"],
                        "calibration", a.num or 100, a.seed)
     elif a.what == "fid":
         fid_rows(digits_base(), a.recipes or list(PRESETS), a.seeds, a.num or 500, a.bootstrap)

@@ -42,14 +42,23 @@ def test_fallback_says_one_line(fp8):
 
 
 def test_fp8_acceptance(fp8, official_ckpt, tmp_path):
-    """build --precision fp8: most block GEMMs fed by FP8 DQ; generate runs; samples close to fp32, same noise."""
+    """build --precision fp8: the default recipe's block GEMMs fed by FP8 DQ, at least half the block GEMM FLOPs
+    (counted from the graphs); generate runs; samples close to fp32, same noise."""
+    from ddt_export.build.recipes import parse_recipe
+
     out, _ = fp8
     man = read_manifest(out)
     assert man.precision == "fp8" and man.backend == ("onnxruntime" if NO_TRT else "tensorrt")
     onnx_dir = out if NO_TRT else out / "onnx"
+    cfg = man.config.model
+    fp8_flops = block_flops = 0.0
     for g in ("encoder", "decoder"):
-        rep = fp8_gemm_report(onnx.load(str(onnx_dir / f"{g}.onnx")))
-        assert rep["fraction"] > 0.5, rep
+        rep = fp8_gemm_report(onnx.load(str(onnx_dir / f"{g}.onnx")), cfg)
+        fp8_flops, block_flops = fp8_flops + rep["fp8_flops"], block_flops + rep["block_flops"]
+        assert rep["fp8_outside_blocks"] == [], rep
+    assert fp8_flops / block_flops >= 0.5
+    assert fp8_flops == parse_recipe(None).share(cfg).fp8
+    assert man.graphs["decoder"].info["quantization"]["recipe_share"]["of_block_gemm_flops"] >= 0.5
     noise = np.random.default_rng(7).standard_normal((4, 4, 8, 8), dtype=np.float32)
     np.save(tmp_path / "noise.npy", noise)
     lat = {}
