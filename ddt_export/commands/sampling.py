@@ -10,7 +10,7 @@ import typer
 from ..runtime.backends import CHOICES as BACKENDS
 from ..runtime.engines import DEFAULT_ENGINES
 from ..runtime.schedules import TEMPLATE_SAMPLES, TEMPLATE_SEED
-from .common import say, step_progress
+from .common import DEVICE_LOOP_HELP, say, step_progress
 
 SCHEDULE_HELP = "encoder schedule: all | uniform:R | dp:K | FILE.json"
 
@@ -28,6 +28,7 @@ def generate(
     latents_out: Optional[Path] = typer.Option(None, help="write the final latents (before the VAE) as .npy"),
     out: Path = typer.Option(Path("samples"), help="folder for one PNG per sample (and preview/grid.png)"),
     backend: str = typer.Option("auto", help=" | ".join(BACKENDS)),
+    device_loop: bool = typer.Option(True, "--device-loop/--no-device-loop", help=DEVICE_LOOP_HELP),
 ):
     """Sample images with the engines: torch-free host loop, encoder only on the schedule's steps."""
     from ..runtime.generate import generate as run_generate
@@ -37,10 +38,11 @@ def generate(
     with bar:
         res = run_generate(engines, classes=class_, labels_file=labels, num=num, seed=seed, steps=steps, cfg=cfg,
                            schedule=schedule, noise_file=noise, latents_out=latents_out, out_dir=out,
-                           backend=backend, progress=progress, say=say)
+                           backend=backend, device_loop=device_loop, progress=progress, say=say)
     r, n = res.rows, res.sampler.num_steps
     print(f"{len(res.labels)} samples, {n} steps, cfg {res.sampler.guidance}, schedule {res.schedule_spec}: "
-          f"encoder {r['encoder_calls']}/{n} steps, backend {res.backend}, {time.perf_counter() - t0:.1f} s")
+          f"encoder {r['encoder_calls']}/{n} steps, backend {res.backend} ({res.loop} loop), "
+          f"{time.perf_counter() - t0:.1f} s")
     print(f"cond-only outside the guidance interval: encoder rows {r['encoder_rows']}/{r['encoder_rows_full']}, "
           f"decoder rows {r['decoder_rows']}/{r['decoder_rows_full']}, {100 * res.saved:.1f}% of the work saved")
     if latents_out is not None:

@@ -84,6 +84,7 @@ class GenerateResult:
     images: list[Path]
     grid: Path | None
     backend: str
+    loop: str = "host"  # the loop that ran: "device" (TensorRT, x and s on the GPU) or "host"
 
 
 def make_labels(num_classes: int, classes: Sequence[int] | None, labels_file: Path | None,
@@ -111,12 +112,12 @@ def generate(engines_dir: Path, *, classes: Sequence[int] | None = None, labels_
              num: int | None = None, seed: int = 0, steps: int | None = None, cfg: float | None = None,
              schedule: str | None = None, noise_file: Path | None = None, latents_out: Path | None = None,
              out_dir: Path | None = None, backend: str = "auto", cond_only_outside: bool = True,
-             progress=None, say: Say = print) -> GenerateResult:
+             device_loop: bool = True, progress=None, say: Say = print) -> GenerateResult:
     if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise InputError("--out", "a folder for the sample PNGs", f"{out_dir} is a file")
     if num is not None and num < 1:
         raise InputError("--num", ">= 1", num)
-    with load_engines(engines_dir, backend) as engines:
+    with load_engines(engines_dir, backend, device_loop=device_loop) as engines:
         m = engines.config.model
         sampler = sampler_for(engines, steps, cfg)  # bad --cfg / --steps refused before anything runs
         if noise_file is not None:
@@ -145,4 +146,4 @@ def generate(engines_dir: Path, *, classes: Sequence[int] | None = None, labels_
             images, grid = write_images(pixels, labels, out_dir, say)
         saved = saved_fraction(rows, m.num_encoder_blocks, m.num_blocks - m.num_encoder_blocks)
         return GenerateResult(latents, labels, recompute, spec, sampler, rows, saved, images, grid,
-                              engines.backend_name)
+                              engines.backend_name, engines.loop)
