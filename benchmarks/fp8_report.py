@@ -16,6 +16,8 @@ DOC = ROOT / "docs" / "fp8.md"
 def _rule(r: dict | None) -> str:
     if r is None:
         return "none (the fp16 export)"
+    if "quantize" not in r:  # a study-only variant recorded by its description (per-phase scales)
+        return r.get("description", r["name"])
     text = ", ".join(f"`{x}`" for x in r["quantize"])
     if r.get("exclude"):
         text += " minus " + ", ".join(f"`{x}`" for x in r["exclude"])
@@ -59,6 +61,16 @@ def fid_table(rows: dict) -> str:
                      + " | " + ", ".join(f"{v:+.3f}" for v in r["delta"]) + f" | {r['mean_delta']:+.3f} | "
                      f"{r['mean_abs_delta']:.3f} | [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}] | {r['deviation']:.2e} | "
                      + ("met" if r["meets_bar"] else "missed") + " |")
+    return "\n".join(lines)
+
+
+def screen_table(rows: dict) -> str:
+    lines = ["| recipe | FP8 GEMMs | share of block GEMM FLOPs | predicted speed-up (digits / XL-256) | FID fp32 | "
+             "FID FP8 | dFID [paired 95%] | deviation |", "|" + " --- |" * 8]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {_rule(r['recipe'])} | {_share(r)} | {_speed(r)} / {_speed(r, 'xl256')} | "
+                     f"{r['fid_fp32'][0]:.3f} | {r['fid'][0]:.3f} | {r['delta'][0]:+.3f} "
+                     f"[{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}] | {r['deviation']:.2e} |")
     return "\n".join(lines)
 
 
@@ -123,6 +135,9 @@ def report(res: dict) -> int:
         if key in res:
             tables[key] = deviation_table(_ordered(res[key]), fid1 if key != "xl" else {})
             print(f"\n### {title}\n\n{tables[key]}")
+    if fid1:
+        tables["screen"] = screen_table(_ordered(fid1))
+        print(f"\n### FID screen, seed 0\n\n{tables['screen']}")
     if "fid" in res:
         tables["fid"] = fid_table(_ordered(res["fid"]))
         print(f"\n### FID, 3 seeds\n\n{tables['fid']}")

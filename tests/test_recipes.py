@@ -25,6 +25,16 @@ def test_presets_and_default():
             assert r.sites(m.model)
 
 
+def test_default_recipe_hand_counted():
+    """The default (issue 15's pick): every decoder GEMM plus the encoder's FFNs; at least half the block GEMM
+    FLOPs on the bundled digits model and on DDT-XL/256."""
+    want = {(3, r) for r in ROLES6} | {(b, r) for b in range(3) for r in ("mlp.w1", "mlp.w2", "mlp.w3")}
+    assert parse_recipe(None).sites(TINY) == want
+    for name in ("ddt-tiny-digits", "ddt-xl-256"):
+        share = parse_recipe(None).share(MODELS[name].model)
+        assert 0.5 <= share.of_block_gemms < 1.0 and share.predicted_speedup > 1.0
+
+
 @pytest.mark.parametrize("rules, exclude, want", [
     (["ffn@decoder"], [], {(3, "mlp.w1"), (3, "mlp.w2"), (3, "mlp.w3")}),
     (["qkv,proj@first"], [], {(0, "attn.qkv"), (0, "attn.proj")}),
