@@ -14,7 +14,7 @@ from ddt_export.evaluate.bench import TimedEngines, bench, write_outputs  # noqa
 from ddt_export.export.reference import TorchReference  # noqa: E402
 from ddt_export.core.config import PRESETS  # noqa: E402
 from ddt_export.export.exporter import export_model, load_checkpoint_model  # noqa: E402
-from ddt_export.core.flops import step_flops  # noqa: E402
+from ddt_export.core.flops import GEMM_ROLES, block_gemm_flops, fp8_share, fp8_speedup, step_flops  # noqa: E402
 from ddt_export.export.model import DDT  # noqa: E402
 from ddt_export.runtime import load_engines, sample  # noqa: E402
 
@@ -42,6 +42,48 @@ def test_flop_model_matches_torch_flop_counter(name):
     if name == "ddt-xl-256":  # DESIGN: the encoder is about 71% of a step; r = 0.5 predicts 1.55x
         assert f.encoder_fraction == pytest.approx(0.71, abs=0.01)
         assert f.predicted_speedup(0.5) == pytest.approx(1.55, abs=0.01)
+
+
+@pytest.mark.parametrize("name", ["tiny", "ddt-xl-256"])
+def test_block_gemm_breakdown_matches_torch_per_role(name):
+    """The (block, role) breakdown an FP8 recipe is costed with, summed per role and graph, against PyTorch's
+    FLOP counter per module (it aggregates the blocks of one call under DDTBlock.<role>)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = TINY.model if name == "tiny" else PRESETS[name].model
+    per = block_gemm_flops(cfg)
+    with torch.device("meta"):
+        m = DDT(cfg)
+        x = torch.randn(1, *cfg.latent_shape)
+        t, y = torch.rand(1), torch.zeros(1, dtype=torch.long)
+        s = torch.randn(1, cfg.num_tokens, cfg.hidden_size)
+        for blocks, fn in ((range(cfg.num_encoder_blocks), lambda: m.encode(x, t, y)),
+                           (range(cfg.num_encoder_blocks, cfg.num_blocks), lambda: m.decode(x, s))):
+            with FlopCounterMode(display=False) as fc:
+                fn()
+            counts = fc.get_flop_counts()
+            for role in GEMM_ROLES:
+                want = sum(v for k, v in counts[f"DDTBlock.{role}"].items() if "mm" in str(k))
+                assert sum(per[b, role] for b in blocks) == want, role
+
+
+def test_fp8_shares_hand_derived():
+    """TINY: D = 64, L = 16, SwiGLU hidden int(2 * 256 / 3) = 170, 3 encoder blocks + 1 decoder block."""
+    per = block_gemm_flops(TINY.model)
+    assert per[0, "attn.qkv"] == 2 * 16 * 64 * 192 == 393216
+    assert per[2, "attn.proj"] == 2 * 16 * 64 * 64 == 131072
+    assert per[1, "mlp.w1"] == per[3, "mlp.w2"] == 2 * 16 * 64 * 170 == 348160
+    assert per[0, "adaLN_modulation"] == 2 * 1 * 64 * 384 == 49152  # encoder: one condition row
+    assert per[3, "adaLN_modulation"] == 2 * 16 * 64 * 384 == 786432  # decoder: every token
+    block_total = 3 * (393216 + 131072 + 3 * 348160 + 49152) + (393216 + 131072 + 3 * 348160 + 786432)
+    assert sum(per.values()) == block_total == 7208960
+    share = fp8_share(TINY.model, [(3, "adaLN_modulation")])
+    assert share.of_block_gemms == pytest.approx(786432 / 7208960)
+    f = step_flops(TINY.model)
+    assert share.of_step == pytest.approx(786432 / (f.encoder + f.decoder))
+    assert fp8_speedup(0.5) == pytest.approx(1 / (0.5 + 0.25))  # half the work at 2x: 1.33x
+    assert fp8_speedup(1.0) == 2.0 and fp8_speedup(0.0) == 1.0
+    assert share.predicted_speedup == pytest.approx(1 / (1 - share.of_step / 2))
 
 
 @pytest.fixture(scope="module")

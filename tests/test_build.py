@@ -42,14 +42,23 @@ def test_fallback_says_one_line(fp8):
 
 
 def test_fp8_acceptance(fp8, official_ckpt, tmp_path):
-    """build --precision fp8: most block GEMMs fed by FP8 DQ; generate runs; samples close to fp32, same noise."""
+    """build --precision fp8: the default recipe's block GEMMs fed by FP8 DQ, at least half the block GEMM FLOPs
+    (counted from the graphs); generate runs; samples close to fp32, same noise."""
+    from ddt_export.build.recipes import parse_recipe
+
     out, _ = fp8
     man = read_manifest(out)
     assert man.precision == "fp8" and man.backend == ("onnxruntime" if NO_TRT else "tensorrt")
     onnx_dir = out if NO_TRT else out / "onnx"
+    cfg = man.config.model
+    fp8_flops = block_flops = 0.0
     for g in ("encoder", "decoder"):
-        rep = fp8_gemm_report(onnx.load(str(onnx_dir / f"{g}.onnx")))
-        assert rep["fraction"] > 0.5, rep
+        rep = fp8_gemm_report(onnx.load(str(onnx_dir / f"{g}.onnx")), cfg)
+        fp8_flops, block_flops = fp8_flops + rep["fp8_flops"], block_flops + rep["block_flops"]
+        assert rep["fp8_outside_blocks"] == [], rep
+    assert fp8_flops / block_flops >= 0.5
+    assert fp8_flops == parse_recipe(None).share(cfg).fp8
+    assert man.graphs["decoder"].info["quantization"]["recipe_share"]["of_block_gemm_flops"] >= 0.5
     noise = np.random.default_rng(7).standard_normal((4, 4, 8, 8), dtype=np.float32)
     np.save(tmp_path / "noise.npy", noise)
     lat = {}
@@ -154,3 +163,48 @@ def test_given_calibration_brings_its_schedule(fp8, official_ckpt, tmp_path):
     with pytest.raises(ArtifactError, match="sampler.num_steps: built 5, asked 20"):
         build("fp8", out=copy, ckpt=ckpt, config=str(yaml), calibration=tmp_path / "short", force=True,
               say=said.append)
+
+
+def test_recipe_decides_reuse_and_selects_by_role_and_block(fp8, official_ckpt, tmp_path):
+    """--fp8-recipe FILE: a folder built with another recipe is refused, rebuilt with --force (stages and
+    calibration reused), and then holds exactly the recipe's GEMMs in FP8 (hand count on the tiny model:
+    3 encoder blocks 0-2 + decoder block 3)."""
+    from ddt_export.build.recipes import Recipe, parse_recipe
+
+    out, _ = fp8
+    ckpt, yaml, _ = official_ckpt
+    copy = tmp_path / "fp8"
+    shutil.copytree(out, copy, symlinks=True)
+    recipe = tmp_path / "mine.json"
+    recipe.write_text(json.dumps(Recipe("mine", quantize=("ffn@decoder", "qkv@first")).to_dict()))
+    said = []
+    with pytest.raises(ArtifactError, match=r"fp8_recipe: built \S+: quantize .*asked mine: quantize ffn@decoder"):
+        build("fp8", out=copy, ckpt=ckpt, config=str(yaml), fp8_recipe=recipe, say=said.append)
+    res = build("fp8", out=copy, ckpt=ckpt, config=str(yaml), fp8_recipe=recipe, force=True, say=said.append)
+    assert not res.reused and any("fp32 graphs in" in s and "up to date" in s for s in said)
+    assert any("calibration" in s and "reusing" in s for s in said)
+    assert dict(res.manifest.provenance.options)["fp8_recipe"] == parse_recipe(recipe).key()
+    reports = {g: fp8_gemm_report(onnx.load(str(copy / f"{g}.onnx"))) for g in ("encoder", "decoder")}
+    assert reports["encoder"]["fp8_sites"] == [[0, "attn.qkv"]] and reports["encoder"]["block_fp8"] == 1
+    assert reports["decoder"]["fp8_sites"] == [[3, "mlp.w1"], [3, "mlp.w2"], [3, "mlp.w3"]]
+    assert reports["decoder"]["block_fp8"] == 3 and reports["decoder"]["block_gemms"] == 6
+    q = res.manifest.graphs["decoder"].info["quantization"]
+    assert q["recipe"]["name"] == "mine" and q["recipe"]["quantize"] == ["ffn@decoder", "qkv@first"]
+    # FLOPs per sample, D 64, L 16, SwiGLU hidden 170: qkv 2*16*64*192, w1/w2/w3 2*16*64*170; all block GEMMs
+    # 7208960 (tests/test_bench.py derives it)
+    assert q["recipe_share"]["of_block_gemm_flops"] == pytest.approx((393216 + 3 * 348160) / 7208960)
+    assert q["fp8_gemms"]["flop_fraction"] == pytest.approx(3 * 348160 / (393216 + 131072 + 3 * 348160 + 786432))
+    assert build("fp8", out=copy, ckpt=ckpt, config=str(yaml), fp8_recipe=recipe, say=said.append).reused
+    with pytest.raises(ArtifactError, match="fp8_recipe: built mine"):  # and back to the default: refused
+        build("fp8", out=copy, ckpt=ckpt, config=str(yaml), say=said.append)
+
+
+def test_recipe_flag_errors(tmp_path, official_ckpt):
+    ckpt, yaml, _ = official_ckpt
+    for argv, match in ((["--precision", "fp16", "--fp8-recipe", "all"], "--fp8-recipe: expected only with"),
+                        (["--precision", "fp8", "--fp8-recipe", "nosuch"], "--fp8-recipe: expected a recipe name"),
+                        (["--precision", "fp8", "--fp8-recipe", "qkv@9"], "--fp8-recipe: expected a recipe name")):
+        code, text = run_cli(["build", *argv, "--ckpt", ckpt, "--config", yaml, "--out", tmp_path / "x"])
+        lines = text.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and match in lines[0], text
+    assert not (tmp_path / "x").exists()

@@ -8,7 +8,9 @@ from onnx import TensorProto
 from ddt_export.core.errors import ArtifactError
 from ddt_export.core.manifest import read_manifest
 from ddt_export.build.parity import graph_errors
-from ddt_export.build.quantize import fp8_gemm_report, gemm_roles, island_nodes
+from ddt_export.build.quantize import fp8_gemm_report, gemm_roles, island_nodes, quantize_folder
+from ddt_export.build.recipes import Recipe, parse_recipe
+from ddt_export.core.artifacts import sha256_file
 from engines_cache import fp8_build
 
 pytest.importorskip("modelopt.onnx.quantization", reason="FP8 needs nvidia-modelopt (the [fp8] extra + --no-deps)")
@@ -22,11 +24,15 @@ def fp8_dir(tmp_path_factory, official_ckpt):
 @pytest.mark.parametrize("graph", ["encoder", "decoder"])
 def test_qdq_placement(fp8_dir, graph):
     model = onnx.load(str(fp8_dir / f"{graph}.onnx"))
-    rep = fp8_gemm_report(model)
+    cfg = read_manifest(fp8_dir).config.model
+    rep = fp8_gemm_report(model, cfg)
     roles = rep["roles"]
-    # every block GEMM (qkv, proj, w1/w2/w3, adaLN) is fed by FP8 DequantizeLinear on activation and weight
-    assert rep["block_gemms"] > 0 and rep["fraction"] > 0.5, rep  # "most" (here: all)
-    assert rep["fraction"] == 1.0, rep
+    # every block GEMM the default recipe selects is fed by FP8 DequantizeLinear on activation and weight, and
+    # only those
+    blocks = range(cfg.num_encoder_blocks) if graph == "encoder" else range(cfg.num_encoder_blocks, cfg.num_blocks)
+    want = sorted([b, r] for b, r in parse_recipe(None).sites(cfg) if b in blocks)
+    assert rep["fp8_sites"] == want and rep["block_fp8"] == len(want), rep
+    assert rep["block_gemms"] == 6 * len(blocks)
     assert {"block.qkv", "block.proj", "block.w1", "block.w2", "block.w3", "block.adaLN_modulation"} <= set(roles)
     # embedders, final layer and the attention matmuls (q k^T, attn v) stay in high precision
     for role in ("embedder", "attention", "final_layer"):
@@ -83,3 +89,18 @@ def test_islands_need_matching_exports(fp8_dir):
     with pytest.raises(ArtifactError, match="op sequence"):
         island_nodes(fp32, onnx.load(str(fp8_dir / "stages" / "fp16" / "decoder.onnx")))
 
+
+
+def test_graph_without_recipe_gemms_is_the_high_precision_export(fp8_dir, tmp_path):
+    """A recipe with nothing in the encoder: the encoder is the fp16 export itself, the decoder all FP8."""
+    man = read_manifest(fp8_dir)
+    out = quantize_folder(fp8_dir / "stages" / "fp32", fp8_dir / "stages" / "fp16", fp8_dir / "calibration",
+                          tmp_path / "dec", provenance=man.provenance, recipe=Recipe("dec", quantize=("*@decoder",)),
+                          say=lambda m: None)
+    assert sha256_file(tmp_path / "dec" / "encoder.onnx") == sha256_file(fp8_dir / "stages" / "fp16" / "encoder.onnx")
+    enc, dec = (out.graphs[g].info["quantization"] for g in ("encoder", "decoder"))
+    assert enc["fp8_gemms"]["block_fp8"] == 0 and enc["calibration_rows"] == 0
+    assert dec["fp8_gemms"]["fraction"] == 1.0 and dec["fp8_gemms"]["flop_fraction"] == 1.0
+    # decoder block 3 over all block GEMMs, FLOPs per sample (tests/test_bench.py derives them)
+    assert dec["recipe_share"]["of_block_gemm_flops"] == pytest.approx(2355200 / 7208960)
+    assert out.graphs["encoder"].parity["vs_fp32_onnx"]["max_rel_err"] < 5e-3  # fp16 only

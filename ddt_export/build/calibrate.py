@@ -177,14 +177,21 @@ def read_calibration(folder: Path) -> dict:
     return rec
 
 
-def calibration_inputs(folder: Path, spec: GraphSpec, rec: dict | None = None) -> dict[str, np.ndarray]:
+def calibration_inputs(folder: Path, spec: GraphSpec, rec: dict | None = None,
+                       steps: set[int] | None = None) -> dict[str, np.ndarray]:
     """The stored rows of one graph's inputs, by input name (the `step` column dropped). `rec`: the folder's
-    record from `read_calibration`, already checked (the npz files are not hashed again)."""
+    record from `read_calibration`, already checked (the npz files are not hashed again). `steps`: only the rows
+    captured at these sampling steps (ArtifactError when that leaves none)."""
     rec = read_calibration(folder) if rec is None else rec
     if spec.name not in rec["graphs"]:
         raise ArtifactError(f"calibration {folder}", f"rows for {spec.name}", f"only {sorted(rec['graphs'])}")
     with np.load(Path(folder) / rec["graphs"][spec.name]["file"], allow_pickle=False) as z:
-        return {t.name: z[t.name] for t in spec.inputs}
+        keep = slice(None) if steps is None else np.isin(z["step"], sorted(steps))
+        out = {t.name: z[t.name][keep] for t in spec.inputs}
+    if not len(next(iter(out.values()))):
+        raise ArtifactError(f"calibration {folder}", f"{spec.name} rows at the steps asked",
+                            f"none at the {len(steps)} steps asked", "calibrate with a schedule that reaches them")
+    return out
 
 
 def differences(rec: dict, asked: Provenance, any_schedule: bool = False) -> list[str]:

@@ -2,11 +2,13 @@
 
     fp32 | fp16 | bf16:  export the graphs in that precision (fp32 islands inside, fp32 engine I/O)
     fp8:                 export fp32 + the high precision (stages/), calibrate on fp32 trajectories
-                         (calibration/, unless given), ModelOpt FP8 Q/DQ (`build.quantize`)
+                         (calibration/, unless given), ModelOpt FP8 Q/DQ of the block GEMMs the FP8 recipe
+                         selects (`build.recipes`, default `DEFAULT_RECIPE`; `build.quantize`)
     then, with TensorRT and a GPU: one strongly typed plan per graph (ONNX kept in onnx/), backend "tensorrt"
     (`build.tensorrt`); without: the ONNX graphs are the engines, backend "onnxruntime" (one line says so).
 
-The provenance the build is asked for (weights, config, precision, batch profile, VAE, build options, and for
+The provenance the build is asked for (weights, config, precision, batch profile, VAE, build options (for fp8
+the recipe among them), and for
 TensorRT the running version and GPU) is computed first, without torch. An existing folder is reused when its
 recorded provenance has no difference from it and every file still has its recorded sha256; otherwise it is
 refused unless `force`, which rebuilds. Stage folders inside `out` are the build's own and are rebuilt whenever
@@ -28,6 +30,7 @@ from ..core.provenance import WEIGHT_KINDS, Provenance, WeightsRef, provenance_f
 from ..core.specs import BatchProfile
 from ..runtime.backends import CHOICES
 from ..runtime.engines import DEFAULT_ENGINES
+from .recipes import Recipe, parse_recipe
 from .tensorrt import build_tensorrt, running_platform, tensorrt_status
 
 DEFAULT_OPT_LEVEL = 3  # TensorRT's default builder optimization level (0-5)
@@ -44,10 +47,11 @@ class BuildResult:
 
 
 def build_options(p: Precision, backend: str, high_precision: str, calibration: Path | None,
-                  opt_level: int) -> dict:
+                  opt_level: int, recipe: Recipe | None = None) -> dict:
     """The build settings that change the artifact, as recorded in (and compared by) its provenance."""
     opts = {}
     if p.quantized:
+        opts["fp8_recipe"] = (recipe or parse_recipe(None)).key()
         opts["high_precision"] = high_precision
         opts["calibration"] = str(Path(calibration).resolve()) if calibration else CAPTURED
     if backend == "tensorrt":
@@ -99,7 +103,7 @@ def _export(model: _Model, cfg: Config, out: Path, weights: WeightsRef, asked: P
 
 
 def _fp8(model: _Model, cfg: Config, out: Path, weights: WeightsRef, asked: Provenance, vae: Path | None,
-         high_precision: str, calibration: Path | None, say: Say, progress) -> Manifest:
+         high_precision: str, calibration: Path | None, recipe: Recipe, say: Say, progress) -> Manifest:
     from ..runtime.schedules import default_schedule, parse_spec, steps_for
     from . import calibrate
     from .quantize import quantize_folder
@@ -125,7 +129,7 @@ def _fp8(model: _Model, cfg: Config, out: Path, weights: WeightsRef, asked: Prov
         calibrate.capture(stages / "fp32", calib, progress=progress, say=say)
     else:
         say(f"calibration {calib} matches; reusing it")
-    return quantize_folder(stages / "fp32", stages / high_precision, calib, out, provenance=asked,
+    return quantize_folder(stages / "fp32", stages / high_precision, calib, out, provenance=asked, recipe=recipe,
                            high_precision=high_precision, force=True, say=say)
 
 
@@ -133,20 +137,24 @@ def build(precision: str, *, out: Path | None = None, ckpt: Path | str | None = 
           batch: BatchProfile | None = None, timing_cache: Path | None = None, force: bool = False,
           vae: Path | str | None = None, high_precision: str = DEFAULT_HIGH_PRECISION, calibration: Path | None = None,
           weights: str = "ema", trust: bool = False, opt_level: int = DEFAULT_OPT_LEVEL, backend: str = "auto",
-          say: Say = print, progress=None) -> BuildResult:
+          fp8_recipe: str | Path | Recipe | None = None, say: Say = print, progress=None) -> BuildResult:
     """Build (or reuse) the engine folder `out` for `precision`. See the module doc. Without `out`: builds
-    engines/<precision> and points engines/default (what generate, serve, validate and bench read) at it."""
+    engines/<precision> and points engines/default (what generate, serve, validate and bench read) at it.
+    `fp8_recipe`: a preset name, a recipe JSON file or a Recipe (fp8 only; None: the default recipe)."""
     if out is None:
         res = build(precision, out=DEFAULT_ENGINES.parent / precision, ckpt=ckpt, config=config, batch=batch,
                     timing_cache=timing_cache, force=force, vae=vae, high_precision=high_precision,
                     calibration=calibration, weights=weights, trust=trust, opt_level=opt_level, backend=backend,
-                    say=say, progress=progress)
+                    fp8_recipe=fp8_recipe, say=say, progress=progress)
         if point_default(res.folder, DEFAULT_ENGINES, say):
             say(f"{DEFAULT_ENGINES} -> {res.folder.name}")
         return res
     p = precision_row(precision)
     if p.quantized:
         high_precision_row(high_precision)
+    elif fp8_recipe is not None:
+        raise ConfigError("--fp8-recipe", "only with --precision fp8", f"--precision {precision}")
+    recipe = (fp8_recipe if isinstance(fp8_recipe, Recipe) else parse_recipe(fp8_recipe)) if p.quantized else None
     if backend not in CHOICES:
         raise ConfigError("--backend", " | ".join(CHOICES), backend)
     if weights not in WEIGHT_KINDS:
@@ -154,6 +162,8 @@ def build(precision: str, *, out: Path | None = None, ckpt: Path | str | None = 
     from ..export.hub import checkpoint_source, vae_folder  # torch-free: local paths or hf://...
 
     cfg, out, batch = load_config(config), Path(out), batch or BatchProfile()
+    if recipe is not None:
+        recipe.sites(cfg.model)  # a recipe that selects nothing (or a block this model lacks): refused first
     vae = vae_folder(vae, say)
     ckpt = ckpt if ckpt else bundled_weights(cfg)
     if ckpt is None:
@@ -167,7 +177,7 @@ def build(precision: str, *, out: Path | None = None, ckpt: Path | str | None = 
     if chosen == "onnxruntime" and backend == "auto":
         say(f"TensorRT is not available ({why}): building the ONNX Runtime engine folder for {precision} instead")
     asked = provenance_for(cfg, ref, precision, batch, vae, build_options(p, chosen, high_precision, calibration,
-                                                                           opt_level),
+                                                                           opt_level, recipe),
                            running_platform() if chosen == "tensorrt" else None)
     with folder_lock(out):
         if (out / MANIFEST).is_file():
@@ -183,7 +193,8 @@ def build(precision: str, *, out: Path | None = None, ckpt: Path | str | None = 
         onnx_dir = out if chosen == "onnxruntime" else out / "onnx"
         onnx_asked = asked if chosen == "onnxruntime" else asked.replace(platform={})
         if p.quantized:
-            man = _fp8(model, cfg, onnx_dir, ref, onnx_asked, vae, high_precision, calibration, say, progress)
+            man = _fp8(model, cfg, onnx_dir, ref, onnx_asked, vae, high_precision, calibration, recipe, say,
+                       progress)
         else:
             man = _export(model, cfg, onnx_dir, ref, onnx_asked, vae, say)
         if chosen == "tensorrt":

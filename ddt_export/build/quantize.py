@@ -1,8 +1,9 @@
 """FP8 (E4M3) graphs with NVIDIA ModelOpt's ONNX post-training quantization, calibrated on real trajectories.
 
-What gets FP8 Q/DQ: the GEMMs of every DDT block (attn.qkv, attn.proj, mlp.w1/w2/w3, adaLN_modulation),
-weights per output channel, activations per tensor, scales from max calibration on the captured trajectory
-inputs (`ddt_export.calibrate`). What stays in high precision:
+What gets FP8 Q/DQ: the block GEMMs (attn.qkv, attn.proj, mlp.w1/w2/w3, adaLN_modulation of each block) that
+the FP8 recipe selects (`build.recipes`: by role and block), weights per output channel, activations per
+tensor, scales from the recipe's calibration (max or entropy) on the captured trajectory inputs
+(`ddt_export.calibrate`). What stays in high precision: the block GEMMs the recipe leaves out, and always
 - the embedders (x/s/t/y_embedder) and the final layer: GEMMs at the model's edges, where the error is not
   averaged by any later layer, and a sliver of the work (x/s_embedder have K = C*p*p = 16 for DDT-XL);
 - the attention matmuls (q @ k^T, attn @ v): DDT-XL's head size is 72, not a multiple of 16, so TensorRT has
@@ -10,7 +11,7 @@ inputs (`ddt_export.calibrate`). What stays in high precision:
   unfused fp16/bf16 attention.
 
 How, per graph (encoder, decoder), from files only:
-1. ModelOpt `quantize(quantize_mode="fp8", high_precision_dtype="fp32", nodes_to_quantize=<block GEMMs>)` on
+1. ModelOpt `quantize(quantize_mode="fp8", high_precision_dtype="fp32", nodes_to_quantize=<the recipe's GEMMs>)` on
    the fp32 graph, calibrating on CPU (`calibration_eps=["cpu"]`): the fp32 graph with E4M3 Q/DQ.
 2. ModelOpt AutoCast `convert_to_mixed_precision(low_precision_type=fp16|bf16, nodes_to_exclude=<islands>)`:
    everything else in fp16/bf16 except exactly the fp32 islands of our own fp16/bf16 export (RMSNorm
@@ -22,7 +23,8 @@ passes 256) or drag the residual stream to fp32. AutoCast takes node names; the 
 fp16/bf16 export of the same model (`model.py` decides them once), matched node by node (same op sequence
 once Casts are dropped; checked).
 The node roles come from the exporter's `pkg.torch.onnx.name_scopes` metadata (the module path of every
-node); they are copied onto the quantized graph so `fp8_gemm_report` can count from the graph alone.
+node); they are copied onto the quantized graph so `fp8_gemm_report` can count from the graph alone. A graph in
+which the recipe selects no GEMM is the high-precision export itself.
 """
 from __future__ import annotations
 
@@ -36,20 +38,21 @@ from pathlib import Path
 import numpy as np
 
 from ..core.artifacts import artifact_folder
+from ..core.config import ModelConfig
 from ..core.errors import ArtifactError, BackendError
+from ..core.flops import FP8_RATE, GEMM_ROLES, block_gemm_flops
 from ..core.log import Say
 from ..core.manifest import GraphRecord, Manifest, read_manifest, refuse_foreign
 from ..core.precision import high_precision as high_precision_row, precision
 from ..core.provenance import IDENTITY, Provenance
 from ..core.specs import DECODER, ENCODER
+from .recipes import Recipe, parse_recipe, phase_steps
 
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
-BLOCK_GEMMS = ("attn.qkv", "attn.proj", "mlp.w1", "mlp.w2", "mlp.w3", "adaLN_modulation")
+BLOCK_GEMMS = GEMM_ROLES
 _BLOCK = re.compile(r"model\.blocks\.(\d+)\.(" + "|".join(re.escape(g) for g in BLOCK_GEMMS) + r")(\.\d+)?$")
 _EMBEDDER = re.compile(r"model\.(x|s|t|y)_embedder\b")
-CALIBRATION_METHOD = "max"  # ModelOpt converts int8-style scales to E4M3 by 448/127, exact for max calibration
 CALIB_CHUNK = 16  # rows per calibration inference
-MIN_FP8_FRACTION = 0.5  # a quantized graph with fewer block GEMMs in FP8 than this is refused as broken
 QUANTIZED = (ENCODER, DECODER)
 
 
@@ -82,6 +85,22 @@ def gemm_role(node) -> str:
     return "other"
 
 
+def gemm_site(node) -> tuple[int, str] | None:
+    """(block index, role) of a block GEMM (the key of `core.flops.block_gemm_flops`), else None."""
+    for s in reversed(_scopes(node)):
+        hit = _BLOCK.search(s)
+        if hit:
+            return int(hit.group(1)), hit.group(2)
+    return None
+
+
+def gemm_sites(model) -> dict[str, tuple[int, str]]:
+    """Block GEMM node name -> (block, role)."""
+    gemm_roles(model)  # the metadata check
+    return {n.name: site for n in model.graph.node if n.op_type in ("MatMul", "Gemm")
+            for site in [gemm_site(n)] if site is not None}
+
+
 def gemm_roles(model) -> dict[str, str]:
     """MatMul/Gemm node name -> role. Needs the exporter's name-scope metadata (ArtifactError without it)."""
     gemms = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm")]
@@ -111,14 +130,18 @@ def _fp8_tensors(model) -> set[str]:
     return out
 
 
-def fp8_gemm_report(model) -> dict:
+def fp8_gemm_report(model, cfg: ModelConfig | None = None) -> dict:
     """Which GEMMs are fed by FP8 DequantizeLinear on both inputs (activation and weight), by role.
 
-    Returns {"block_gemms", "block_fp8", "fraction", "fp8_outside_blocks": [roles], "roles": {role: [fp8, total]}}.
+    Returns {"block_gemms", "block_fp8", "fraction" (of the block GEMM nodes), "fp8_outside_blocks": [roles],
+    "roles": {role: [fp8, total]}, "fp8_sites": [[block, role], ...]}; with the model's config also
+    "block_flops", "fp8_flops" and "flop_fraction": the block GEMM FLOPs per sample of this graph
+    (`core.flops.block_gemm_flops`) and the share of them behind FP8 Q/DQ.
     """
     roles = gemm_roles(model)
     producers, fp8 = _producers(model), _fp8_tensors(model)
     by_role: dict[str, list[int]] = {}
+    sites: dict[tuple[int, str], bool] = {}
     for n in model.graph.node:
         if n.name not in roles:
             continue
@@ -126,11 +149,20 @@ def fp8_gemm_report(model) -> dict:
         counts = by_role.setdefault(roles[n.name], [0, 0])
         counts[0] += int(fed)
         counts[1] += 1
+        site = gemm_site(n)
+        if site is not None:
+            sites[site] = fed
     blocks = [v for k, v in by_role.items() if k.startswith("block.")]
     total, done = sum(v[1] for v in blocks), sum(v[0] for v in blocks)
-    return {"block_gemms": total, "block_fp8": done, "fraction": done / total if total else 0.0,
-            "fp8_outside_blocks": sorted(k for k, v in by_role.items() if not k.startswith("block.") and v[0]),
-            "roles": by_role}
+    out = {"block_gemms": total, "block_fp8": done, "fraction": done / total if total else 0.0,
+           "fp8_outside_blocks": sorted(k for k, v in by_role.items() if not k.startswith("block.") and v[0]),
+           "roles": by_role, "fp8_sites": sorted([b, r] for (b, r), fed in sites.items() if fed)}
+    if cfg is not None:
+        flops = block_gemm_flops(cfg)
+        out["block_flops"] = sum(flops[k] for k in sites)
+        out["fp8_flops"] = sum(flops[k] for k, fed in sites.items() if fed)
+        out["flop_fraction"] = out["fp8_flops"] / out["block_flops"] if sites else 0.0
+    return out
 
 
 def island_nodes(fp32_model, hp_model) -> list[str]:
@@ -178,28 +210,40 @@ def _graph_files(folder: Path, name: str) -> list[Path]:
 
 
 def quantize_graph(fp32_path: Path, hp_path: Path, calib: dict[str, np.ndarray], out_path: Path, *,
-                   high_precision: str = "fp16", scratch: Path) -> dict:
-    """One fp32 graph -> its FP8 graph at `out_path` (see the module doc). Returns the quantization record."""
+                   recipe: Recipe, cfg: ModelConfig, high_precision: str = "fp16", scratch: Path) -> dict:
+    """One fp32 graph -> its FP8 graph at `out_path` (see the module doc). Returns the quantization record.
+    A graph holding none of the recipe's GEMMs is installed as the high-precision export `hp_path` itself."""
     import onnx
     from modelopt.onnx.autocast import convert_to_mixed_precision
     from modelopt.onnx.quantization import quantize
 
     fp32 = onnx.load(str(fp32_path), load_external_data=False)
-    roles = gemm_roles(fp32)
-    targets = sorted(n for n, r in roles.items() if r.startswith("block."))
-    islands = island_nodes(fp32, onnx.load(str(hp_path), load_external_data=False))
+    wanted, sites = recipe.sites(cfg), gemm_sites(fp32)
+    targets = sorted(n for n, site in sites.items() if site in wanted)
     external = (Path(str(fp32_path) + ".data")).exists()
+    rows = len(next(iter(calib.values())))
+    record = {"tool": "nvidia-modelopt onnx ptq", "mode": "fp8 e4m3", "high_precision": high_precision,
+              "recipe": recipe.to_dict(), "calibration_method": recipe.calibration, "calibration_rows": rows,
+              "weights": "per output channel", "activations": "per tensor",
+              "not_quantized": ["block GEMMs the recipe leaves out", "embedders", "final_layer",
+                                "attention matmuls (head size not a multiple of 16)"]}
+    if not targets:  # nothing to quantize here: the high-precision export is this graph
+        for f in _graph_files(hp_path.parent, hp_path.name):
+            shutil.copy(f, out_path.parent / f.name)  # same file names: the external data reference holds
+        record.update(fp8_gemms=fp8_gemm_report(onnx.load(str(hp_path), load_external_data=False), cfg),
+                      calibration_rows=0, fp32_island_nodes=None)
+        return record
+    islands = island_nodes(fp32, onnx.load(str(hp_path), load_external_data=False))
     work = scratch / fp32_path.stem
     work.mkdir(parents=True, exist_ok=True)
     for f in _graph_files(fp32_path.parent, fp32_path.name):  # ModelOpt writes its intermediates beside the input
         shutil.copy(f, work / f.name)
-    rows = len(next(iter(calib.values())))
     chunk = min(CALIB_CHUNK, rows)
     shapes = ",".join(f"{k}:" + "x".join(str(d) for d in (chunk, *v.shape[1:])) for k, v in calib.items())
     qdq = work / f"{fp32_path.stem}.qdq.onnx"
     with _quiet(f"ModelOpt FP8 quantization of {fp32_path.name}"):
         quantize(str(work / fp32_path.name), quantize_mode="fp8", calibration_data=calib, calibration_shapes=shapes,
-                 calibration_method=CALIBRATION_METHOD, calibration_eps=["cpu"],
+                 calibration_method=recipe.calibration, calibration_eps=["cpu"],
                  op_types_to_quantize=["MatMul", "Gemm"], nodes_to_quantize=_anchored(targets),
                  disable_mha_qdq=True,  # attention stays high precision: no FP8 fused MHA for head size 72
                  high_precision_dtype="fp32",  # converted below by AutoCast, with our fp32 islands
@@ -212,27 +256,28 @@ def quantize_graph(fp32_path: Path, hp_path: Path, calib: dict[str, np.ndarray],
     for n in model.graph.node:
         if n.name in scopes and not _scopes(n):
             n.metadata_props.append(scopes[n.name])
-    report = fp8_gemm_report(model)
-    if report["fraction"] < MIN_FP8_FRACTION or report["fp8_outside_blocks"]:
+    report = fp8_gemm_report(model, cfg)
+    here = sorted(list(sites[n]) for n in targets)
+    if report["fp8_sites"] != here or report["fp8_outside_blocks"]:
         raise BackendError(f"FP8 quantization of {fp32_path.name}",
-                           f">= {MIN_FP8_FRACTION:.0%} of block GEMMs in FP8 and none outside the blocks",
-                           f"{report['block_fp8']}/{report['block_gemms']}, outside: {report['fp8_outside_blocks']}")
+                           f"exactly the recipe's {len(here)} block GEMMs in FP8 and none outside the blocks",
+                           f"{report['block_fp8']} in FP8, outside: {report['fp8_outside_blocks']}")
     if external:  # out_path is in a staging folder: installed with its data by Staging.install
         onnx.save(model, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
                   location=f"{out_path.name}.data")
     else:
         onnx.save(model, str(out_path))
-    return {"tool": "nvidia-modelopt onnx ptq", "mode": "fp8 e4m3", "high_precision": high_precision,
-            "calibration_method": CALIBRATION_METHOD, "calibration_rows": rows, "weights": "per output channel",
-            "activations": "per tensor", "fp8_gemms": report, "fp32_island_nodes": len(islands),
-            "not_quantized": ["embedders", "final_layer", "attention matmuls (head size not a multiple of 16)"]}
+    record.update(fp8_gemms=report, fp32_island_nodes=len(islands))
+    return record
 
 
 def quantize_folder(fp32_dir: Path, hp_dir: Path, calib_dir: Path, out: Path, *, provenance: Provenance,
-                    high_precision: str = "fp16", force: bool = False, say: Say = print) -> Manifest:
-    """fp32 export + same-model fp16/bf16 export + calibration -> an FP8 onnxruntime folder at `out`, whose
-    manifest records `provenance` (what the build was asked for) and each graph's error against fp32, measured
-    on calibration rows before the manifest is written."""
+                    recipe: Recipe | None = None, high_precision: str = "fp16", force: bool = False,
+                    say: Say = print) -> Manifest:
+    """fp32 export + same-model fp16/bf16 export + calibration -> an FP8 onnxruntime folder at `out` quantized
+    by `recipe` (default: `recipes.DEFAULT_RECIPE`), whose manifest records `provenance` (what the build was
+    asked for), the recipe with the FLOP share it puts in FP8, and each graph's error against fp32, measured on
+    calibration rows before the manifest is written."""
     from .calibrate import calibration_inputs, differences, read_calibration
     from .parity import files_errors
 
@@ -242,7 +287,11 @@ def quantize_folder(fp32_dir: Path, hp_dir: Path, calib_dir: Path, out: Path, *,
     if src.precision != "fp32" or hp.precision != high_precision or kinds:
         raise ArtifactError("quantization inputs", f"an fp32 and a {high_precision} export of one model",
                             f"{src.precision} and {hp.precision}" + (f" ({'; '.join(kinds)})" if kinds else ""))
+    recipe = recipe or parse_recipe(None)
+    model_cfg = src.config.model
+    share = recipe.share(model_cfg)  # ConfigError for a recipe that selects nothing on this model
     calib = read_calibration(calib_dir)
+    steps = phase_steps(Provenance.from_dict(calib["provenance"]).sampler, recipe.calibration_rows)
     stale = differences(calib, src.provenance, any_schedule=True)
     if any(d.startswith(("weights", "model")) for d in stale):
         raise ArtifactError(f"calibration {calib_dir}", f"captured on {fp32_dir}'s model", "; ".join(stale),
@@ -250,13 +299,21 @@ def quantize_folder(fp32_dir: Path, hp_dir: Path, calib_dir: Path, out: Path, *,
     graphs: dict[str, GraphRecord] = {}
     with artifact_folder(Path(out), refuse=refuse_foreign(provenance, force)) as staging:
         for spec in QUANTIZED:
-            say(f"quantizing {spec.file} to FP8 (high precision {high_precision}, {CALIBRATION_METHOD} calibration)")
+            say(f"quantizing {spec.file} to FP8 (recipe {recipe.name}, high precision {high_precision}, "
+                f"{recipe.calibration} calibration on {recipe.calibration_rows} rows)")
             rec = quantize_graph(Path(fp32_dir) / spec.file, Path(hp_dir) / spec.file,
-                                 calibration_inputs(calib_dir, spec, calib), staging.path(spec.file),
-                                 high_precision=high_precision, scratch=staging.path("modelopt"))
+                                 calibration_inputs(calib_dir, spec, calib, steps), staging.path(spec.file),
+                                 recipe=recipe, cfg=model_cfg, high_precision=high_precision,
+                                 scratch=staging.path("modelopt"))
             rec["calibration"] = {"folder": str(Path(calib_dir).resolve()),
                                   "sha256": calib["graphs"][spec.name]["sha256"], "schedule": calib["schedule"]}
             graphs[spec.name] = GraphRecord(spec.file, "", info={"quantization": rec})
+        fp8_flops = sum(graphs[s.name].info["quantization"]["fp8_gemms"]["fp8_flops"] for s in QUANTIZED)
+        assert fp8_flops == share.fp8, (fp8_flops, share.fp8)  # every graph holds exactly the recipe's GEMMs
+        for s in QUANTIZED:  # counted from the graphs: per sample, a step running both graphs
+            graphs[s.name].info["quantization"]["recipe_share"] = {
+                "of_block_gemm_flops": fp8_flops / share.block_gemms, "of_step_flops": fp8_flops / share.step,
+                "predicted_speedup": share.predicted_speedup, "fp8_rate": FP8_RATE}
         if "vae_decoder" in hp.graphs:  # the VAE is not quantized: it runs in the high precision
             vae = hp.graphs["vae_decoder"]
             for f in _graph_files(Path(hp_dir), vae.file):

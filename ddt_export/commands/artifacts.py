@@ -8,6 +8,7 @@ import typer
 
 from ..build.calibrate import DEFAULT_NUM as CALIBRATION_NUM
 from ..build.engine import DEFAULT_HIGH_PRECISION, DEFAULT_OPT_LEVEL
+from ..build.recipes import DEFAULT_RECIPE, PRESETS as FP8_RECIPES
 from ..core.precision import NAMES as PRECISIONS
 from ..core.specs import BatchProfile
 from ..runtime.backends import CHOICES as BACKENDS
@@ -91,6 +92,9 @@ def build(
     vae: Optional[str] = typer.Option(None, help=VAE_HELP),
     high_precision: str = typer.Option(DEFAULT_HIGH_PRECISION, help="fp8 only: fp16 | bf16 for everything not in FP8"),
     calibration: Optional[Path] = typer.Option(None, help="fp8 only: calibration folder (default: captured into OUT)"),
+    fp8_recipe: Optional[str] = typer.Option(None, help=f"fp8 only: which block GEMMs get FP8, a recipe name "
+                                             f"({' | '.join(FP8_RECIPES)}) or a recipe .json file (default "
+                                             f"{DEFAULT_RECIPE}; docs/fp8.md)"),
     weights: str = typer.Option("ema", help=WEIGHTS_HELP),
     opt_level: int = typer.Option(DEFAULT_OPT_LEVEL, help="TensorRT builder optimization level 0-5"),
     backend: str = typer.Option("auto", help=" | ".join(BACKENDS) + " (auto: TensorRT if usable)"),
@@ -104,7 +108,7 @@ def build(
         res = run_build(precision, out=out, ckpt=ckpt, config=config, batch=BatchProfile.parse(batch),
                         timing_cache=timing_cache, force=force, vae=vae, high_precision=high_precision,
                         calibration=calibration, weights=weights, trust=trust_checkpoint, opt_level=opt_level,
-                        backend=backend, say=say, progress=progress)
+                        backend=backend, fp8_recipe=fp8_recipe, say=say, progress=progress)
     for name, g in res.manifest.graphs.items():
         shown = ", ".join(f"{k} {v['max_rel_err']:.2e}" if "max_rel_err" in v else f"{k}: {next(iter(v.values()))}"
                           for k, v in g.parity.items())
@@ -112,4 +116,10 @@ def build(
         if "quantization" in g.info:
             q = g.info["quantization"]["fp8_gemms"]
             print(f"  FP8 block GEMMs: {q['block_fp8']}/{q['block_gemms']}")
+    share = next((g.info["quantization"] for g in res.manifest.graphs.values() if "quantization" in g.info), None)
+    if share is not None and "recipe_share" in share:
+        r = share["recipe_share"]
+        print(f"FP8 recipe {share['recipe']['name']}: {r['of_block_gemm_flops']:.1%} of the block GEMM FLOPs "
+              f"({r['of_step_flops']:.1%} of a step's), predicted speed-up {r['predicted_speedup']:.2f}x at FP8 = "
+              f"{r['fp8_rate']:g}x fp16")
     print(f"{'reused' if res.reused else 'built'} {res.folder} ({precision}, backend {res.backend})")

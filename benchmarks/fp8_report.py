@@ -1,0 +1,151 @@
+"""Tables and the Pareto plot of `benchmarks/fp8_sensitivity.py`'s results (its `report` step).
+
+    python benchmarks/fp8_sensitivity.py report     # prints the markdown tables, writes docs/img/fp8-pareto.png
+
+The tables also replace the blocks between `<!-- fp8 TABLE begin -->` and `<!-- fp8 TABLE end -->` in docs/fp8.md.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PLOT = ROOT / "docs" / "img" / "fp8-pareto.png"
+DOC = ROOT / "docs" / "fp8.md"
+
+
+def _rule(r: dict | None) -> str:
+    if r is None:
+        return "none (the fp16 export)"
+    if "quantize" not in r:  # a study-only variant recorded by its description (per-phase scales)
+        return r.get("description", r["name"])
+    text = ", ".join(f"`{x}`" for x in r["quantize"])
+    if r.get("exclude"):
+        text += " minus " + ", ".join(f"`{x}`" for x in r["exclude"])
+    extra = [x for x in (r.get("calibration") != "max" and r.get("calibration"),
+                         r.get("calibration_rows") not in (None, "all") and f"{r['calibration_rows']} rows") if x]
+    return text + (f" ({', '.join(extra)})" if extra else "")
+
+
+def _share(row: dict, key: str = "model") -> str:
+    s = row.get("shares", {}).get(key)
+    return "0%" if s is None else f"{s['of_block_gemm_flops']:.0%}"
+
+
+def _speed(row: dict, key: str = "model") -> str:
+    s = row.get("shares", {}).get(key)
+    return "1.00x" if s is None else f"{s['predicted_speedup']:.2f}x"
+
+
+def deviation_table(rows: dict, fid1: dict) -> str:
+    head = ("| recipe | FP8 GEMMs | share of block GEMM FLOPs (digits / XL-256) | predicted speed-up (digits / "
+            "XL-256) | encoder / decoder rel. L2 vs fp32 (calibration rows) | final-latent deviation mean / max "
+            "| dFID seed 0 [95%] |")
+    lines = [head, "|" + " --- |" * 7]
+    for name, r in rows.items():
+        g = r.get("graph_rel_l2")
+        f = fid1.get(name)
+        lines.append(f"| {name} | {_rule(r['recipe'])} | {_share(r)} / {_share(r, 'xl256')} | {_speed(r)} / "
+                     f"{_speed(r, 'xl256')} | " + (f"{g['encoder']:.1e} / {g['decoder']:.1e}" if g else "-")
+                     + f" | {r['mean']:.2e} / {r['max']:.2e} | "
+                     + (f"{f['delta'][0]:+.3f} [{f['ci95'][0]:+.3f}, {f['ci95'][1]:+.3f}]" if f else "-") + " |")
+    return "\n".join(lines)
+
+
+def fid_table(rows: dict) -> str:
+    lines = ["| recipe | FP8 GEMMs | share of block GEMM FLOPs | predicted speed-up (digits / XL-256) | FID fp32 "
+             "(3 seeds) | FID FP8 | dFID per seed | mean dFID | mean abs dFID | paired 95% interval of the mean | "
+             "deviation | bar |", "|" + " --- |" * 12]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {_rule(r['recipe'])} | {_share(r)} | {_speed(r)} / {_speed(r, 'xl256')} | "
+                     + ", ".join(f"{v:.3f}" for v in r["fid_fp32"]) + " | " + ", ".join(f"{v:.3f}" for v in r["fid"])
+                     + " | " + ", ".join(f"{v:+.3f}" for v in r["delta"]) + f" | {r['mean_delta']:+.3f} | "
+                     f"{r['mean_abs_delta']:.3f} | [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}] | {r['deviation']:.2e} | "
+                     + ("met" if r["meets_bar"] else "missed") + " |")
+    return "\n".join(lines)
+
+
+def screen_table(rows: dict) -> str:
+    lines = ["| recipe | FP8 GEMMs | share of block GEMM FLOPs | predicted speed-up (digits / XL-256) | FID fp32 | "
+             "FID FP8 | dFID [paired 95%] | deviation |", "|" + " --- |" * 8]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {_rule(r['recipe'])} | {_share(r)} | {_speed(r)} / {_speed(r, 'xl256')} | "
+                     f"{r['fid_fp32'][0]:.3f} | {r['fid'][0]:.3f} | {r['delta'][0]:+.3f} "
+                     f"[{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}] | {r['deviation']:.2e} |")
+    return "\n".join(lines)
+
+
+def pareto_plot(res: dict, path: Path = PLOT) -> Path:
+    """dFID against predicted speed-up: 3-seed means with their paired 95% intervals, single-seed screens
+    hollow; the +-0.05 band is the bar."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.axhspan(-0.05, 0.05, color="0.9", label="bar: |dFID| <= 0.05")
+    ax.axhline(0, color="0.5", lw=0.8)
+    ax.plot([1.0], [0.0], "s", color="0.3", label="fp16 (no FP8)")
+    three = res.get("fid", {})
+    for name, r in res.get("fid-seed0", {}).items():
+        if name in three:
+            continue
+        x = r["shares"]["model"]["predicted_speedup"]
+        ax.errorbar([x], [r["delta"][0]], yerr=[[r["delta"][0] - r["ci95"][0]], [r["ci95"][1] - r["delta"][0]]],
+                    fmt="o", mfc="none", color="tab:blue", capsize=3, alpha=0.8)
+        ax.annotate(name.removeprefix("only-"), (x, r["delta"][0]), textcoords="offset points", xytext=(4, 4),
+                    fontsize=7, color="tab:blue")
+    for name, r in three.items():
+        x = r["shares"]["model"]["predicted_speedup"]
+        m = r["mean_delta"]
+        ax.errorbar([x], [m], yerr=[[m - r["ci95"][0]], [r["ci95"][1] - m]], fmt="o",
+                    color="tab:green" if r["meets_bar"] else "tab:red", capsize=4)
+        ax.annotate(name, (x, m), textcoords="offset points", xytext=(5, -10), fontsize=8, weight="bold")
+    ax.plot([], [], "o", mfc="none", color="tab:blue", label="1 seed, 500 samples (screen)")
+    ax.plot([], [], "o", color="tab:green", label="3 seeds: bar met")
+    ax.plot([], [], "o", color="tab:red", label="3 seeds: bar missed")
+    ax.set_xlabel("predicted step speed-up (FP8 share of a step's FLOPs, FP8 = 2x fp16)")
+    ax.set_ylabel("dFID vs fp32 (digits, 500 samples)")
+    ax.set_title("FP8 recipes: quality vs predicted speed-up (ONNX Runtime CPU emulation of Q/DQ)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def _ordered(rows: dict) -> dict:
+    """fp16 first, then by FP8 share of the block GEMM FLOPs, largest first."""
+    key = lambda kv: (kv[0] != "fp16", -kv[1].get("shares", {}).get("model", {}).get("of_block_gemm_flops", 0))  # noqa: E731
+    return dict(sorted(rows.items(), key=key))
+
+
+def replace_block(text: str, name: str, table: str) -> str:
+    begin, end = f"<!-- fp8 {name} begin -->", f"<!-- fp8 {name} end -->"
+    if begin not in text:
+        return text
+    head, rest = text.split(begin, 1)
+    return head + begin + "\n" + table + "\n" + end + rest.split(end, 1)[1]
+
+
+def report(res: dict) -> int:
+    fid1 = res.get("fid-seed0", {})
+    tables = {}
+    for title, key in (("Sensitivity (digits)", "deviation"), ("Calibration choices (digits)", "calibration"),
+                       ("XL-shaped model (ddt-xl-cpu, random weights)", "xl")):
+        if key in res:
+            tables[key] = deviation_table(_ordered(res[key]), fid1 if key != "xl" else {})
+            print(f"\n### {title}\n\n{tables[key]}")
+    if fid1:
+        tables["screen"] = screen_table(_ordered(fid1))
+        print(f"\n### FID screen, seed 0\n\n{tables['screen']}")
+    if "fid" in res:
+        tables["fid"] = fid_table(_ordered(res["fid"]))
+        print(f"\n### FID, 3 seeds\n\n{tables['fid']}")
+    if fid1 or "fid" in res:
+        print(f"\nwrote {pareto_plot(res)}")
+    if DOC.is_file():
+        text = DOC.read_text()
+        for name, table in tables.items():
+            text = replace_block(text, name, table)
+        DOC.write_text(text)
+    return 0
