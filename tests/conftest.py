@@ -97,3 +97,14 @@ def official_ckpt(tmp_path_factory) -> tuple[Path, Path, object]:
     yaml = d / "repa_improved_ddt_tiny.yaml"
     yaml.write_text(textwrap.dedent(OFFICIAL_YAML))
     return ckpt, yaml, ema
+
+
+@pytest.fixture(scope="session")
+def digits_engines(tmp_path_factory) -> Path:
+    """The bundled digits model (16x16, 1 channel) as fp32 ONNX Runtime engines: `build --precision fp32 --out`."""
+    from engines_cache import run_cli
+
+    out = tmp_path_factory.mktemp("digits-engines") / "fp32"
+    code, text = run_cli(["build", "--precision", "fp32", "--out", out])
+    assert code == 0, text
+    return out
