@@ -230,6 +230,24 @@ def test_local_run_resumed_on_the_cluster(cluster, tiny_engines, single, tmp_pat
 
 
 @pytest.mark.timeout(240)
+def test_dp_schedule_computed_on_a_worker(cluster, tiny_engines, tmp_path):
+    """A dp:K the engine folder does not store: the driver opens no engines, a Ray task runs the template and
+    the DP and stores the schedule; the run equals a local one (which then reads the stored schedule)."""
+    import shutil
+
+    eng = tmp_path / "engines"
+    shutil.copytree(tiny_engines[0], eng)
+    said = []
+    kw = dict(num=8, steps=6, schedule="dp:3", formats="npz")
+    res = generate(eng, out_dir=tmp_path / "ray", executor=RayExecutor(workers=1), say=said.append, **kw)
+    assert any("on a Ray worker" in s for s in said) and (eng / "schedule-6-3.json").is_file()
+    local = generate(eng, out_dir=tmp_path / "local", say=said.append, **kw)
+    assert any("using" in s and "schedule-6-3.json" in s for s in said)
+    assert res.schedule == local.schedule and len(res.schedule) == 3
+    assert tree(tmp_path / "ray") == tree(tmp_path / "local")
+
+
+@pytest.mark.timeout(240)
 def test_worker_error_arrives_typed(cluster, tiny_engines):
     """A worker whose engines are not the driver's fails the run with the worker's ArtifactError, one line."""
     import dataclasses

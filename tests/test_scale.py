@@ -233,8 +233,8 @@ def peak_rss_kib(argv) -> int:
 @pytest.mark.timeout(400)
 def test_memory_is_flat_in_num(wide_engines, tmp_path):
     """Peak RSS at --num 4000 below 1.5x that at --num 500. Measured with generate as it was before streaming
-    (every sample in one batch), same flags: 171 MiB at 500, 530 MiB at 4000 (3.1x); on the digits model at
-    --steps 2: 384 MiB and 803 MiB (2.1x)."""
+    (every sample in one batch), --steps 1 on this model: 171 MiB at 500, 530 MiB at 4000 (3.1x); on the digits
+    model at --steps 2: 384 MiB and 803 MiB (2.1x)."""
     base = ["generate", "--engines", wide_engines, "--steps", 1, "--format", "png,npz"]
     small = peak_rss_kib(base + ["--num", 500, "--out", tmp_path / "500"])
     big = peak_rss_kib(base + ["--num", 4000, "--out", tmp_path / "4000"])

@@ -105,8 +105,13 @@ class ChunkSampler:
             raise ArtifactError(f"engines {job.engines_dir} on this worker", "the graphs the run was planned with "
                                 "(same sha256 as on the driver)", "other graphs",
                                 "every node must see the same engine folder")
-        self._noise = (np.load(job.noise_file, mmap_mode="r", allow_pickle=False)
-                       if job.noise_file is not None else None)
+        self._noise = None
+        if job.noise_file is not None:
+            try:
+                self._noise = np.load(job.noise_file, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as e:
+                self.close()
+                raise InputError("--noise on this worker", "the driver's .npy at the same path", repr(e))
 
     def noise(self, chunk: Chunk) -> np.ndarray:
         """(n, C, H, W) float32: the chunk's initial latents."""

@@ -173,8 +173,9 @@ def generate(engines_dir: Path, *, classes: Sequence[int] | None = None, labels_
         size = check_chunk(chunk, man)
         recompute, spec = executor.resolve_schedule(schedule, sampler, say)
         chunks = plan_chunks(len(labels), size)
-        job = Job(str(engines_dir), backend, graph_identity(man), sampler, tuple(recompute), cond_only_outside,
-                  int(seed), labels, str(noise_file) if noise_file is not None else None,
+        job = Job(str(Path(engines_dir).absolute()), backend, graph_identity(man), sampler, tuple(recompute),
+                  cond_only_outside, int(seed), labels,  # absolute paths: a Ray worker's cwd is not the driver's
+                  str(Path(noise_file).absolute()) if noise_file is not None else None,
                   images=out_dir is not None, latents=out_dir is None or latents_out is not None)
         rows = work_rows(plan_steps(sampler, recompute, cond_only_outside), len(labels))
         saved = saved_fraction(rows, m.num_encoder_blocks, m.num_blocks - m.num_encoder_blocks)

@@ -118,6 +118,12 @@ class RayExecutor:
 
     @contextlib.contextmanager
     def open(self, engines_dir: Path, backend: str, say: Say) -> Iterator[Manifest]:
+        man = read_manifest(engines_dir, NO_ENGINES_HINT)  # bad input refused before a cluster starts
+        if backend not in CHOICES:
+            raise BackendError("--backend", " | ".join(CHOICES), backend)
+        if backend not in ("auto", man.backend):
+            raise BackendError(f"backend for {engines_dir}", f"{man.backend} (what the folder was built for)", backend)
+        self.folder, self.manifest = Path(engines_dir).absolute(), man
         ray = _ray()
         started = not ray.is_initialized()
         if started:
@@ -128,13 +134,10 @@ class RayExecutor:
                 raise BackendError("--ray-address", "a reachable Ray cluster (ray start --head)",
                                    f"{self.address}: {e}") from None
         try:
-            man = read_manifest(engines_dir, NO_ENGINES_HINT)
-            if backend not in CHOICES or backend not in ("auto", man.backend):
-                raise BackendError(f"backend for {engines_dir}", f"auto or {man.backend}", backend)
             self._size_pool(ray)
-            self.folder, self.manifest = Path(engines_dir), man
+            nodes = len([n for n in ray.nodes() if n.get("Alive")])
             say(f"Ray: {self.workers} workers ({ACTOR_CPUS} CPU{', 1 GPU' if self.num_gpus else ''} each) on "
-                f"{len([n for n in ray.nodes() if n.get('Alive')])} nodes")
+                f"{nodes} node{'s' if nodes != 1 else ''}")
             yield man
         finally:
             if started:
