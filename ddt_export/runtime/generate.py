@@ -163,6 +163,8 @@ def generate(engines_dir: Path, *, classes: Sequence[int] | None = None, labels_
         raise InputError("--resume", "an output folder (--out)", "none")
     if num is not None and num < 1:
         raise InputError("--num", ">= 1", num)
+    if int(seed) < 0:
+        raise InputError("--seed", ">= 0", seed)  # here, not on a worker at the first chunk
     executor = executor or LocalExecutor()
     with executor.open(Path(engines_dir), backend, say) as man:
         m = man.config.model

@@ -61,7 +61,7 @@ def png_path(out: Path, index: int, label: int) -> Path:
 
 
 class RunFolder:
-    """One run's output folder. `prepare()` (fresh or resumed) -> `pending()` -> `write()` per chunk -> `finish()`.
+    """One run's output folder: `prepare(resume)` -> the chunks to run -> `write()` each -> `finish()`.
 
     `record`: the run's provenance; `labels`: (N,) int64; `formats`: a subset of FORMATS; `latents_out`: the
     --latents-out .npy or None."""
@@ -108,7 +108,7 @@ class RunFolder:
                 raise ArtifactError(f"--resume {self.out}", f"a folder written by generate (with {RUN_RECORD})",
                                     f"{len(leftovers)} sample files and no run record",
                                     "run without --resume to start over")
-            return set()  # nothing to resume: a fresh run
+            return self._start_fresh()  # nothing to resume: a fresh run
         try:
             rec = json.loads(path.read_text())
             made = Provenance.from_dict(rec["provenance"], str(path))
@@ -211,8 +211,12 @@ class RunFolder:
 
     def _shards(self, key: str):
         for c in self.chunks:
-            with np.load(self.parts / shard_name(c)) as z:
-                a = z[key]
+            try:
+                with np.load(self.parts / shard_name(c)) as z:
+                    a = z[key]
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+                raise ArtifactError(str(self.parts / shard_name(c)), f"a chunk shard with {key}",
+                                    f"{type(e).__name__}: {e}", "delete it and run again with --resume") from None
             if len(a) != c.size:
                 raise ArtifactError(str(self.parts / shard_name(c)), f"{c.size} rows of {key}", len(a),
                                     "run again without --resume")
