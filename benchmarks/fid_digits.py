@@ -1,6 +1,6 @@
 """FID of the bundled digits model against the real digits: engine precisions x encoder schedules x seeds.
 
-    python benchmarks/fid_digits.py                                   # the README table
+    python benchmarks/fid_digits.py                                   # the docs/validate.md table
     python benchmarks/fid_digits.py --precisions fp32 --seeds 0 --num 200 --no-write
 
 FID runs: `generate` on the engines (the production host loop, onnxruntime), digits features of the samples
@@ -20,7 +20,7 @@ Noise of the paired differences: each fp32 pair is bootstrapped over its samples
 resampled indices on both sides), giving a per-seed standard deviation and a 95% interval of the seed mean.
 
 Writes benchmarks/fid_digits.json (`--json`), appends a dated section to benchmarks/results.md, and replaces the
-table between the markers in README.md. On a shared 2-core CPU one 500-sample run takes 1 min (fp32) to 5 min (FP8,
+table between the markers in docs/validate.md. On a shared 2-core CPU one 500-sample run takes 1 min (fp32) to 5 min (FP8,
 emulated by onnxruntime); the whole default table with three seeds about an hour.
 """
 from __future__ import annotations
@@ -206,8 +206,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per onnxruntime session and torch")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap draws per paired difference (0: none)")
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "fid_digits.json", help="raw results")
-    p.add_argument("--no-write", action="store_true", help="print only; leave results.md and the README alone")
-    p.add_argument("--json-only", action="store_true", help="write --json only; leave results.md and the README")
+    p.add_argument("--no-write", action="store_true", help="print only; leave results.md and docs/validate.md alone")
+    p.add_argument("--json-only", action="store_true", help="write --json only; leave results.md and docs/validate.md")
     a = p.parse_args(argv)
     limit_threads(a.threads)
     cfg = load_config(None)
@@ -276,7 +276,7 @@ def main(argv=None) -> int:
                  + ", ".join(f"{n} {acc:.1%}" for n, _, acc in clfs) + "\n"
                  + (f"\n`validate --reference torch`, {a.validate_num} samples, seed {a.seeds[0]}, schedule all:\n\n"
                     f"{vmd}\n" if vmd else ""))
-    doc = ROOT / "README.md"
+    doc = ROOT / "docs" / "validate.md"
     if doc.is_file() and MARK_BEGIN in doc.read_text():
         text = doc.read_text()
         head, rest = text.split(MARK_BEGIN, 1)

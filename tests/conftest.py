@@ -10,6 +10,11 @@ from ddt_export.core.config import Config, ModelConfig, SamplerConfig
 
 torch = pytest.importorskip("torch", reason="export fixtures need the [export] extra (torch)")
 
+# Subprocess tests: a child gets CHILD_TIMEOUT seconds (about 10x what it takes on an idle 2-core machine, so a
+# busy CI machine is not a failure) and the test CHILD_TIMEOUT + 60 (pytest-timeout), so a hung child fails with
+# its output instead of stalling the suite. Every other test has pyproject's global limit.
+CHILD_TIMEOUT = 300
+
 # 4 blocks (3 encoder + 1 decoder), 16 tokens: every path of the real model, milliseconds per call.
 TINY = Config(
     "tiny-test",
@@ -97,6 +102,69 @@ def official_ckpt(tmp_path_factory) -> tuple[Path, Path, object]:
     yaml = d / "repa_improved_ddt_tiny.yaml"
     yaml.write_text(textwrap.dedent(OFFICIAL_YAML))
     return ckpt, yaml, ema
+
+
+# ------------------------------------------------------------------ a Hugging Face Hub cache, laid out by hand
+
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"  # refs/main of every test repo
+VAE_YAML_LINES = ("  vae:\n    class_path: src.models.vae.LatentVAE\n"
+                  "    init_args: {weight_path: stabilityai/sd-vae-ft-ema}\n")
+
+
+def hub_add(cache: Path, repo: str, files: dict[str, bytes], commit: str = HUB_COMMIT, ref: str = "main") -> Path:
+    """Put `files` into `cache` (an HF_HUB_CACHE) as huggingface_hub lays a download out: blobs named by their
+    sha256 (as LFS files are), snapshots/<commit>/<name> symlinks to them, refs/<ref> holding the commit."""
+    import hashlib
+    import os
+
+    root = Path(cache) / ("models--" + repo.replace("/", "--"))
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / ref).write_text(commit)
+    for name, data in files.items():
+        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = root / "snapshots" / commit / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.unlink(missing_ok=True)
+        os.symlink(os.path.relpath(blob, link.parent), link)
+    return root / "snapshots" / commit
+
+
+@pytest.fixture(scope="session")
+def hub_home(tmp_path_factory, official_ckpt):
+    """An HF_HOME whose hub/ cache holds, at HUB_COMMIT: ddt-test/tiny-ddt (the official-format Lightning
+    checkpoint and a README), ddt-test/tiny-vae (a tiny diffusers AutoencoderKL in vae/), ddt-test/two-ckpts
+    (two checkpoints: no single candidate). Also the tiny YAML with the official LatentVAE line. Read it with
+    HF_HUB_OFFLINE=1: no network."""
+    diffusers = pytest.importorskip("diffusers")
+    home = tmp_path_factory.mktemp("hf_home")
+    ckpt, yaml, _ = official_ckpt
+    hub_add(home / "hub", "ddt-test/tiny-ddt", {"last.ckpt": ckpt.read_bytes(), "README.md": b"# tiny DDT\n"})
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+        latent_channels=4, norm_num_groups=4, sample_size=16, scaling_factor=0.18215)
+    local = tmp_path_factory.mktemp("vae_local")
+    vae.save_pretrained(local)
+    hub_add(home / "hub", "ddt-test/tiny-vae", {f"vae/{p.name}": p.read_bytes() for p in local.iterdir()}
+            | {"README.md": b"# tiny VAE\n"})
+    hub_add(home / "hub", "ddt-test/two-ckpts", {"a.ckpt": b"a", "sub/b.safetensors": b"b"})
+    latent_yaml = home / "tiny_latent.yaml"
+    latent_yaml.write_text(yaml.read_text().replace("model:\n", "model:\n" + VAE_YAML_LINES, 1))
+    return home, latent_yaml
+
+
+@pytest.fixture
+def hub_offline(hub_home, monkeypatch):
+    """This process's huggingface_hub pointed at hub_home's cache, offline (it read the environment at import)."""
+    from huggingface_hub import constants
+
+    home, latent_yaml = hub_home
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return home, latent_yaml
 
 
 @pytest.fixture(scope="session")

@@ -21,11 +21,12 @@ from ddt_export.core.manifest import read_manifest, verify_graphs  # noqa: E402
 from ddt_export.core.provenance import WeightsRef  # noqa: E402
 from official_reference import official_forward  # noqa: E402
 
-from conftest import TINY, tiny_model  # noqa: E402
+from conftest import CHILD_TIMEOUT, TINY, tiny_model  # noqa: E402
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "cli", *map(str, args)], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=CHILD_TIMEOUT)
 
 
 def test_lightning_ckpt_picks_ema_or_raw(official_ckpt):
@@ -176,6 +177,7 @@ def test_vae_decoder_export(tmp_path):
                      vae_dir=tmp_path)
 
 
+@pytest.mark.timeout(CHILD_TIMEOUT + 60)
 def test_cli_errors_are_one_line(tmp_path):
     r = cli("export", "--ckpt", tmp_path / "missing.ckpt", "--config", "ddt-xl-256", "--out", tmp_path / "o")
     assert r.returncode == 2
@@ -186,6 +188,7 @@ def test_cli_errors_are_one_line(tmp_path):
     assert r.returncode == 2 and "ConfigError" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.timeout(2 * CHILD_TIMEOUT + 60)
 def test_cli_export_and_convert(official_ckpt, tmp_path):
     ckpt, yaml, _ = official_ckpt
     r = cli("export", "--ckpt", ckpt, "--config", yaml, "--out", tmp_path / "e", "--weights", "raw")

@@ -13,6 +13,7 @@ from PIL import Image
 from ddt_export.core.images import images_from_samples
 from ddt_export.evaluate import features as X, fid as F
 from ddt_export.core.errors import ArtifactError, ConfigError, InputError, NumericsError
+from conftest import CHILD_TIMEOUT
 
 
 # --------------------------------------------------------------------------------------- references
@@ -332,6 +333,7 @@ def test_bundled_digits_features_on_real_digits():
     assert close < 0.01 * far, (close, far)  # uint8 quantization only vs noise
 
 
+@pytest.mark.timeout(CHILD_TIMEOUT + 60)
 def test_fid_command_runs_without_torch(tmp_path):
     """The production install has no PyTorch: `ddt-export fid` must not import it."""
     import subprocess
@@ -342,7 +344,7 @@ def test_fid_command_runs_without_torch(tmp_path):
     F.Stats(*gaussian_stats(rng, 30, 8, shift=1.0)).save(tmp_path / "b.npz")
     code = ("import sys; sys.modules['torch'] = None; import cli; "
             f"cli.main(['fid', {str(tmp_path / 'a.npz')!r}, {str(tmp_path / 'b.npz')!r}])")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=CHILD_TIMEOUT)
     assert res.returncode == 0, res.stderr
     want = F.fid(F.load_stats(tmp_path / "a.npz"), F.load_stats(tmp_path / "b.npz"))
     assert float(res.stdout.strip().splitlines()[-1]) == pytest.approx(want, abs=1e-6)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import cli
+from conftest import CHILD_TIMEOUT
 
 torch = pytest.importorskip("torch")
 
@@ -184,8 +185,9 @@ def test_bad_input_one_line_nonzero(engines_dir, tmp_path, capsys):
         assert expect in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, (name, err)
 
 
+@pytest.mark.timeout(CHILD_TIMEOUT + 60)
 def test_cli_error_subprocess(engines_dir):
     r = subprocess.run([sys.executable, "-m", "cli", "generate", "--engines", str(engines_dir), "--class", "99"],
-                       capture_output=True, text=True, timeout=60, cwd=Path(cli.__file__).parent)
+                       capture_output=True, text=True, timeout=CHILD_TIMEOUT, cwd=Path(cli.__file__).parent)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == ["error: InputError: class: expected in [0, 10), got 99"]

@@ -9,7 +9,10 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 import cli
+from conftest import CHILD_TIMEOUT
 
 BLOCK_TORCH = textwrap.dedent("""
     import sys
@@ -37,6 +40,7 @@ SCRIPT = BLOCK_TORCH + textwrap.dedent("""
 """)
 
 
+@pytest.mark.timeout(CHILD_TIMEOUT + 60)
 def test_generate_without_torch(tiny_engines, tmp_path):
     import numpy as np
     from PIL import Image
@@ -57,7 +61,7 @@ def test_generate_without_torch(tiny_engines, tmp_path):
               "--out", str(tmp_path / "s.json")],
              ["fid", str(digits), str(DIGITS_STATS)]]
     code = f"ARGVS = {argvs!r}\n" + SCRIPT
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=CHILD_TIMEOUT,
                        cwd=Path(cli.__file__).parent)
     assert r.returncode == 0, r.stderr
     assert "TORCH_MODULES []" in r.stdout, r.stdout
@@ -66,7 +70,8 @@ def test_generate_without_torch(tiny_engines, tmp_path):
     assert (eng / "schedule-6-3.json").is_file() and (tmp_path / "s.json").is_file()
 
 
+@pytest.mark.timeout(CHILD_TIMEOUT + 60)
 def test_blocker_blocks():
     r = subprocess.run([sys.executable, "-c", BLOCK_TORCH + "import torch"], capture_output=True, text=True,
-                       timeout=60)
+                       timeout=CHILD_TIMEOUT)
     assert r.returncode != 0 and "blocked by test_no_torch" in r.stderr

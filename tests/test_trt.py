@@ -2,7 +2,9 @@
 the NVRTC kernel and the status helper need only cuda-python and libnvrtc.
 
 Everything around TensorRT (profiles, manifests, staleness, the host loop, FP8 graphs) is tested on CPU in
-test_build / test_quantize; these tests check the thin TensorRT layer itself against onnxruntime.
+test_build / test_quantize, and the backend's decisions (alignment, the spec check, CUDA-graph plan and
+fallback, batch padding, step-time table, unusable/driver reasons) in test_trt_plan; these tests check the thin
+TensorRT layer itself against onnxruntime and the host loop.
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import pytest
 
 from ddt_export.build.engine import build
 from ddt_export.build.tensorrt import profile_shapes, tensorrt_status
+from ddt_export.core.errors import InputError
+from ddt_export.core.specs import BatchProfile
 
 usable, why = tensorrt_status()
 
@@ -31,7 +35,7 @@ def _nvrtc_reason() -> str:
 
         nvrtc.nvrtcVersion()
     except ImportError as e:
-        return f"cuda-python (the [tensorrt] extra) is not installed: {e}"
+        return f"cuda-python (the [tensorrt-cu12] / [tensorrt-cu13] extra) is not installed: {e}"
     except (OSError, RuntimeError) as e:
         return f"libnvrtc is not loadable: {e}"
     return ""
@@ -42,9 +46,9 @@ def _nvrtc_reason() -> str:
 
 @pytest.mark.skipif(bool(_nvrtc_reason()), reason=_nvrtc_reason() or "ok")
 def test_step_kernel_compiles_without_fma():
-    from ddt_export.runtime.trt import kernel_ptx
+    from ddt_export.runtime.trt_loop import kernel_ptx
 
-    ptx = kernel_ptx("90").decode()
+    ptx = kernel_ptx("90").decode()  # the NVRTC program is created, compiled and destroyed (defect 6)
     assert ".entry cfg_euler" in ptx and "fma" not in ptx  # rounds like the numpy loop: x + (v * dt)
 
 
@@ -105,9 +109,10 @@ def test_plans_match_onnxruntime(trt_fp16, tiny_cfg):
 
 @needs_gpu
 @pytest.mark.parametrize("cuda_graphs", [False, True])
-def test_device_loop_equals_host_loop(trt_fp16, cuda_graphs):
+def test_device_loop_equals_host_loop(trt_fp16, tiny_cfg, cuda_graphs):
+    from ddt_export.core.specs import ENCODER
     from ddt_export.runtime import load_engines, sample
-    from ddt_export.runtime.trt import sample_on_device
+    from ddt_export.runtime.trt_loop import sample_on_device
 
     out, _ = trt_fp16
     eng, host_eng = load_engines(out), load_engines(out, device_loop=False)
@@ -115,12 +120,69 @@ def test_device_loop_equals_host_loop(trt_fp16, cuda_graphs):
     sampler = eng.config.sampler
     noise = np.random.default_rng(1).standard_normal((2, 4, 8, 8), dtype=np.float32)
     labels = np.array([1, 2])
-    schedule = list(range(0, sampler.num_steps, 3))
+    schedule = list(range(0, sampler.num_steps, 3))  # cond-only steps with a 2B state: s bound by offset
     host = sample(host_eng, noise, labels, sampler, schedule)
     dev = sample_on_device(eng, noise, labels, sampler, schedule, cuda_graphs=cuda_graphs)
     if not cuda_graphs:
         assert np.array_equal(sample(eng, noise, labels, sampler, schedule), dev)  # sample() runs the device loop
     assert np.abs(dev - host).max() / np.abs(host).max() < 1e-5  # same engines, same float32 update
+    enc = eng.runner("encoder")
+    keys = set(enc.plan.captured)
+    again = sample_on_device(eng, noise, labels, sampler, schedule, cuda_graphs=cuda_graphs)
+    assert np.abs(again - dev).max() <= 1e-6 * np.abs(dev).max()
+    assert enc.plan.captured == keys  # buffers fixed once per engine set: no new graph keys (defect 6)
+    assert not enc.plan.failed, enc.plan.failed
+    feeds = ENCODER.dummy_inputs(eng.dims, 3, np.random.default_rng(0), tiny_cfg.model.num_classes)
+    a, b = eng.encoder(**feeds), host_eng.encoder(**feeds)  # the runners' own path: graphs stayed off (defect 9)
+    assert np.abs(a - b).max() <= 1e-6 * np.abs(b).max()
+    eng.close()
+    eng.close()  # idempotent (defect 6)
+    host_eng.close()
+
+
+@needs_gpu
+def test_device_loop_on_a_fresh_thread_and_min_batch(tmp_path, official_ckpt):
+    """A thread with no current CUDA context (defect 10), and engines whose batch.min exceeds the samples (4)."""
+    import threading
+
+    from ddt_export.runtime import load_engines, sample
+
+    ckpt, yaml, _ = official_ckpt
+    res = build("fp16", out=tmp_path / "min4", ckpt=ckpt, config=str(yaml), batch=BatchProfile(4, 8, 16),
+                say=lambda m: None)
+    eng, host_eng = load_engines(res.folder), load_engines(res.folder, device_loop=False)
+    sampler = eng.config.sampler
+    noise = np.random.default_rng(3).standard_normal((1, 4, 8, 8), dtype=np.float32)
+    got = {}
+    t = threading.Thread(target=lambda: got.update(dev=sample(eng, noise, np.array([5]), sampler, [0, 5, 10])))
+    t.start()
+    t.join(120)
+    host = sample(host_eng, noise, np.array([5]), sampler, [0, 5, 10])  # the host loop pads as well
+    assert got["dev"].shape == (1, 4, 8, 8) and np.abs(got["dev"] - host).max() / np.abs(host).max() < 1e-5
+    with pytest.raises(InputError, match="2 x 9"):
+        sample(eng, np.repeat(noise, 9, axis=0), np.full(9, 5), sampler, [0])  # 18 CFG rows > 16: refused first
+    eng.close()
+    host_eng.close()
+
+
+@needs_gpu
+def test_engine_spec_mismatch_is_refused(trt_fp16, tmp_path):
+    """A plan whose I/O is not its spec's (the encoder's plan named decoder.plan) is refused at load (defect 5)."""
+    import shutil
+
+    from ddt_export.core.artifacts import sha256_file
+    from ddt_export.core.errors import ArtifactError
+    from ddt_export.runtime import load_engines
+
+    out, _ = trt_fp16
+    copy = tmp_path / "swapped"
+    shutil.copytree(out, copy)
+    shutil.copy(copy / "encoder.plan", copy / "decoder.plan")
+    man = json.loads((copy / "manifest.json").read_text())
+    man["graphs"]["decoder"]["sha256"] = sha256_file(copy / "decoder.plan")
+    (copy / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(ArtifactError, match="missing tensor v"):
+        load_engines(copy)
 
 
 @needs_gpu

@@ -18,13 +18,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core.artifacts import MANIFEST, folder_lock, sha256_file
+from ..core.artifacts import MANIFEST, folder_lock
 from ..core.config import Config, bundled_weights, load_config
-from ..core.errors import ArtifactError, BackendError, CheckpointError, ConfigError, InputError
+from ..core.errors import ArtifactError, BackendError, CheckpointError, ConfigError
 from ..core.log import Say
 from ..core.manifest import Manifest, read_manifest, verify_graphs
 from ..core.precision import Precision, high_precision as high_precision_row, precision as precision_row
-from ..core.provenance import WEIGHT_KINDS, Provenance, Source, WeightsRef, provenance_for
+from ..core.provenance import WEIGHT_KINDS, Provenance, WeightsRef, provenance_for
 from ..core.specs import BatchProfile
 from ..runtime.backends import CHOICES
 from ..runtime.engines import DEFAULT_ENGINES
@@ -129,9 +129,9 @@ def _fp8(model: _Model, cfg: Config, out: Path, weights: WeightsRef, asked: Prov
                            high_precision=high_precision, force=True, say=say)
 
 
-def build(precision: str, *, out: Path | None = None, ckpt: Path | None = None, config: str | None = None,
+def build(precision: str, *, out: Path | None = None, ckpt: Path | str | None = None, config: str | None = None,
           batch: BatchProfile | None = None, timing_cache: Path | None = None, force: bool = False,
-          vae: Path | None = None, high_precision: str = DEFAULT_HIGH_PRECISION, calibration: Path | None = None,
+          vae: Path | str | None = None, high_precision: str = DEFAULT_HIGH_PRECISION, calibration: Path | None = None,
           weights: str = "ema", trust: bool = False, opt_level: int = DEFAULT_OPT_LEVEL, backend: str = "auto",
           say: Say = print, progress=None) -> BuildResult:
     """Build (or reuse) the engine folder `out` for `precision`. See the module doc. Without `out`: builds
@@ -151,15 +151,15 @@ def build(precision: str, *, out: Path | None = None, ckpt: Path | None = None, 
         raise ConfigError("--backend", " | ".join(CHOICES), backend)
     if weights not in WEIGHT_KINDS:
         raise CheckpointError("--weights", " | ".join(WEIGHT_KINDS), weights)
-    if vae is not None and not Path(vae).is_dir():
-        raise InputError("--vae", "a local diffusers AutoencoderKL folder", str(vae))
+    from ..export.hub import checkpoint_source, vae_folder  # torch-free: local paths or hf://...
+
     cfg, out, batch = load_config(config), Path(out), batch or BatchProfile()
-    ckpt = Path(ckpt) if ckpt else bundled_weights(cfg)
+    vae = vae_folder(vae, say)
+    ckpt = ckpt if ckpt else bundled_weights(cfg)
     if ckpt is None:
         raise CheckpointError("--ckpt", f"a checkpoint (config {cfg.name} has no bundled weights)", "none")
-    if not ckpt.is_file():
-        raise CheckpointError("--ckpt", "an existing file", str(ckpt))
-    ref = WeightsRef(sha256_file(ckpt), weights, Source(path=str(ckpt.resolve())))
+    ckpt, digest, source = checkpoint_source(ckpt, say)
+    ref = WeightsRef(digest, weights, source)
     usable, why = tensorrt_status()
     if backend == "tensorrt" and not usable:
         raise BackendError("TensorRT", "importable with a visible GPU", why, "build with --backend onnxruntime")

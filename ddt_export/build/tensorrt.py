@@ -16,23 +16,40 @@ from ..core.log import Say
 from ..core.manifest import GraphRecord, Manifest, read_manifest
 from ..core.provenance import Provenance
 from ..core.specs import SPECS, BatchProfile, Dims
+from ..runtime.trt_plan import cuda_reason, polygraphy_reason, unusable_reason
 
 
 def tensorrt_status() -> tuple[bool, str]:
-    """(usable, why not): `import tensorrt` works, cuda-python imports and a CUDA GPU is visible."""
+    """(usable, why not): `import tensorrt` works, cuda-python reaches a driver new enough for it, a CUDA GPU is
+    visible, and polygraphy can drive TensorRT 11's builder. The decisions are `runtime.trt_plan`'s."""
     try:
         import tensorrt  # noqa: F401
-    except (ImportError, OSError) as e:  # OSError: the wheel is there but libnvinfer is not loadable
-        return False, f"`import tensorrt` failed ({e})"
+    except Exception as e:  # noqa: BLE001 - an ImportError, or OSError: the wheel is there but libnvinfer won't load
+        why = unusable_reason(e)
+        if not why:
+            raise
+        return False, f"`import tensorrt` failed ({why})"
     try:
         from cuda.bindings import runtime as cudart
 
         err, count = cudart.cudaGetDeviceCount()
-    except (ImportError, OSError, RuntimeError) as e:  # no cuda-python >= 12.6.1, or no CUDA driver
-        return False, f"cuda-python cannot reach a GPU ({e})"
-    if err != cudart.cudaError_t.cudaSuccess or count < 1:
-        return False, f"no CUDA GPU visible ({err})"
-    return True, ""
+        driver = cudart.cudaDriverGetVersion()[1]
+        runtime = cudart.cudaRuntimeGetVersion()[1]
+    except Exception as e:  # noqa: BLE001 - no cuda-python, or no CUDA driver at all
+        why = unusable_reason(e)
+        if not why:
+            raise
+        return False, f"cuda-python cannot reach a GPU ({why})"
+    why = cuda_reason(getattr(err, "name", str(err)), int(count or 0), int(driver or 0), int(runtime or 0))
+    if why:
+        return False, why
+    try:
+        from importlib.metadata import version
+
+        why = polygraphy_reason(version("polygraphy"))
+    except Exception as e:  # noqa: BLE001 - PackageNotFoundError
+        why = f"polygraphy is not installed ({e}): pip install 'polygraphy>=0.53'"
+    return (False, why) if why else (True, "")
 
 
 def running_platform() -> dict:

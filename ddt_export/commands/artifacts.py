@@ -33,12 +33,16 @@ def convert(
     print(f"wrote {st} and {js}")
 
 
+CKPT_HELP = "checkpoint file or hf://OWNER/REPO[/PATH][@REVISION]; default: the bundled model's weights"
+VAE_HELP = "diffusers AutoencoderKL: a local folder or hf://OWNER/REPO[/SUBFOLDER][@REVISION] (latent models)"
+
+
 def export(
-    ckpt: Optional[Path] = typer.Option(None, help="checkpoint; default: the bundled model's weights"),
+    ckpt: Optional[str] = typer.Option(None, help=CKPT_HELP),
     config: Optional[str] = typer.Option(None, help=CONFIG_HELP),
     out: Path = typer.Option(Path("engines/fp32"), help="output folder"),
     weights: str = typer.Option("ema", help=WEIGHTS_HELP),
-    vae: Optional[Path] = typer.Option(None, help="local diffusers AutoencoderKL folder (latent models); no downloads"),
+    vae: Optional[str] = typer.Option(None, help=VAE_HELP),
     random_weights: bool = typer.Option(False, help="random weights (shape checks, benchmarks); no --ckpt"),
     trust_checkpoint: bool = typer.Option(False, help=TRUST_HELP),
     force: bool = typer.Option(False, help="overwrite a folder holding another model's artifacts"),
@@ -77,14 +81,14 @@ def calibrate(
 
 def build(
     precision: str = typer.Option(..., help=" | ".join(PRECISIONS)),
-    ckpt: Optional[Path] = typer.Option(None, help="checkpoint; default: the bundled model's weights"),
+    ckpt: Optional[str] = typer.Option(None, help=CKPT_HELP),
     config: Optional[str] = typer.Option(None, help=CONFIG_HELP),
     out: Optional[Path] = typer.Option(None, help="engine folder (default: engines/<precision>, and engines/default "
                                                   "is pointed at it)"),
     batch: str = typer.Option(str(BatchProfile()), help="engine batch range MIN:OPT:MAX (CFG rows: 2 per image)"),
     timing_cache: Optional[Path] = typer.Option(None, help="TensorRT timing cache file (read and updated)"),
     force: bool = typer.Option(False, help="rebuild a folder built from something else"),
-    vae: Optional[Path] = typer.Option(None, help="local diffusers AutoencoderKL folder (latent models)"),
+    vae: Optional[str] = typer.Option(None, help=VAE_HELP),
     high_precision: str = typer.Option(DEFAULT_HIGH_PRECISION, help="fp8 only: fp16 | bf16 for everything not in FP8"),
     calibration: Optional[Path] = typer.Option(None, help="fp8 only: calibration folder (default: captured into OUT)"),
     weights: str = typer.Option("ema", help=WEIGHTS_HELP),

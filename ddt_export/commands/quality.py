@@ -11,7 +11,7 @@ from ..evaluate.bench import DEFAULT_BATCHES, DEFAULT_REPEATS, DEFAULT_SCHEDULES
 from ..evaluate.features import DEFAULT_BATCH as FEATURE_BATCH
 from ..evaluate.validate import DEFAULT_NUM as VALIDATE_NUM
 from ..runtime.engines import DEFAULT_ENGINES
-from .common import console, say, step_progress
+from .common import DEVICE_LOOP_HELP, console, say, step_progress
 
 
 def fid(
@@ -68,6 +68,7 @@ def validate(
     features: Optional[str] = typer.Option(None, help="digits | inception (default: digits for the digits model)"),
     inception_onnx: Optional[Path] = typer.Option(None, help="inception_fid.onnx from `ddt-export fid-inception`"),
     out: Path = typer.Option(Path("validation"), help="folder for report.json and side_by_side.png"),
+    device_loop: bool = typer.Option(True, "--device-loop/--no-device-loop", help=DEVICE_LOOP_HELP),
 ):
     """Engines vs a reference from identical noise: latent error, per-tensor parity, FID; the FID delta gate."""
     from ..evaluate.validate import validate as run_validate
@@ -76,9 +77,10 @@ def validate(
     with bar:
         rep = run_validate(engines, reference=reference, num=num, seed=seed, schedule=schedule, stats=stats,
                            features=features, inception_onnx=inception_onnx, max_fid_delta=max_fid_delta, out=out,
-                           progress=progress, say=say)
+                           device_loop=device_loop, progress=progress, say=say)
     r, e = rep["reference"], rep["latent_rel_err"]
-    print(f"{rep['num']} samples, schedule {rep['schedule']['spec']}: {rep['engines']['precision']} engines vs "
+    print(f"{rep['num']} samples, schedule {rep['schedule']['spec']}: {rep['engines']['precision']} engines "
+          f"({rep['engines']['loop']} loop) vs "
           f"{r['kind']} {r['precision']} reference")
     print(f"final latent rel err: mean {e['mean']:.3e}  p99 {e['p99']:.3e}  max {e['max']:.3e}")
     for name, p in rep["parity"].items():
@@ -108,6 +110,8 @@ def bench(
     cond_only: bool = typer.Option(True, help="skip the unconditional half outside the guidance interval"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write all numbers as JSON"),
     plot: Optional[Path] = typer.Option(None, help="PNG of images/s against batch size and schedule"),
+    device_loop: bool = typer.Option(True, "--device-loop/--no-device-loop",
+                                     help="on a TensorRT folder, time the device loop beside the host loop (default)"),
 ):
     """Per-stage latency, images/s per batch and schedule, sharing speed-up measured vs predicted, vs PyTorch."""
     from rich.table import Table
@@ -116,7 +120,7 @@ def bench(
 
     res = run_bench(engines, batches=batch, steps=steps, schedules=schedule, repeats=repeats,
                     torch_variants=None if torch_baseline else (), cond_only=(cond_only,),
-                    say=say)
+                    device_loop=device_loop, say=say)
     out = Console(width=140)
     t = Table(title=f"stages: one call ({res.model}, {res.precision})")
     for c in ("backend", "graph", "rows", "median ms", "min..max ms"):

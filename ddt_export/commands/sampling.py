@@ -10,7 +10,7 @@ import typer
 from ..runtime.backends import CHOICES as BACKENDS
 from ..runtime.engines import DEFAULT_ENGINES
 from ..runtime.schedules import TEMPLATE_SAMPLES, TEMPLATE_SEED
-from .common import image_progress, say, step_progress
+from .common import DEVICE_LOOP_HELP, image_progress, say, step_progress
 
 SCHEDULE_HELP = "encoder schedule: all | uniform:R | dp:K | FILE.json"
 
@@ -38,6 +38,7 @@ def generate(
                                                          "default: a new local cluster"),
     workers: Optional[int] = typer.Option(None, help="with --ray: actors, one engine copy each (default: the "
                                                      "cluster's GPUs, else its nodes)"),
+    device_loop: bool = typer.Option(True, "--device-loop/--no-device-loop", help=DEVICE_LOOP_HELP),
 ):
     """Sample images with the engines: streamed in chunks, resumable, torch-free; optionally on a Ray cluster."""
     from ..runtime.generate import generate as run_generate
@@ -49,11 +50,12 @@ def generate(
     with bar:
         res = run_generate(engines, classes=class_, labels_file=labels, num=num, seed=seed, steps=steps, cfg=cfg,
                            schedule=schedule, noise_file=noise, latents_out=latents_out, out_dir=out,
-                           backend=backend, formats=format_, resume=resume, chunk=chunk, executor=executor,
-                           progress=progress, say=say)
+                           backend=backend, formats=format_, resume=resume, chunk=chunk, device_loop=device_loop,
+                           executor=executor, progress=progress, say=say)
     r, n = res.rows, res.sampler.num_steps
     print(f"{res.num} samples, {n} steps, cfg {res.sampler.guidance}, schedule {res.schedule_spec}: "
-          f"encoder {r['encoder_calls']}/{n} steps, backend {res.backend}, {time.perf_counter() - t0:.1f} s")
+          f"encoder {r['encoder_calls']}/{n} steps, backend {res.backend} ({res.loop} loop), "
+          f"{time.perf_counter() - t0:.1f} s")
     print(f"cond-only outside the guidance interval: encoder rows {r['encoder_rows']}/{r['encoder_rows_full']}, "
           f"decoder rows {r['decoder_rows']}/{r['decoder_rows_full']}, {100 * res.saved:.1f}% of the work saved")
     print(f"sampled {res.new} in {res.chunks} chunks of {res.chunk}, {res.seconds:.1f} s, "

@@ -9,6 +9,7 @@ the engines' precision, a calibration set not on the batch profile. Torch-free.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -108,7 +109,7 @@ class Source:
 
     path: str | None = None
     seed: int | None = None  # random weights
-    hub: dict | None = None  # {"repo", "file", "revision"} for hf:// checkpoints
+    hub: dict | None = None  # {"repo", "file", "revision" (commit sha), "sha256"} for hf:// checkpoints
 
     def to_dict(self) -> dict:
         return {"path": self.path, "seed": self.seed, "hub": self.hub}
@@ -123,9 +124,30 @@ class WeightsRef:
     source: Source = field(default_factory=Source)
 
 
+@dataclass(frozen=True)
+class FolderRef(os.PathLike):
+    """A weights folder whose identity is over the files that are used, not everything beside them (a VAE in
+    a Hub snapshot, `export.hub.resolve_vae`): its path (what `Path(ref)` gives), identity and Hub origin."""
+
+    path: str
+    identity: str
+    hub: dict | None = None
+
+    def __fspath__(self) -> str:
+        return self.path
+
+
+def vae_identity(vae) -> str | None:
+    """The VAE's provenance identity: a FolderRef's own, else the sha256 over the folder's files."""
+    if vae is None:
+        return None
+    return vae.identity if isinstance(vae, FolderRef) else folder_identity(Path(vae))
+
+
 def provenance_for(cfg: Config, weights: WeightsRef, precision: str | None, batch: BatchProfile | None = None,
-                   vae: Path | None = None, options: dict | None = None, platform: dict | None = None) -> Provenance:
+                   vae: Path | FolderRef | None = None, options: dict | None = None,
+                   platform: dict | None = None) -> Provenance:
     """The provenance of an artifact made from these inputs; the VAE is identified by its folder's contents."""
     return Provenance(weights=weights.sha256, weights_kind=weights.kind, model=cfg.model, sampler=cfg.sampler,
-                      precision=precision, batch=batch, vae=folder_identity(Path(vae)) if vae else None,
+                      precision=precision, batch=batch, vae=vae_identity(vae),
                       options=options or {}, platform=platform or {})

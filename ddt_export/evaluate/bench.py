@@ -1,8 +1,9 @@
 """`ddt-export bench`: where the time goes, engines against the PyTorch original, measured in one run.
 
 - Stages: one encoder call, one decoder call (2B CFG rows), the VAE decoder (B rows), each timed alone.
-- Runs: whole `generate` trajectories (host loop + graph calls) per batch size and schedule; images/s, and the
-  host's share (loop wall time minus time inside graph calls).
+- Runs: whole `generate` trajectories per batch size and schedule, on every loop the folder has (a TensorRT
+  folder: the device loop and the host loop, side by side); images/s, and for the host loop the host's share
+  (loop wall time minus time inside graph calls).
 - Baselines: the PyTorch reference on the same weights and inputs — eager fp32 on CPU (the official loop:
   full 2B batch every step); on a GPU also bf16 eager and torch.compile.
 - Sharing: the speed-up of each schedule over `all`, measured, against the FLOP model (`flops.py`).
@@ -125,8 +126,10 @@ def torch_reference(engines, variant: str):
 def bench(engines_dir: Path, *, batches: Sequence[int] = DEFAULT_BATCHES, steps: int | None = None,
           schedules: Sequence[str] = DEFAULT_SCHEDULES, repeats: int = DEFAULT_REPEATS,
           torch_variants: Sequence[str] | None = None, cond_only: Sequence[bool] = (True,),
-          say: Say = print) -> BenchResult:
-    with load_engines(engines_dir, device_loop=False) as engines:  # the host loop: its share is measured
+          device_loop: bool = True, say: Say = print) -> BenchResult:
+    """Everything in the module doc. On a folder with a device loop (TensorRT) both loops are timed, side by side
+    (`device_loop=False`: the host loop only); the host loop's share is measured on the host loop."""
+    with load_engines(engines_dir, device_loop=device_loop) as engines:
         sampler = engines.config.sampler
         if steps is not None:
             from dataclasses import replace
@@ -157,13 +160,17 @@ def bench(engines_dir: Path, *, batches: Sequence[int] = DEFAULT_BATCHES, steps:
                 res.stages.append({"backend": engines.backend_name, "graph": "vae_decoder", "rows": b,
                                    "s": asdict(timeit(lambda: engines.vae_decoder(x[:b]), repeats))})
 
-        # whole trajectories on the engines
-        for b in batches:
+        # whole trajectories on the engines: each loop the folder has (device first: what `sample` runs)
+        loops = ("device", "host") if engines.loop == "device" else ("host",)
+        for loop, b in ((lp, b) for lp in loops for b in batches):
+            name = engines.backend_name if loop == "host" else f"{engines.backend_name} device loop"
             noise, labels = sample_noise(0, range(b), m.latent_shape), np.arange(b, dtype=np.int64) % m.num_classes
             for co in cond_only:
                 base = None
                 for spec, sched in resolved.items():
                     timed = TimedEngines(engines)
+                    if loop == "host":
+                        timed.device_sampler = None  # the wrapper's own attribute: `sample` runs the host loop
                     sample(timed, noise, labels, sampler, sched, cond_only_outside=co)  # warm-up
                     walls, host = [], []
                     for _ in range(repeats):
@@ -174,16 +181,17 @@ def bench(engines_dir: Path, *, batches: Sequence[int] = DEFAULT_BATCHES, steps:
                         walls.append(w)
                         host.append((w - sum(timed.spent.values())) / w)
                     tm = Timing.of(walls)
-                    run = {"backend": engines.backend_name, "batch": b, "schedule": spec, "cond_only": co,
-                           "encoder_calls": len(sched), "s": asdict(tm), "images_per_s": b / tm.median,
-                           "host_fraction": statistics.median(host)}
+                    run = {"backend": name, "loop": loop, "batch": b, "schedule": spec, "cond_only": co,
+                           "encoder_calls": len(sched), "s": asdict(tm), "images_per_s": b / tm.median}
+                    if loop == "host":  # inside the device loop graph calls are not separate host calls
+                        run["host_fraction"] = statistics.median(host)
                     res.runs.append(run)
-                    say(f"{engines.backend_name:>12} batch {b:>3} {spec:>12} cond_only={co}: "
-                        f"{run['images_per_s']:.3f} img/s (host {run['host_fraction']:.1%})")
+                    say(f"{name:>12} batch {b:>3} {spec:>12} cond_only={co}: {run['images_per_s']:.3f} img/s"
+                        + (f" (host {run['host_fraction']:.1%})" if loop == "host" else ""))
                     if spec == "all":
                         base = tm.median
                 for r in res.runs:
-                    if r["batch"] == b and r["cond_only"] == co and r["backend"] == engines.backend_name and base:
+                    if r["batch"] == b and r["cond_only"] == co and r["backend"] == name and base:
                         frac = r["encoder_calls"] / sampler.num_steps
                         res.sharing.append({"backend": r["backend"], "batch": b, "schedule": r["schedule"],
                                             "cond_only": co, "recompute_fraction": frac,

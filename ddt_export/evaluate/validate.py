@@ -180,9 +180,12 @@ def _sample_pairs(engines: Engines, ref, noise: np.ndarray, labels: np.ndarray, 
         x0, y = noise[lo:lo + batch], labels[lo:lo + batch]
         b = len(y)
         t0 = time.perf_counter()
-        a = sample(engines, x0, y, sampler, recompute, observer=capture if lo == 0 else None,
+        host = engines.loop == "host"
+        a = sample(engines, x0, y, sampler, recompute, observer=capture if lo == 0 and host else None,
                    progress=_ticker(progress, done, b, total), rng=StepNoise(seed, range(lo, lo + b)))
         timing["engine_s"] += time.perf_counter() - t0
+        if lo == 0 and not host:  # an observer needs host arrays: the parity inputs come from a host-loop run
+            sample(engines, x0, y, sampler, recompute, observer=capture, rng=StepNoise(seed, range(lo, lo + b)))
         done += b * sampler.num_steps
         t0 = time.perf_counter()
         r = ref.sample(x0, y, sampler, recompute, StepNoise(seed, range(lo, lo + b)),  # same SDE noise
@@ -213,7 +216,8 @@ def validate(engines_dir: Path, *, reference: str | Path = "torch", num: int | N
              schedule: str | None = None, stats: Path | None = None,
              features: str | FeatureExtractor | None = None, inception_onnx: Path | None = None,
              max_fid_delta: float | None = None, out: Path | None = None, batch: int = DEFAULT_BATCH,
-             backend: str = "auto", progress: Progress | None = None, say: Say = print) -> dict:
+             backend: str = "auto", device_loop: bool = True, progress: Progress | None = None,
+             say: Say = print) -> dict:
     """Engines vs reference on `num` samples; returns the report (also written to out/report.json with out/PNG).
 
     Raises NumericsError after writing the report when the FID delta exceeds `max_fid_delta`. `num`: default
@@ -228,7 +232,7 @@ def validate(engines_dir: Path, *, reference: str | Path = "torch", num: int | N
         raise InputError("--max-fid-delta", "a finite number", max_fid_delta)
     t_start = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        engines = stack.enter_context(load_engines(engines_dir, backend))
+        engines = stack.enter_context(load_engines(engines_dir, backend, device_loop=device_loop))
         m, sampler = engines.config.model, engines.config.sampler
         if str(reference) == "torch":
             ref = TorchReference(engines)
@@ -262,7 +266,7 @@ def validate(engines_dir: Path, *, reference: str | Path = "torch", num: int | N
 
         report = {
             "engines": {"path": str(engines_dir), "precision": engines.manifest.precision,
-                        "backend": engines.backend_name},
+                        "backend": engines.backend_name, "loop": engines.loop},
             "reference": ref.record,
             "model": {"name": engines.config.name, "sha256": engines.manifest.provenance.weights,
                       "weights": engines.manifest.provenance.weights_kind},

@@ -13,25 +13,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..core.artifacts import artifact_folder, sha256_file
+from ..core.artifacts import artifact_folder
 from ..core.config import Config, load_config
 from ..core.errors import CheckpointError, ConfigError, NumericsError
 from ..core.manifest import GraphRecord, Manifest, refuse_foreign
 from ..core.numerics import tensor_errors
 from ..core.precision import Precision, precision as precision_row
-from ..core.provenance import Source, WeightsRef, provenance_for
+from ..core.provenance import FolderRef, Source, WeightsRef, provenance_for
 from ..core.specs import DECODER, ENCODER, BatchProfile, Dims
 from .checkpoint import bundled_weights, load_model, read_state_dict
+from .hub import checkpoint_source, vae_folder
 from .graphs import check_graph, export_graph, not_run, parity, torch_dtype
 from .model import DDT, DecoderGraph, EncoderGraph
 
 NO_VAE_NOTE = "vae_decoder not exported: no --vae folder given; generate writes latents only"
 
 
-def torch_cast_errors(model: DDT, cfg: Config, p: Precision, batch: int = 3, seed: int = 1234) -> dict[str, dict]:
+def torch_cast_errors(model: DDT, cfg: Config, dims: Dims, p: Precision, batch: int = 3,
+                      seed: int = 1234) -> dict[str, dict]:
     """PyTorch's own error for a precision onnxruntime CPU cannot run (bf16): the same model cast to its dtype
     against fp32, on random inputs; NumericsError past the precision's tolerance."""
-    dims, rng = Dims.of(cfg.model), np.random.default_rng(seed)
+    rng = np.random.default_rng(seed)
     low = copy.deepcopy(model).to(torch_dtype(p))
     errs, bad = {}, []
     for spec, wrap in ((ENCODER, EncoderGraph), (DECODER, DecoderGraph)):
@@ -50,8 +52,8 @@ def torch_cast_errors(model: DDT, cfg: Config, p: Precision, batch: int = 3, see
 
 
 def export_model(model: DDT, cfg: Config, out: Path, *, weights: WeightsRef, precision: str = "fp32",
-                 batch: BatchProfile | None = None, vae_dir: Path | None = None, options: dict | None = None,
-                 force: bool = False, check: bool = True, progress=None) -> Manifest:
+                 batch: BatchProfile | None = None, vae_dir: Path | FolderRef | None = None,
+                 options: dict | None = None, force: bool = False, check: bool = True, progress=None) -> Manifest:
     """Export `model` (fp32 reference weights) as `precision` graphs into `out`; the manifest last.
 
     `options`: build settings recorded in the provenance (what a build folder was asked with)."""
@@ -66,7 +68,7 @@ def export_model(model: DDT, cfg: Config, out: Path, *, weights: WeightsRef, pre
     dims = Dims.of(cfg.model)
     reference = model.float().eval()
     exported = copy.deepcopy(reference).to(torch_dtype(p))
-    cast = torch_cast_errors(reference, cfg, p) if check and not p.ort_cpu else {}
+    cast = torch_cast_errors(reference, cfg, dims, p) if check and not p.ort_cpu else {}
     graphs, notes = {}, []
     with artifact_folder(out, refuse=refuse_foreign(prov, force)) as staging:
         for spec, wrap in ((ENCODER, EncoderGraph), (DECODER, DecoderGraph)):
@@ -85,7 +87,7 @@ def export_model(model: DDT, cfg: Config, out: Path, *, weights: WeightsRef, pre
             graphs[spec.name] = GraphRecord(spec.file, staging.install(spec.file), checks)
         if cfg.model.latent_scale is not None:
             if vae_dir is not None:
-                graphs["vae_decoder"], dims = export_vae(Path(vae_dir), cfg, staging, p, check, progress)
+                graphs["vae_decoder"], dims = export_vae(vae_dir, cfg, staging, p, check, progress)
             else:
                 notes.append(NO_VAE_NOTE)
         staging.record = Manifest(name=cfg.name, provenance=prov, dims=dims, source=weights.source, graphs=graphs,
@@ -106,8 +108,9 @@ def load_checkpoint_model(ckpt: Path | None, cfg: Config, weights: str = "ema", 
         ckpt = bundled_weights(cfg)
         if ckpt is None:
             raise CheckpointError("--ckpt", f"a checkpoint (config {cfg.name} has no bundled weights)", "none")
-    model = load_model(cfg.model, read_state_dict(ckpt, weights, trust), str(ckpt))
-    return model, WeightsRef(sha256_file(Path(ckpt)), weights, Source(path=str(Path(ckpt).resolve())))
+    path, sha, source = checkpoint_source(ckpt)  # a local file or hf://... (fetched into the Hub cache)
+    model = load_model(cfg.model, read_state_dict(path, weights, trust), str(ckpt))
+    return model, WeightsRef(sha, weights, source)
 
 
 def random_weights_ref(seed: int) -> WeightsRef:
@@ -117,6 +120,7 @@ def random_weights_ref(seed: int) -> WeightsRef:
 def export_checkpoint(ckpt, config, out, *, weights="ema", vae_dir=None, random_weights=False, trust=False,
                       force=False, precision="fp32", progress=None) -> Manifest:
     cfg = load_config(config)
+    vae_dir = vae_folder(vae_dir)  # a local folder, or hf://... resolved before the minutes of loading
     model, ref = load_checkpoint_model(ckpt, cfg, weights, trust, random_weights)
     return export_model(model, cfg, Path(out), weights=ref, precision=precision, vae_dir=vae_dir, force=force,
                         progress=progress)

@@ -1,8 +1,8 @@
 """VAE decoder export: a local diffusers AutoencoderKL folder -> vae_decoder.onnx (latent -> image in [-1, 1]).
 
 The official pipeline decodes `vae.decode(latent / scaling_factor)`; the division is folded into the graph so
-the host loop hands over the sampler's latents as they are. No downloads: the folder must hold config.json and
-the weights (e.g. a local copy of stabilityai/sd-vae-ft-ema).
+the host loop hands over the sampler's latents as they are. No downloads here: the folder must hold config.json
+and the weights (a local copy of stabilityai/sd-vae-ft-ema, or `--vae hf://...` resolved by `export.hub`).
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from ..core.config import Config
 from ..core.errors import CheckpointError, ConfigError
 from ..core.manifest import GraphRecord
 from ..core.precision import Precision
+from ..core.provenance import FolderRef
 from ..core.specs import VAE_DECODER, Dims
 from .graphs import check_graph, export_graph, not_run, parity, torch_dtype
 
@@ -47,10 +48,12 @@ def load_vae(folder: Path):
         raise CheckpointError(f"--vae {folder}", "a loadable AutoencoderKL", str(e).splitlines()[0])
 
 
-def export_vae(folder: Path, cfg: Config, staging: Staging, precision: Precision, check: bool = True,
+def export_vae(folder: Path | FolderRef, cfg: Config, staging: Staging, precision: Precision, check: bool = True,
                progress=None) -> tuple[GraphRecord, Dims]:
     """Export the decoder of the VAE in `folder` into the export's staging folder and install it; returns its
     graph record and the folder's dims (the images are the VAE's: its channels and upsampling factor)."""
+    hub = folder.hub if isinstance(folder, FolderRef) else None
+    folder = Path(folder)
     vae = load_vae(folder)
     vc = vae.config
     if vc.latent_channels != cfg.model.in_channels:
@@ -73,5 +76,5 @@ def export_vae(folder: Path, cfg: Config, staging: Staging, precision: Precision
         checks["vs_pytorch"] = parity(path, spec, reference, dims, precision, cfg.model.num_classes, batches=(1, 2))
     elif not precision.ort_cpu:
         checks["onnxruntime"] = not_run(path)
-    info = {"scaling_factor": scale, "source": str(Path(folder).resolve())}
+    info = {"scaling_factor": scale, "source": str(folder.resolve()), **({"hub": hub} if hub else {})}
     return GraphRecord(spec.file, staging.install(spec.file), checks, info), dims

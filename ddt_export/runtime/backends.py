@@ -82,4 +82,4 @@ def backend_class(name: str):
     try:
         return getattr(importlib.import_module(module), cls)
     except (ImportError, OSError) as e:  # OSError: a wheel whose shared library does not load
-        raise BackendError(f"{name} backend", "its Python packages importable", repr(e))
+        raise BackendError(f"{name} backend", "its Python packages importable", f"{type(e).__name__}: {e}")

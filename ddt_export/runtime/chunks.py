@@ -91,6 +91,7 @@ class Job:
     noise_file: str | None = None  # (N, C, H, W) .npy instead of `core.noise`
     images: bool = True  # return uint8 images
     latents: bool = False  # return the final latents
+    device_loop: bool = True  # `load_engines(device_loop=)`: False keeps the host loop on a TensorRT folder
 
 
 class ChunkSampler:
@@ -98,7 +99,8 @@ class ChunkSampler:
 
     def __init__(self, job: Job, engines: Engines | None = None):
         self.job, self.owned = job, engines is None
-        self.engines = load_engines(job.engines_dir, job.backend) if engines is None else engines
+        self.engines = (load_engines(job.engines_dir, job.backend, device_loop=job.device_loop) if engines is None
+                        else engines)
         got = graph_identity(self.engines.manifest)
         if got != job.graphs:
             self.close()
@@ -167,14 +169,15 @@ class LocalExecutor:
 
     def __init__(self):
         self.engines: Engines | None = None
+        self.loop = "host"  # the loop the engines run (`Engines.loop`), known once open
 
     def describe(self) -> str:
         return self.engines.backend_name if self.engines is not None else "local"
 
     @contextlib.contextmanager
-    def open(self, engines_dir: Path, backend: str, say: Say) -> Iterator[Manifest]:
-        with load_engines(engines_dir, backend) as engines:
-            self.engines = engines
+    def open(self, engines_dir: Path, backend: str, say: Say, device_loop: bool = True) -> Iterator[Manifest]:
+        with load_engines(engines_dir, backend, device_loop=device_loop) as engines:
+            self.engines, self.loop = engines, engines.loop
             try:
                 yield engines.manifest
             finally:

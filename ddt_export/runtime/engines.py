@@ -22,6 +22,7 @@ from ..core.errors import ArtifactError, BackendError, InputError
 from ..core.manifest import Manifest, read_manifest, verify_graphs
 from ..core.specs import DECODER, ENCODER, VAE_DECODER, Dims, GraphSpec
 from .backends import CHOICES, OrtBackend, backend_class
+from .trt_plan import unusable_reason
 
 DEFAULT_ENGINES = Path("engines/default")  # where `build` points its last build; what the sampling commands read
 NO_ENGINES_HINT = "build them first: ddt-export build --precision fp16 (or pass --engines DIR)"
@@ -127,12 +128,19 @@ def load_engines(folder: Path, backend: str = "auto", providers: Sequence[str] |
         raise BackendError(f"backend for {folder}", f"{man.backend} (what the folder was built for)", name)
     try:
         impl = OrtBackend(providers) if name == "onnxruntime" else backend_class(name)(folder, man)
-    except (ImportError, OSError) as e:  # OSError: a wheel whose shared library (libnvinfer, libcudart) won't load
-        raise BackendError(f"{name} backend for {folder}", "its packages importable and a usable device", repr(e),
-                           "install the backend's extra (e.g. [tensorrt-cu12]), or build an onnxruntime folder")
+    except Exception as e:  # noqa: BLE001 - ImportError, OSError (libnvinfer, libcudart), cuda-python's RuntimeError
+        why = unusable_reason(e)
+        if not why:
+            raise
+        raise BackendError(f"{name} backend for {folder}", "its packages importable and a usable device", why,
+                           "install the backend's extra ([tensorrt-cu12] or [tensorrt-cu13]), or build an "
+                           "onnxruntime folder") from e
+    runners: dict = {}
     try:
         runners = impl.open(folder, man)
         return Engines(folder, man, impl, runners, device_loop)
-    except BaseException:
+    except BaseException:  # nothing half-open is left behind: runners (device buffers), then the backend
+        for r in runners.values():
+            r.close()
         impl.close()
         raise

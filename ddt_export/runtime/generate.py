@@ -133,6 +133,7 @@ class GenerateResult:
     duplicates: int = 0  # chunks an executor delivered twice (ignored; 0 unless an executor misbehaves)
     chunks_by_worker: dict[int, int] = dataclasses.field(default_factory=dict)  # worker pid -> chunks it sampled
     latents: np.ndarray | None = None  # (num, C, H, W) float32, only without out_dir (held in memory)
+    loop: str = "host"  # the loop that ran: "device" (TensorRT, x and s on the GPU) or "host"
 
     @property
     def resumed(self) -> int:
@@ -152,10 +153,12 @@ def generate(engines_dir: Path, *, classes: Sequence[int] | None = None, labels_
              schedule: str | None = None, noise_file: Path | None = None, latents_out: Path | None = None,
              out_dir: Path | None = None, backend: str = "auto", cond_only_outside: bool = True,
              formats: str | Sequence[str] = "png", resume: bool = False, chunk: int | None = None,
-             executor=None, progress: Progress | None = None, say: Say = print) -> GenerateResult:
+             device_loop: bool = True, executor=None, progress: Progress | None = None,
+             say: Say = print) -> GenerateResult:
     """Sample `num` images in chunks; with `out_dir`, stream them to files (resumable), else return the latents.
 
-    progress(done, total) counts samples (those a resumed run found finished included)."""
+    progress(done, total) counts samples (those a resumed run found finished included). device_loop=False keeps the
+    host loop on a TensorRT folder (`load_engines`), on every worker."""
     formats = parse_formats(formats)
     if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise InputError("--out", "a folder for the run's outputs", f"{out_dir} is a file")
@@ -166,7 +169,7 @@ def generate(engines_dir: Path, *, classes: Sequence[int] | None = None, labels_
     if int(seed) < 0:
         raise InputError("--seed", ">= 0", seed)  # here, not on a worker at the first chunk
     executor = executor or LocalExecutor()
-    with executor.open(Path(engines_dir), backend, say) as man:
+    with executor.open(Path(engines_dir), backend, say, device_loop=device_loop) as man:
         m = man.config.model
         sampler = sampler_from(man.config, steps, cfg)  # bad --cfg / --steps refused before anything runs
         if noise_file is not None:
@@ -178,7 +181,8 @@ def generate(engines_dir: Path, *, classes: Sequence[int] | None = None, labels_
         job = Job(str(Path(engines_dir).absolute()), backend, graph_identity(man), sampler, tuple(recompute),
                   cond_only_outside, int(seed), labels,  # absolute paths: a Ray worker's cwd is not the driver's
                   str(Path(noise_file).absolute()) if noise_file is not None else None,
-                  images=out_dir is not None, latents=out_dir is None or latents_out is not None)
+                  images=out_dir is not None, latents=out_dir is None or latents_out is not None,
+                  device_loop=device_loop)
         rows = work_rows(plan_steps(sampler, recompute, cond_only_outside), len(labels))
         saved = saved_fraction(rows, m.num_encoder_blocks, m.num_blocks - m.num_encoder_blocks)
         result = GenerateResult(len(labels), 0, labels, list(recompute), spec, sampler, rows, saved, "", 1,
@@ -194,7 +198,7 @@ def generate(engines_dir: Path, *, classes: Sequence[int] | None = None, labels_
                 pending = run.prepare(resume)
                 _stream(executor, job, chunks, pending, run, result, progress, say)
                 result.files = run.finish()
-        result.backend, result.workers = executor.describe(), executor.workers
+        result.backend, result.workers, result.loop = executor.describe(), executor.workers, executor.loop
         return result
 
 

@@ -2,31 +2,35 @@
 
 Imported only by `load_engines` (through `backends.REGISTRY`) for folders whose manifest says backend
 "tensorrt" (tensorrt and cuda.bindings are imported here, lazily, inside functions). `TrtBackend` runs:
-- `open(folder, manifest)`: one runner per plan with the host loop's contract
-  (`run(feeds) -> outputs`, numpy in and out): inputs are copied into device buffers allocated once for the
-  manifest's max batch, `execute_async_v3` on one stream, outputs copied back.
-- `device_sampler(engines)` -> `sample_on_device(engines, ...)`, which `runtime.sample` calls on a TensorRT
-  folder (the loop is chosen once, at load): the same sampler (same plan of steps, `host.plan_steps`) with the state
-  on the GPU: x stays on the device in float32, the encoder's output buffer s is bound as the decoder's input
-  (its conditional half by pointer offset, no copy), and CFG + Euler is one small NVRTC kernel. Optional CUDA
-  graph per (engine, batch, bindings). Only the ODE step function (the FID configs' sampler).
-Every CUDA runtime / driver / NVRTC status and every TensorRT return value goes through `check`.
+- `open(folder, manifest)`: one `TrtGraph` per plan with the host loop's contract (`run(feeds) -> outputs`,
+  numpy in and out). Each engine is checked against its spec before anything runs (`trt_plan.engine_problems`:
+  names, dtypes, I/O modes, locations, profile batch range); buffers are allocated once for the manifest's max
+  batch; the context's output shapes are checked against the buffers before every enqueue.
+- `device_sampler(engines)` -> `trt_loop.DeviceSampler`, the loop `runtime.sample` runs on a TensorRT folder
+  (chosen once, at load): x and s stay on the GPU, CFG + Euler is one NVRTC kernel.
+CUDA graphs (`enqueue(..., graphs=True)`, the device loop's): one execution context per captured (rows,
+bindings) key, all of an engine's contexts sharing one activation-memory allocation (they run in order on one
+stream); a capture that fails is ended, its key marked not capturable, and that key runs `execute_async_v3`.
+Every CUDA runtime / driver / NVRTC status and every TensorRT return value goes through `check`. The decisions
+(alignment, the spec check, the graph plan) are plain functions in `trt_plan`, tested on CPU.
 
 Plans are tied to the TensorRT version and the GPU they were built on; `check_compatible` compares the
 manifest with the running ones and refuses with a hint to rebuild.
 """
 from __future__ import annotations
 
-import functools
+import logging
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from ..core.errors import ArtifactError, BackendError, InputError, NumericsError
+from ..core.errors import ArtifactError, BackendError, InputError
 from ..core.manifest import Manifest
-from ..core.specs import SPECS, GraphSpec
+from ..core.specs import SPECS, BatchProfile, GraphSpec
 from .backends import Capabilities
+from .trt_plan import GraphPlan, TensorDesc, aligned, engine_problems, output_problem
+
+log = logging.getLogger("ddt_export.tensorrt")
 
 _STATUS_TYPES = ("cudaError_t", "CUresult", "nvrtcResult")
 
@@ -73,6 +77,21 @@ def _handle(obj) -> int:
 # ------------------------------------------------------------------------------------------ compatibility
 
 
+def set_device(device: int) -> None:
+    """Make `device`'s primary context current on this thread (a fresh thread has none; driver-API calls such as
+    cuModuleLoadData and cuLaunchKernel need one)."""
+    from cuda.bindings import runtime as cudart
+
+    check(cudart.cudaSetDevice(device), f"cudaSetDevice({device})")
+
+
+def compute_capability(device: int) -> str:
+    from cuda.bindings import runtime as cudart
+
+    prop = check(cudart.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
+    return f"{prop.major}.{prop.minor}"
+
+
 def running_platform() -> dict:
     """{"tensorrt", "gpu", "compute_capability"} of this process, as TensorRT provenance records its platform."""
     import tensorrt as trt
@@ -111,7 +130,7 @@ class DeviceBuffer:
             self.ptr = 0
 
 
-def _copy(dst: int, src: int, nbytes: int, kind: str, stream) -> None:
+def copy(dst: int, src: int, nbytes: int, kind: str, stream) -> None:
     from cuda.bindings import runtime as cudart
 
     k = {"h2d": cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, "d2h": cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost,
@@ -126,48 +145,124 @@ def _nbytes(spec_tensor, dims, batch: int) -> int:
 # ------------------------------------------------------------------------------------------ one plan
 
 
+def engine_io(engine) -> list[TensorDesc]:
+    """TensorRT's description of an engine's I/O tensors, in the plain values `trt_plan.engine_problems` reads."""
+    import tensorrt as trt
+
+    out = []
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        mode = engine.get_tensor_mode(name)
+        kind = {trt.TensorIOMode.INPUT: "input", trt.TensorIOMode.OUTPUT: "output"}.get(mode, "none")
+        dt = engine.get_tensor_dtype(name)
+        try:
+            dtype = np.dtype(trt.nptype(dt)).name
+        except TypeError:  # a TensorRT type numpy has no name for (bf16, fp8): never a runtime I/O dtype here
+            dtype = str(dt)
+        location = "device" if engine.get_tensor_location(name) == trt.TensorLocation.DEVICE else "host"
+        profile = (tuple(tuple(int(v) for v in shape) for shape in engine.get_tensor_profile_shape(name, 0))
+                   if kind == "input" else None)
+        out.append(TensorDesc(name, dtype, kind, location, tuple(int(v) for v in engine.get_tensor_shape(name)),
+                              profile))
+    return out
+
+
 class TrtGraph:
-    """One deserialized plan: an execution context, device buffers for max batch, optional CUDA graphs."""
+    """One deserialized plan: checked against its spec, device buffers for max batch, execution contexts (a
+    shared one for plain enqueues, one per captured CUDA-graph key) over one activation-memory allocation."""
 
-    def __init__(self, runtime, plan: bytes, spec: GraphSpec, dims, max_batch: int, stream,
-                 cuda_graphs: bool = False):
-        self.spec, self.dims, self.max_batch, self.stream, self.cuda_graphs = spec, dims, max_batch, stream, cuda_graphs
+    def __init__(self, runtime, plan: bytes, spec: GraphSpec, dims, batch: BatchProfile, stream):
+        import tensorrt as trt
+
+        self.spec, self.dims, self.max_batch, self.stream = spec, dims, batch.max, stream
         self.engine = check(runtime.deserialize_cuda_engine(plan), f"deserialize {spec.name}.plan")
-        self.context = check(self.engine.create_execution_context(), f"{spec.name}: create_execution_context")
-        names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
-        want = set(spec.input_names() + spec.output_names())
-        if names != want:
-            raise ArtifactError(f"{spec.name}.plan", f"I/O tensors {sorted(want)}", sorted(names), "rebuild it")
-        self.buffers = {t.name: DeviceBuffer(_nbytes(t, dims, max_batch)) for t in spec.inputs + spec.outputs}
-        self._graphs: dict[tuple, tuple] = {}
+        problems = engine_problems(spec, dims, batch.min, batch.max, engine_io(self.engine))
+        if problems:
+            raise ArtifactError(f"{spec.name}.plan", f"an engine with the {spec.name} I/O spec and batch {batch}",
+                                "; ".join(problems), "rebuild it: ddt-export build --force")
+        self._strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
+        self.scratch = DeviceBuffer(self.engine.device_memory_size_v2)
+        self.buffers: dict[str, DeviceBuffer] = {}
+        self._keyed: dict[tuple, tuple] = {}  # graph key -> (its context, cudaGraphExec_t)
+        self.plan = GraphPlan()
+        self.context = self._new_context()
+        self.buffers = {t.name: DeviceBuffer(_nbytes(t, dims, batch.max)) for t in spec.inputs + spec.outputs}
 
-    def enqueue(self, batch: int, addresses: dict[str, int] | None = None) -> None:
-        """Run on the stream with `batch` rows; `addresses` overrides buffers (device pointers owned elsewhere)."""
+    def _new_context(self):
+        ctx = check(self.engine.create_execution_context(self._strategy), f"{self.spec.name}: create_execution_context")
+        ctx.set_device_memory(self.scratch.ptr, self.scratch.nbytes)  # shared: every context runs on self.stream
+        return ctx
+
+    def _bind(self, ctx, rows: int, addrs: dict[str, tuple[int, int]]) -> None:
+        """Input shapes for `rows`, every tensor's address (aligned, checked), outputs checked against buffers."""
+        for t in self.spec.inputs:
+            check(ctx.set_input_shape(t.name, t.shape(self.dims, rows)), f"{self.spec.name}: set_input_shape {t.name}")
+        for name, (ptr, _) in addrs.items():
+            if not aligned(ptr):
+                raise BackendError(f"{self.spec.name}: address of {name}", "256-byte aligned", hex(ptr))
+            check(ctx.set_tensor_address(name, ptr), f"{self.spec.name}: set_tensor_address {name}")
+        for t in self.spec.outputs:
+            why = output_problem(t.name, tuple(ctx.get_tensor_shape(t.name)), t.shape(self.dims, rows),
+                                 addrs[t.name][1], np.dtype(t.dtype).itemsize)
+            if why:
+                raise ArtifactError(f"{self.spec.name}.plan", "outputs that fit their buffers", why, "rebuild it")
+
+    def enqueue(self, rows: int, addresses: dict[str, tuple[int, int]] | None = None, graphs: bool = False) -> None:
+        """Run on the stream with `rows` rows; `addresses` overrides buffers: {name: (device pointer, bytes)} owned
+        elsewhere. `graphs`: capture once per (rows, bindings) and replay (the device loop's buffers are fixed)."""
         from cuda.bindings import runtime as cudart
 
-        if not 1 <= batch <= self.max_batch:
-            raise InputError(f"{self.spec.name} batch", f"1..{self.max_batch}", batch)
-        addrs = {name: buf.ptr for name, buf in self.buffers.items()}
+        if not 1 <= rows <= self.max_batch:
+            raise InputError(f"{self.spec.name} batch", f"1..{self.max_batch}", rows)
+        addrs = {name: (buf.ptr, buf.nbytes) for name, buf in self.buffers.items()}
         addrs.update(addresses or {})
-        for t in self.spec.inputs:
-            check(self.context.set_input_shape(t.name, t.shape(self.dims, batch)),
-                  f"{self.spec.name}: set_input_shape {t.name}")
-        for name, ptr in addrs.items():
-            check(self.context.set_tensor_address(name, ptr), f"{self.spec.name}: set_tensor_address {name}")
-        handle = _handle(self.stream)
-        if not self.cuda_graphs:
-            check(self.context.execute_async_v3(handle), f"{self.spec.name}: execute_async_v3")
+        key = (rows, tuple(sorted((name, ptr) for name, (ptr, _) in addrs.items())))
+        action = self.plan.action(key) if graphs else "plain"
+        if action == "capture":
+            ctx = self._new_context()
+            self._bind(ctx, rows, addrs)  # once: this context keeps these shapes and addresses
+            # one ordinary run first, so TensorRT's deferred shape-dependent work is not what gets captured
+            check(ctx.execute_async_v3(_handle(self.stream)), f"{self.spec.name}: execute_async_v3")
+            action = self._capture(key, ctx)
+        if action == "replay":
+            check(cudart.cudaGraphLaunch(self._keyed[key][1], self.stream), "cudaGraphLaunch")
             return
-        key = (batch, tuple(sorted(addrs.items())))
-        if key not in self._graphs:
-            # one ordinary run first, so TensorRT's deferred work (shape-dependent setup) is not captured
-            check(self.context.execute_async_v3(handle), f"{self.spec.name}: execute_async_v3")
-            mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
-            check(cudart.cudaStreamBeginCapture(self.stream, mode), "cudaStreamBeginCapture")
-            check(self.context.execute_async_v3(handle), f"{self.spec.name}: execute_async_v3 (capture)")
-            graph = check(cudart.cudaStreamEndCapture(self.stream), "cudaStreamEndCapture")
-            self._graphs[key] = (graph, check(cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate"))
-        check(cudart.cudaGraphLaunch(self._graphs[key][1], self.stream), "cudaGraphLaunch")
+        self._bind(self.context, rows, addrs)
+        check(self.context.execute_async_v3(_handle(self.stream)), f"{self.spec.name}: execute_async_v3")
+
+    def _capture(self, key: tuple, ctx) -> str:
+        """Capture one enqueue of `ctx`. The capture is ended whatever happens (a stream left capturing fails every
+        later call and hides the first error); the cudaGraph_t is destroyed once instantiated. Returns the plan's
+        verdict: "replay", or "plain" with the key marked not capturable."""
+        from cuda.bindings import runtime as cudart
+
+        errors = {"enqueue_error": "", "end_error": "", "instantiate_error": ""}
+        mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+        check(cudart.cudaStreamBeginCapture(self.stream, mode), "cudaStreamBeginCapture")
+        graph = exe = None
+        try:
+            if not ctx.execute_async_v3(_handle(self.stream)):
+                errors["enqueue_error"] = "execute_async_v3 returned False during capture"
+        except Exception as e:  # noqa: BLE001 - decided below: the key falls back, the stream must leave capture
+            errors["enqueue_error"] = repr(e)
+        finally:
+            err, graph = cudart.cudaStreamEndCapture(self.stream)
+            if int(err) != 0:
+                errors["end_error"], graph = getattr(err, "name", str(err)), None
+        if graph is not None and not errors["enqueue_error"]:
+            err, exe = cudart.cudaGraphInstantiate(graph, 0)
+            if int(err) != 0:
+                errors["instantiate_error"], exe = getattr(err, "name", str(err)), None
+        if graph is not None:
+            check(cudart.cudaGraphDestroy(graph), "cudaGraphDestroy")  # the executable graph stands alone
+        verdict = self.plan.capture_result(key, **errors)
+        if verdict == "replay":
+            self._keyed[key] = (ctx, exe)
+        else:
+            cudart.cudaGetLastError()  # clear the (non-sticky) capture error before the plain enqueue
+            log.warning("%s: CUDA graph capture failed for %d rows (%s); running execute_async_v3 for it",
+                        self.spec.name, key[0], self.plan.failed[key])
+        return verdict
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The host loop's runner contract: numpy in, numpy out (one host copy each way)."""
@@ -180,23 +275,25 @@ class TrtGraph:
         for t in self.spec.inputs:
             a = np.ascontiguousarray(feeds[t.name], dtype=t.dtype)
             keep.append(a)
-            _copy(self.buffers[t.name].ptr, a.ctypes.data, a.nbytes, "h2d", self.stream)
+            copy(self.buffers[t.name].ptr, a.ctypes.data, a.nbytes, "h2d", self.stream)
         self.enqueue(batch)
         outs = {t.name: np.empty(t.shape(self.dims, batch), t.dtype) for t in self.spec.outputs}
         for name, a in outs.items():
-            _copy(a.ctypes.data, self.buffers[name].ptr, a.nbytes, "d2h", self.stream)
+            copy(a.ctypes.data, self.buffers[name].ptr, a.nbytes, "d2h", self.stream)
         check(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
         return outs
 
     def close(self) -> None:
+        """Graphs, then contexts, then the memory they used, then the engine; idempotent."""
         from cuda.bindings import runtime as cudart
 
-        for graph, exe in self._graphs.values():
+        for _, exe in self._keyed.values():
             check(cudart.cudaGraphExecDestroy(exe), "cudaGraphExecDestroy")
-            check(cudart.cudaGraphDestroy(graph), "cudaGraphDestroy")
-        self._graphs.clear()
-        for buf in self.buffers.values():
+        self._keyed.clear()
+        self.context = None  # the last reference: TensorRT destroys the context
+        for buf in [*self.buffers.values(), self.scratch]:
             buf.free()
+        self.engine = None
 
 
 class TrtBackend:
@@ -210,21 +307,32 @@ class TrtBackend:
         from cuda.bindings import runtime as cudart
 
         check_compatible(Path(folder), manifest)
+        self.device = int(check(cudart.cudaGetDevice(), "cudaGetDevice"))  # every later call sets it current
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = check(trt.Runtime(self.logger), "trt.Runtime")
         self.stream = check(cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking),
                             "cudaStreamCreateWithFlags")
 
-    def open(self, folder: Path, manifest: Manifest) -> dict[str, "TrtGraph"]:
-        return {name: TrtGraph(self.runtime, (Path(folder) / rec.file).read_bytes(), SPECS[name], manifest.dims,
-                               manifest.batch.max, self.stream)
-                for name, rec in manifest.graphs.items() if name in SPECS}
+    def open(self, folder: Path, manifest: Manifest) -> dict[str, TrtGraph]:
+        runners: dict[str, TrtGraph] = {}
+        try:
+            for name, rec in manifest.graphs.items():
+                if name in SPECS:
+                    runners[name] = TrtGraph(self.runtime, (Path(folder) / rec.file).read_bytes(), SPECS[name],
+                                             manifest.dims, manifest.batch, self.stream)
+        except BaseException:
+            for r in runners.values():
+                r.close()
+            raise
+        return runners
 
     def describe(self) -> str:
         return "tensorrt"
 
-    def device_sampler(self, engines) -> "DeviceSampler":
-        return DeviceSampler(engines)
+    def device_sampler(self, engines):
+        from .trt_loop import DeviceSampler
+
+        return DeviceSampler(engines, self)
 
     def close(self) -> None:
         from cuda.bindings import runtime as cudart
@@ -232,132 +340,4 @@ class TrtBackend:
         if self.stream is not None:
             check(cudart.cudaStreamDestroy(self.stream), "cudaStreamDestroy")
             self.stream = None
-
-
-class DeviceSampler:
-    """`runtime.sample` on a TensorRT `Engines` with x and s resident on the GPU (see `sample_on_device`)."""
-
-    def __init__(self, engines):
-        self.engines = engines
-
-    def sample(self, noise, labels, sampler, schedule, *, cond_only_outside: bool = True, progress=None):
-        return sample_on_device(self.engines, noise, labels, sampler, schedule,
-                                cond_only_outside=cond_only_outside, progress=progress)
-
-    def close(self) -> None:
-        self.engines = None
-
-
-# ------------------------------------------------------------------------------------------ device-resident loop
-
-_KERNEL = rb"""
-extern "C" __global__ void cfg_euler(float* x, const float* v, int n, float scale, float dt, int cfg) {
-    // x (B rows) += dt * v, v = v_u + scale * (v_c - v_u) with v = [v_u; v_c] when cfg, else v (B rows).
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float vi = cfg ? v[i] + scale * (v[i + n] - v[i]) : v[i];
-    x[i] = x[i] + vi * dt;
-}
-"""
-
-
-def kernel_ptx(arch: str) -> bytes:
-    """The CFG/Euler kernel as PTX for compute_<arch> (e.g. "90"), by NVRTC (no GPU needed), without fused
-    multiply-add, so it rounds as the numpy host loop does."""
-    from cuda.bindings import nvrtc
-
-    try:
-        prog = check(nvrtc.nvrtcCreateProgram(_KERNEL, b"ddt_cfg_euler.cu", 0, [], []), "nvrtcCreateProgram")
-    except (OSError, RuntimeError) as e:  # libnvrtc not found
-        raise BackendError("NVRTC (device sampling)", "libnvrtc loadable", repr(e),
-                           "pip install nvidia-cuda-nvrtc-cu12 (or a CUDA toolkit), or use runtime.sample")
-    opts = [b"--fmad=false", f"--gpu-architecture=compute_{arch}".encode()]
-    status = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
-    if int(status[0]) != 0:
-        size = check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
-        log = b" " * size
-        check(nvrtc.nvrtcGetProgramLog(prog, log), "nvrtcGetProgramLog")
-        raise BackendError("NVRTC compile of the CFG/Euler kernel", "success", log.decode(errors="replace").strip())
-    size = check(nvrtc.nvrtcGetPTXSize(prog), "nvrtcGetPTXSize")
-    ptx = b" " * size
-    check(nvrtc.nvrtcGetPTX(prog, ptx), "nvrtcGetPTX")
-    return ptx
-
-
-@functools.cache
-def _load_kernel():
-    """PTX for this GPU -> CUfunction, compiled and loaded once per process (in the primary context, which every
-    call here uses): loading it per `sample_on_device` call compiled again and leaked a module each time."""
-    from cuda.bindings import driver
-
-    ptx = kernel_ptx(running_platform()["compute_capability"].replace(".", ""))
-    image = np.char.array(ptx)  # as cuda-python's own examples hand PTX to the driver
-    module = check(driver.cuModuleLoadData(image.ctypes.data), "cuModuleLoadData")
-    return check(driver.cuModuleGetFunction(module, b"cfg_euler"), "cuModuleGetFunction")
-
-
-def sample_on_device(engines, noise: np.ndarray, labels: np.ndarray, sampler, schedule: Sequence[int], *,
-                     cond_only_outside: bool = True, cuda_graphs: bool = True, progress=None) -> np.ndarray:
-    """`runtime.sample` for a TensorRT `Engines`, with x and s resident on the GPU (ODE sampler only)."""
-    from cuda.bindings import driver
-    from cuda.bindings import runtime as cudart
-
-    from .host import check_inputs, plan_steps
-
-    enc, dec = engines.runner("encoder"), engines.runner("decoder")
-    if not isinstance(enc, TrtGraph) or not isinstance(dec, TrtGraph):
-        raise BackendError("device sampling", "engines loaded from a TensorRT folder", engines.backend_name)
-    if sampler.step_fn != "ode":
-        raise InputError("sampler.step_fn for device sampling", "ode", sampler.step_fn, "use runtime.sample")
-    x_host, labels = check_inputs(engines, noise, labels)
-    b, m = len(labels), engines.config.model
-    if 2 * b > enc.max_batch:
-        raise InputError("batch for device sampling", f"2 x B <= {enc.max_batch} (engine max batch)", 2 * b)
-    enc.cuda_graphs = dec.cuda_graphs = cuda_graphs
-    stream, kernel = enc.stream, _load_kernel()
-    row = int(np.prod(m.latent_shape)) * 4  # bytes of one latent row, float32
-    s_row = m.num_tokens * m.hidden_size * 4
-    x = DeviceBuffer(b * row)
-    y_cfg = np.concatenate([np.full(b, m.null_class, np.int64), labels])  # [uncond; cond]
-    y_dev = DeviceBuffer(y_cfg.nbytes)
-    try:
-        _copy(x.ptr, x_host.ctypes.data, x_host.nbytes, "h2d", stream)
-        _copy(y_dev.ptr, y_cfg.ctypes.data, y_cfg.nbytes, "h2d", stream)
-        s_uncond = False
-        t_host = np.empty(2 * b, np.float32)
-        for st in plan_steps(sampler, schedule, cond_only_outside):
-            if st.recompute:
-                rows = 2 * b if st.enc_uncond else b
-                t_host[:] = st.t
-                _copy(enc.buffers["t"].ptr, t_host.ctypes.data, rows * 4, "h2d", stream)
-                for half in range(rows // b):  # x into every half of the encoder's x buffer
-                    _copy(enc.buffers["x"].ptr + half * b * row, x.ptr, b * row, "d2d", stream)
-                enc.enqueue(rows, {"y": y_dev.ptr if st.enc_uncond else y_dev.ptr + b * 8})
-                s_uncond = st.enc_uncond
-                check(cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")  # t_host is reused next step
-            s_ptr = enc.buffers["s"].ptr
-            if st.dec_uncond:
-                for half in range(2):
-                    _copy(dec.buffers["x"].ptr + half * b * row, x.ptr, b * row, "d2d", stream)
-                dec.enqueue(2 * b, {"s": s_ptr})  # s: (2B, L, D), the encoder's own output buffer
-            else:
-                dec.enqueue(b, {"x": x.ptr, "s": s_ptr + (b * s_row if s_uncond else 0)})  # cond half, by offset
-            n = b * row // 4
-            values = [np.array([x.ptr], np.uint64), np.array([dec.buffers["v"].ptr], np.uint64),
-                      np.array([n], np.int32), np.array([st.scale], np.float32), np.array([st.dt], np.float32),
-                      np.array([int(st.dec_uncond)], np.int32)]  # cfg_euler's arguments, in order
-            params = np.array([v.ctypes.data for v in values], np.uint64)  # kernelParams: pointers to them
-            check(driver.cuLaunchKernel(kernel, (n + 255) // 256, 1, 1, 256, 1, 1, 0, stream, params.ctypes.data, 0),
-                  "cuLaunchKernel cfg_euler")
-            if progress is not None:
-                progress(st.i + 1, sampler.num_steps)
-        out = np.empty_like(x_host)
-        _copy(out.ctypes.data, x.ptr, out.nbytes, "d2h", stream)
-        check(cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
-    finally:
-        x.free()
-        y_dev.free()
-    if not np.isfinite(out).all():
-        bad = int((~np.isfinite(out)).sum())
-        raise NumericsError("device sampling: final latents", "finite values", f"{bad} NaN/Inf")
-    return out
+        self.runtime = None

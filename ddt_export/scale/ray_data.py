@@ -59,7 +59,7 @@ class ChunkActor:
     def __init__(self, job: Job):
         try:
             self.sampler, self.error = ChunkSampler(job), None
-            self.backend = self.sampler.engines.backend_name
+            self.backend, self.loop = self.sampler.engines.backend_name, self.sampler.engines.loop
         except DDTExportError as e:  # raised on the first chunk instead: an actor that dies in __init__ reaches
             self.sampler, self.error = None, e  # the driver as an ActorDiedError holding only its message
 
@@ -70,12 +70,14 @@ class ChunkActor:
                 for k, a, b in zip(batch["chunk"], batch["start"], batch["stop"])]
         out = outs[0] if len(outs) == 1 else {n: np.concatenate([o[n] for o in outs]) for n in outs[0]}
         out["backend"] = np.array([self.backend] * len(out["index"]))
+        out["loop"] = np.array([self.loop] * len(out["index"]))
         return out
 
 
-def _resolve_on_worker(engines_dir: str, backend: str, spec: str, sampler: SamplerConfig) -> list[int]:
+def _resolve_on_worker(engines_dir: str, backend: str, spec: str, sampler: SamplerConfig,
+                       device_loop: bool = True) -> list[int]:
     """A dp:K schedule the engine folder does not store: the template trajectory on a worker's engines."""
-    with load_engines(engines_dir, backend) as engines:
+    with load_engines(engines_dir, backend, device_loop=device_loop) as engines:
         return resolve_schedule(spec, engines, sampler, silent)[0]
 
 
@@ -110,6 +112,7 @@ class RayExecutor:
     def __init__(self, address: str | None = None, workers: int | None = None, say: Say = print):
         self.address, self.asked_workers, self.say = address, workers, say
         self.workers, self.num_gpus, self.backend_name = workers or 1, 0, ""
+        self.loop, self.device_loop = "host", True  # the loop the workers ran (`Engines.loop`); the one asked
         self.folder: Path | None = None
         self.manifest: Manifest | None = None
 
@@ -117,13 +120,13 @@ class RayExecutor:
         return f"{self.backend_name or 'engines'} on {self.workers} Ray workers"
 
     @contextlib.contextmanager
-    def open(self, engines_dir: Path, backend: str, say: Say) -> Iterator[Manifest]:
+    def open(self, engines_dir: Path, backend: str, say: Say, device_loop: bool = True) -> Iterator[Manifest]:
         man = read_manifest(engines_dir, NO_ENGINES_HINT)  # bad input refused before a cluster starts
         if backend not in CHOICES:
             raise BackendError("--backend", " | ".join(CHOICES), backend)
         if backend not in ("auto", man.backend):
             raise BackendError(f"backend for {engines_dir}", f"{man.backend} (what the folder was built for)", backend)
-        self.folder, self.manifest = Path(engines_dir).absolute(), man
+        self.folder, self.manifest, self.device_loop = Path(engines_dir).absolute(), man, device_loop
         ray = _ray()
         started = not ray.is_initialized()
         if started:
@@ -173,7 +176,8 @@ class RayExecutor:
         ray = _ray()
         task = ray.remote(num_cpus=ACTOR_CPUS, num_gpus=self.num_gpus)(_resolve_on_worker)
         try:
-            return ray.get(task.remote(str(self.folder), self.manifest.backend, spec, sampler)), spec
+            return ray.get(task.remote(str(self.folder), self.manifest.backend, spec, sampler,
+                                       self.device_loop)), spec
         except Exception as e:
             raise typed_error(e) from None
 
@@ -195,7 +199,7 @@ class RayExecutor:
         batches = ds.iter_batches(batch_size=None, batch_format="numpy")
         try:
             for res in split_results(batches, {c.number: c.size for c in chunks}):
-                self.backend_name = str(res.pop("backend")[0])
+                self.backend_name, self.loop = str(res.pop("backend")[0]), str(res.pop("loop")[0])
                 yield res
         except DDTExportError:
             raise
