@@ -2,6 +2,7 @@
 
     python benchmarks/generate_scale.py --num 5000 --out /tmp/gen5000 --json benchmarks/generate_scale-local.json
     python benchmarks/generate_scale.py --num 5000 --ray --workers 2 --out /tmp/gen5000-ray --json ...
+    python benchmarks/generate_scale.py --report local.json ray.json     # the results.md tables of finished runs
 
 Runs the CLI in a subprocess (bundled model, default sampler: 50 steps, CFG 1.5, schedule `all`; --format
 png,npz) and samples the RSS of its whole process tree (driver, and for --ray the Ray processes and actors) every
@@ -56,15 +57,37 @@ def tree_rss_kib(pid: int) -> tuple[int, int]:
     return own, total
 
 
+def report(paths: list[Path]) -> str:
+    """Markdown of finished runs' JSON: one row per run, then each run's RSS at every tenth (flatness)."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    out = ["| run | wall | images/s | driver peak RSS | tree peak RSS | FID PNG folder | FID samples.npz |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in runs:
+        out.append(f"| `{r['command']}` | {r['wall_s']:.0f} s | {r['num'] / r['wall_s']:.2f} | "
+                   f"{r['driver_peak_rss_mib']:.0f} MiB | {r['tree_peak_rss_mib']:.0f} MiB | "
+                   f"{r['fid_png_vs_digits']:.6f} | {r['fid_npz_vs_digits']:.6f} |")
+    for r in runs:
+        out += ["", f"RSS over the run, `{r['command']}` (samples written, s, driver MiB, tree MiB): " + "; ".join(
+            f"{t['done']} {t['s']:.0f} s {t['driver_rss_mib']:.0f} / {t['tree_rss_mib']:.0f}"
+            for t in r["rss_at_tenths"])]
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--report", type=Path, nargs="+", help="print the tables of finished runs' --json files")
     ap.add_argument("--num", type=int, default=5000)
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path)
     ap.add_argument("--ray", action="store_true")
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--steps", type=int, default=None, help="a quick check only (the measurement: the manifest's)")
     a = ap.parse_args()
+    if a.report:
+        print(report(a.report))
+        return
+    if a.out is None:
+        ap.error("--out is required")
     argv = ["generate", "--num", str(a.num), "--out", str(a.out), "--format", "png,npz"]
     argv += ["--steps", str(a.steps)] if a.steps else []
     if a.ray:
