@@ -97,7 +97,8 @@ def test_seeded_noise_and_classes(engines_dir, tmp_path, capsys):
     code, out, err = run_cli(["generate", "--engines", engines_dir, "--num", 1, "--steps", 2, "--out", tmp_path / "o"],
                              capsys)
     assert code == 0, err
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["00000-class0.png", "notes.png", "preview"]
+    names = sorted(p.name for p in (tmp_path / "o").iterdir())
+    assert names == ["00000-class0.png", "notes.png", "preview", "run.json"]
     assert "removed 3 samples of an earlier run" in out + err  # 00000-class2 included
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ddt_export.serve.ray_serve import REPLICA_CPUS, REPLICA_HEADER, plan
+from ddt_export.scale.ray_serve import REPLICA_CPUS, REPLICA_HEADER, plan
 from ddt_export.serve.settings import ServeSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +41,7 @@ def test_two_replicas_serve_and_equal_generate(tiny_engines, tmp_path):
     from PIL import Image
 
     from ddt_export.runtime.generate import generate
-    from ddt_export.serve.ray_serve import deploy, shutdown
+    from ddt_export.scale.ray_serve import deploy, shutdown
     from serve_helpers import free_port
 
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))

@@ -20,3 +20,43 @@ def step_progress(label: str, unit: str = ""):
                    transient=True, disable=not console.is_terminal)
     task = bar.add_task(label, total=None)
     return bar, lambda done, total: bar.update(task, completed=done, total=total)
+
+
+def image_progress(label: str):
+    """A rich bar over images with the rate (images/s) and the ETA of this run: samples already there when it
+    starts (a resumed run) count as done but not in the rate. Returns (context manager, callback(done, total)).
+    Without a terminal (logs, CI) it prints a line at every tenth of the run instead."""
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+    from rich.text import Text
+
+    state = {"t0": None, "start": 0, "logged": -1}
+
+    def rate(done: int) -> float:
+        dt = time.perf_counter() - state["t0"] if state["t0"] is not None else 0.0
+        return (done - state["start"]) / dt if dt > 0 else 0.0
+
+    class Rate(ProgressColumn):
+        def render(self, task) -> Text:
+            r = rate(int(task.completed))
+            left = (task.total - task.completed) / r if r > 0 and task.total else None
+            eta = "-:--:--" if left is None else time.strftime("%H:%M:%S", time.gmtime(left))
+            return Text(f"{r:.2f} images/s  ETA {eta}")
+
+    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), Rate(), TimeElapsedColumn(),
+                   console=console, transient=True, disable=not console.is_terminal)
+    task = bar.add_task(label, total=None)
+
+    def update(done: int, total: int) -> None:
+        if state["t0"] is None:
+            state["t0"], state["start"] = time.perf_counter(), done
+        bar.update(task, completed=done, total=total)
+        tenth = 10 * done // max(total, 1)
+        if not console.is_terminal and tenth > state["logged"] and done > state["start"]:
+            state["logged"] = tenth
+            r = rate(done)
+            eta = f", ETA {time.strftime('%H:%M:%S', time.gmtime((total - done) / r))}" if r > 0 else ""
+            say(f"{label}: {done}/{total} images, {r:.2f} images/s{eta}")
+
+    return bar, update

@@ -10,7 +10,7 @@ import typer
 from ..runtime.backends import CHOICES as BACKENDS
 from ..runtime.engines import DEFAULT_ENGINES
 from ..runtime.schedules import TEMPLATE_SAMPLES, TEMPLATE_SEED
-from .common import DEVICE_LOOP_HELP, say, step_progress
+from .common import DEVICE_LOOP_HELP, image_progress, say, step_progress
 
 SCHEDULE_HELP = "encoder schedule: all | uniform:R | dp:K | FILE.json"
 
@@ -20,35 +20,48 @@ def generate(
     class_: Optional[List[int]] = typer.Option(None, "--class", help="class id; repeat for several (cycled to --num)"),
     labels: Optional[Path] = typer.Option(None, help="class ids as a 1-D integer .npy (instead of --class)"),
     num: Optional[int] = typer.Option(None, help="number of images (default: the classes given, or 8)"),
-    seed: int = typer.Option(0, help="noise seed: numpy default_rng(seed).standard_normal"),
+    seed: int = typer.Option(0, help="noise seed: image i from numpy default_rng([seed, i])"),
     steps: Optional[int] = typer.Option(None, help="sampling steps (default: the manifest's sampler)"),
     cfg: Optional[float] = typer.Option(None, help="CFG scale inside the guidance interval (default: manifest)"),
     schedule: Optional[str] = typer.Option(None, help=SCHEDULE_HELP),
     noise: Optional[Path] = typer.Option(None, help="initial noise (B, C, H, W) .npy, for exact reproduction"),
     latents_out: Optional[Path] = typer.Option(None, help="write the final latents (before the VAE) as .npy"),
-    out: Path = typer.Option(Path("samples"), help="folder for one PNG per sample (and preview/grid.png)"),
+    out: Path = typer.Option(Path("samples"), help="run folder: PNGs, samples.npz, preview/grid.png, run.json"),
+    format_: str = typer.Option("png", "--format", help="png (one file per sample) | npz (ADM-style samples.npz: "
+                                                       "arr_0 uint8 NHWC, arr_1 labels) | png,npz"),
+    resume: bool = typer.Option(False, help="keep the finished chunks of the run in --out (same settings), "
+                                            "sample the rest"),
+    chunk: Optional[int] = typer.Option(None, help="images per chunk (default and most: batch.max // 2)"),
     backend: str = typer.Option("auto", help=" | ".join(BACKENDS)),
+    ray: bool = typer.Option(False, "--ray", help="shard the chunks over a Ray actor pool (the [ray] extra)"),
+    ray_address: Optional[str] = typer.Option(None, help="with --ray: cluster address (auto: `ray start`'s); "
+                                                         "default: a new local cluster"),
+    workers: Optional[int] = typer.Option(None, help="with --ray: actors, one engine copy each (default: the "
+                                                     "cluster's GPUs, else its nodes)"),
     device_loop: bool = typer.Option(True, "--device-loop/--no-device-loop", help=DEVICE_LOOP_HELP),
 ):
-    """Sample images with the engines: torch-free host loop, encoder only on the schedule's steps."""
+    """Sample images with the engines: streamed in chunks, resumable, torch-free; optionally on a Ray cluster."""
     from ..runtime.generate import generate as run_generate
+    from ..scale import executor_for
 
-    bar, progress = step_progress("sampling")
+    executor = executor_for(ray, ray_address, workers, say)
+    bar, progress = image_progress("sampling")
     t0 = time.perf_counter()
     with bar:
         res = run_generate(engines, classes=class_, labels_file=labels, num=num, seed=seed, steps=steps, cfg=cfg,
                            schedule=schedule, noise_file=noise, latents_out=latents_out, out_dir=out,
-                           backend=backend, device_loop=device_loop, progress=progress, say=say)
+                           backend=backend, formats=format_, resume=resume, chunk=chunk, device_loop=device_loop,
+                           executor=executor, progress=progress, say=say)
     r, n = res.rows, res.sampler.num_steps
-    print(f"{len(res.labels)} samples, {n} steps, cfg {res.sampler.guidance}, schedule {res.schedule_spec}: "
+    print(f"{res.num} samples, {n} steps, cfg {res.sampler.guidance}, schedule {res.schedule_spec}: "
           f"encoder {r['encoder_calls']}/{n} steps, backend {res.backend} ({res.loop} loop), "
           f"{time.perf_counter() - t0:.1f} s")
     print(f"cond-only outside the guidance interval: encoder rows {r['encoder_rows']}/{r['encoder_rows_full']}, "
           f"decoder rows {r['decoder_rows']}/{r['decoder_rows_full']}, {100 * res.saved:.1f}% of the work saved")
-    if latents_out is not None:
-        print(f"wrote {latents_out}")
-    if res.grid is not None:
-        print(f"wrote {len(res.images)} PNGs and {res.grid}")
+    print(f"sampled {res.new} in {res.chunks} chunks of {res.chunk}, {res.seconds:.1f} s, "
+          f"{res.images_per_s:.2f} images/s" + (f"; {res.resumed} were already there" if res.resumed else ""))
+    for kind, path in res.files.items():
+        print(f"wrote {path}" + (f" ({res.num} PNGs)" if kind == "png" else ""))
 
 
 def schedule(

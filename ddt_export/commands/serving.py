@@ -50,7 +50,7 @@ def serve(
                              max_images_per_request=max_images_per_request, max_steps=max_steps,
                              class_names=class_names, backend=backend, trace=trace)
     if ray:
-        from ..serve.ray_serve import serve_on_ray
+        from ..scale.ray_serve import serve_on_ray
 
         serve_on_ray(engines, settings, host, port, replicas=replicas, address=ray_address, lifetime_s=lifetime,
                      say=say)

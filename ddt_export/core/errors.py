@@ -14,6 +14,9 @@ class DDTExportError(Exception):
         msg = f"{thing}: expected {expected}, got {actual}"
         super().__init__(msg + (f" ({hint})" if hint else ""))
 
+    def __reduce__(self):  # pickled with its fields (a Ray worker's error reaches the driver as itself)
+        return type(self), (self.thing, self.expected, self.actual, self.hint)
+
 
 class ConfigError(DDTExportError):
     """A config (preset, YAML, JSON, CLI option) is malformed or does not fit the model."""

@@ -1,90 +1,61 @@
 """`generate`: the library side of the production command. Torch-free.
 
-engines folder -> noise (`core.noise`, or a .npy) and labels -> the engines' loop (host or device) on the
-chosen encoder schedule (`runtime.schedules`) -> final latents -> VAE decoder graph when the folder has one
-(else the latents are the image) -> one PNG per sample and a preview grid.
+engines folder -> labels and the run's settings, checked once -> the run cut into chunks that fit the engines'
+batch range (`runtime.chunks`) -> each chunk: per-sample noise (`core.noise`, or rows of a .npy), the engines'
+loop (host or device) on the chosen encoder schedule (`runtime.schedules`), the VAE decoder graph when the folder
+has one (else the latents are the image), uint8 images -> written as soon as the chunk finishes
+(`runtime.run_folder`: PNGs and/or an ADM-style npz, resumable, nothing half-written).
+
+Memory is flat in --num: only one chunk is in flight per worker, and the end assembles the npz and the latents
+from the chunks' shards in a stream. The chunks run on an executor: `chunks.LocalExecutor` (this process) or
+`ddt_export.scale.ray_data.RayExecutor` (a Ray actor pool); the files are the same bit for bit.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
-import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from ..core.artifacts import load_npy, save_npy
-from ..core.config import SamplerConfig
-from ..core.errors import InputError
-from ..core.images import images_from_samples, save_png, tile
-from ..core.log import Say
-from ..core.noise import StepNoise, sample_noise
-from .engines import Engines, load_engines
-from .host import call_graph, plan_steps, sample, saved_fraction, work_rows
-from .schedules import resolve_schedule
+from ..core.artifacts import folder_lock, load_npy, save_npy, sha256_file
+from ..core.config import Config, SamplerConfig
+from ..core.errors import BackendError, InputError
+from ..core.log import Progress, Say
+from ..core.manifest import Manifest
+from ..core.provenance import Provenance
+from .chunks import Chunk, Job, LocalExecutor, check_chunk, graph_identity, plan_chunks
+from .host import plan_steps, saved_fraction, work_rows
+from .run_folder import FORMATS, GRID_MIN_SIDE, SAMPLE_FILE, SAMPLE_NAME, RunFolder  # noqa: F401 (re-exported)
 
-GRID_MIN_SIDE = 256  # grids of tiny images are upscaled (nearest) to at least this many pixels wide
-SAMPLE_FILE = "{index:05d}-class{label}.png"  # what write_images names a sample: 00003-class7.png ...
-SAMPLE_NAME = re.compile(r"\d{5,}-class\d+\.png")  # ... and the pattern that finds them again
+NOISE_CHECK_ROWS = 4096  # rows of a --noise file checked for NaN/Inf at a time (the file is memory-mapped)
 
 
-def sampler_for(engines: Engines, steps: int | None = None, cfg: float | None = None) -> SamplerConfig:
+def sampler_from(config: Config, steps: int | None = None, cfg: float | None = None) -> SamplerConfig:
     """The manifest's sampler settings with the command's overrides (checked here, named by their flag)."""
     if cfg is not None and not math.isfinite(cfg):
         raise InputError("--cfg", "a finite number", cfg)
     if steps is not None and steps < 1:
         raise InputError("--steps", ">= 1", steps)
-    s = engines.config.sampler
     changes = {k: v for k, v in (("num_steps", steps), ("guidance", cfg)) if v is not None}
-    return dataclasses.replace(s, **changes)
+    return dataclasses.replace(config.sampler, **changes)
 
 
-# ------------------------------------------------------------------------------------------------- images
+def sampler_for(engines, steps: int | None = None, cfg: float | None = None) -> SamplerConfig:
+    """`sampler_from` on opened engines."""
+    return sampler_from(engines.config, steps, cfg)
 
 
-def write_images(images: np.ndarray, labels: np.ndarray, out_dir: Path, say: Say = print) -> tuple[list[Path], Path]:
-    """One PNG per sample (native resolution, for FID) in out_dir and preview/grid.png (upscaled when tiny).
-
-    The grid goes one folder down so that out_dir holds the samples and nothing else: `ddt-export fid out_dir`
-    reads every image there. Samples an earlier run left there (files named as this function names them) are
-    removed, so that the folder holds this run's samples only; other files are left alone."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError("--out", "a folder for the sample PNGs", f"{out_dir} is a file")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    u8 = images_from_samples(images)  # (B, H, W, C) uint8
-    paths = [out_dir / SAMPLE_FILE.format(index=i, label=int(y)) for i, y in enumerate(labels)]
-    keep = set(paths)
-    stale = [f for f in out_dir.iterdir() if SAMPLE_NAME.fullmatch(f.name) and f not in keep]
-    for f in stale:
-        f.unlink()
-    if stale:
-        say(f"removed {len(stale)} samples of an earlier run from {out_dir}")
-    for img, p in zip(u8, paths):
-        save_png(img, p)
-    preview = out_dir / "preview" / "grid.png"
-    preview.parent.mkdir(exist_ok=True)
-    return paths, save_png(tile(u8, math.ceil(math.sqrt(len(u8)))), preview, GRID_MIN_SIDE)
-
-
-# ------------------------------------------------------------------------------------------------- generate
-
-
-@dataclass
-class GenerateResult:
-    latents: np.ndarray  # (B, C, H, W) float32
-    labels: np.ndarray  # (B,) int64
-    schedule: list[int]
-    schedule_spec: str
-    sampler: SamplerConfig
-    rows: dict[str, int]  # graph-call rows of the run and of the official full-batch loop
-    saved: float  # block-weighted fraction of the full-batch work saved by cond-only rows
-    images: list[Path]
-    grid: Path | None
-    backend: str
-    loop: str = "host"  # the loop that ran: "device" (TensorRT, x and s on the GPU) or "host"
+def parse_formats(text: str | Sequence[str]) -> tuple[str, ...]:
+    """`png`, `npz` or `png,npz` -> the formats, in FORMATS order."""
+    items = [p.strip() for p in (text.split(",") if isinstance(text, str) else text)]
+    if not items or any(p not in FORMATS for p in items):
+        raise InputError("--format", "png | npz | png,npz", text if isinstance(text, str) else ",".join(text))
+    return tuple(f for f in FORMATS if f in items)
 
 
 def make_labels(num_classes: int, classes: Sequence[int] | None, labels_file: Path | None,
@@ -108,42 +79,174 @@ def make_labels(num_classes: int, classes: Sequence[int] | None, labels_file: Pa
     return labels.astype(np.int64)
 
 
+def noise_rows(path: Path, latent_shape: tuple[int, ...], num: int | None) -> int:
+    """Rows of a --noise .npy (N, C, H, W) of finite floats, checked without loading it whole."""
+    try:
+        a = np.load(Path(path), mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise InputError("--noise", "a readable .npy file", f"{path}: {e}")
+    if a.ndim != 4 or a.shape[1:] != tuple(latent_shape) or a.shape[0] < 1:
+        raise InputError("noise", f"(B, {', '.join(map(str, latent_shape))})", a.shape)
+    if a.dtype.kind != "f":
+        raise InputError("noise", "a floating-point array", a.dtype)
+    for lo in range(0, a.shape[0], NOISE_CHECK_ROWS):
+        bad = int((~np.isfinite(a[lo:lo + NOISE_CHECK_ROWS])).sum())
+        if bad:
+            raise InputError("noise", "finite values", f"{bad} NaN/Inf in rows {lo}..")
+    if num is not None and a.shape[0] != num:
+        raise InputError("--noise", f"{num} samples (--num)", a.shape[0])
+    return int(a.shape[0])
+
+
+def run_provenance(man: Manifest, job: Job, spec: str, chunk: int, formats: Sequence[str],
+                   latents: bool) -> Provenance:
+    """What made a run's files: the engines' provenance with the run's sampler; the build's options (`build.*`)
+    and the run's settings in `options`. `RunFolder` refuses a resume when any of it differs."""
+    labels = np.ascontiguousarray(job.labels, np.int64)
+    options = {f"build.{k}": v for k, v in man.provenance.options}
+    options.update({
+        "engines": hashlib.sha256(repr(job.graphs).encode()).hexdigest()[:16],
+        "backend": man.backend, "num": len(labels), "seed": job.seed,
+        "labels": hashlib.sha256(labels.tobytes()).hexdigest()[:16],
+        "noise": sha256_file(Path(job.noise_file))[:16] if job.noise_file else "core.noise (seed, index)",
+        "schedule": f"{spec} {list(job.recompute)}", "cond_only_outside": job.cond_only_outside,
+        "chunk": chunk, "formats": ",".join(formats), "latents": latents})
+    return man.provenance.replace(sampler=job.sampler, options=options)
+
+
+@dataclass
+class GenerateResult:
+    num: int  # samples of the run
+    new: int  # sampled by this call (num minus those a resumed run found finished)
+    labels: np.ndarray  # (num,) int64
+    schedule: list[int]
+    schedule_spec: str
+    sampler: SamplerConfig
+    rows: dict[str, int]  # graph-call rows of the whole run and of the official full-batch loop
+    saved: float  # block-weighted fraction of the full-batch work saved by cond-only rows
+    backend: str
+    workers: int
+    chunks: int  # chunks of the run (images per chunk: `chunk`)
+    chunk: int
+    seconds: float  # sampling wall time of this call (first chunk dispatched to last chunk written)
+    files: dict[str, Path]  # png (the folder), npz, latents, preview: what the run wrote
+    duplicates: int = 0  # chunks an executor delivered twice (ignored; 0 unless an executor misbehaves)
+    chunks_by_worker: dict[int, int] = dataclasses.field(default_factory=dict)  # worker pid -> chunks it sampled
+    latents: np.ndarray | None = None  # (num, C, H, W) float32, only without out_dir (held in memory)
+    loop: str = "host"  # the loop that ran: "device" (TensorRT, x and s on the GPU) or "host"
+
+    @property
+    def resumed(self) -> int:
+        return self.num - self.new
+
+    @property
+    def images_per_s(self) -> float:
+        return self.new / self.seconds if self.seconds > 0 else float("nan")
+
+    @property
+    def grid(self) -> Path | None:
+        return self.files.get("preview")
+
+
 def generate(engines_dir: Path, *, classes: Sequence[int] | None = None, labels_file: Path | None = None,
              num: int | None = None, seed: int = 0, steps: int | None = None, cfg: float | None = None,
              schedule: str | None = None, noise_file: Path | None = None, latents_out: Path | None = None,
              out_dir: Path | None = None, backend: str = "auto", cond_only_outside: bool = True,
-             device_loop: bool = True, progress=None, say: Say = print) -> GenerateResult:
+             formats: str | Sequence[str] = "png", resume: bool = False, chunk: int | None = None,
+             device_loop: bool = True, executor=None, progress: Progress | None = None,
+             say: Say = print) -> GenerateResult:
+    """Sample `num` images in chunks; with `out_dir`, stream them to files (resumable), else return the latents.
+
+    progress(done, total) counts samples (those a resumed run found finished included). device_loop=False keeps the
+    host loop on a TensorRT folder (`load_engines`), on every worker."""
+    formats = parse_formats(formats)
     if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise InputError("--out", "a folder for the sample PNGs", f"{out_dir} is a file")
+        raise InputError("--out", "a folder for the run's outputs", f"{out_dir} is a file")
+    if out_dir is None and resume:
+        raise InputError("--resume", "an output folder (--out)", "none")
     if num is not None and num < 1:
         raise InputError("--num", ">= 1", num)
-    with load_engines(engines_dir, backend, device_loop=device_loop) as engines:
-        m = engines.config.model
-        sampler = sampler_for(engines, steps, cfg)  # bad --cfg / --steps refused before anything runs
+    if int(seed) < 0:
+        raise InputError("--seed", ">= 0", seed)  # here, not on a worker at the first chunk
+    executor = executor or LocalExecutor()
+    with executor.open(Path(engines_dir), backend, say, device_loop=device_loop) as man:
+        m = man.config.model
+        sampler = sampler_from(man.config, steps, cfg)  # bad --cfg / --steps refused before anything runs
         if noise_file is not None:
-            noise = load_npy(noise_file, "--noise")
-            if num is not None and noise.ndim == 4 and noise.shape[0] != num:
-                raise InputError("--noise", f"{num} samples (--num)", noise.shape[0])
-            num = noise.shape[0] if noise.ndim == 4 else num
+            num = noise_rows(noise_file, m.latent_shape, num)
         labels = make_labels(m.num_classes, classes, labels_file, num)
-        if noise_file is None:
-            noise = sample_noise(seed, range(labels.shape[0]), m.latent_shape)
-        recompute, spec = resolve_schedule(schedule, engines, sampler, say)
-        plan = plan_steps(sampler, recompute, cond_only_outside)
-        rows = work_rows(plan, labels.shape[0])
-        latents = sample(engines, noise, labels, sampler, recompute, progress=progress,
-                         cond_only_outside=cond_only_outside, rng=StepNoise(seed, range(labels.shape[0])))
-        if latents_out is not None:
-            save_npy(latents_out, latents)
-        images, grid = [], None
-        if out_dir is not None:
-            if engines.vae_decoder is not None:
-                pixels = call_graph(engines, "vae_decoder", sampler.num_steps, None, latent=latents)
-            else:
-                if m.latent_scale is not None:
-                    say("note: this folder has no vae_decoder graph; the PNGs show the first latent channels")
-                pixels = latents
-            images, grid = write_images(pixels, labels, out_dir, say)
+        size = check_chunk(chunk, man)
+        recompute, spec = executor.resolve_schedule(schedule, sampler, say)
+        chunks = plan_chunks(len(labels), size)
+        job = Job(str(Path(engines_dir).absolute()), backend, graph_identity(man), sampler, tuple(recompute),
+                  cond_only_outside, int(seed), labels,  # absolute paths: a Ray worker's cwd is not the driver's
+                  str(Path(noise_file).absolute()) if noise_file is not None else None,
+                  images=out_dir is not None, latents=out_dir is None or latents_out is not None,
+                  device_loop=device_loop)
+        rows = work_rows(plan_steps(sampler, recompute, cond_only_outside), len(labels))
         saved = saved_fraction(rows, m.num_encoder_blocks, m.num_blocks - m.num_encoder_blocks)
-        return GenerateResult(latents, labels, recompute, spec, sampler, rows, saved, images, grid,
-                              engines.backend_name, engines.loop)
+        result = GenerateResult(len(labels), 0, labels, list(recompute), spec, sampler, rows, saved, "", 1,
+                                len(chunks), size, 0.0, {})
+        if out_dir is None:
+            _in_memory(executor, job, chunks, result, progress)
+            if latents_out is not None:
+                result.files["latents"] = save_npy(latents_out, result.latents)
+        else:
+            record = run_provenance(man, job, spec, size, formats, latents_out is not None)
+            with folder_lock(Path(out_dir)):
+                run = RunFolder(Path(out_dir), record, labels, chunks, formats, latents_out, say)
+                pending = run.prepare(resume)
+                _stream(executor, job, chunks, pending, run, result, progress, say)
+                result.files = run.finish()
+        result.backend, result.workers, result.loop = executor.describe(), executor.workers, executor.loop
+        return result
+
+
+def _stream(executor, job: Job, chunks: list[Chunk], pending: list[Chunk], run: RunFolder, result: GenerateResult,
+            progress: Progress | None, say: Say) -> None:
+    """Run the pending chunks on the executor, writing each as it arrives; counts what this call sampled."""
+    total = len(job.labels)
+    done = total - sum(c.size for c in pending)
+    if done:
+        say(f"resuming {run.out}: {done} of {total} samples already there, {len(pending)} chunks to run")
+    if progress is not None:
+        progress(done, total)
+    waiting = {c.number: c for c in pending}
+    t0 = time.perf_counter()
+    if pending:
+        for res in executor.map(job, pending):
+            c = waiting.pop(int(res["chunk"][0]), None)
+            if c is None:  # delivered twice: the first copy is written already (and equal)
+                result.duplicates += 1
+                continue
+            run.write(c, res)
+            pid = int(res["worker"][0])
+            result.chunks_by_worker[pid] = result.chunks_by_worker.get(pid, 0) + 1
+            done += c.size
+            result.new += c.size
+            if progress is not None:
+                progress(done, total)
+    result.seconds = time.perf_counter() - t0
+    if waiting:
+        raise BackendError(f"executor {executor.describe()}", f"all {len(pending)} chunks",
+                           f"{len(waiting)} never delivered", "run again with --resume")
+
+
+def _in_memory(executor, job: Job, chunks: list[Chunk], result: GenerateResult, progress: Progress | None) -> None:
+    """Library use without an output folder: the latents of every chunk, held (the caller asked for them)."""
+    total = len(job.labels)
+    lat: list[np.ndarray | None] = [None] * len(chunks)
+    t0 = time.perf_counter()
+    for res in executor.map(job, chunks):
+        k = int(res["chunk"][0])
+        if lat[k] is not None:
+            result.duplicates += 1
+            continue
+        lat[k] = res["latent"]
+        result.new += len(res["latent"])
+        if progress is not None:
+            progress(result.new, total)
+    result.seconds = time.perf_counter() - t0
+    if any(x is None for x in lat):
+        raise BackendError(f"executor {executor.describe()}", f"all {len(chunks)} chunks", "some never delivered")
+    result.latents = np.concatenate(lat)

@@ -28,7 +28,7 @@ from ..core.errors import BackendError, ConfigError
 from ..core.log import Say
 from ..core.manifest import read_manifest
 from ..runtime.engines import NO_ENGINES_HINT
-from .settings import LOOPBACK, PORT, ServeSettings
+from ..serve.settings import LOOPBACK, PORT, ServeSettings
 
 REPLICA_CPUS = 0.5
 APP_NAME = "ddt-export"
@@ -60,7 +60,7 @@ def plan(batch_max: int, settings: ServeSettings, replicas: int | None, cluster_
 
 def build_app(engines_dir: str, settings: ServeSettings):
     """The replica's ASGI app (Ray Serve calls this on the replica): `create_app` plus the replica header."""
-    from .app import create_app
+    from ..serve.app import create_app
 
     app = create_app(Path(engines_dir), settings)
     replica = f"{os.uname().nodename}:{os.getpid()}"

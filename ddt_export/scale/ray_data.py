@@ -1,0 +1,207 @@
+"""`generate --ray`: the chunks of a run sharded over a Ray Data actor pool. The only module that imports Ray.
+
+    driver (this process)                          actors (WORKERS of them, one per GPU where there are GPUs)
+    runtime.generate: plan, resume, write    <-    ChunkActor: the engines loaded once (runtime.chunks.ChunkSampler)
+    from_items(chunks) -> map_batches(ChunkActor, batch_size=1, compute=ActorPoolStrategy(size=WORKERS))
+
+The actor is an adapter: it calls the same `ChunkSampler` a local run calls, on the same chunks (`plan_chunks`),
+so the files are those of a single-process run bit for bit. The driver writes them (the cluster needs no shared
+output folder), in whatever order chunks finish. Each chunk is one Ray Data block and one actor task. A killed
+actor is restarted and the tasks it held are retried (Ray Data's actor pools run with max_restarts=-1 and
+max_task_retries=-1; a worker's exception is not retried, it fails the run with its typed error); a chunk's rows
+reach the driver only from a finished task, and the driver writes each chunk once: nothing is lost or
+duplicated. Every node must
+see the engine folder (and a --noise file) at the same path; each actor checks its graphs' sha256 against the
+driver's manifest.
+
+Resources are stated where the actor is declared: ACTOR_CPUS (not 1: on a small machine actors holding every CPU
+starve Ray Data's own tasks and the pipeline hangs) and one GPU per actor when the cluster has GPUs.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from ..core import errors
+from ..core.config import SamplerConfig
+from ..core.errors import BackendError, DDTExportError, InputError
+from ..core.log import Say, silent
+from ..core.manifest import Manifest, read_manifest
+from ..runtime.backends import CHOICES
+from ..runtime.chunks import Chunk, ChunkSampler, Job, Result, split_results
+from ..runtime.engines import NO_ENGINES_HINT, load_engines
+from ..runtime.schedules import (default_schedule, parse_spec, resolve_schedule, schedule_provenance, steps_for,
+                                 stored_schedule)
+
+ACTOR_CPUS = 0.5  # CPUs an actor reserves (scheduling only: its engines use what they use)
+FREE_CPUS = 0.5  # CPUs left to Ray Data's read and split tasks
+ACTOR_WAIT_S = 600  # how long the pool may take to start its actors (nodes joining) before the run fails
+
+
+def _ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as e:
+        raise BackendError("--ray", "Ray Data installed (pip install 'ddt-export[ray]')", repr(e)) from None
+    return ray
+
+
+class ChunkActor:
+    """One Ray actor: the engines of the job, loaded once; each call samples one chunk (`ChunkSampler`)."""
+
+    def __init__(self, job: Job):
+        try:
+            self.sampler, self.error = ChunkSampler(job), None
+            self.backend, self.loop = self.sampler.engines.backend_name, self.sampler.engines.loop
+        except DDTExportError as e:  # raised on the first chunk instead: an actor that dies in __init__ reaches
+            self.sampler, self.error = None, e  # the driver as an ActorDiedError holding only its message
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Result:
+        if self.error is not None:
+            raise self.error
+        outs = [self.sampler(Chunk(int(k), int(a), int(b)))
+                for k, a, b in zip(batch["chunk"], batch["start"], batch["stop"])]
+        out = outs[0] if len(outs) == 1 else {n: np.concatenate([o[n] for o in outs]) for n in outs[0]}
+        out["backend"] = np.array([self.backend] * len(out["index"]))
+        out["loop"] = np.array([self.loop] * len(out["index"]))
+        return out
+
+
+def _resolve_on_worker(engines_dir: str, backend: str, spec: str, sampler: SamplerConfig,
+                       device_loop: bool = True) -> list[int]:
+    """A dp:K schedule the engine folder does not store: the template trajectory on a worker's engines."""
+    with load_engines(engines_dir, backend, device_loop=device_loop) as engines:
+        return resolve_schedule(spec, engines, sampler, silent)[0]
+
+
+# the line a worker's traceback ends its DDTExportError with (Ray hands the driver the traceback as text: the
+# exception object of a UDF does not survive Ray Data's UserCodeException wrapper)
+WORKER_ERROR = re.compile(r"ddt_export\.core\.errors\.(\w+): (.*?): expected (.*), got (.*)")
+
+
+def typed_error(e: BaseException) -> DDTExportError:
+    """The DDTExportError a worker raised (Ray wraps it: RayTaskError, UserCodeException), else a BackendError."""
+    seen, todo = set(), [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, DDTExportError):
+            return x
+        todo += [getattr(x, "cause", None), x.__cause__, x.__context__]
+    found = [m for line in str(e).splitlines() if (m := WORKER_ERROR.fullmatch(line.strip()))]
+    cls = getattr(errors, found[-1].group(1), None) if found else None
+    if isinstance(cls, type) and issubclass(cls, DDTExportError):
+        return cls(*found[-1].groups()[1:])  # the same message: "thing: expected X, got Y (hint)"
+    first = (str(e).strip().splitlines() or [""])[-1][:300]
+    return BackendError("Ray Data run", "every chunk sampled", f"{type(e).__name__}: {first}")
+
+
+class RayExecutor:
+    """Runs a job's chunks on a Ray actor pool (see the module doc). `address`: None starts a new local cluster
+    (unless this process is connected already); `workers`: default the cluster's GPUs, else its nodes."""
+
+    def __init__(self, address: str | None = None, workers: int | None = None, say: Say = print):
+        self.address, self.asked_workers, self.say = address, workers, say
+        self.workers, self.num_gpus, self.backend_name = workers or 1, 0, ""
+        self.loop, self.device_loop = "host", True  # the loop the workers ran (`Engines.loop`); the one asked
+        self.folder: Path | None = None
+        self.manifest: Manifest | None = None
+
+    def describe(self) -> str:
+        return f"{self.backend_name or 'engines'} on {self.workers} Ray workers"
+
+    @contextlib.contextmanager
+    def open(self, engines_dir: Path, backend: str, say: Say, device_loop: bool = True) -> Iterator[Manifest]:
+        man = read_manifest(engines_dir, NO_ENGINES_HINT)  # bad input refused before a cluster starts
+        if backend not in CHOICES:
+            raise BackendError("--backend", " | ".join(CHOICES), backend)
+        if backend not in ("auto", man.backend):
+            raise BackendError(f"backend for {engines_dir}", f"{man.backend} (what the folder was built for)", backend)
+        self.folder, self.manifest, self.device_loop = Path(engines_dir).absolute(), man, device_loop
+        ray = _ray()
+        started = not ray.is_initialized()
+        if started:
+            quiet = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+            try:
+                ray.init(address=self.address or "local", **quiet)
+            except (ConnectionError, ValueError, RuntimeError) as e:
+                raise BackendError("--ray-address", "a reachable Ray cluster (ray start --head)",
+                                   f"{self.address}: {e}") from None
+        try:
+            self._size_pool(ray)
+            nodes = len([n for n in ray.nodes() if n.get("Alive")])
+            say(f"Ray: {self.workers} workers ({ACTOR_CPUS} CPU{', 1 GPU' if self.num_gpus else ''} each) on "
+                f"{nodes} node{'s' if nodes != 1 else ''}")
+            yield man
+        finally:
+            if started:
+                ray.shutdown()
+
+    def _size_pool(self, ray) -> None:
+        res = ray.cluster_resources()
+        gpus, cpus = int(res.get("GPU", 0)), float(res.get("CPU", 0))
+        nodes = len([n for n in ray.nodes() if n.get("Alive")])
+        self.num_gpus = 1 if gpus else 0
+        self.workers = self.asked_workers or (gpus or max(1, nodes))
+        if gpus and self.workers > gpus:
+            raise InputError("--workers", f"<= {gpus} (one GPU per worker; the cluster's GPUs)", self.workers)
+        if self.workers * ACTOR_CPUS + FREE_CPUS > cpus:
+            most = int((cpus - FREE_CPUS) // ACTOR_CPUS)
+            raise InputError("--workers", f"<= {most} on a cluster of {cpus:g} CPUs ({ACTOR_CPUS} each, "
+                             f"{FREE_CPUS} left to Ray Data's tasks)", self.workers)
+
+    def resolve_schedule(self, spec: str | None, sampler: SamplerConfig, say: Say) -> tuple[list[int], str]:
+        """all / uniform:R / FILE and stored dp:K here; a dp:K not stored is computed on a worker."""
+        spec = spec if spec is not None else default_schedule(sampler)
+        parsed, n = parse_spec(spec), sampler.num_steps
+        if parsed.kind != "dp":
+            return steps_for(parsed, n), spec
+        if parsed.value > n:
+            raise InputError("--schedule dp:K", f"K <= {n} steps", parsed.value)
+        path = self.folder / f"schedule-{n}-{parsed.value}.json"
+        steps, why = stored_schedule(path, schedule_provenance(SimpleNamespace(manifest=self.manifest), sampler), n)
+        if steps is not None:
+            say(f"schedule dp:{parsed.value}: using {path}")
+            return steps, spec
+        say(f"schedule dp:{parsed.value}: {why}; running the template trajectory and the DP on a Ray worker")
+        ray = _ray()
+        task = ray.remote(num_cpus=ACTOR_CPUS, num_gpus=self.num_gpus)(_resolve_on_worker)
+        try:
+            return ray.get(task.remote(str(self.folder), self.manifest.backend, spec, sampler,
+                                       self.device_loop)), spec
+        except Exception as e:
+            raise typed_error(e) from None
+
+    def map(self, job: Job, chunks: Sequence[Chunk]) -> Iterator[Result]:
+        """Every chunk's result once, in the order they finish."""
+        ray = _ray()
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False  # the driver shows its own bar over images
+        ctx.print_on_execution_start = False
+        ctx.wait_for_min_actors_s = ACTOR_WAIT_S
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # its per-run INFO lines
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
+        logging.getLogger("ray.data.exceptions").setLevel(logging.CRITICAL)  # a worker's error: raised typed below
+        items = [{"chunk": c.number, "start": c.start, "stop": c.stop} for c in chunks]
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            ChunkActor, fn_constructor_kwargs={"job": job}, batch_size=1, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=self.workers),
+            num_cpus=ACTOR_CPUS, num_gpus=self.num_gpus or None)
+        batches = ds.iter_batches(batch_size=None, batch_format="numpy")
+        try:
+            for res in split_results(batches, {c.number: c.size for c in chunks}):
+                self.backend_name, self.loop = str(res.pop("backend")[0]), str(res.pop("loop")[0])
+                yield res
+        except DDTExportError:
+            raise
+        except Exception as e:  # a worker's typed error arrives wrapped; anything else is the cluster's
+            raise typed_error(e) from None
