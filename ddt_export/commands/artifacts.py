@@ -12,7 +12,7 @@ from ..build.recipes import DEFAULT_RECIPE, PRESETS as FP8_RECIPES
 from ..core.precision import NAMES as PRECISIONS
 from ..core.specs import BatchProfile
 from ..runtime.backends import CHOICES as BACKENDS
-from .common import say, step_progress
+from .common import SEED_HELP, say, step_progress
 
 WEIGHTS_HELP = "ema | raw: which weights of a Lightning checkpoint"
 TRUST_HELP = "allow pickle code in the checkpoint (executes it!)"
@@ -61,7 +61,7 @@ def export(
 def calibrate(
     engines: Path = typer.Option(Path("engines/fp32"), help="fp32 export folder (`ddt-export export`)"),
     num: int = typer.Option(CALIBRATION_NUM, help="images per trajectory batch (the CFG batch is twice this)"),
-    seed: int = typer.Option(0, help="noise seed: numpy default_rng(seed).standard_normal"),
+    seed: int = typer.Option(0, help=SEED_HELP),
     schedule: Optional[str] = typer.Option(None, help="the schedule that will run: all | uniform:R | dp:K | FILE.json"),
     classes: Optional[Path] = typer.Option(None, help="file of class ids (text or 1-D .npy), cycled to --num"),
     steps: Optional[int] = typer.Option(None, help="sampling steps (default: the manifest's sampler)"),

@@ -11,7 +11,7 @@ from ..evaluate.bench import DEFAULT_BATCHES, DEFAULT_REPEATS, DEFAULT_SCHEDULES
 from ..evaluate.features import DEFAULT_BATCH as FEATURE_BATCH
 from ..evaluate.validate import DEFAULT_NUM as VALIDATE_NUM
 from ..runtime.engines import DEFAULT_ENGINES
-from .common import DEVICE_LOOP_HELP, console, say, step_progress
+from .common import DEVICE_LOOP_HELP, SEED_HELP, console, say, step_progress
 
 
 def fid(
@@ -95,7 +95,7 @@ def validate(
     reference: str = typer.Option("torch", help="torch (fp32 PyTorch from the manifest's checkpoint) | DIR2 "
                                                 "(a second engine folder of the same model)"),
     num: int = typer.Option(VALIDATE_NUM, help="number of samples, labels 0, 1, ... cycled"),
-    seed: int = typer.Option(0, help="noise seed: numpy default_rng(seed).standard_normal"),
+    seed: int = typer.Option(0, help=SEED_HELP),
     schedule: Optional[str] = typer.Option(None, help="encoder schedule of both sides: all | uniform:R | dp:K | FILE"),
     stats: Optional[Path] = typer.Option(None, help="data statistics .npz (ADM-style mu/sigma or arr_0 images); "
                                                     "default for the digits model: the bundled digits_stats.npz"),

@@ -10,7 +10,7 @@ import typer
 from ..runtime.backends import CHOICES as BACKENDS
 from ..runtime.engines import DEFAULT_ENGINES
 from ..runtime.schedules import TEMPLATE_SAMPLES, TEMPLATE_SEED
-from .common import DEVICE_LOOP_HELP, image_progress, say, step_progress
+from .common import DEVICE_LOOP_HELP, SEED_HELP, image_progress, say, step_progress
 
 SCHEDULE_HELP = "encoder schedule: all | uniform:R | dp:K | FILE.json"
 
@@ -20,7 +20,7 @@ def generate(
     class_: Optional[List[int]] = typer.Option(None, "--class", help="class id; repeat for several (cycled to --num)"),
     labels: Optional[Path] = typer.Option(None, help="class ids as a 1-D integer .npy (instead of --class)"),
     num: Optional[int] = typer.Option(None, help="number of images (default: the classes given, or 8)"),
-    seed: int = typer.Option(0, help="noise seed: image i from numpy default_rng([seed, i])"),
+    seed: int = typer.Option(0, help=SEED_HELP),
     steps: Optional[int] = typer.Option(None, help="sampling steps (default: the manifest's sampler)"),
     cfg: Optional[float] = typer.Option(None, help="CFG scale inside the guidance interval (default: manifest)"),
     schedule: Optional[str] = typer.Option(None, help=SCHEDULE_HELP),
