@@ -27,12 +27,9 @@ MIN_RECOGNIZED = 0.90
 
 
 @pytest.fixture(scope="module")
-def fp16_default(tmp_path_factory):
-    """`ddt-export build --precision fp16` with no checkpoint: the bundled model."""
-    out = tmp_path_factory.mktemp("digits") / "fp16"
-    code, text = run_cli(["build", "--precision", "fp16", "--out", out])
-    assert code == 0, text
-    return out
+def fp16_default(digits_engines):
+    """`ddt-export build --precision fp16` with no checkpoint: the bundled model (built once per session)."""
+    return digits_engines
 
 
 def test_default_model_draws_recognizable_digits(fp16_default):

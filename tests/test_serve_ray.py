@@ -64,8 +64,11 @@ def test_two_replicas_serve_and_equal_generate(tiny_engines, tmp_path):
     replicas = {r.headers[REPLICA_HEADER] for _, r in answers}
     assert len(replicas) == 2, replicas  # both replicas served
     for body, r in answers[:4]:
+        out = tmp_path / str(body["seed"])
         res = generate(tiny_engines[0], classes=[body["class"]], num=2, seed=body["seed"], steps=6,
-                       out_dir=tmp_path / str(body["seed"]), say=lambda m: None)
-        for png, path in zip(r.json()["images"], res.images):
+                       out_dir=out, say=lambda m: None)
+        paths = [out / f"{k:05d}-class{body['class']}.png" for k in range(res.num)]
+        assert len(r.json()["images"]) == len(paths) == 2
+        for png, path in zip(r.json()["images"], paths):
             served = np.asarray(Image.open(io.BytesIO(base64.b64decode(png))))
             np.testing.assert_array_equal(served, np.asarray(Image.open(path)))  # to the uint8 pixel

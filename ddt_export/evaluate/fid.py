@@ -227,9 +227,8 @@ class FidResult:
     features: str
 
 
-def fid_from_paths(a: Path, b: Path, features: str = "digits", inception_onnx: Path | None = None,
-                   batch: int = DEFAULT_BATCH, from_images: bool = False) -> FidResult:
-    """FID between two inputs (each an .npz or an image folder); the extractor is built once, only if needed."""
+def lazy_extractor(features: str, inception_onnx: Path | None, batch: int) -> Callable[[], FeatureExtractor]:
+    """The options checked now; the extractor built on the first call only (statistics inputs never need it)."""
     if features not in FEATURES:
         raise ConfigError("--features", " | ".join(FEATURES), features)
     if batch < 1:
@@ -241,6 +240,13 @@ def fid_from_paths(a: Path, b: Path, features: str = "digits", inception_onnx: P
             cache.append(make_extractor(features, inception_onnx, batch))
         return cache[0]
 
+    return get_extractor
+
+
+def fid_from_paths(a: Path, b: Path, features: str = "digits", inception_onnx: Path | None = None,
+                   batch: int = DEFAULT_BATCH, from_images: bool = False) -> FidResult:
+    """FID between two inputs (each an .npz or an image folder); the extractor is built once, only if needed."""
+    get_extractor = lazy_extractor(features, inception_onnx, batch)
     sa = load_stats(a, get_extractor, batch=batch, from_images=from_images)
     sb = load_stats(b, get_extractor, batch=batch, from_images=from_images)
     if sa.dim != sb.dim:

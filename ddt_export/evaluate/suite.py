@@ -24,8 +24,8 @@ import numpy as np
 from ..core.errors import ArtifactError, ConfigError, InputError
 from ..core.log import Progress
 from .adm import IS_SPLIT, NHOOD_K, Activations, inception_score, precision_recall
-from .features import DEFAULT_BATCH, FEATURES, FeatureExtractor, make_extractor
-from .fid import Stats, fid, image_files, iter_folder_images, iter_npz_images, stats_from_features
+from .features import DEFAULT_BATCH, FeatureExtractor
+from .fid import Stats, fid, image_files, iter_folder_images, iter_npz_images, lazy_extractor, stats_from_features
 
 METRICS = ("inception_score", "fid", "sfid", "precision", "recall")
 LABELS = {"inception_score": "Inception Score", "fid": "FID", "sfid": "sFID", "precision": "Precision",
@@ -219,17 +219,7 @@ def evaluate_paths(samples: Path, ref: Path, features: str = "digits", inception
                    batch: int = DEFAULT_BATCH, from_images: bool = False,
                    progress: Progress | None = None) -> Evaluation:
     """ADM's five numbers of SAMPLES against REF (each an .npz or an image folder); the extractor is built once."""
-    if features not in FEATURES:
-        raise ConfigError("--features", " | ".join(FEATURES), features)
-    if batch < 1:
-        raise ConfigError("--batch", ">= 1", batch)
-    cache: list[FeatureExtractor] = []
-
-    def get_extractor() -> FeatureExtractor:
-        if not cache:
-            cache.append(make_extractor(features, inception_onnx, batch))
-        return cache[0]
-
+    get_extractor = lazy_extractor(features, inception_onnx, batch)
     a = read_batch(samples, get_extractor, batch=batch, from_images=from_images, progress=progress)
     b = read_batch(ref, get_extractor, batch=batch, from_images=from_images, progress=progress)
     return Evaluation(a, b, features, adm_numbers(a, b))
