@@ -17,7 +17,7 @@ from ddt_export.commands import artifacts, quality, sampling, serving
 from ddt_export.commands.common import console
 from ddt_export.core.errors import DDTExportError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Deploy DDT: ONNX export, TensorRT/ONNX Runtime engines, torch-free sampling, FID gating.")
 
 COMMANDS = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 from rich.console import Console
 
 console = Console(stderr=True)
-SEED_HELP = r"noise seed: image i from numpy default_rng(\[seed, i]) (core.noise)"
+SEED_HELP = "noise seed: image i from numpy default_rng([seed, i]) (core.noise)"
 DEVICE_LOOP_HELP = "on a TensorRT folder, keep x and s on the GPU (the default); --no-device-loop: the numpy host loop"
 
 
