@@ -67,8 +67,3 @@ def high_precision(name: str, what: str = "--high-precision") -> Precision:
     if not p.hosts_quantized:
         raise ConfigError(what, " | ".join(HIGH_PRECISIONS), name)
     return p
-
-
-def runs_on_ort_cpu(p: Precision, high: Precision | None = None) -> bool:
-    """Whether onnxruntime CPU runs a folder of `p` (a quantized one also needs its high precision to run)."""
-    return p.ort_cpu and (not p.quantized or high is None or high.ort_cpu)

@@ -108,11 +108,6 @@ class ErrorResponse(BaseModel):
     message: str = Field(description="names the thing, the expected value and the actual one")
 
 
-class ProgressEvent(BaseModel):
-    step: int
-    steps: int
-
-
 class Info(BaseModel):
     model: str
     precision: str

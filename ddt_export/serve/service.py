@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
@@ -228,8 +228,3 @@ class Service:
 
 def engine_failure(e: Exception, graphs: str) -> BackendError:
     return BackendError(f"engine call ({graphs})", "a successful graph call", f"{type(e).__name__}: {str(e)[:300]}")
-
-
-def outcome_error(outcome: Outcome) -> dict[str, Any]:
-    e = outcome.error
-    return {"error": type(e).__name__, "message": str(e)}
