@@ -36,8 +36,8 @@ def _speed(row: dict, key: str = "model") -> str:
     return "1.00x" if s is None else f"{s['predicted_speedup']:.2f}x"
 
 
-def deviation_table(rows: dict, fid1: dict) -> str:
-    head = ("| recipe | FP8 GEMMs | share of block GEMM FLOPs (digits / XL-256) | predicted speed-up (digits / "
+def deviation_table(rows: dict, fid1: dict, model: str = "digits") -> str:
+    head = (f"| recipe | FP8 GEMMs | share of block GEMM FLOPs ({model} / XL-256) | predicted speed-up ({model} / "
             "XL-256) | encoder / decoder rel. L2 vs fp32 (calibration rows) | final-latent deviation mean / max "
             "| dFID seed 0 [95%] |")
     lines = [head, "|" + " --- |" * 7]
@@ -54,23 +54,46 @@ def deviation_table(rows: dict, fid1: dict) -> str:
 def fid_table(rows: dict) -> str:
     lines = ["| recipe | FP8 GEMMs | share of block GEMM FLOPs | predicted speed-up (digits / XL-256) | FID fp32 "
              "(3 seeds) | FID FP8 | dFID per seed | mean dFID | mean abs dFID | paired 95% interval of the mean | "
-             "deviation | bar |", "|" + " --- |" * 12]
+             "dFID of the 3 seeds pooled | change of the features' covariance trace per seed | deviation | bar |",
+             "|" + " --- |" * 14]
     for name, r in rows.items():
         lines.append(f"| {name} | {_rule(r['recipe'])} | {_share(r)} | {_speed(r)} / {_speed(r, 'xl256')} | "
                      + ", ".join(f"{v:.3f}" for v in r["fid_fp32"]) + " | " + ", ".join(f"{v:.3f}" for v in r["fid"])
                      + " | " + ", ".join(f"{v:+.3f}" for v in r["delta"]) + f" | {r['mean_delta']:+.3f} | "
-                     f"{r['mean_abs_delta']:.3f} | [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}] | {r['deviation']:.2e} | "
+                     f"{r['mean_abs_delta']:.3f} | [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}] | "
+                     + (f"{r['pooled_delta']:+.3f}" if "pooled_delta" in r else "-") + " | "
+                     + _trace(r) + f" | {r['deviation']:.2e} | "
                      + ("met" if r["meets_bar"] else "missed") + " |")
     return "\n".join(lines)
 
 
+def bias_table(rows: dict) -> str:
+    lines = ["| recipe | share of the GEMM error's mean square that is its per-channel mean (encoder / decoder) | "
+             "final-latent deviation before / after | dFID per seed before | dFID per seed after |",
+             "|" + " --- |" * 5]
+    for name, r in rows.items():
+        rec = r["records"]
+        lines.append(f"| {name} | {rec['encoder']['mean_share_of_error_before']:.0%} / "
+                     f"{rec['decoder']['mean_share_of_error_before']:.0%} (after: "
+                     f"{max(rec[g]['mean_share_of_error_after'] for g in rec):.0e}) | "
+                     f"{r['deviation_before'][0]:.2e} / {r['deviation_after'][0]:.2e} | "
+                     + ", ".join(f"{v:+.3f}" for v in r["delta_before"]) + " | "
+                     + ", ".join(f"{v:+.3f}" for v in r["delta_after"]) + " |")
+    return "\n".join(lines)
+
+
+def _trace(r: dict) -> str:
+    return ", ".join(f"{v:+.2f}" for v in r["trace_change"]) if "trace_change" in r else "-"
+
+
 def screen_table(rows: dict) -> str:
     lines = ["| recipe | FP8 GEMMs | share of block GEMM FLOPs | predicted speed-up (digits / XL-256) | FID fp32 | "
-             "FID FP8 | dFID [paired 95%] | deviation |", "|" + " --- |" * 8]
+             "FID FP8 | dFID [paired 95%] | change of the features' covariance trace | deviation |",
+             "|" + " --- |" * 9]
     for name, r in rows.items():
         lines.append(f"| {name} | {_rule(r['recipe'])} | {_share(r)} | {_speed(r)} / {_speed(r, 'xl256')} | "
                      f"{r['fid_fp32'][0]:.3f} | {r['fid'][0]:.3f} | {r['delta'][0]:+.3f} "
-                     f"[{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}] | {r['deviation']:.2e} |")
+                     f"[{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}] | {_trace(r)} | {r['deviation']:.2e} |")
     return "\n".join(lines)
 
 
@@ -101,11 +124,18 @@ def pareto_plot(res: dict, path: Path = PLOT) -> Path:
         ax.errorbar([x], [m], yerr=[[m - r["ci95"][0]], [r["ci95"][1] - m]], fmt="o",
                     color="tab:green" if r["meets_bar"] else "tab:red", capsize=4)
         ax.annotate(name, (x, m), textcoords="offset points", xytext=(5, -10), fontsize=8, weight="bold")
+    for key in (k for k in res if k.startswith("fid-n")):
+        for name, r in res[key].items():
+            x, m = r["shares"]["model"]["predicted_speedup"], r["mean_delta"]
+            ax.errorbar([x], [m], yerr=[[m - r["ci95"][0]], [r["ci95"][1] - m]], fmt="D", ms=7,
+                        color="tab:green" if r["meets_bar"] else "tab:red", capsize=5)
+            ax.annotate(f"{name} ({key.removeprefix('fid-n')}/seed)", (x, m), textcoords="offset points",
+                        xytext=(6, 6), fontsize=8, weight="bold")
     ax.plot([], [], "o", mfc="none", color="tab:blue", label="1 seed, 500 samples (screen)")
-    ax.plot([], [], "o", color="tab:green", label="3 seeds: bar met")
-    ax.plot([], [], "o", color="tab:red", label="3 seeds: bar missed")
+    ax.plot([], [], "D", color="0.4", label="3 seeds, 2000 samples each")
+    ax.plot([], [], "o", color="tab:green", label="3 seeds, 500 each: bar met (green) / missed (red)")
     ax.set_xlabel("predicted step speed-up (FP8 share of a step's FLOPs, FP8 = 2x fp16)")
-    ax.set_ylabel("dFID vs fp32 (digits, 500 samples)")
+    ax.set_ylabel("dFID vs fp32 (digits; 3-seed mean and its paired 95% interval)")
     ax.set_title("FP8 recipes: quality vs predicted speed-up (ONNX Runtime CPU emulation of Q/DQ)", fontsize=9)
     ax.legend(fontsize=7, loc="upper left")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -133,7 +163,8 @@ def report(res: dict) -> int:
     for title, key in (("Sensitivity (digits)", "deviation"), ("Calibration choices (digits)", "calibration"),
                        ("XL-shaped model (ddt-xl-cpu, random weights)", "xl")):
         if key in res:
-            tables[key] = deviation_table(_ordered(res[key]), fid1 if key != "xl" else {})
+            tables[key] = (deviation_table(_ordered(res[key]), fid1) if key != "xl"
+                           else deviation_table(_ordered(res[key]), {}, "ddt-xl-cpu"))
             print(f"\n### {title}\n\n{tables[key]}")
     if fid1:
         tables["screen"] = screen_table(_ordered(fid1))
@@ -141,6 +172,12 @@ def report(res: dict) -> int:
     if "fid" in res:
         tables["fid"] = fid_table(_ordered(res["fid"]))
         print(f"\n### FID, 3 seeds\n\n{tables['fid']}")
+    for key in sorted(k for k in res if k.startswith("fid-n")):  # the same, more samples per seed
+        tables[key.removeprefix("fid-")] = fid_table(_ordered(res[key]))
+        print(f"\n### FID, 3 seeds, {key.removeprefix('fid-n')} samples each\n\n{tables[key.removeprefix('fid-')]}")
+    if "bias_correction" in res:
+        tables["bias"] = bias_table(res["bias_correction"])
+        print(f"\n### Bias correction\n\n{tables['bias']}")
     if fid1 or "fid" in res:
         print(f"\nwrote {pareto_plot(res)}")
     if DOC.is_file():

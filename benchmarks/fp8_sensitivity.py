@@ -54,7 +54,10 @@ GROUPS = [Recipe(f"only-{n}", quantize=(rule,)) for n, rule in (
 # Compositions, chosen after the single-group FIDs (the decoder's GEMMs move FID least, the encoder's qkv most)
 CANDIDATES = [Recipe(f"mix-{n}", quantize=rules) for n, rules in (
     ("dec+ffn-enc", ("*@decoder", "ffn@encoder")), ("dec+w1w3-enc", ("*@decoder", "w1,w3@encoder")),
-    ("dec+w2-enc", ("*@decoder", "w2@encoder")), ("ffn-enc", ("ffn@encoder",)), ("w1w3+adaLN", ("w1,w3", "adaLN")))]
+    ("dec+w2-enc", ("*@decoder", "w2@encoder")), ("ffn-enc", ("ffn@encoder",)), ("w1w3+adaLN", ("w1,w3", "adaLN")),
+    # second round: groups that spread the samples (encoder qkv/proj, decoder adaLN: dFID > 0 alone) with groups
+    # that contract them (FFN, w1/w3, the decoder: dFID <= 0 alone), so that the two effects cancel
+    ("ffn+qkv", ("ffn", "qkv")), ("dec+ffn+qkv-enc", ("*@decoder", "ffn@encoder", "qkv@encoder")))]
 # Calibration choices the ONNX FP8 path offers, on the all-GEMMs recipe (where the differences are largest)
 CALIBRATION = [Recipe("all-entropy", calibration="entropy"), Recipe("all-guided-rows", calibration_rows="guided"),
                Recipe("all-unguided-rows", calibration_rows="unguided")]
@@ -245,11 +248,40 @@ def deviation_rows(base: Path, model: str, recipes, section: str, num: int, seed
 # ------------------------------------------------------------------------------------------ FID
 
 
+def svc_accuracy(lat: np.ndarray, clfs) -> float:
+    """fid_digits' recognition rate (RBF SVC on the pixels) of latents sampled with classes cycled by index."""
+    labels = make_labels(MODELS["ddt-tiny-digits"].model.num_classes, None, None, len(lat))
+    svc = next(clf for name, clf, _ in clfs if name == "svc")
+    return float((svc.predict(np.clip(lat, -1, 1).reshape(len(lat), -1)) == labels).mean())
+
+
+FIRST = 500  # the FID runs' sample count; larger runs reuse these samples and sample only the rest
+
+
+def tail_latents(folder: Path, seed: int, start: int, stop: int, chunk: int = 250) -> np.ndarray:
+    """Final latents of samples start..stop-1 of a `generate(folder, num=stop, seed=seed, schedule="all")` run:
+    per-sample noise (core.noise: seed, index) and labels cycled by index, so samples 0..start-1 are a shorter
+    run's (checked on every extension: its first samples again, against the shorter run's)."""
+    from ddt_export.runtime.generate import sampler_from
+
+    with load_engines(folder, "onnxruntime") as eng:
+        m, sampler = eng.config.model, sampler_from(eng.config, None, None)
+        labels = make_labels(m.num_classes, None, None, stop)
+        out = []
+        for lo in range(start, stop, chunk):
+            idx = range(lo, min(lo + chunk, stop))
+            out.append(sample(eng, sample_noise(seed, idx, m.latent_shape), labels[idx.start:idx.stop], sampler,
+                              list(range(sampler.num_steps)), cond_only_outside=True, rng=StepNoise(seed, idx)))
+            say(f"    {folder.name} seed {seed}: samples {idx.start}..{idx.stop - 1}")
+        return np.concatenate(out)
+
+
 def fid_rows(base: Path, names: list[str], seeds: list[int], num: int, draws: int) -> None:
     from fid_digits import bootstrap_draws, classifiers, fid_run
 
+    from ddt_export.core.images import images_from_samples
     from ddt_export.evaluate.features import DIGITS_STATS, DigitsFeatures
-    from ddt_export.evaluate.fid import load_stats
+    from ddt_export.evaluate.fid import fid, load_stats, stats_from_features
 
     data, ext, clfs = load_stats(DIGITS_STATS), DigitsFeatures(), classifiers()
     cache = WORK / "digits" / "fid"
@@ -257,6 +289,23 @@ def fid_rows(base: Path, names: list[str], seeds: list[int], num: int, draws: in
 
     def run(name: str, folder: Path, seed: int) -> dict:
         f = cache / f"{name}-s{seed}-n{num}.npz"
+        first = cache / f"{name}-s{seed}-n{FIRST}.npz"
+        if not f.is_file() and num > FIRST and first.is_file():  # samples 0..FIRST-1 are those already run
+            with np.load(first) as z:
+                head = {k: z[k] for k in z.files}
+            again = relative_errors(tail_latents(folder, seed, 0, 4), head["latents"][:4])
+            if not again.max() < 1e-4:
+                raise RuntimeError(f"{name} seed {seed}: samples 0..3 again differ from the {FIRST}-sample run "
+                                   f"by {again.max():.2e}: the tail would not continue that run")
+            t0 = time.time()
+            tail = tail_latents(folder, seed, FIRST, num)
+            lat = np.concatenate([head["latents"], tail])
+            feats = np.concatenate([head["features"], ext.extract(images_from_samples(tail))])
+            value = fid(stats_from_features(feats), data)
+            np.savez(f, features=feats, latents=lat, fid=value, seconds=head["seconds"] + time.time() - t0,
+                     svc=svc_accuracy(lat, clfs))
+            say(f"  FID {name} seed {seed}: {value:.3f} ({num} samples, {time.time() - t0:.0f} s for the last "
+                f"{num - FIRST})")
         if not f.is_file():
             r = fid_run(folder, num, seed, "all", data, ext, clfs)
             np.savez(f, features=r["features"], latents=r["latents"], fid=r["fid"], seconds=r["seconds"],
@@ -275,16 +324,25 @@ def fid_rows(base: Path, names: list[str], seeds: list[int], num: int, draws: in
         mean = np.mean(boots, axis=0)
         lo, hi = float(np.percentile(mean, 2.5)), float(np.percentile(mean, 97.5))
         mean_abs = statistics.mean(abs(d) for d in deltas)
+        pooled = [np.concatenate([runs[s]["features"] for s in seeds]) for runs in (per, ref)]
+        pooled_delta = fid(stats_from_features(pooled[0]), data) - fid(stats_from_features(pooled[1]), data)
         row = {"recipe": recipe.to_dict(), "shares": shares(recipe, "ddt-tiny-digits"),
                "num": num, "seeds": seeds, "fid": [float(per[s]["fid"]) for s in seeds],
                "fid_fp32": [float(ref[s]["fid"]) for s in seeds], "delta": deltas,
                "mean_delta": statistics.mean(deltas),
-               "mean_abs_delta": mean_abs, "ci95": [lo, hi], "bootstrap_sd": [float(b.std(ddof=1)) for b in boots],
+               "mean_abs_delta": mean_abs, "ci95": [lo, hi], "pooled_delta": float(pooled_delta),
+               "bootstrap_sd": [float(b.std(ddof=1)) for b in boots],
+               # > 0: FP8 spreads the samples' features, < 0: contracts them (the generated trace exceeds the data's)
+               "trace_change": [float(np.trace(np.cov(per[s]["features"], rowvar=False))
+                                      - np.trace(np.cov(ref[s]["features"], rowvar=False))) for s in seeds],
+               "trace_fp32": [float(np.trace(np.cov(ref[s]["features"], rowvar=False))) for s in seeds],
+               "trace_data": float(np.trace(data.sigma)),
                "deviation": float(np.mean([relative_errors(per[s]["latents"], ref[s]["latents"]).mean()
                                            for s in seeds])),
                "svc": [float(per[s]["svc"]) for s in seeds], "draws": draws,
                "meets_bar": bool(mean_abs <= BAR and (lo <= 0 <= hi or (-BAR <= lo and hi <= BAR)))}
-        save("fid" if len(seeds) > 1 else f"fid-seed{seeds[0]}", name, row)
+        section = "fid" if len(seeds) > 1 else f"fid-seed{seeds[0]}"
+        save(section if num == FIRST else f"{section}-n{num}", name, row)
         say(f"FID {name}: deltas {', '.join(f'{d:+.3f}' for d in deltas)}, mean |d| {mean_abs:.3f}, "
             f"95% [{lo:+.3f}, {hi:+.3f}], bar {'met' if row['meets_bar'] else 'missed'}")
 

@@ -147,9 +147,12 @@ def phase_steps(sampler: SamplerConfig, rows: str) -> set[int] | None:
 
 # ------------------------------------------------------------------------------------------ presets
 
-# From benchmarks/fp8_sensitivity.py (docs/fp8.md): on the bundled digits model the encoder's attention GEMMs
-# (qkv, proj) and its adaLN move FID most; the decoder's GEMMs and the FFNs least.
+# From benchmarks/fp8_sensitivity.py (docs/fp8.md): on the bundled digits model FP8 on qkv, proj or the decoder's
+# adaLN alone raises FID (spreads the samples); on the FFNs, w1/w3, w2 or the encoder's adaLN alone lowers it.
 PRESETS: dict[str, Recipe] = {r.name: r for r in (
+    Recipe("ffn+qkv", quantize=("ffn", "qkv"),
+           description="the FFN (w1/w2/w3) and attention qkv of every block; proj and adaLN_modulation stay in the "
+                       "high precision"),
     Recipe("decoder+ffn", quantize=("*@decoder", "ffn@encoder"),
            description="every decoder block GEMM and the encoder's FFN (w1/w2/w3); the encoder's qkv, proj and "
                        "adaLN stay in the high precision"),
@@ -159,10 +162,9 @@ PRESETS: dict[str, Recipe] = {r.name: r for r in (
     Recipe("w1w3+adaLN", quantize=("w1,w3", "adaLN"), description="w1/w3 and adaLN_modulation of every block"),
     Recipe("ffn", quantize=("ffn",), description="the FFN (w1/w2/w3) of every block"),
 )}
-# The default: of the recipes with >= 50% of the block GEMM FLOPs measured on 3 seeds (digits, 500 samples),
-# the largest share whose paired 95% interval of the mean dFID covers 0 (dFID +0.016, -0.124, -0.100). It
-# misses issue 15's other half, 3-seed mean |dFID| <= 0.05 (0.080); no such recipe met it (docs/fp8.md).
-DEFAULT_RECIPE = "decoder+ffn"
+# The default: the largest FP8 share (81%) whose dFID against fp32 is within noise on the digits model (issue 15):
+# 3 seeds x 2000 samples, dFID +0.066, +0.002, -0.033, mean |dFID| 0.034, paired 95% interval [-0.063, +0.088].
+DEFAULT_RECIPE = "ffn+qkv"
 
 
 def parse_recipe(spec: str | Path | None) -> Recipe:
