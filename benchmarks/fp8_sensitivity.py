@@ -2,7 +2,8 @@
 
     python benchmarks/fp8_sensitivity.py deviation            # every group + the presets: final-latent deviation
     python benchmarks/fp8_sensitivity.py calibration          # max vs entropy, rows of all steps vs per phase
-    python benchmarks/fp8_sensitivity.py fid --recipes default all --seeds 0 1 2
+    python benchmarks/fp8_sensitivity.py fid --recipes ffn+qkv all --seeds 0 1 2
+    python benchmarks/fp8_sensitivity.py fid --num 2000 --recipes mix-ffn+qkv  # extends the 500-sample runs
     python benchmarks/fp8_sensitivity.py xl                   # ddt-xl-cpu (random weights): the same recipes
     python benchmarks/fp8_sensitivity.py report               # tables + docs/img/fp8-pareto.png from the JSON
 
@@ -10,7 +11,8 @@ Every FP8 number here is ONNX Runtime CPU emulating ModelOpt's Q/DQ graphs (Quan
 DequantizeLinear to fp16 around an fp16 MatMul); no TensorRT, no GPU. Each recipe is quantized from one fp32 +
 fp16 export and one calibration set (`build --precision fp8` stages), so recipes differ only in their Q/DQ.
 Deviation: per-sample ||x_fp8 - x_fp32|| / ||x_fp32|| of the final latents from the same noise (core.noise,
-seed --seed), schedule `all`, the production host loop (runtime.sample). FID: 500 samples per seed against
+seed --seed), schedule `all`, the production host loop (runtime.sample). FID: 500 samples per seed (--num;
+more extends the cached 500-sample runs with samples 500.., after checking samples 0..3 come out the same) against
 the bundled digits statistics (benchmarks/fid_digits.py's functions), paired with fp32 on the same noise; the
 paired bootstrap resamples the sample indices (same indices on both sides) per seed, and the 95% interval is
 that of the 3-seed mean. Predicted speed-up: `core.flops.fp8_speedup` of the recipe's FP8 share of a step's
