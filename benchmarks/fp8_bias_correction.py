@@ -12,8 +12,8 @@ same on every row, per output channel: the weights' rounding `W_q - W` is fixed,
 has a non-zero mean (SiLU outputs feeding adaLN_modulation, SwiGLU's w2 input, outlier channels of the residual
 stream) `E[x] @ (W_q - W)` is a constant shift of the output; E4M3 rounds a channel whose values sit in one
 binade the same way on every row, which shifts the output again. A shift of adaLN's scale or gate, or of an
-FFN output, enters every token and every step; it is a systematic change of the model, the kind that moves FID
-in one direction on every seed. The mean part is known from the calibration rows, so it is subtracted
+FFN output, enters every token and every step; it is a systematic change of the model, which was the hypothesis
+for FP8's one-directional FID shift (the measurement above refutes it). The mean part is known from the calibration rows, so it is subtracted
 (Nagel et al., "Data-Free Quantization Through Weight Equalization and Bias Correction", ICCV 2019, sec. 4.2,
 empirical bias correction; here measured with the FP8 graph's own inputs):
 
@@ -25,8 +25,8 @@ where it has none (DDT's SwiGLU FFN), an Add of the correction follows it: one p
 fuses into the GEMM epilogue. The graph stays a standard Q/DQ graph; its FP8 GEMMs are unchanged.
 
 What it cannot remove: the error's per-row part (FP8's 3-bit mantissa on each input), which is most of its
-energy (`record["rms_fraction_removed"]` says how much: the share of the error's mean square that was the
-per-channel mean).
+energy (`mean_share_of_error_before` in the record: the share of the error's mean square that was the
+per-channel mean, averaged over the GEMMs; `..._after`: what is left).
 """
 from __future__ import annotations
 
@@ -47,8 +47,8 @@ CHUNK = 16  # rows per inference
 
 
 def fp8_gemms(model) -> list[dict]:
-    """FP8 GEMMs of a Q/DQ graph: {"node", "x" (activation before QuantizeLinear), "w" (weight initializer),
-    "w_transposed"}: MatMul nodes whose two inputs come from DequantizeLinear of QuantizeLinear."""
+    """FP8 GEMMs of a Q/DQ graph: {"node", "x" (activation before QuantizeLinear), "w" (weight initializer, (K, N))}:
+    MatMul nodes whose two inputs come from DequantizeLinear of QuantizeLinear."""
     inits = {i.name for i in model.graph.initializer}
     prod = {o: n for n in model.graph.node for o in n.output}
 

@@ -57,8 +57,8 @@ GROUPS = [Recipe(f"only-{n}", quantize=(rule,)) for n, rule in (
 CANDIDATES = [Recipe(f"mix-{n}", quantize=rules) for n, rules in (
     ("dec+ffn-enc", ("*@decoder", "ffn@encoder")), ("dec+w1w3-enc", ("*@decoder", "w1,w3@encoder")),
     ("dec+w2-enc", ("*@decoder", "w2@encoder")), ("ffn-enc", ("ffn@encoder",)), ("w1w3+adaLN", ("w1,w3", "adaLN")),
-    # second round: groups that spread the samples (encoder qkv/proj, decoder adaLN: dFID > 0 alone) with groups
-    # that contract them (FFN, w1/w3, the decoder: dFID <= 0 alone), so that the two effects cancel
+    # second round: groups that raise FID alone and spread the samples (qkv, proj, the decoder's adaLN) with groups
+    # that lower it and contract them (FFN, w1/w3, w2), so that the two shifts offset
     ("ffn+qkv", ("ffn", "qkv")), ("dec+ffn+qkv-enc", ("*@decoder", "ffn@encoder", "qkv@encoder")))]
 # Calibration choices the ONNX FP8 path offers, on the all-GEMMs recipe (where the differences are largest)
 CALIBRATION = [Recipe("all-entropy", calibration="entropy"), Recipe("all-guided-rows", calibration_rows="guided"),
