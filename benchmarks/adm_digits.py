@@ -41,6 +41,7 @@ from ddt_export.core.manifest import read_manifest  # noqa: E402
 from ddt_export.evaluate.features import DIGITS_STATS, DigitsFeatures  # noqa: E402
 from ddt_export.evaluate.suite import adm_numbers, batch_from_activations, read_batch  # noqa: E402
 from ddt_export.runtime.generate import generate  # noqa: E402
+from doc_blocks import replace_between  # noqa: E402
 
 SCHEDULES = ("all", "uniform:2", "dp:25", "uniform:4", "dp:13")
 PRECISIONS = ("fp32", "fp16", "fp8")
@@ -228,11 +229,9 @@ def report(result: dict) -> int:
                  + (f"\nPaired differences from fp32 `all`, seed by seed (same noise), mean ± sd over seeds:\n\n"
                     f"{pmd}\n" if pmd else ""))
     doc = ROOT / "docs" / "metrics.md"
-    if doc.is_file() and MARK_BEGIN in doc.read_text():
-        text = doc.read_text()
-        head, rest = text.split(MARK_BEGIN, 1)
+    if doc.is_file():
         body = md + (f"\n\nPaired differences from fp32 `all` (same noise, seed by seed):\n\n{pmd}" if pmd else "")
-        doc.write_text(head + MARK_BEGIN + "\n" + body + "\n" + MARK_END + rest.split(MARK_END, 1)[1])
+        doc.write_text(replace_between(doc.read_text(), MARK_BEGIN, MARK_END, body))
     print(md + "\n\n" + pmd)
     return 0
 

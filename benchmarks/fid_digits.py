@@ -37,6 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # doc_blocks
 
 from ddt_export.build.engine import build  # noqa: E402
 from ddt_export.core.config import load_config  # noqa: E402
@@ -47,6 +48,7 @@ from ddt_export.evaluate.features import DIGITS_STATS, DigitsFeatures  # noqa: E
 from ddt_export.evaluate.fid import fid, load_stats, stats_from_features  # noqa: E402
 from ddt_export.evaluate.validate import validate  # noqa: E402
 from ddt_export.runtime.generate import generate  # noqa: E402
+from doc_blocks import replace_between  # noqa: E402
 
 SCHEDULES = ("all", "uniform:2", "dp:25", "uniform:4", "dp:13", "dp:12")
 LOW_PRECISION_SCHEDULES = ("all", "dp:25")
@@ -277,10 +279,8 @@ def main(argv=None) -> int:
                  + (f"\n`validate --reference torch`, {a.validate_num} samples, seed {a.seeds[0]}, schedule all:\n\n"
                     f"{vmd}\n" if vmd else ""))
     doc = ROOT / "docs" / "validate.md"
-    if doc.is_file() and MARK_BEGIN in doc.read_text():
-        text = doc.read_text()
-        head, rest = text.split(MARK_BEGIN, 1)
-        doc.write_text(head + MARK_BEGIN + "\n" + md + "\n" + MARK_END + rest.split(MARK_END, 1)[1])
+    if doc.is_file():
+        doc.write_text(replace_between(doc.read_text(), MARK_BEGIN, MARK_END, md))
     return 0
 
 

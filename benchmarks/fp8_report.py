@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from doc_blocks import replace_between
+
 ROOT = Path(__file__).resolve().parents[1]
 PLOT = ROOT / "docs" / "img" / "fp8-pareto.png"
 DOC = ROOT / "docs" / "fp8.md"
@@ -149,14 +151,6 @@ def _ordered(rows: dict) -> dict:
     return dict(sorted(rows.items(), key=key))
 
 
-def replace_block(text: str, name: str, table: str) -> str:
-    begin, end = f"<!-- fp8 {name} begin -->", f"<!-- fp8 {name} end -->"
-    if begin not in text:
-        return text
-    head, rest = text.split(begin, 1)
-    return head + begin + "\n" + table + "\n" + end + rest.split(end, 1)[1]
-
-
 def report(res: dict) -> int:
     fid1 = res.get("fid-seed0", {})
     tables = {}
@@ -183,6 +177,6 @@ def report(res: dict) -> int:
     if DOC.is_file():
         text = DOC.read_text()
         for name, table in tables.items():
-            text = replace_block(text, name, table)
+            text = replace_between(text, f"<!-- fp8 {name} begin -->", f"<!-- fp8 {name} end -->", table)
         DOC.write_text(text)
     return 0
