@@ -33,14 +33,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from ddt_export.build.engine import build  # noqa: E402
+from ddt_export.builder.engine import build  # noqa: E402
 from ddt_export.core.artifacts import library_versions, write_json  # noqa: E402
 from ddt_export.core.config import load_config  # noqa: E402
 from ddt_export.core.images import images_from_samples  # noqa: E402
 from ddt_export.core.manifest import read_manifest  # noqa: E402
 from ddt_export.evaluate.features import DIGITS_STATS, DigitsFeatures  # noqa: E402
 from ddt_export.evaluate.suite import adm_numbers, batch_from_activations, read_batch  # noqa: E402
-from ddt_export.runtime.generate import generate  # noqa: E402
+from ddt_export.runtime.generate.generate import generate  # noqa: E402
 from doc_blocks import replace_between  # noqa: E402
 
 SCHEDULES = ("all", "uniform:2", "dp:25", "uniform:4", "dp:13")
@@ -60,7 +60,7 @@ def numbers(images: np.ndarray, ext: DigitsFeatures, ref, source: str) -> dict:
 def recompute_steps(folder: Path, spec: str) -> list[int]:
     """The steps `spec` resolves to on these engines (dp:K: the stored or computed DP schedule)."""
     from ddt_export.runtime import load_engines
-    from ddt_export.runtime.schedules import resolve_schedule
+    from ddt_export.runtime.sampling.schedules import resolve_schedule
 
     with load_engines(folder, "onnxruntime") as engines:
         return list(resolve_schedule(spec, engines, engines.config.sampler, say=lambda m: None)[0])

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "benchmarks"))  # doc_blocks
 
-from ddt_export.build.engine import build  # noqa: E402
+from ddt_export.builder.engine import build  # noqa: E402
 from ddt_export.core.config import load_config  # noqa: E402
 from ddt_export.core.artifacts import library_versions, write_json  # noqa: E402
 from ddt_export.core.images import images_from_samples  # noqa: E402
@@ -47,7 +47,7 @@ from ddt_export.core.numerics import relative_errors  # noqa: E402
 from ddt_export.evaluate.features import DIGITS_STATS, DigitsFeatures  # noqa: E402
 from ddt_export.evaluate.fid import fid, load_stats, stats_from_features  # noqa: E402
 from ddt_export.evaluate.validate import validate  # noqa: E402
-from ddt_export.runtime.generate import generate  # noqa: E402
+from ddt_export.runtime.generate.generate import generate  # noqa: E402
 from doc_blocks import replace_between  # noqa: E402
 
 SCHEDULES = ("all", "uniform:2", "dp:25", "uniform:4", "dp:13", "dp:12")

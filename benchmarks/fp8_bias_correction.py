@@ -189,7 +189,7 @@ def corrected_copy(src: Path, dst: Path, calib_dir: Path) -> dict:
     manifest's hashes follow the new files and each graph's quantization record gains "bias_correction"."""
     import onnx
 
-    from ddt_export.build.calibrate import calibration_inputs, read_calibration
+    from ddt_export.builder.calibrate import calibration_inputs, read_calibration
     from ddt_export.core.artifacts import sha256_file, write_json
     from ddt_export.core.specs import DECODER, ENCODER
 

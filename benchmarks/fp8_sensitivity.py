@@ -32,16 +32,16 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks"), str(ROOT / "scripts")]
 
-from ddt_export.build.engine import build, reuse_differences  # noqa: E402
-from ddt_export.build.quantize import quantize_folder  # noqa: E402
-from ddt_export.build.recipes import PRESETS, Recipe  # noqa: E402
+from ddt_export.builder.engine import build, reuse_differences  # noqa: E402
+from ddt_export.builder.quantize import quantize_folder  # noqa: E402
+from ddt_export.builder.recipes import PRESETS, Recipe  # noqa: E402
 from ddt_export.core.artifacts import write_json  # noqa: E402
 from ddt_export.core.config import PRESETS as MODELS  # noqa: E402
 from ddt_export.core.manifest import read_manifest  # noqa: E402
 from ddt_export.core.noise import StepNoise, sample_noise  # noqa: E402
 from ddt_export.core.numerics import relative_errors  # noqa: E402
 from ddt_export.runtime import load_engines, sample  # noqa: E402
-from ddt_export.runtime.generate import make_labels, sampler_for  # noqa: E402
+from ddt_export.runtime.generate.generate import make_labels, sampler_for  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "fp8_sensitivity.json"
 WORK = ROOT / "engines" / "fp8_study"
@@ -106,7 +106,7 @@ def digits_base() -> Path:
 
 def xl_base(num: int, steps: int) -> Path:
     """ddt-xl-cpu, random weights seed 0: fp32 + fp16 exports and a short calibration (num images, steps)."""
-    from ddt_export.build.calibrate import capture
+    from ddt_export.builder.calibrate import capture
     from ddt_export.export.exporter import export_checkpoint
 
     base = WORK / "xl-cpu" / "base"
@@ -194,7 +194,7 @@ def with_headroom(folder: Path, factor: float) -> Path:
 def latents(folder: Path | tuple, num: int, seed: int, steps: int | None = None) -> np.ndarray:
     """Final latents of `num` samples (classes cycled) from seed `seed`, schedule all, production host loop."""
     if isinstance(folder, tuple):  # (guided folder, unguided folder): per-phase scales
-        from ddt_export.build.recipes import phase_steps
+        from ddt_export.builder.recipes import phase_steps
 
         with load_engines(folder[0], "onnxruntime") as g, load_engines(folder[1], "onnxruntime") as u:
             sampler = sampler_for(g, steps)
@@ -264,7 +264,7 @@ def tail_latents(folder: Path, seed: int, start: int, stop: int, chunk: int = 25
     """Final latents of samples start..stop-1 of a `generate(folder, num=stop, seed=seed, schedule="all")` run:
     per-sample noise (core.noise: seed, index) and labels cycled by index, so samples 0..start-1 are a shorter
     run's (checked on every extension: its first samples again, against the shorter run's)."""
-    from ddt_export.runtime.generate import sampler_from
+    from ddt_export.runtime.generate.generate import sampler_from
 
     with load_engines(folder, "onnxruntime") as eng:
         m, sampler = eng.config.model, sampler_from(eng.config, None, None)

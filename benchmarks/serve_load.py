@@ -15,7 +15,7 @@ and the host overheads, measured in this process; three servers (`--batching ste
 trace sent to each server in turn: throughput, p50/p95/p99 latency, p99 slowdown (latency / the same request's
 solo latency), mean requests and rows per iteration (from /metrics). The simulator then runs the same traces
 on the measured cost curve (it predicts the measured p50/p99?), and a GPU-like curve (stated assumptions,
-`runtime.simulate.gpu_like_curve`) for DDT-XL/2 256. Writes benchmarks/serve_load.json, serve_load.png and a
+`runtime.batching.simulate.gpu_like_curve`) for DDT-XL/2 256. Writes benchmarks/serve_load.json, serve_load.png and a
 dated section at the end of benchmarks/results.md (benchmarks/serve_report.py).
 
 `simulate`: the simulator alone, on the GPU-like curve or a curve JSON (as `measure` writes).
@@ -35,8 +35,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ddt_export.runtime.batching import RequestSpec  # noqa: E402
-from ddt_export.runtime.simulate import Arrival  # noqa: E402
+from ddt_export.runtime.batching.scheduler import RequestSpec  # noqa: E402
+from ddt_export.runtime.batching.simulate import Arrival  # noqa: E402
 
 POLICIES = ("step", "fair", "request", "single")
 CATALOG_SIZE = 16

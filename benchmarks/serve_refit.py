@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from serve_load import arrivals, poisson_trace  # noqa: E402
 from serve_study import fit_trace, sim_stats  # noqa: E402
 
-from ddt_export.runtime.simulate import simulate  # noqa: E402
+from ddt_export.runtime.batching.simulate import simulate  # noqa: E402
 
 GAP_S = 60.0  # an idle gap this long inside one server's trace: another server's turn
 
@@ -52,7 +52,7 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     out = json.loads(a.json.read_text())
     from ddt_export.runtime import load_engines
-    from ddt_export.runtime.batch_step import resolve_request
+    from ddt_export.runtime.batching.runner import resolve_request
 
     with load_engines(out["engines"]) as engines:
         specs = [resolve_request(engines, label=0, num=k["num"], steps=k["steps"], cfg=k["cfg"],

@@ -20,9 +20,9 @@ from serve_load import (LOOPBACK, POLICIES, arrivals, catalog, closed_loop, metr
 
 from ddt_export.core.config import load_config
 from ddt_export.core.flops import step_flops
-from ddt_export.runtime.batching import RequestSpec, Scheduler
-from ddt_export.runtime.schedules import parse_spec, steps_for
-from ddt_export.runtime.simulate import Arrival, CostCurve, gpu_like_curve, simulate
+from ddt_export.runtime.batching.scheduler import RequestSpec, Scheduler
+from ddt_export.runtime.sampling.schedules import parse_spec, steps_for
+from ddt_export.runtime.batching.simulate import Arrival, CostCurve, gpu_like_curve, simulate
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = (1, 2, 4, 8, 16, 32, 48, 64)
@@ -291,7 +291,7 @@ def measure(args) -> None:
     from serve_report import plot, write_section
 
     from ddt_export.runtime import load_engines
-    from ddt_export.runtime.batch_step import resolve_request
+    from ddt_export.runtime.batching.runner import resolve_request
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the servers
     t_start, kinds, delay = time.time(), catalog(args.seed), args.max_delay_ms / 1e3

@@ -83,14 +83,14 @@ def probe() -> dict:
         env["cuda_driver"] = cudart.cudaDriverGetVersion()[1]
         err, n = cudart.cudaGetDeviceCount()
         env["cuda_devices"] = int(n or 0) if int(err) == 0 else 0
-        from ddt_export.runtime.trt_plan import cuda_reason
+        from ddt_export.runtime.graphs.trt_plan import cuda_reason
 
         env["cuda_reason"] = cuda_reason(getattr(err, "name", str(err)), int(n or 0), int(env["cuda_driver"] or 0),
                                          int(env["cuda_runtime"] or 0)) or "ok"
         env["nvrtc"] = ".".join(map(str, nvrtc.nvrtcVersion()[1:]))
     except Exception as e:  # noqa: BLE001
         env["cuda_bindings"] = f"unusable: {type(e).__name__}: {e}"
-    from ddt_export.build.tensorrt import tensorrt_status
+    from ddt_export.builder.tensorrt import tensorrt_status
 
     env["tensorrt_status"] = dict(zip(("usable", "why"), tensorrt_status()))
     return env
@@ -144,8 +144,8 @@ def nvrtc_kernel(check: Check) -> dict:
     from cuda.bindings import runtime as cudart
 
     from ddt_export.core.sampling import cfg_combine
-    from ddt_export.runtime.trt import DeviceBuffer, check as ok, copy
-    from ddt_export.runtime.trt_loop import THREADS, load_kernel
+    from ddt_export.runtime.graphs.trt import DeviceBuffer, check as ok, copy
+    from ddt_export.runtime.sampling.trt_loop import THREADS, load_kernel
 
     dev = int(ok(cudart.cudaGetDevice(), "cudaGetDevice"))
     kernel, stream = load_kernel(dev), ok(cudart.cudaStreamCreate(), "cudaStreamCreate")
@@ -243,7 +243,7 @@ def _baselines(check: Check, variant: str) -> dict:
     from ddt_export.core.noise import sample_noise
     from ddt_export.evaluate.bench import timeit
     from ddt_export.export.reference import TorchReference
-    from ddt_export.runtime.schedules import parse_spec, steps_for
+    from ddt_export.runtime.sampling.schedules import parse_spec, steps_for
 
     cfg, man, model = _xl(check)
     ref = TorchReference(man, variant, model=model)
@@ -290,7 +290,7 @@ def ort_cuda(check: Check) -> dict:
 
 
 def tensorrt_digits(check: Check) -> dict:
-    from ddt_export.build.engine import build
+    from ddt_export.builder.engine import build
     from ddt_export.evaluate.bench import bench
 
     work = Path(tempfile.mkdtemp(prefix="ddt-trt-"))

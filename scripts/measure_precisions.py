@@ -3,7 +3,7 @@
     python scripts/measure_precisions.py --ckpt CKPT --config CONFIG --out DIR [--num 4]
 
 Builds fp8 (which leaves the fp32 and fp16 exports and the calibration in DIR/fp8/stages and DIR/fp8/calibration)
-and bf16 with `ddt_export.build`, then measures per graph (max |out - ref| / max |ref| and relative L2; fp16 on
+and bf16 with `ddt_export.builder`, then measures per graph (max |out - ref| / max |ref| and relative L2; fp16 on
 random inputs, fp8 on calibration rows) and per sample (final latents of the host loop, same noise, relative L2).
 bf16 graphs cannot run in onnxruntime on CPU; their row shows the PyTorch CPU bf16 error recorded by the build.
 """
@@ -13,8 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
-from ddt_export.build.engine import build
-from ddt_export.build.parity import graph_errors, sample_error
+from ddt_export.builder.engine import build
+from ddt_export.builder.parity import graph_errors, sample_error
 
 
 def main() -> None:

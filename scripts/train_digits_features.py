@@ -41,7 +41,7 @@ from train_digits import ASSETS, THREADS, load_digits_16, random_shift  # noqa: 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ddt_export.core.artifacts import atomic_path  # noqa: E402
 from ddt_export.core.images import images_from_samples  # noqa: E402
-from ddt_export.runtime import ort as ddt_ort  # noqa: E402  (the one place sessions are made)
+from ddt_export.runtime.graphs import ort as ddt_ort  # noqa: E402  (the one place sessions are made)
 
 FEATURES_ONNX = "digits_features.onnx"
 STATS_NPZ = "digits_stats.npz"

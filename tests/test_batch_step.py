@@ -1,4 +1,4 @@
-"""The model step of step-level batching (runtime.batch_step) on real tiny engines: requests batched together,
+"""The model step of step-level batching (runtime.batching.runner) on real tiny engines: requests batched together,
 joining at different iterations, equal the host loop run on each alone (itself checked against the official
 sampler in test_generate.py); per-row t; one call per graph per iteration; a NaN fails its request only."""
 from __future__ import annotations
@@ -12,8 +12,8 @@ from ddt_export.core.errors import InputError, NumericsError
 from ddt_export.core.images import images_from_samples
 from ddt_export.core.noise import StepNoise, sample_noise
 from ddt_export.runtime import load_engines, sample
-from ddt_export.runtime.batch_step import finish, resolve_request, run_iteration, start
-from ddt_export.runtime.batching import DONE, FAILED, RequestSpec, Scheduler
+from ddt_export.runtime.batching.runner import finish, resolve_request, run_iteration, start
+from ddt_export.runtime.batching.scheduler import DONE, FAILED, RequestSpec, Scheduler
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ import pytest
 
 from ddt_export.core.config import SamplerConfig
 from ddt_export.core.errors import InputError
-from ddt_export.runtime.batching import (CANCELLED, FAILED, RUNNING, SAMPLED, WAITING, QueueFull, RequestSpec,
+from ddt_export.runtime.batching.scheduler import (CANCELLED, FAILED, RUNNING, SAMPLED, WAITING, QueueFull, RequestSpec,
                                          Scheduler, peak_rows, step_rows)
-from ddt_export.runtime.host import plan_steps
+from ddt_export.runtime.sampling.host import plan_steps
 
 # N = 10, last_step 0.04: t_i = 0.10667 i, so the guidance interval 0.3 < t < 1 holds steps 3..9.
 SAMPLER = SamplerConfig(num_steps=10, guidance=1.5, guidance_interval=(0.3, 1.0), last_step=0.04)
@@ -181,11 +181,11 @@ def test_virtual_clock_short_request_stops_waiting_behind_a_long_one():
 
 
 def test_simulator_is_the_scheduler_on_a_virtual_clock():
-    """runtime.simulate against this file's own driver (above) on a linear cost curve, for every policy, on a
+    """runtime.batching.simulate against this file's own driver (above) on a linear cost curve, for every policy, on a
     random mixed trace; then the per-request and VAE costs it adds, by hand."""
     import numpy as np
 
-    from ddt_export.runtime.simulate import Arrival, CostCurve, simulate
+    from ddt_export.runtime.batching.simulate import Arrival, CostCurve, simulate
 
     rng = np.random.default_rng(3)
     specs = [spec(num=int(rng.integers(1, 4)), steps=int(s), cfg=float(rng.choice([1.0, 1.5])))

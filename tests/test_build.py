@@ -9,11 +9,11 @@ import numpy as np
 import onnx
 import pytest
 
-from ddt_export.build.engine import build, point_default, reuse_differences
-from ddt_export.build.tensorrt import profile_shapes, tensorrt_status
+from ddt_export.builder.engine import build, point_default, reuse_differences
+from ddt_export.builder.tensorrt import profile_shapes, tensorrt_status
 from ddt_export.core.errors import ArtifactError, BackendError
 from ddt_export.core.manifest import read_manifest
-from ddt_export.build.quantize import fp8_gemm_report
+from ddt_export.builder.quantize import fp8_gemm_report
 from ddt_export.core.specs import BatchProfile, Dims
 from engines_cache import fp8_build, run_cli
 
@@ -44,7 +44,7 @@ def test_fallback_says_one_line(fp8):
 def test_fp8_acceptance(fp8, official_ckpt, tmp_path):
     """build --precision fp8: the default recipe's block GEMMs fed by FP8 DQ, at least half the block GEMM FLOPs
     (counted from the graphs); generate runs; samples close to fp32, same noise."""
-    from ddt_export.build.recipes import parse_recipe
+    from ddt_export.builder.recipes import parse_recipe
 
     out, _ = fp8
     man = read_manifest(out)
@@ -144,7 +144,7 @@ def test_fp16_build_default_out_and_generate(tmp_path, official_ckpt, monkeypatc
 
 def test_given_calibration_brings_its_schedule(fp8, official_ckpt, tmp_path):
     """--calibration: captured under another encoder schedule (what will run), used as is; another sampler: refused."""
-    from ddt_export.build.calibrate import capture
+    from ddt_export.builder.calibrate import capture
 
     out, _ = fp8
     ckpt, yaml, _ = official_ckpt
@@ -169,7 +169,7 @@ def test_recipe_decides_reuse_and_selects_by_role_and_block(fp8, official_ckpt, 
     """--fp8-recipe FILE: a folder built with another recipe is refused, rebuilt with --force (stages and
     calibration reused), and then holds exactly the recipe's GEMMs in FP8 (hand count on the tiny model:
     3 encoder blocks 0-2 + decoder block 3)."""
-    from ddt_export.build.recipes import Recipe, parse_recipe
+    from ddt_export.builder.recipes import Recipe, parse_recipe
 
     out, _ = fp8
     ckpt, yaml, _ = official_ckpt

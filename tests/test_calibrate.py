@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ddt_export.build.calibrate import calibration_inputs, capture, read_calibration, read_classes
+from ddt_export.builder.calibrate import calibration_inputs, capture, read_calibration, read_classes
 from ddt_export.core.errors import ArtifactError, InputError
 from ddt_export.core.sampling import step_times
 from ddt_export.core.specs import DECODER

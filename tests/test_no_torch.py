@@ -34,7 +34,7 @@ SCRIPT = BLOCK_TORCH + textwrap.dedent("""
             cli.main(argv)
         except SystemExit as e:
             assert e.code == 0, (argv, e.code)
-    import ddt_export.runtime, ddt_export.runtime.generate, ddt_export.core.sampling, ddt_export.runtime.schedules
+    import ddt_export.runtime, ddt_export.runtime.generate, ddt_export.core.sampling, ddt_export.runtime.sampling.schedules
     import ddt_export.evaluate.fid, ddt_export.evaluate.features, ddt_export.evaluate.adm, ddt_export.evaluate.suite
     loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
     print("TORCH_MODULES", loaded)

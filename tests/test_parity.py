@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from ddt_export.build.engine import build
+from ddt_export.builder.engine import build
 from ddt_export.core.manifest import read_manifest
-from ddt_export.build.parity import graph_errors, sample_error
+from ddt_export.builder.parity import graph_errors, sample_error
 from engines_cache import fp8_build
 
 pytest.importorskip("modelopt.onnx.quantization", reason="the shared FP8 build needs nvidia-modelopt")

@@ -7,9 +7,9 @@ from onnx import TensorProto
 
 from ddt_export.core.errors import ArtifactError
 from ddt_export.core.manifest import read_manifest
-from ddt_export.build.parity import graph_errors
-from ddt_export.build.quantize import fp8_gemm_report, gemm_roles, island_nodes, quantize_folder
-from ddt_export.build.recipes import Recipe, parse_recipe
+from ddt_export.builder.parity import graph_errors
+from ddt_export.builder.quantize import fp8_gemm_report, gemm_roles, island_nodes, quantize_folder
+from ddt_export.builder.recipes import Recipe, parse_recipe
 from ddt_export.core.artifacts import sha256_file
 from engines_cache import fp8_build
 

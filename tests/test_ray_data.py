@@ -16,7 +16,7 @@ import pytest
 
 import cli
 from ddt_export.core.errors import BackendError, InputError, NumericsError
-from ddt_export.runtime.generate import generate
+from ddt_export.runtime.generate.generate import generate
 
 ray = pytest.importorskip("ray", reason="the [ray] extra is not installed")
 pytest.importorskip("ray.data", reason="the [ray] extra is not installed")
@@ -254,7 +254,7 @@ def test_worker_error_arrives_typed(cluster, tiny_engines):
 
     from ddt_export.core.errors import ArtifactError
     from ddt_export.core.manifest import read_manifest
-    from ddt_export.runtime.chunks import Job, graph_identity, plan_chunks
+    from ddt_export.runtime.generate.chunks import Job, graph_identity, plan_chunks
 
     man = read_manifest(tiny_engines[0])
     job = Job(str(tiny_engines[0]), "auto", graph_identity(man), man.config.sampler, (0,), True, 0,

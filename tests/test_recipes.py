@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from ddt_export.build.recipes import DEFAULT_RECIPE, PRESETS, Recipe, parse_recipe, phase_steps
+from ddt_export.builder.recipes import DEFAULT_RECIPE, PRESETS, Recipe, parse_recipe, phase_steps
 from ddt_export.core.config import PRESETS as MODELS, ModelConfig, SamplerConfig
 from ddt_export.core.errors import ConfigError
 

@@ -82,7 +82,7 @@ def test_bad_folders(tiny_engines, tmp_path):
 
 @pytest.mark.parametrize("schedule, calls", [("all", 20), ("uniform:2", 10), ("uniform:3", 7), ([0, 5, 11], 3)])
 def test_encoder_calls_per_schedule(engines, tiny_cfg, schedule, calls):
-    from ddt_export.runtime.schedules import parse_spec, steps_for
+    from ddt_export.runtime.sampling.schedules import parse_spec, steps_for
 
     steps = steps_for(parse_spec(schedule), 20) if isinstance(schedule, str) else schedule
     seen = Counter()

@@ -1,4 +1,4 @@
-"""Streaming, resumable `generate` (runtime.chunks, runtime.run_folder): chunks, SIGKILL + --resume, the ADM npz,
+"""Streaming, resumable `generate` (runtime.generate.chunks, runtime.generate.run_folder): chunks, SIGKILL + --resume, the ADM npz,
 flat memory in --num. References: an uninterrupted run's files byte for byte, the official sampler (through
 test_generate), FID computed on the PNG folder."""
 from __future__ import annotations
@@ -16,9 +16,9 @@ import pytest
 import cli
 from ddt_export.core.config import Config, ModelConfig, SamplerConfig
 from ddt_export.core.errors import ArtifactError, DDTExportError, InputError
-from ddt_export.runtime.chunks import plan_chunks, split_results
-from ddt_export.runtime.generate import generate, parse_formats
-from ddt_export.runtime.run_folder import NPZ_FILE, PARTS, RUN_RECORD, RunFolder
+from ddt_export.runtime.generate.chunks import plan_chunks, split_results
+from ddt_export.runtime.generate.generate import generate, parse_formats
+from ddt_export.runtime.generate.run_folder import NPZ_FILE, PARTS, RUN_RECORD, RunFolder
 
 ROOT = Path(cli.__file__).parent
 

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from ddt_export.runtime import dp, schedules as sch
+from ddt_export.runtime.sampling import dp, schedules as sch
 from ddt_export.core.errors import InputError, NumericsError
 from official_reference import official_dp
 

@@ -13,8 +13,8 @@ import json
 import numpy as np
 import pytest
 
-from ddt_export.build.engine import build
-from ddt_export.build.tensorrt import profile_shapes, tensorrt_status
+from ddt_export.builder.engine import build
+from ddt_export.builder.tensorrt import profile_shapes, tensorrt_status
 from ddt_export.core.errors import InputError
 from ddt_export.core.specs import BatchProfile
 
@@ -46,7 +46,7 @@ def _nvrtc_reason() -> str:
 
 @pytest.mark.skipif(bool(_nvrtc_reason()), reason=_nvrtc_reason() or "ok")
 def test_step_kernel_compiles_without_fma():
-    from ddt_export.runtime.trt_loop import kernel_ptx
+    from ddt_export.runtime.sampling.trt_loop import kernel_ptx
 
     ptx = kernel_ptx("90").decode()  # the NVRTC program is created, compiled and destroyed (defect 6)
     assert ".entry cfg_euler" in ptx and "fma" not in ptx  # rounds like the numpy loop: x + (v * dt)
@@ -57,7 +57,7 @@ def test_check_raises_on_real_cuda_status():
     from cuda.bindings import nvrtc
 
     from ddt_export.core.errors import BackendError
-    from ddt_export.runtime.trt import check
+    from ddt_export.runtime.graphs.trt import check
 
     prog = check(nvrtc.nvrtcCreateProgram(b"this is not CUDA", b"bad.cu", 0, [], []), "nvrtcCreateProgram")
     with pytest.raises(BackendError, match="NVRTC_ERROR_COMPILATION"):
@@ -112,7 +112,7 @@ def test_plans_match_onnxruntime(trt_fp16, tiny_cfg):
 def test_device_loop_equals_host_loop(trt_fp16, tiny_cfg, cuda_graphs):
     from ddt_export.core.specs import ENCODER
     from ddt_export.runtime import load_engines, sample
-    from ddt_export.runtime.trt_loop import sample_on_device
+    from ddt_export.runtime.sampling.trt_loop import sample_on_device
 
     out, _ = trt_fp16
     eng, host_eng = load_engines(out), load_engines(out, device_loop=False)
@@ -206,7 +206,7 @@ def test_reuse_and_platform_check(trt_fp16, official_ckpt, tmp_path):
 
 @needs_gpu
 def test_fp8_engine(tmp_path, official_ckpt):
-    from ddt_export.build.tensorrt import running_platform
+    from ddt_export.builder.tensorrt import running_platform
     from ddt_export.core.precision import PRECISIONS
     from ddt_export.runtime import load_engines, sample
 

@@ -1,16 +1,16 @@
-"""The TensorRT backend's decisions (runtime.trt_plan), on CPU: no TensorRT and no mock of it. Each test names
+"""The TensorRT backend's decisions (runtime.graphs.trt_plan), on CPU: no TensorRT and no mock of it. Each test names
 the defect of issue 13 its function fixes; what is left (the calls into TensorRT and CUDA) is in test_trt.py."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from ddt_export.build.tensorrt import tensorrt_status
+from ddt_export.builder.tensorrt import tensorrt_status
 from ddt_export.core.config import SamplerConfig
 from ddt_export.core.errors import InputError
 from ddt_export.core.specs import DECODER, ENCODER, Dims
-from ddt_export.runtime.host import plan_steps
-from ddt_export.runtime.trt_plan import (ALIGNMENT, GraphPlan, TensorDesc, align_up, cuda_reason, device_batch,
+from ddt_export.runtime.sampling.host import plan_steps
+from ddt_export.runtime.graphs.trt_plan import (ALIGNMENT, GraphPlan, TensorDesc, align_up, cuda_reason, device_batch,
                                          engine_problems, output_problem, pack, polygraphy_reason, s_half,
                                          time_table, unusable_reason)
 

@@ -6,12 +6,12 @@ from typing import Optional
 
 import typer
 
-from ..build.calibrate import DEFAULT_NUM as CALIBRATION_NUM
-from ..build.engine import DEFAULT_HIGH_PRECISION, DEFAULT_OPT_LEVEL
-from ..build.recipes import DEFAULT_RECIPE, PRESETS as FP8_RECIPES
+from ..builder.calibrate import DEFAULT_NUM as CALIBRATION_NUM
+from ..builder.engine import DEFAULT_HIGH_PRECISION, DEFAULT_OPT_LEVEL
+from ..builder.recipes import DEFAULT_RECIPE, PRESETS as FP8_RECIPES
 from ..core.precision import NAMES as PRECISIONS
 from ..core.specs import BatchProfile
-from ..runtime.backends import CHOICES as BACKENDS
+from ..runtime.graphs.backends import CHOICES as BACKENDS
 from .common import SEED_HELP, say, step_progress
 
 WEIGHTS_HELP = "ema | raw: which weights of a Lightning checkpoint"
@@ -68,12 +68,17 @@ def calibrate(
     out: Optional[Path] = typer.Option(None, help="output folder (default: calibration/<config name>)"),
 ):
     """Capture encoder/decoder inputs of real trajectories on fp32 graphs (every step, full CFG batch)."""
-    from ..build.calibrate import capture, read_classes
+    import dataclasses
 
+    from ..builder.calibrate import capture, read_classes
+    from ..runtime.sampling.request import CLI, RequestInput
+
+    given = RequestInput(classes=tuple(read_classes(classes)) if classes else None, num=num, seed=seed, steps=steps,
+                         schedule=schedule)
     bar, progress = step_progress("calibration trajectories")
     with bar:
-        out, rec = capture(engines, out, num=num, seed=seed, classes=read_classes(classes) if classes else None,
-                           schedule=schedule, steps=steps, progress=progress, say=say)
+        out, rec = capture(engines, out, given, names=dataclasses.replace(CLI, classes="--classes"),
+                           progress=progress, say=say)
     for name, g in rec["graphs"].items():
         print(f"{name}: {g['rows_stored']} of {g['rows_captured']} rows -> {out / g['file']}")
     print(f"wrote {out / 'manifest.json'} ({rec['provenance']['sampler']['num_steps']} steps, "
@@ -101,7 +106,7 @@ def build(
     trust_checkpoint: bool = typer.Option(False, help=TRUST_HELP),
 ):
     """Export, quantize (fp8) and build the engines of one precision; without TensorRT, an ONNX Runtime folder."""
-    from ..build.engine import build as run_build
+    from ..builder.engine import build as run_build
 
     bar, progress = step_progress("calibration steps")  # shown while fp8 captures its calibration
     with bar:

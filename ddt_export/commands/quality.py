@@ -10,7 +10,7 @@ from rich.console import Console
 from ..evaluate.bench import DEFAULT_BATCHES, DEFAULT_REPEATS, DEFAULT_SCHEDULES
 from ..evaluate.features import DEFAULT_BATCH as FEATURE_BATCH
 from ..evaluate.validate import DEFAULT_NUM as VALIDATE_NUM
-from ..runtime.engines import DEFAULT_ENGINES
+from ..runtime.graphs.engines import DEFAULT_ENGINES
 from .common import DEVICE_LOOP_HELP, SEED_HELP, console, say, step_progress
 
 

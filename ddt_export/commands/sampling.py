@@ -7,12 +7,14 @@ from typing import List, Optional
 
 import typer
 
-from ..runtime.backends import CHOICES as BACKENDS
-from ..runtime.engines import DEFAULT_ENGINES
-from ..runtime.schedules import TEMPLATE_SAMPLES, TEMPLATE_SEED
+from ..runtime.graphs.backends import CHOICES as BACKENDS
+from ..runtime.graphs.engines import DEFAULT_ENGINES
+from ..runtime.sampling.grammar import SCHEDULE_KINDS
+from ..runtime.sampling.request import RequestInput
+from ..runtime.sampling.schedules import TEMPLATE_SAMPLES, TEMPLATE_SEED
 from .common import DEVICE_LOOP_HELP, SEED_HELP, image_progress, say, step_progress
 
-SCHEDULE_HELP = "encoder schedule: all | uniform:R | dp:K | FILE.json"
+SCHEDULE_HELP = "encoder schedule: " + " | ".join(SCHEDULE_KINDS)
 
 
 def generate(
@@ -41,17 +43,19 @@ def generate(
     device_loop: bool = typer.Option(True, "--device-loop/--no-device-loop", help=DEVICE_LOOP_HELP),
 ):
     """Sample images with the engines: streamed in chunks, resumable, torch-free; optionally on a Ray cluster."""
-    from ..runtime.generate import generate as run_generate
+    from ..runtime.generate.generate import RunOptions
+    from ..runtime.generate.generate import generate as run_generate
     from ..scale import executor_for
 
+    given = RequestInput(classes=tuple(class_) if class_ else None, labels_file=labels, num=num, seed=seed,
+                         steps=steps, cfg=cfg, schedule=schedule)
+    options = RunOptions(out_dir=out, formats=format_, resume=resume, chunk=chunk, latents_out=latents_out,
+                         noise_file=noise, backend=backend, device_loop=device_loop)
     executor = executor_for(ray, ray_address, workers, say)
     bar, progress = image_progress("sampling")
     t0 = time.perf_counter()
     with bar:
-        res = run_generate(engines, classes=class_, labels_file=labels, num=num, seed=seed, steps=steps, cfg=cfg,
-                           schedule=schedule, noise_file=noise, latents_out=latents_out, out_dir=out,
-                           backend=backend, formats=format_, resume=resume, chunk=chunk, device_loop=device_loop,
-                           executor=executor, progress=progress, say=say)
+        res = run_generate(engines, given, options, executor=executor, progress=progress, say=say)
     r, n = res.rows, res.sampler.num_steps
     print(f"{res.num} samples, {n} steps, cfg {res.sampler.guidance}, schedule {res.schedule_spec}: "
           f"encoder {r['encoder_calls']}/{n} steps, backend {res.backend} ({res.loop} loop), "
@@ -74,12 +78,12 @@ def schedule(
     out: Optional[Path] = typer.Option(None, help="with --from-similarity: the schedule JSON to write"),
 ):
     """Choose the encoder's recompute steps with the statistical DP; store them with the engines."""
-    from ..runtime.schedules import make_schedule
+    from ..runtime.sampling.schedules import make_schedule
 
     bar, progress = step_progress("template trajectory")
     with bar:
         rec, paths = make_schedule(recompute, engines_dir=engines, from_similarity=from_similarity, out=out,
-                                   steps=steps, cfg=cfg, seed=seed, progress=progress)
+                                   given=RequestInput(steps=steps, cfg=cfg), seed=seed, progress=progress)
     print(f"recompute steps ({len(rec['recompute_steps'])} of {rec['num_steps']}): {rec['recompute_steps']}")
     if "uniform" in rec:
         u = rec["uniform"]

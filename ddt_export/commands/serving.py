@@ -6,9 +6,9 @@ from typing import Optional
 
 import typer
 
-from ..runtime.backends import CHOICES as BACKENDS
-from ..runtime.batching import POLICIES
-from ..runtime.engines import DEFAULT_ENGINES
+from ..runtime.batching.scheduler import POLICIES
+from ..runtime.graphs.backends import CHOICES as BACKENDS
+from ..runtime.graphs.engines import DEFAULT_ENGINES
 from ..serve.settings import BATCHING, LOOPBACK, MAX_DELAY_MS, MAX_QUEUE, MAX_STEPS, PORT, ServeSettings
 from .common import say
 
@@ -21,9 +21,10 @@ def serve(
     max_images_per_request: Optional[int] = typer.Option(
         None, help="largest num per request (default: batch.max / 2, a guided image takes 2 rows)"),
     max_steps: int = typer.Option(MAX_STEPS, help="largest steps per request"),
-    batching: str = typer.Option(BATCHING, help="step: requests join the batch at every step boundary; fair: "
-                                 "step-level, each request advancing in proportion to 1/its rows (cost-linear "
-                                 "CPUs); request: Triton-style groups run to completion; single: one at a time"),
+    batching: str = typer.Option(BATCHING, help=" | ".join(POLICIES) + ". step: requests join the batch at "
+                                 "every step boundary; fair: step-level, each request advancing in proportion to "
+                                 "1/its rows (cost-linear CPUs); request: Triton-style groups run to completion; "
+                                 "single: one at a time"),
     max_delay_ms: float = typer.Option(MAX_DELAY_MS, help="--batching request: how long the oldest waiting "
                                        "request waits for others to join its group"),
     class_names: Optional[Path] = typer.Option(None, help="class labels, one per line in id order (the official "
@@ -42,10 +43,6 @@ def serve(
     """Serve the engines over HTTP: POST /v1/generate (JSON or SSE), /health, /metrics, a web page at /."""
     from ..serve.server import serve as run_server
 
-    if batching not in POLICIES:
-        from ..core.errors import ConfigError
-
-        raise ConfigError("--batching", " | ".join(POLICIES), batching)
     settings = ServeSettings(batching=batching, max_delay_ms=max_delay_ms, max_queue=max_queue,
                              max_images_per_request=max_images_per_request, max_steps=max_steps,
                              class_names=class_names, backend=backend, trace=trace)

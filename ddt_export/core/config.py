@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError
-from .sampling import STEP_FNS
 
 LATENT_SCALE = 0.18215  # sd-vae-ft-ema scaling_factor; the official LatentVAE divides latents by it
 TIME_FREQ_DIM = 256  # sinusoidal timestep features (the model's t_embedder input; the FLOP model counts it)
 DEFAULT_MODEL = "ddt-tiny-digits"  # the bundled trained model: every command's default
+# The official step functions (stateful_flow_matching/sampling.py), restated in `core.sampling.STEP_FNS`.
+STEP_FN_NAMES = ("ode", "sde_mean", "sde", "sde_preserve")
 ASSETS = Path(__file__).resolve().parents[1] / "assets"  # bundled weights, feature extractor, statistics
 
 
@@ -108,8 +109,8 @@ class SamplerConfig:
             raise ConfigError("sampler.num_steps", ">= 1", self.num_steps)
         if not 0.0 < self.last_step < 1.0:
             raise ConfigError("sampler.last_step", "in (0, 1)", self.last_step)
-        if self.step_fn not in STEP_FNS:
-            raise ConfigError("sampler.step_fn", "one of " + "|".join(STEP_FNS), self.step_fn)
+        if self.step_fn not in STEP_FN_NAMES:
+            raise ConfigError("sampler.step_fn", "one of " + "|".join(STEP_FN_NAMES), self.step_fn)
         if self.timeshift <= 0:
             raise ConfigError("sampler.timeshift", "> 0", self.timeshift)
         if self.state_refresh_rate < 1:

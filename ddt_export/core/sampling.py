@@ -10,12 +10,9 @@ shape, and take their Gaussian noise as an argument (the caller owns the random 
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
-if TYPE_CHECKING:  # config validates step_fn names against STEP_FNS below, so it imports this module
-    from .config import SamplerConfig
+from .config import STEP_FN_NAMES, SamplerConfig
 
 F32 = np.float32
 
@@ -98,6 +95,7 @@ def sde_preserve(x, v, dt, t, noise):
 
 
 STEP_FNS = {"ode": ode, "sde_mean": sde_mean, "sde": sde, "sde_preserve": sde_preserve}
+assert tuple(STEP_FNS) == STEP_FN_NAMES, "config.STEP_FN_NAMES names the step functions defined here"
 NOISY = ("sde", "sde_preserve")  # step functions that draw Gaussian noise
 
 

@@ -27,7 +27,9 @@ from ..core.flops import step_flops
 from ..core.log import Say
 from ..core.noise import sample_noise
 from ..runtime import load_engines, sample
-from ..runtime.schedules import resolve_schedule
+from ..runtime.sampling.host import sample_host
+from ..runtime.sampling.request import RequestInput, resolve
+from ..runtime.sampling.schedules import resolve_schedule
 
 DEFAULT_BATCHES = (1, 4)
 DEFAULT_SCHEDULES = ("all", "uniform:2")
@@ -59,25 +61,17 @@ def timeit(fn: Callable[[], object], repeats: int, warmup: int = 1) -> Timing:
 
 
 class TimedEngines:
-    """Engines whose graph calls add their wall time to `spent`; everything else passes through."""
+    """Engines (a `runtime.graphs.engines.Graphs`) whose graph calls add their wall time to `spent[graph]`."""
 
     def __init__(self, engines):
         self._e = engines
+        self.config, self.max_batch, self.min_batch = engines.config, engines.max_batch, engines.min_batch
         self.spent = defaultdict(float)
 
-    def __getattr__(self, name):
-        return getattr(self._e, name)
-
-    def encoder(self, **kw):
+    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
-        out = self._e.encoder(**kw)
-        self.spent["encoder"] += time.perf_counter() - t0
-        return out
-
-    def decoder(self, **kw):
-        t0 = time.perf_counter()
-        out = self._e.decoder(**kw)
-        self.spent["decoder"] += time.perf_counter() - t0
+        out = self._e.run(graph, feeds)
+        self.spent[graph] += time.perf_counter() - t0
         return out
 
 
@@ -142,7 +136,8 @@ def bench(engines_dir: Path, *, batches: Sequence[int] = DEFAULT_BATCHES, steps:
         if torch_variants is None:
             torch_variants = TORCH_VARIANTS
         schedules = ["all"] + [s for s in schedules if s != "all"]  # the reference for measured speed-ups
-        resolved = {spec: resolve_schedule(spec, engines, sampler, say=say)[0] for spec in schedules}
+        resolved = {spec: list(resolve_schedule(resolve(engines.config, RequestInput(steps=steps, schedule=spec)),
+                                                engines, say).recompute) for spec in schedules}
         rng = np.random.default_rng(0)
 
         # stages: one call each, CFG rows
@@ -169,14 +164,18 @@ def bench(engines_dir: Path, *, batches: Sequence[int] = DEFAULT_BATCHES, steps:
                 base = None
                 for spec, sched in resolved.items():
                     timed = TimedEngines(engines)
-                    if loop == "host":
-                        timed.device_sampler = None  # the wrapper's own attribute: `sample` runs the host loop
-                    sample(timed, noise, labels, sampler, sched, cond_only_outside=co)  # warm-up
+
+                    def run():  # the device loop runs its graphs itself: only the host loop's calls are timed
+                        if loop == "host":
+                            return sample_host(timed, noise, labels, sampler, sched, cond_only_outside=co)
+                        return sample(engines, noise, labels, sampler, sched, cond_only_outside=co)
+
+                    run()  # warm-up
                     walls, host = [], []
                     for _ in range(repeats):
                         timed.spent.clear()
                         t0 = time.perf_counter()
-                        sample(timed, noise, labels, sampler, sched, cond_only_outside=co)
+                        run()
                         w = time.perf_counter() - t0
                         walls.append(w)
                         host.append((w - sum(timed.spent.values())) / w)

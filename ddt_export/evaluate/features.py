@@ -19,7 +19,7 @@ import numpy as np
 from ..core.artifacts import sha256_file
 from ..core.config import ASSETS
 from ..core.errors import ArtifactError, ConfigError, InputError, NumericsError
-from ..runtime import ort
+from ..runtime.graphs import ort
 from .adm import Activations
 
 DIGITS_ONNX = ASSETS / "digits_features.onnx"

@@ -38,9 +38,9 @@ from ..core.noise import StepNoise, sample_noise
 from ..core.numerics import relative_errors, tensor_errors
 from ..core.specs import DECODER, ENCODER
 from ..runtime import Engines, load_engines, sample
-from ..runtime.generate import make_labels
-from ..runtime.host import call_graph
-from ..runtime.schedules import resolve_schedule
+from ..runtime.graphs.engines import call_graph
+from ..runtime.sampling.request import RequestInput, resolve
+from ..runtime.sampling.schedules import resolve_schedule
 from . import suite
 from .adm import Activations
 from .features import DIGITS_SIZE, DIGITS_STATS, FeatureExtractor, make_extractor
@@ -99,7 +99,7 @@ class EnginesReference:
         return sample(self.engines, noise, labels, sampler, schedule, progress=progress, rng=rng)
 
     def call(self, graph: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        return getattr(self.engines, graph)(**inputs)
+        return call_graph(self.engines, graph, inputs)
 
 
 # ------------------------------------------------------------------------------------------ measures
@@ -140,7 +140,7 @@ def _ticker(progress: Progress | None, base: int, b: int, total: int):
 
 def _to_images(engines: Engines, latents: np.ndarray, step: int) -> np.ndarray:
     """Final latents (B, C, H, W) -> (B, H, W, C) uint8 images, through the VAE graph when there is one."""
-    pixels = latents if engines.vae_decoder is None else call_graph(engines, "vae_decoder", step, None, latent=latents)
+    pixels = latents if engines.vae_decoder is None else call_graph(engines, "vae_decoder", {"latent": latents}, step)
     return images_from_samples(pixels)
 
 
@@ -264,9 +264,11 @@ def validate(engines_dir: Path, *, reference: str | Path = "torch", num: int | N
         data = None if data_batch is None else data_batch.stats
         if data is not None and getattr(extractor, "dim", None) is not None:
             _check_dims(data, extractor.dim, extractor.name)  # before minutes of sampling
-        recompute, spec = resolve_schedule(schedule, engines, sampler, say)
+        request = resolve_schedule(resolve(engines.config, RequestInput(num=num, seed=seed, schedule=schedule)),
+                                   engines, say)
+        recompute, spec = list(request.recompute), str(request.schedule)
         noise = sample_noise(seed, range(num), m.latent_shape)  # (num, C, H, W) float32, per sample
-        labels = make_labels(m.num_classes, None, None, num)  # 0, 1, ..., C-1 cycled
+        labels = request.labels  # 0, 1, ..., C-1 cycled
         pstep = parity_step(recompute, sampler.num_steps)
         capture = _Capture(pstep)
 
@@ -276,7 +278,7 @@ def validate(engines_dir: Path, *, reference: str | Path = "torch", num: int | N
         parity = {}
         for spec_ in (ENCODER, DECODER):
             inputs = capture.inputs[spec_.name]
-            got = getattr(engines, spec_.name)(**inputs)
+            got = call_graph(engines, spec_.name, inputs)
             parity[spec_.name] = dict(step=pstep, rows=len(next(iter(inputs.values()))),
                                       **tensor_parity(got, ref.call(spec_.name, inputs),
                                                       engines.manifest.precision_row.tol(spec_.name)))

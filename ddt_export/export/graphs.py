@@ -17,7 +17,7 @@ from ..core.errors import ArtifactError, NumericsError
 from ..core.numerics import tensor_errors
 from ..core.precision import Precision
 from ..core.specs import BATCH, Dims, GraphSpec
-from ..runtime import ort
+from ..runtime.graphs import ort
 
 OPSET = 18
 EXTERNAL_DATA_BYTES = 1 << 30  # graphs with more weights than this keep them in <name>.onnx.data (2 GB protobuf cap)

@@ -52,7 +52,7 @@ from torch import nn
 
 from ..core.artifacts import artifact_folder, library_versions, sha256_file
 from ..core.errors import CheckpointError, NumericsError
-from ..runtime import ort
+from ..runtime.graphs import ort
 from .checkpoint import check_state_dict
 
 FID_SIZE = 299  # the TF graph's input resolution

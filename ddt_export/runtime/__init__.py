@@ -1,10 +1,13 @@
 """The production runtime: numpy and onnxruntime only (tensorrt/cuda-python lazily, for TensorRT folders).
 
-Never imports torch (an import-linter contract, `lint-imports`; tests/test_no_torch.py runs `generate`,
-`schedule` and `fid` with torch made unimportable).
+Four subpackages, in import order (an import-linter contract): `graphs` (engine folders and backends) <
+`sampling` (requests, plans, the one step, the loops, schedules) < `generate` (batch runs) | `batching`
+(step-level serving). Never imports torch (a contract too; tests/test_no_torch.py runs `generate`, `schedule`
+and `fid` with torch made unimportable).
 """
-from .engines import Engines, load_engines
-from .host import Step, call_graph, plan_steps, record_states, sample, saved_fraction, work_rows
+from .graphs.engines import Engines, call_graph, load_engines
+from .sampling.host import record_states, sample
+from .sampling.plan import Step, plan_steps, saved_fraction, work_rows
 
-__all__ = ["Engines", "load_engines", "sample", "record_states", "plan_steps", "work_rows", "saved_fraction",
-           "Step", "call_graph"]
+__all__ = ["Engines", "load_engines", "call_graph", "sample", "record_states", "plan_steps", "work_rows",
+           "saved_fraction", "Step"]

@@ -1,7 +1,7 @@
 """`generate --ray`: the chunks of a run sharded over a Ray Data actor pool. The only module that imports Ray.
 
     driver (this process)                          actors (WORKERS of them, one per GPU where there are GPUs)
-    runtime.generate: plan, resume, write    <-    ChunkActor: the engines loaded once (runtime.chunks.ChunkSampler)
+    runtime.generate: plan, resume, write    <-    ChunkActor: the engines loaded once (generate.chunks.ChunkSampler)
     from_items(chunks) -> map_batches(ChunkActor, batch_size=1, compute=ActorPoolStrategy(size=WORKERS))
 
 The actor is an adapter: it calls the same `ChunkSampler` a local run calls, on the same chunks (`plan_chunks`),
@@ -23,7 +23,6 @@ import contextlib
 import logging
 import re
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -33,11 +32,11 @@ from ..core.config import SamplerConfig
 from ..core.errors import BackendError, DDTExportError, InputError
 from ..core.log import Say, silent
 from ..core.manifest import Manifest, read_manifest
-from ..runtime.backends import CHOICES
-from ..runtime.chunks import Chunk, ChunkSampler, Job, Result, split_results
-from ..runtime.engines import NO_ENGINES_HINT, load_engines
-from ..runtime.schedules import (default_schedule, parse_spec, resolve_schedule, schedule_provenance, steps_for,
-                                 stored_schedule)
+from ..runtime.generate.chunks import Chunk, ChunkSampler, Result, RunSpec, split_results
+from ..runtime.graphs.backends import CHOICES
+from ..runtime.graphs.engines import NO_ENGINES_HINT, load_engines
+from ..runtime.sampling.request import SampleRequest
+from ..runtime.sampling.schedules import computed_schedule, schedule_steps
 
 ACTOR_CPUS = 0.5  # CPUs an actor reserves (scheduling only: its engines use what they use)
 FREE_CPUS = 0.5  # CPUs left to Ray Data's read and split tasks
@@ -56,7 +55,7 @@ def _ray():
 class ChunkActor:
     """One Ray actor: the engines of the job, loaded once; each call samples one chunk (`ChunkSampler`)."""
 
-    def __init__(self, job: Job):
+    def __init__(self, job: RunSpec):
         try:
             self.sampler, self.error = ChunkSampler(job), None
             self.backend, self.loop = self.sampler.engines.backend_name, self.sampler.engines.loop
@@ -74,11 +73,12 @@ class ChunkActor:
         return out
 
 
-def _resolve_on_worker(engines_dir: str, backend: str, spec: str, sampler: SamplerConfig,
-                       device_loop: bool = True) -> list[int]:
-    """A dp:K schedule the engine folder does not store: the template trajectory on a worker's engines."""
+def _schedule_on_worker(engines_dir: str, backend: str, sampler: SamplerConfig, k: int,
+                        device_loop: bool = True) -> list[int]:
+    """A dp:K schedule the engine folder does not store: the template trajectory on a worker's engines (stored
+    in the folder there)."""
     with load_engines(engines_dir, backend, device_loop=device_loop) as engines:
-        return resolve_schedule(spec, engines, sampler, silent)[0]
+        return computed_schedule(engines, sampler, k, silent)
 
 
 # the line a worker's traceback ends its DDTExportError with (Ray hands the driver the traceback as text: the
@@ -159,29 +159,21 @@ class RayExecutor:
             raise InputError("--workers", f"<= {most} on a cluster of {cpus:g} CPUs ({ACTOR_CPUS} each, "
                              f"{FREE_CPUS} left to Ray Data's tasks)", self.workers)
 
-    def resolve_schedule(self, spec: str | None, sampler: SamplerConfig, say: Say) -> tuple[list[int], str]:
-        """all / uniform:R / FILE and stored dp:K here; a dp:K not stored is computed on a worker."""
-        spec = spec if spec is not None else default_schedule(sampler)
-        parsed, n = parse_spec(spec), sampler.num_steps
-        if parsed.kind != "dp":
-            return steps_for(parsed, n), spec
-        if parsed.value > n:
-            raise InputError("--schedule dp:K", f"K <= {n} steps", parsed.value)
-        path = self.folder / f"schedule-{n}-{parsed.value}.json"
-        steps, why = stored_schedule(path, schedule_provenance(SimpleNamespace(manifest=self.manifest), sampler), n)
-        if steps is not None:
-            say(f"schedule dp:{parsed.value}: using {path}")
-            return steps, spec
-        say(f"schedule dp:{parsed.value}: {why}; running the template trajectory and the DP on a Ray worker")
-        ray = _ray()
-        task = ray.remote(num_cpus=ACTOR_CPUS, num_gpus=self.num_gpus)(_resolve_on_worker)
-        try:
-            return ray.get(task.remote(str(self.folder), self.manifest.backend, spec, sampler,
-                                       self.device_loop)), spec
-        except Exception as e:
-            raise typed_error(e) from None
+    def resolve_schedule(self, request: SampleRequest, say: Say) -> SampleRequest:
+        """The one resolver (`schedules.schedule_steps`); a dp:K the folder does not store is computed on a worker."""
+        def on_worker(k: int) -> list[int]:
+            ray = _ray()
+            task = ray.remote(num_cpus=ACTOR_CPUS, num_gpus=self.num_gpus)(_schedule_on_worker)
+            try:
+                return ray.get(task.remote(str(self.folder), self.manifest.backend, request.sampler, k,
+                                           self.device_loop))
+            except Exception as e:
+                raise typed_error(e) from None
 
-    def map(self, job: Job, chunks: Sequence[Chunk]) -> Iterator[Result]:
+        return request.with_steps(schedule_steps(request.schedule, request.sampler, self.manifest, self.folder,
+                                                 on_worker, say))
+
+    def map(self, job: RunSpec, chunks: Sequence[Chunk]) -> Iterator[Result]:
         """Every chunk's result once, in the order they finish."""
         ray = _ray()
         ctx = ray.data.DataContext.get_current()

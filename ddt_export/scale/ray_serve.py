@@ -27,7 +27,7 @@ from pathlib import Path
 from ..core.errors import BackendError, ConfigError
 from ..core.log import Say
 from ..core.manifest import read_manifest
-from ..runtime.engines import NO_ENGINES_HINT
+from ..runtime.graphs.engines import NO_ENGINES_HINT
 from ..serve.settings import LOOPBACK, PORT, ServeSettings
 
 REPLICA_CPUS = 0.5

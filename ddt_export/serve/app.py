@@ -17,6 +17,7 @@ import asyncio
 import base64
 import json
 import logging
+import threading
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
@@ -30,10 +31,13 @@ from ..core.classes import ClassNames
 from ..core.errors import ConfigError, DDTExportError, InputError
 from ..core.images import png_bytes
 from ..core.manifest import read_manifest
-from ..runtime.batch_step import resolve_request
-from ..runtime.batching import POLICIES, QueueFull, Scheduler
-from ..runtime.engines import NO_ENGINES_HINT, load_engines
-from ..runtime.schedules import default_schedule
+from ..runtime.batching.engine import Engine
+from ..runtime.batching.runner import ModelRunner
+from ..runtime.batching.scheduler import QueueFull, Scheduler, Status
+from ..runtime.graphs.engines import NO_ENGINES_HINT, load_engines
+from ..runtime.sampling.grammar import default_schedule
+from ..runtime.sampling.request import API, RequestInput, resolve
+from ..runtime.sampling.schedules import resolve_schedule
 from . import schemas as S
 from .metrics import CONTENT_TYPE, Metrics
 from .service import RETRY_AFTER_S, Outcome, Service, ShuttingDown, Ticket
@@ -49,8 +53,6 @@ def _limits(manifest, settings: ServeSettings) -> S.Limits:
                           f"{CFG_ROWS} rows)", images)
     if settings.max_steps < 1:
         raise ConfigError("--max-steps", ">= 1", settings.max_steps)
-    if settings.batching not in POLICIES:
-        raise ConfigError("--batching", " | ".join(POLICIES), settings.batching)
     return S.Limits(manifest.config.model.num_classes, images, settings.max_steps)
 
 
@@ -95,7 +97,7 @@ def create_app(engines_dir: Path, settings: ServeSettings = ServeSettings(), *,
                               settings.max_queue)
         trace_file = open(settings.trace, "a", buffering=1) if settings.trace is not None else None
         trace = (lambda rec: trace_file.write(json.dumps(rec) + "\n")) if trace_file is not None else None
-        service = Service(engines, scheduler, metrics, trace=trace)
+        service = Service(Engine(scheduler, ModelRunner(engines)), metrics, trace=trace)
         service.start()
         app.state.service, app.state.engines = service, engines
         log.info("serving %s (%s, %s), batching %s", engines_dir, cfg.name, engines.backend_name, settings.batching)
@@ -128,27 +130,30 @@ def create_app(engines_dir: Path, settings: ServeSettings = ServeSettings(), *,
         metrics.requests.labels("failed").inc()
         return _error(500, exc)
 
-    async def resolve(service: Service, body) -> tuple:
-        label = classes.resolve(body.class_)
-        kw = dict(label=label, num=body.num, seed=body.seed, steps=body.steps, cfg=body.cfg, schedule=body.schedule,
-                  interval=body.interval, timeshift=body.timeshift, say=log.info)
-        if body.schedule and body.schedule.startswith("dp:"):  # may run the template trajectory: off the loop
+    schedule_lock = threading.Lock()  # one dp:K template trajectory at a time
 
-            def locked():
-                with service.schedule_lock:
-                    return resolve_request(service.engines, **kw)
+    async def resolve_body(engines, body):
+        """The body -> the one request record (its checks word their errors with the API's field names)."""
+        given = RequestInput(classes=(classes.resolve(body.class_),), num=body.num, seed=body.seed, steps=body.steps,
+                             cfg=body.cfg, schedule=body.schedule, interval=body.interval, timeshift=body.timeshift)
+        request = resolve(cfg, given, API)
+        if request.schedule.kind != "dp":
+            return resolve_schedule(request, engines, log.info)
 
-            return await asyncio.to_thread(locked)
-        return resolve_request(service.engines, **kw)
+        def locked():  # may run the template trajectory: off the event loop, one at a time
+            with schedule_lock:
+                return resolve_schedule(request, engines, log.info)
+
+        return await asyncio.to_thread(locked)
 
     def payload(ticket: Ticket, outcome: Outcome) -> dict:
         spec = ticket.spec
-        s = spec.sampler
+        s, label = spec.sampler, int(spec.labels[0])
         return {"id": ticket.id, "images": [base64.b64encode(png_bytes(im)).decode() for im in outcome.images],
-                "labels": [spec.label] * spec.num, "batching": settings.batching, "timings": outcome.timings,
-                "settings": {"class": spec.label, "class_name": classes.labels[spec.label], "num": spec.num,
+                "labels": spec.labels.tolist(), "batching": settings.batching, "timings": outcome.timings,
+                "settings": {"class": label, "class_name": classes.labels[label], "num": spec.num,
                              "seed": spec.seed, "steps": s.num_steps, "cfg": s.guidance,
-                             "schedule": spec.schedule_spec, "recompute_steps": list(spec.schedule),
+                             "schedule": str(spec.schedule), "recompute_steps": list(spec.recompute),
                              "interval": list(s.guidance_interval), "timeshift": s.timeshift}}
 
     async def answered(ticket: Ticket, request: Request) -> Optional[Outcome]:
@@ -169,13 +174,13 @@ def create_app(engines_dir: Path, settings: ServeSettings = ServeSettings(), *,
 
     async def stream(ticket: Ticket, service: Service):
         try:
-            yield _sse("queued", {"id": ticket.id, "waiting": len(service.scheduler.waiting)})
+            yield _sse("queued", {"id": ticket.id, "waiting": len(service.engine.scheduler.waiting)})
             while True:
                 kind, data = await ticket.events.get()
                 if kind == "progress":
                     yield _sse("progress", data)
                     continue
-                if data.status == "done":
+                if data.status is Status.DONE:
                     yield _sse("result", await asyncio.to_thread(payload, ticket, data))
                 elif data.error is not None:
                     yield _sse("error", {"status": 500, "error": type(data.error).__name__,
@@ -194,7 +199,7 @@ def create_app(engines_dir: Path, settings: ServeSettings = ServeSettings(), *,
         service: Service = request.app.state.service
         if service.draining:
             raise ShuttingDown("server", "accepting requests", "shutting down (SIGTERM)")
-        spec = await resolve(service, body)
+        spec = await resolve_body(request.app.state.engines, body)
         ticket = service.submit(spec, stream=body.stream)
         if body.stream:
             return StreamingResponse(stream(ticket, service), media_type="text/event-stream",
@@ -202,7 +207,7 @@ def create_app(engines_dir: Path, settings: ServeSettings = ServeSettings(), *,
         outcome = await answered(ticket, request)
         if outcome is None:
             return Response(status_code=499)  # nobody is listening; for the access log
-        if outcome.status != "done":
+        if outcome.status is not Status.DONE:
             return _error(500, outcome.error)
         return JSONResponse(await asyncio.to_thread(payload, ticket, outcome))
 

@@ -3,7 +3,10 @@ the OpenAPI schema at once. The request model is built per app (`request_model`)
 images per request, steps) come from the engines' manifest and the server's flags.
 
 Every 422 names the field, the expected value and the actual one (`validation_message`), like the CLI's errors.
-No field names a file: the schedule is `all | uniform:R | dp:K` only (a schedule JSON path is refused).
+The words and the ranges are the request record's (`runtime.sampling.request.EXPECTED`, `MAX_*`), and the
+schedule's grammar is checked by the record's one parser when the body is resolved (its InputError is the 422),
+so the CLI and the API refuse the same values with the same sentence. No field names a file: the schedule is
+`all | uniform:R | dp:K` only.
 """
 from __future__ import annotations
 
@@ -12,8 +15,9 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-SCHEDULE_PATTERN = r"^(all|uniform:[1-9][0-9]{0,5}|dp:[1-9][0-9]{0,5})$"
-MAX_SEED = 2 ** 63 - 1
+from ..runtime.sampling.grammar import schedule_words
+from ..runtime.sampling.request import EXPECTED, MAX_CFG, MAX_SEED, MAX_TIMESHIFT
+
 MAX_NAME = 200
 STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
@@ -30,12 +34,12 @@ def expectations(lim: Limits) -> dict[str, str]:
     return {
         "class": f"a class id in [0, {lim.num_classes}) or a class name (GET /v1/info lists them)",
         "num": f"an integer in [1, {lim.max_images}] (--max-images-per-request)",
-        "seed": f"an integer in [0, {MAX_SEED}]",
+        "seed": EXPECTED["seed"],
         "steps": f"an integer in [1, {lim.max_steps}] (--max-steps)",
-        "cfg": "a finite number >= 0 (the CFG scale inside the guidance interval)",
-        "schedule": "all | uniform:R | dp:K (the encoder's recompute steps)",
-        "interval": "[lo, hi] with 0 <= lo <= hi <= 1 (guidance applies where lo < t < hi)",
-        "timeshift": "a finite number in (0, 100] (the official timestep shift)",
+        "cfg": EXPECTED["cfg"],
+        "schedule": f"{schedule_words(files=False)} (the encoder's recompute steps)",
+        "interval": EXPECTED["interval"],
+        "timeshift": EXPECTED["timeshift"],
         "stream": "true or false (true: Server-Sent Events, progress per step, then the result)",
     }
 
@@ -58,11 +62,11 @@ def request_model(lim: Limits, defaults: dict) -> type[BaseModel]:
         "num": (int, Field(1, ge=1, le=lim.max_images, description=say["num"])),
         "seed": (int, Field(0, ge=0, le=MAX_SEED, description=say["seed"])),
         "steps": (Optional[int], Field(None, ge=1, le=lim.max_steps, description=say["steps"])),
-        "cfg": (Optional[float], Field(None, ge=0.0, description=say["cfg"])),
-        "schedule": (Optional[str], Field(None, pattern=SCHEDULE_PATTERN, description=say["schedule"],
+        "cfg": (Optional[float], Field(None, ge=0.0, le=MAX_CFG, description=say["cfg"])),
+        "schedule": (Optional[str], Field(None, max_length=MAX_NAME, description=say["schedule"],
                                           examples=["uniform:2"])),
         "interval": (Optional[list[unit]], Field(None, min_length=2, max_length=2, description=say["interval"])),
-        "timeshift": (Optional[float], Field(None, gt=0.0, le=100.0, description=say["timeshift"])),
+        "timeshift": (Optional[float], Field(None, gt=0.0, le=MAX_TIMESHIFT, description=say["timeshift"])),
         "stream": (bool, Field(False, description=say["stream"])),
     }
     model = create_model("GenerateRequest", __config__=ConfigDict(**STRICT, populate_by_name=False,

@@ -1,25 +1,26 @@
-"""The batch loop: one asyncio task drives the runtime's scheduler (`runtime.batching`) and runs each model step
-(`runtime.batch_step`) in a worker thread. Handlers only submit and await a `Ticket`.
+"""The batch loop: one asyncio task drives the serving engine (`runtime.batching.engine.Engine`), running each
+`step()` (schedule, the model runner's graph calls, update) in a worker thread. Handlers only submit and await a
+`Ticket`.
 
-Per iteration, on the event loop: admit (initial noise for the admitted), hand the batch to a thread for the
-graph calls, advance, tell each request's stream its progress, retire, one VAE call (thread) for the finished,
-answer. Submissions and cancellations happen on the event loop between those steps, so the scheduler needs no
-lock. An engine failure fails that iteration's requests (500); the loop goes on.
+The engine serializes its scheduler calls under its own lock, so a handler's submit or cancel on the event loop
+never races an iteration in the thread. After each step the loop tells each stepped request's stream its
+progress and answers every request the step finished (done, failed, cancelled). An engine failure fails that
+iteration's requests (the runner turns it into their BackendError, 500); a fault in the loop itself fails what
+is running and the loop goes on.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
-from ..core.errors import BackendError, DDTExportError
-from ..runtime import batch_step
-from ..runtime.batching import CANCELLED, DONE, FAILED, SAMPLED, Job, RequestSpec, Scheduler
+from ..core.errors import DDTExportError
+from ..runtime.batching.engine import Engine, Iteration
+from ..runtime.batching.scheduler import Request, Status
+from ..runtime.sampling.request import SampleRequest
 from .metrics import Metrics
 
 log = logging.getLogger("ddt_export.serve")
@@ -35,7 +36,7 @@ class ShuttingDown(DDTExportError):
 class Outcome:
     """How a request ended: images (num, H, W, C) uint8, or an error; and its timings in seconds."""
 
-    status: str  # done | failed | cancelled
+    status: Status
     images: np.ndarray | None = None
     error: Exception | None = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -45,10 +46,10 @@ class Outcome:
 class Ticket:
     """What a handler holds: the final outcome (a future) and, for streams, the progress events."""
 
-    spec: RequestSpec
+    spec: SampleRequest
     future: asyncio.Future
     events: asyncio.Queue | None
-    job: Job | None = None
+    request: Request | None = None
     id: str = ""
 
     def progress(self, step: int, total: int) -> None:
@@ -63,42 +64,38 @@ class Ticket:
 
 
 class Service:
-    """The engines, the scheduler, the metrics and the task that runs the batch loop."""
+    """The serving engine, the metrics and the task that runs the batch loop."""
 
-    def __init__(self, engines, scheduler: Scheduler, metrics: Metrics, *, clock=time.monotonic,
-                 trace: Callable[[dict], None] | None = None):
-        self.engines, self.scheduler, self.metrics, self.clock = engines, scheduler, metrics, clock
+    def __init__(self, engine: Engine, metrics: Metrics, *, trace: Callable[[dict], None] | None = None):
+        self.engine, self.metrics = engine, metrics
         self.trace = trace  # one record per iteration (--trace FILE)
         self.draining = False
         self.loop_error: BaseException | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._stop = False
-        self.schedule_lock = threading.Lock()  # one dp:K template trajectory at a time
 
     # ----------------------------------------------------------------------------------------- handlers' side
 
-    def submit(self, spec: RequestSpec, stream: bool = False) -> Ticket:
-        """Queue a request (QueueFull, ShuttingDown, InputError raise here, before anything is held)."""
+    def submit(self, spec: SampleRequest, stream: bool = False) -> Ticket:
+        """Queue a resolved request (QueueFull, ShuttingDown, InputError raise here, before anything is held)."""
         if self.draining:
             raise ShuttingDown("server", "accepting requests", "shutting down (SIGTERM): finishing the requests "
                                "it holds")
         loop = asyncio.get_running_loop()
         ticket = Ticket(spec, loop.create_future(), asyncio.Queue() if stream else None)
-        ticket.job = self.scheduler.submit(spec, self.clock(), context=ticket)
-        ticket.id = f"req-{ticket.job.id}"
-        self.metrics.waiting.set(len(self.scheduler.waiting))
+        ticket.request = self.engine.submit(spec, context=ticket)
+        ticket.id = f"req-{ticket.request.id}"
+        self.metrics.waiting.set(len(self.engine.scheduler.waiting))
         self._wake.set()
         return ticket
 
     def cancel(self, ticket: Ticket) -> None:
         """The client went away: out of the queue now, out of the batch at the next step boundary."""
-        if ticket.future.done() or ticket.job is None:
+        if ticket.future.done() or ticket.request is None:
             return
-        was_waiting = ticket.job.status == "waiting"
-        self.scheduler.cancel(ticket.job)
-        if was_waiting:
-            self._answer(ticket.job, CANCELLED)
+        if self.engine.cancel(ticket.request):
+            self._answer(ticket.request)
         self._wake.set()
 
     @property
@@ -107,7 +104,7 @@ class Service:
 
     @property
     def idle(self) -> bool:
-        return self.scheduler.idle
+        return self.engine.idle
 
     def drain(self) -> None:
         """Refuse new requests from now on; the loop finishes the ones it holds."""
@@ -130,101 +127,62 @@ class Service:
     # ----------------------------------------------------------------------------------------- the loop
 
     async def _loop(self) -> None:
-        while not (self._stop and self.scheduler.idle):
+        while not (self._stop and self.engine.idle):
             try:
-                ran = await self._iteration()
-            except Exception as e:  # a bug, not a request's fault: fail what the batch held, keep serving
+                it = await asyncio.to_thread(self.engine.step)
+            except Exception as e:  # a bug, not a request's fault: fail what the engine held, keep serving
                 log.exception("batch loop iteration failed")
                 self.loop_error = e
-                for job in list(self.scheduler.running):
-                    job.status, job.error = FAILED, e
-                for job in self.scheduler.retire(self.clock()):
-                    self._answer(job, job.status)
-                ran = True
-            if not ran:
-                wake = self.scheduler.wakeup()
-                timeout = None if wake is None else max(0.0, wake - self.clock())
-                self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), timeout)
-                except asyncio.TimeoutError:
-                    pass
-
-    async def _iteration(self) -> bool:
-        sch, m = self.scheduler, self.metrics
-        now = self.clock()
-        for job in sch.admit(now):
-            batch_step.start(self.engines, job)
-            m.queue_seconds.observe(now - job.arrival)
-        m.waiting.set(len(sch.waiting))
-        m.active.set(len(sch.running))
-        batch = sch.batch()
-        if not batch.jobs:
-            return False
-        m.iteration_requests.observe(len(batch))
-        if batch.encoder_rows:
-            m.iteration_rows.labels("encoder").observe(batch.encoder_rows)
-        m.iteration_rows.labels("decoder").observe(batch.decoder_rows)
-        t0 = self.clock()
-        t1 = None
-        try:
-            failed = await asyncio.to_thread(batch_step.run_iteration, self.engines, batch)
-            t1 = self.clock()
-        except Exception as e:  # the engines failed: every request of this iteration fails, the server stays up
-            log.error("engine failure at an iteration of %d requests: %r", len(batch), e)
-            sch.fail(batch.jobs, engine_failure(e, "encoder/decoder"))
-        else:
-            m.iteration_seconds.observe(t1 - t0)
-            sch.advance(batch, t1, failed)
-            for job in batch.jobs:
-                if job.status in ("running", SAMPLED):
-                    job.context.progress(job.step, job.total_steps)
-        vae_rows, vae_s = await self._finish(sch.retire(self.clock()))
-        if self.trace is not None:
-            self.trace({"start": now, "step_s": None if t1 is None else t1 - t0, "end": self.clock(),
-                        "requests": len(batch), "encoder_rows": batch.encoder_rows,
-                        "decoder_rows": batch.decoder_rows, "vae_rows": vae_rows, "vae_s": vae_s})
-        return True
-
-    async def _finish(self, retired: list[Job]) -> tuple[int, float]:
-        """One VAE call for every retired request that finished its steps, then answer every retired one.
-        Returns (the VAE call's rows, its seconds)."""
-        sampled = [j for j in retired if j.status == SAMPLED]
-        images, vae_s = {}, 0.0
-        if sampled:
-            self.metrics.iteration_rows.labels("vae_decoder").observe(sum(j.spec.num for j in sampled))
-            t0 = self.clock()
+                for req in self.engine.abort(e):
+                    self._answer(req)
+                continue
+            if it is not None:
+                self._report(it)
+                continue
+            wake = self.engine.wakeup()
+            timeout = None if wake is None else max(0.0, wake - self.engine.clock())
+            self._wake.clear()
             try:
-                images, failed = await asyncio.to_thread(batch_step.finish, self.engines, sampled)
-            except Exception as e:
-                log.error("engine failure in the VAE call of %d requests: %r", len(sampled), e)
-                failed = {j.id: engine_failure(e, "vae_decoder") for j in sampled}
-            vae_s = self.clock() - t0
-            for j in sampled:
-                if j.id in failed:
-                    j.status, j.error = FAILED, failed[j.id]
-                else:
-                    j.status = DONE
-        for job in retired:
-            self._answer(job, job.status, images.get(job.id), vae_s if job in sampled else 0.0)
-        self.metrics.active.set(len(self.scheduler.running))
-        return sum(j.spec.num for j in sampled), vae_s
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
 
-    def _answer(self, job: Job, status: str, images: np.ndarray | None = None, vae_s: float = 0.0) -> None:
-        ticket: Ticket = job.context
-        now = self.clock()
-        admitted = job.admitted if job.admitted is not None else now
-        sampled = job.sampled if job.sampled is not None else now
-        timings = {"queue_s": admitted - job.arrival, "sampling_s": max(0.0, sampled - admitted), "vae_s": vae_s,
-                   "total_s": now - job.arrival}
-        job.state = None  # the arrays go with the answer
-        metric = {DONE: "ok", FAILED: "failed", CANCELLED: "cancelled"}[status]
+    def _report(self, it: Iteration) -> None:
+        """After a step: metrics, each stepped request's progress, the answers of the finished ones."""
+        m, out, res = self.metrics, it.out, it.res
+        for req in it.admitted:
+            m.queue_seconds.observe(req.admitted - req.arrival)
+        if out.batch:
+            m.iteration_requests.observe(len(out.batch))
+            if out.encoder_rows:
+                m.iteration_rows.labels("encoder").observe(out.encoder_rows)
+            m.iteration_rows.labels("decoder").observe(out.decoder_rows)
+            m.iteration_seconds.observe(res.step_s)
+        if res.vae_rows:
+            m.iteration_rows.labels("vae_decoder").observe(res.vae_rows)
+        for req in it.stepped:
+            if req.status in (Status.RUNNING, Status.DONE):
+                req.context.progress(req.done_steps, req.total_steps)
+        for req in it.finished:
+            self._answer(req)
+        m.waiting.set(len(self.engine.scheduler.waiting))
+        m.active.set(len(self.engine.scheduler.running))
+        if self.trace is not None and out.batch:
+            self.trace({"start": it.start, "step_s": res.step_s, "end": it.end, "requests": len(out.batch),
+                        "encoder_rows": out.encoder_rows, "decoder_rows": out.decoder_rows,
+                        "vae_rows": res.vae_rows, "vae_s": res.vae_s})
+
+    def _answer(self, req: Request) -> None:
+        ticket: Ticket = req.context
+        end = req.ended if req.ended is not None else self.engine.clock()
+        admitted = req.admitted if req.admitted is not None else end
+        sampled = req.sampled if req.sampled is not None else end
+        timings = {"queue_s": admitted - req.arrival, "sampling_s": max(0.0, sampled - admitted),
+                   "vae_s": end - sampled if req.status is Status.DONE else 0.0, "total_s": end - req.arrival}
+        images, req.images = req.images, None  # the arrays go with the answer
+        metric = {Status.DONE: "ok", Status.FAILED: "failed", Status.CANCELLED: "cancelled"}[req.status]
         self.metrics.requests.labels(metric).inc()
-        if status == DONE:
+        if req.status is Status.DONE:
             self.metrics.request_seconds.observe(timings["total_s"])
-            self.metrics.images.inc(job.spec.num)
-        ticket.end(Outcome(status, images, job.error, timings))
-
-
-def engine_failure(e: Exception, graphs: str) -> BackendError:
-    return BackendError(f"engine call ({graphs})", "a successful graph call", f"{type(e).__name__}: {str(e)[:300]}")
+            self.metrics.images.inc(req.num)
+        ticket.end(Outcome(req.status, images, req.error, timings))

@@ -1,10 +1,15 @@
-"""The server's settings and their defaults (what `ddt-export serve`'s flags set). Imports nothing heavy, so the
-CLI reads these defaults without the [serve] extra installed."""
+"""The server's settings and their defaults (what `ddt-export serve`'s flags set), checked once, here, when the
+settings are made: before any engine is opened or any port bound. Imports nothing of the [serve] extra, so the
+CLI reads these defaults without it installed."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+
+from ..core.errors import ConfigError
+from ..runtime.batching.scheduler import check_policy
+from ..runtime.graphs.backends import CHOICES as BACKENDS
 
 MAX_QUEUE = 64  # waiting requests before 503
 MAX_STEPS = 1000  # steps per request
@@ -27,3 +32,12 @@ class ServeSettings:
     class_names: Optional[Path] = None  # None: the classes are named by their ids
     backend: str = "auto"
     trace: Optional[Path] = None  # a JSON line per iteration: start, seconds, requests, rows (load benchmark)
+
+    def __post_init__(self):
+        check_policy(self.batching)
+        if not self.max_queue >= 1:
+            raise ConfigError("--max-queue", ">= 1", self.max_queue)
+        if not self.max_delay_ms >= 0:  # NaN too
+            raise ConfigError("--max-delay-ms", ">= 0", self.max_delay_ms)
+        if self.backend not in BACKENDS:
+            raise ConfigError("--backend", " | ".join(BACKENDS), self.backend)

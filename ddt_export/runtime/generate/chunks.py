@@ -5,12 +5,12 @@ shorter. The cut depends on N and the chunk size only, so the single-process loo
 Ray worker sample exactly the same batches: a sample's pixels depend on its own noise (`core.noise`) and, at
 the float-rounding level, on the rows it was batched with, and those are the same everywhere.
 
-A `Job` is everything a worker needs to sample chunks (picklable: Ray ships it to each actor); a
+A `RunSpec` is everything a worker needs to sample chunks (picklable: Ray ships it to each actor); a
 `ChunkSampler` holds the engines and turns one chunk into its outputs, a dict of numpy arrays (the batch format
 of Ray Data):
 
     index (n,) int64, label (n,) int64, chunk (n,) int64, worker (n,) int64 (the process that sampled it),
-    image (n, IH, IH, IC) uint8 (when the job asks for images), latent (n, C, H, W) float32 (when it asks for them)
+    image (n, IH, IH, IC) uint8 (when the run asks for images), latent (n, C, H, W) float32 (when it asks for them)
 
 `LocalExecutor` runs the chunks in this process; `ddt_export.scale.ray_data.RayExecutor` runs them on a Ray
 actor pool. `runtime.generate` drives either through the same three calls (`open`, `resolve_schedule`, `map`).
@@ -25,15 +25,16 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from ..core.config import SamplerConfig
-from ..core.errors import ArtifactError, InputError
-from ..core.images import images_from_samples
-from ..core.log import Say
-from ..core.manifest import Manifest
-from ..core.noise import StepNoise, sample_noise
-from .engines import Engines, load_engines
-from .host import call_graph, sample
-from .schedules import resolve_schedule
+from ...core.config import SamplerConfig
+from ...core.errors import ArtifactError, InputError
+from ...core.images import images_from_samples
+from ...core.log import Say
+from ...core.manifest import Manifest
+from ...core.noise import StepNoise, sample_noise
+from ..graphs.engines import Engines, call_graph, load_engines
+from ..sampling.host import sample
+from ..sampling.request import SampleRequest
+from ..sampling.schedules import resolve_schedule
 
 Result = dict  # str -> np.ndarray, the columns in the module doc
 
@@ -77,7 +78,7 @@ def graph_identity(manifest: Manifest) -> tuple[tuple[str, str], ...]:
 
 
 @dataclass(frozen=True, eq=False)
-class Job:
+class RunSpec:
     """What sampling a chunk needs, decided once by the driver (`runtime.generate`)."""
 
     engines_dir: str
@@ -97,7 +98,7 @@ class Job:
 class ChunkSampler:
     """The engines of a job, opened once (or shared), and `__call__(chunk) -> Result`."""
 
-    def __init__(self, job: Job, engines: Engines | None = None):
+    def __init__(self, job: RunSpec, engines: Engines | None = None):
         self.job, self.owned = job, engines is None
         self.engines = (load_engines(job.engines_dir, job.backend, device_loop=job.device_loop) if engines is None
                         else engines)
@@ -130,8 +131,8 @@ class ChunkSampler:
         out = {"index": idx, "label": labels.astype(np.int64), "chunk": np.full(len(idx), chunk.number, np.int64),
                "worker": np.full(len(idx), os.getpid(), np.int64)}
         if job.images:
-            pixels = lat if e.vae_decoder is None else call_graph(e, "vae_decoder", job.sampler.num_steps, None,
-                                                                 latent=lat)
+            pixels = lat if e.vae_decoder is None else call_graph(e, "vae_decoder", {"latent": lat},
+                                                                 job.sampler.num_steps)
             out["image"] = images_from_samples(pixels)  # (n, IH, IH, IC) uint8
         if job.latents:
             out["latent"] = lat
@@ -183,10 +184,10 @@ class LocalExecutor:
             finally:
                 self.engines = None
 
-    def resolve_schedule(self, spec: str | None, sampler: SamplerConfig, say: Say) -> tuple[list[int], str]:
-        return resolve_schedule(spec, self.engines, sampler, say)
+    def resolve_schedule(self, request: SampleRequest, say: Say) -> SampleRequest:
+        return resolve_schedule(request, self.engines, say)
 
-    def map(self, job: Job, chunks: Sequence[Chunk]) -> Iterator[Result]:
+    def map(self, job: RunSpec, chunks: Sequence[Chunk]) -> Iterator[Result]:
         worker = ChunkSampler(job, self.engines)
         for c in chunks:
             yield worker(c)

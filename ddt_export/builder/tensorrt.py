@@ -16,12 +16,12 @@ from ..core.log import Say
 from ..core.manifest import GraphRecord, Manifest, read_manifest
 from ..core.provenance import Provenance
 from ..core.specs import SPECS, BatchProfile, Dims
-from ..runtime.trt_plan import cuda_reason, polygraphy_reason, unusable_reason
+from ..runtime.graphs.trt_plan import cuda_reason, polygraphy_reason, unusable_reason
 
 
 def tensorrt_status() -> tuple[bool, str]:
     """(usable, why not): `import tensorrt` works, cuda-python reaches a driver new enough for it, a CUDA GPU is
-    visible, and polygraphy can drive TensorRT 11's builder. The decisions are `runtime.trt_plan`'s."""
+    visible, and polygraphy can drive TensorRT 11's builder. The decisions are `runtime.graphs.trt_plan`'s."""
     try:
         import tensorrt  # noqa: F401
     except Exception as e:  # noqa: BLE001 - an ImportError, or OSError: the wheel is there but libnvinfer won't load
@@ -54,7 +54,7 @@ def tensorrt_status() -> tuple[bool, str]:
 
 def running_platform() -> dict:
     """The running TensorRT version and GPU: the platform TensorRT provenance records (and is checked against)."""
-    from ..runtime.trt import running_platform as probe
+    from ..runtime.graphs.trt import running_platform as probe
 
     return probe()
 
@@ -81,7 +81,7 @@ def build_plan(onnx_path: Path, plan_path: Path, profile: dict, *, timing_cache:
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, Profile
     from polygraphy.exception import PolygraphyException
 
-    from ..runtime.trt import check
+    from ..runtime.graphs.trt import check
 
     class Log(trt.ILogger):  # keeps the builder's errors for the exception message
         def __init__(self):

@@ -1,15 +1,15 @@
 """Backends: how the graphs of an engine folder are run, behind a small registry. Torch-free.
 
-A backend opens one folder's graphs as runners (`run(feeds: dict[str, ndarray]) -> dict[str, ndarray]`,
-outputs by name; `close()`), declares what it can do (`Capabilities`) and is closed with the `Engines` that
-own it. Registered backends, by the name manifests record:
+A backend opens one folder's graphs as `GraphRunner`s, declares what it can do (`Capabilities`) and is closed
+with the `Engines` that own it. Registered backends, by the name manifests record:
 
 - `onnxruntime` (`OrtBackend`, here): ONNX graphs in onnxruntime, with the execution providers chosen once;
-- `tensorrt` (`ddt_export.runtime.trt.TrtBackend`, imported only for folders that ask for it): serialized
-  plans run through cuda-python, with a device-resident sampling loop.
+- `tensorrt` (`ddt_export.runtime.graphs.trt.TrtBackend`, imported only for folders that ask for it):
+  serialized plans run through cuda-python; the sampling layer runs its device-resident loop
+  (`runtime.sampling.trt_loop`) when `Capabilities.device_loop` says it can.
 
-A new backend is a class with `name`, `capabilities`, `open`, `describe` and `close` (and `device_sampler` if
-it declares `device_loop`), and one line in `REGISTRY`.
+A new backend is a class with `name`, `capabilities`, `open`, `describe` and `close`, and one line in
+`REGISTRY`.
 """
 from __future__ import annotations
 
@@ -20,31 +20,40 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from ..core.errors import BackendError
-from ..core.manifest import Manifest
-from ..core.specs import SPECS
+from ...core.errors import BackendError
+from ...core.manifest import Manifest
+from ...core.specs import SPECS
 from . import ort
 
-REGISTRY = {"onnxruntime": "ddt_export.runtime.backends:OrtBackend",
-            "tensorrt": "ddt_export.runtime.trt:TrtBackend"}
+REGISTRY = {"onnxruntime": "ddt_export.runtime.graphs.backends:OrtBackend",
+            "tensorrt": "ddt_export.runtime.graphs.trt:TrtBackend"}
 NAMES = tuple(REGISTRY)
 CHOICES = ("auto", *NAMES)
 
 
 @dataclass(frozen=True)
 class Capabilities:
-    device_loop: bool = False  # a sampler that keeps x and s on the device (`device_sampler`)
-    device_step_fns: tuple[str, ...] = ()  # the step functions that sampler runs
+    device_loop: bool = False  # the sampling layer can keep x and s on the device (`runtime.sampling.trt_loop`)
+    device_step_fns: tuple[str, ...] = ()  # the step functions that loop runs
 
 
-class Runner(Protocol):
+class GraphRunner(Protocol):
+    """One graph of one folder on one backend: what every backend's `open` returns, one per graph.
+
+    `run` takes the graph's inputs by name (numpy, the dtypes and shapes of its `GraphSpec`) and returns every
+    output by name, as new numpy arrays the caller owns. It is safe to call from several threads at once: the
+    server's batch loop and a `dp:K` template trajectory call the same runners (onnxruntime sessions are
+    thread-safe; a backend whose execution state is not serializes its calls). `close` frees what the runner
+    holds and is idempotent."""
+
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
     def close(self) -> None: ...
 
 
 class OrtGraph:
-    """One ONNX graph in an onnxruntime InferenceSession."""
+    """One ONNX graph in an onnxruntime InferenceSession (a `GraphRunner`; `InferenceSession.run` is
+    thread-safe)."""
 
     def __init__(self, path: Path, providers: Sequence[str]):
         self.session = ort.session(path, providers)

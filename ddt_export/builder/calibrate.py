@@ -27,11 +27,13 @@ from ..core.errors import ArtifactError, InputError
 from ..core.log import Say
 from ..core.provenance import Provenance
 from ..core.specs import DECODER, ENCODER, Dims, GraphSpec
+from ..runtime.sampling.request import CLI, FieldNames, RequestInput
 
 KIND = "ddt-export calibration"
 FORMAT_VERSION = 2
 DEFAULT_NUM = 8  # images per trajectory batch: 2 x 8 = 16 rows per graph call with CFG
 DEFAULT_SEED = 0
+DEFAULT_REQUEST = RequestInput(num=DEFAULT_NUM, seed=DEFAULT_SEED)
 DEFAULT_MAX_ROWS = 512  # per graph; ModelOpt's calibration runs all of them through onnxruntime
 DEFAULT_MAX_BYTES = 1 << 30  # per graph (DDT-XL/256: one decoder row is 1.2 MB of s)
 CAPTURED = (ENCODER, DECODER)
@@ -101,29 +103,26 @@ def default_out(engines_dir: Path) -> Path:
     return Path("calibration") / read_manifest(engines_dir).name
 
 
-def capture(engines_dir: Path, out: Path | None = None, *, num: int = DEFAULT_NUM, seed: int = DEFAULT_SEED,
-            classes: Sequence[int] | None = None, schedule: str | None = None, steps: int | None = None,
-            max_rows: int = DEFAULT_MAX_ROWS, max_bytes: int = DEFAULT_MAX_BYTES, progress=None,
-            say: Say = print) -> tuple[Path, dict]:
-    """Run the calibration trajectories on an fp32 engine folder and write `out` (default: `default_out`).
-    Returns (out, its manifest dict)."""
+def capture(engines_dir: Path, out: Path | None = None, given: RequestInput = DEFAULT_REQUEST, *,
+            names: FieldNames = CLI, max_rows: int = DEFAULT_MAX_ROWS, max_bytes: int = DEFAULT_MAX_BYTES,
+            progress=None, say: Say = print) -> tuple[Path, dict]:
+    """Run the calibration trajectories of the request (classes, num, seed, steps, schedule; num default
+    DEFAULT_NUM) on an fp32 engine folder and write `out` (default: `default_out`). Returns (out, its manifest)."""
     from ..core.noise import StepNoise, sample_noise
     from ..runtime import load_engines, plan_steps, sample, work_rows
-    from ..runtime.generate import make_labels, sampler_for
-    from ..runtime.schedules import resolve_schedule
+    from ..runtime.sampling.request import resolve
+    from ..runtime.sampling.schedules import resolve_schedule
 
     out = Path(out) if out is not None else default_out(engines_dir)
-    if num < 1:
-        raise InputError("--num", ">= 1", num)
     with load_engines(engines_dir, backend="onnxruntime") as engines:
         man, m = engines.manifest, engines.config.model
         if man.precision != "fp32":
             raise InputError("--engines", "an fp32 export (calibration runs the fp32 graphs)",
                              f"a {man.precision} folder: {engines_dir}")
-        labels = make_labels(m.num_classes, list(classes) if classes else None, None, num)
+        request = resolve_schedule(resolve(engines.config, given, names), engines, say)
+        labels, seed, num, sampler = request.labels, request.seed, request.num, request.sampler
+        recompute, spec = list(request.recompute), str(request.schedule)
         noise = sample_noise(seed, range(num), m.latent_shape)
-        sampler = sampler_for(engines, steps)
-        recompute, spec = resolve_schedule(schedule, engines, sampler, say)
         rows = work_rows(plan_steps(sampler, recompute, cond_only_outside=False), num)
         totals = {"encoder": rows["encoder_rows"], "decoder": rows["decoder_rows"]}
         recorders = {s.name: _Recorder(s, totals[s.name], _row_budget(s, engines.dims, max_rows, max_bytes))

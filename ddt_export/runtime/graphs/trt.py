@@ -6,8 +6,8 @@ Imported only by `load_engines` (through `backends.REGISTRY`) for folders whose 
   numpy in and out). Each engine is checked against its spec before anything runs (`trt_plan.engine_problems`:
   names, dtypes, I/O modes, locations, profile batch range); buffers are allocated once for the manifest's max
   batch; the context's output shapes are checked against the buffers before every enqueue.
-- `device_sampler(engines)` -> `trt_loop.DeviceSampler`, the loop `runtime.sample` runs on a TensorRT folder
-  (chosen once, at load): x and s stay on the GPU, CFG + Euler is one NVRTC kernel.
+- and declares `Capabilities(device_loop=True)`: the sampling layer then runs its device-resident loop over
+  these graphs (`runtime.sampling.trt_loop.DeviceSampler`, chosen once, at load): x and s stay on the GPU.
 CUDA graphs (`enqueue(..., graphs=True)`, the device loop's): one execution context per captured (rows,
 bindings) key, all of an engine's contexts sharing one activation-memory allocation (they run in order on one
 stream); a capture that fails is ended, its key marked not capturable, and that key runs `execute_async_v3`.
@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.errors import ArtifactError, BackendError, InputError
-from ..core.manifest import Manifest
-from ..core.specs import SPECS, BatchProfile, GraphSpec
+from ...core.errors import ArtifactError, BackendError, InputError
+from ...core.manifest import Manifest
+from ...core.specs import SPECS, BatchProfile, GraphSpec
 from .backends import Capabilities
 from .trt_plan import GraphPlan, TensorDesc, aligned, engine_problems, output_problem
 
@@ -328,11 +328,6 @@ class TrtBackend:
 
     def describe(self) -> str:
         return "tensorrt"
-
-    def device_sampler(self, engines):
-        from .trt_loop import DeviceSampler
-
-        return DeviceSampler(engines, self)
 
     def close(self) -> None:
         from cuda.bindings import runtime as cudart

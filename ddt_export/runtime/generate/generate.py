@@ -1,10 +1,10 @@
 """`generate`: the library side of the production command. Torch-free.
 
-engines folder -> labels and the run's settings, checked once -> the run cut into chunks that fit the engines'
-batch range (`runtime.chunks`) -> each chunk: per-sample noise (`core.noise`, or rows of a .npy), the engines'
-loop (host or device) on the chosen encoder schedule (`runtime.schedules`), the VAE decoder graph when the folder
-has one (else the latents are the image), uint8 images -> written as soon as the chunk finishes
-(`runtime.run_folder`: PNGs and/or an ADM-style npz, resumable, nothing half-written).
+engines folder -> the request resolved once (`sampling.request`) -> the run cut into chunks that fit the
+engines' batch range (`chunks`) -> each chunk: per-sample noise (`core.noise`, or rows of a .npy), the engines'
+loop (host or device) on the request's encoder schedule (`sampling.schedules`), the VAE decoder graph when the
+folder has one (else the latents are the image), uint8 images -> written as soon as the chunk finishes
+(`run_folder`: PNGs and/or an ADM-style npz, resumable, nothing half-written).
 
 Memory is flat in --num: only one chunk is in flight per worker, and the end assembles the npz and the latents
 from the chunks' shards in a stream. The chunks run on an executor: `chunks.LocalExecutor` (this process) or
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,32 +21,33 @@ from typing import Sequence
 
 import numpy as np
 
-from ..core.artifacts import folder_lock, load_npy, save_npy, sha256_file
-from ..core.config import Config, SamplerConfig
-from ..core.errors import BackendError, InputError
-from ..core.log import Progress, Say
-from ..core.manifest import Manifest
-from ..core.provenance import Provenance
-from .chunks import Chunk, Job, LocalExecutor, check_chunk, graph_identity, plan_chunks
-from .host import plan_steps, saved_fraction, work_rows
+from ...core.artifacts import folder_lock, save_npy, sha256_file
+from ...core.config import SamplerConfig
+from ...core.errors import BackendError, InputError
+from ...core.log import Progress, Say
+from ...core.manifest import Manifest
+from ...core.provenance import Provenance
+from ..sampling.plan import plan_steps, saved_fraction, work_rows
+from ..sampling.request import CLI, RequestInput, SampleRequest, resolve
+from .chunks import Chunk, LocalExecutor, RunSpec, check_chunk, graph_identity, plan_chunks
 from .run_folder import FORMATS, GRID_MIN_SIDE, SAMPLE_FILE, SAMPLE_NAME, RunFolder  # noqa: F401 (re-exported)
 
 NOISE_CHECK_ROWS = 4096  # rows of a --noise file checked for NaN/Inf at a time (the file is memory-mapped)
 
 
-def sampler_from(config: Config, steps: int | None = None, cfg: float | None = None) -> SamplerConfig:
-    """The manifest's sampler settings with the command's overrides (checked here, named by their flag)."""
-    if cfg is not None and not math.isfinite(cfg):
-        raise InputError("--cfg", "a finite number", cfg)
-    if steps is not None and steps < 1:
-        raise InputError("--steps", ">= 1", steps)
-    changes = {k: v for k, v in (("num_steps", steps), ("guidance", cfg)) if v is not None}
-    return dataclasses.replace(config.sampler, **changes)
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run samples and where it writes (the request itself is a `RequestInput`)."""
 
-
-def sampler_for(engines, steps: int | None = None, cfg: float | None = None) -> SamplerConfig:
-    """`sampler_from` on opened engines."""
-    return sampler_from(engines.config, steps, cfg)
+    out_dir: Path | None = None  # None: return the latents (library use)
+    formats: str | Sequence[str] = "png"  # png | npz | png,npz
+    resume: bool = False
+    chunk: int | None = None  # images per chunk (default: batch.max // 2)
+    latents_out: Path | None = None  # also write the final latents as .npy
+    noise_file: Path | None = None  # (N, C, H, W) .npy instead of the noise function
+    backend: str = "auto"
+    device_loop: bool = True  # False keeps the host loop on a TensorRT folder (`load_engines`), on every worker
+    cond_only_outside: bool = True
 
 
 def parse_formats(text: str | Sequence[str]) -> tuple[str, ...]:
@@ -56,27 +56,6 @@ def parse_formats(text: str | Sequence[str]) -> tuple[str, ...]:
     if not items or any(p not in FORMATS for p in items):
         raise InputError("--format", "png | npz | png,npz", text if isinstance(text, str) else ",".join(text))
     return tuple(f for f in FORMATS if f in items)
-
-
-def make_labels(num_classes: int, classes: Sequence[int] | None, labels_file: Path | None,
-                num: int | None) -> np.ndarray:
-    """(B,) int64: --labels file, else --class values cycled to --num, else 0, 1, 2, ... cycled to --num."""
-    if labels_file is not None:
-        if classes:
-            raise InputError("--labels", "either --class or --labels", "both")
-        labels = load_npy(labels_file, "--labels")
-        if labels.ndim != 1 or labels.dtype.kind not in "iu" or labels.size == 0:
-            raise InputError("--labels", "a non-empty 1-D integer .npy", f"{labels.dtype} {labels.shape}")
-    else:
-        base = np.asarray(list(classes) if classes else range(num_classes), np.int64)
-        count = num if num is not None else (len(base) if classes else 8)
-        labels = np.resize(base, count)
-    if num is not None and labels.shape[0] != num:
-        raise InputError("--num", f"{labels.shape[0]} (the number of labels in {labels_file})", num)
-    bad = labels[(labels < 0) | (labels >= num_classes)]
-    if bad.size:
-        raise InputError("class", f"in [0, {num_classes})", int(bad[0]))
-    return labels.astype(np.int64)
 
 
 def noise_rows(path: Path, latent_shape: tuple[int, ...], num: int | None) -> int:
@@ -98,7 +77,7 @@ def noise_rows(path: Path, latent_shape: tuple[int, ...], num: int | None) -> in
     return int(a.shape[0])
 
 
-def run_provenance(man: Manifest, job: Job, spec: str, chunk: int, formats: Sequence[str],
+def run_provenance(man: Manifest, job: RunSpec, spec: str, chunk: int, formats: Sequence[str],
                    latents: bool) -> Provenance:
     """What made a run's files: the engines' provenance with the run's sampler; the build's options (`build.*`)
     and the run's settings in `options`. `RunFolder` refuses a resume when any of it differs."""
@@ -116,24 +95,40 @@ def run_provenance(man: Manifest, job: Job, spec: str, chunk: int, formats: Sequ
 
 @dataclass
 class GenerateResult:
-    num: int  # samples of the run
-    new: int  # sampled by this call (num minus those a resumed run found finished)
-    labels: np.ndarray  # (num,) int64
-    schedule: list[int]
-    schedule_spec: str
-    sampler: SamplerConfig
+    request: SampleRequest  # what ran: labels, seed, sampler, schedule and its recompute steps
     rows: dict[str, int]  # graph-call rows of the whole run and of the official full-batch loop
     saved: float  # block-weighted fraction of the full-batch work saved by cond-only rows
-    backend: str
-    workers: int
     chunks: int  # chunks of the run (images per chunk: `chunk`)
     chunk: int
-    seconds: float  # sampling wall time of this call (first chunk dispatched to last chunk written)
-    files: dict[str, Path]  # png (the folder), npz, latents, preview: what the run wrote
+    new: int = 0  # sampled by this call (num minus those a resumed run found finished)
+    backend: str = ""
+    workers: int = 1
+    seconds: float = 0.0  # sampling wall time of this call (first chunk dispatched to last chunk written)
+    files: dict[str, Path] = dataclasses.field(default_factory=dict)  # png (the folder), npz, latents, preview
     duplicates: int = 0  # chunks an executor delivered twice (ignored; 0 unless an executor misbehaves)
     chunks_by_worker: dict[int, int] = dataclasses.field(default_factory=dict)  # worker pid -> chunks it sampled
     latents: np.ndarray | None = None  # (num, C, H, W) float32, only without out_dir (held in memory)
     loop: str = "host"  # the loop that ran: "device" (TensorRT, x and s on the GPU) or "host"
+
+    @property
+    def num(self) -> int:
+        return self.request.num
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.request.labels
+
+    @property
+    def sampler(self) -> SamplerConfig:
+        return self.request.sampler
+
+    @property
+    def schedule(self) -> list[int]:
+        return list(self.request.recompute)
+
+    @property
+    def schedule_spec(self) -> str:
+        return str(self.request.schedule)
 
     @property
     def resumed(self) -> int:
@@ -148,61 +143,50 @@ class GenerateResult:
         return self.files.get("preview")
 
 
-def generate(engines_dir: Path, *, classes: Sequence[int] | None = None, labels_file: Path | None = None,
-             num: int | None = None, seed: int = 0, steps: int | None = None, cfg: float | None = None,
-             schedule: str | None = None, noise_file: Path | None = None, latents_out: Path | None = None,
-             out_dir: Path | None = None, backend: str = "auto", cond_only_outside: bool = True,
-             formats: str | Sequence[str] = "png", resume: bool = False, chunk: int | None = None,
-             device_loop: bool = True, executor=None, progress: Progress | None = None,
-             say: Say = print) -> GenerateResult:
-    """Sample `num` images in chunks; with `out_dir`, stream them to files (resumable), else return the latents.
-
-    progress(done, total) counts samples (those a resumed run found finished included). device_loop=False keeps the
-    host loop on a TensorRT folder (`load_engines`), on every worker."""
-    formats = parse_formats(formats)
-    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise InputError("--out", "a folder for the run's outputs", f"{out_dir} is a file")
-    if out_dir is None and resume:
+def generate(engines_dir: Path, given: RequestInput = RequestInput(), options: RunOptions = RunOptions(), *,
+             executor=None, progress: Progress | None = None, say: Say = print) -> GenerateResult:
+    """Sample the request's images in chunks; with `options.out_dir`, stream them to files (resumable), else
+    return the latents. progress(done, total) counts samples (those a resumed run found finished included)."""
+    o = options
+    formats = parse_formats(o.formats)
+    if o.out_dir is not None and Path(o.out_dir).exists() and not Path(o.out_dir).is_dir():
+        raise InputError("--out", "a folder for the run's outputs", f"{o.out_dir} is a file")
+    if o.out_dir is None and o.resume:
         raise InputError("--resume", "an output folder (--out)", "none")
-    if num is not None and num < 1:
-        raise InputError("--num", ">= 1", num)
-    if int(seed) < 0:
-        raise InputError("--seed", ">= 0", seed)  # here, not on a worker at the first chunk
     executor = executor or LocalExecutor()
-    with executor.open(Path(engines_dir), backend, say, device_loop=device_loop) as man:
+    with executor.open(Path(engines_dir), o.backend, say, device_loop=o.device_loop) as man:
         m = man.config.model
-        sampler = sampler_from(man.config, steps, cfg)  # bad --cfg / --steps refused before anything runs
-        if noise_file is not None:
-            num = noise_rows(noise_file, m.latent_shape, num)
-        labels = make_labels(m.num_classes, classes, labels_file, num)
-        size = check_chunk(chunk, man)
-        recompute, spec = executor.resolve_schedule(schedule, sampler, say)
-        chunks = plan_chunks(len(labels), size)
-        job = Job(str(Path(engines_dir).absolute()), backend, graph_identity(man), sampler, tuple(recompute),
-                  cond_only_outside, int(seed), labels,  # absolute paths: a Ray worker's cwd is not the driver's
-                  str(Path(noise_file).absolute()) if noise_file is not None else None,
-                  images=out_dir is not None, latents=out_dir is None or latents_out is not None,
-                  device_loop=device_loop)
-        rows = work_rows(plan_steps(sampler, recompute, cond_only_outside), len(labels))
+        if o.noise_file is not None:
+            given = dataclasses.replace(given, num=noise_rows(o.noise_file, m.latent_shape, given.num))
+        request = resolve(man.config, given, CLI)  # every bad flag refused here, before anything runs
+        size = check_chunk(o.chunk, man)
+        request = executor.resolve_schedule(request, say)
+        chunks = plan_chunks(request.num, size)
+        job = RunSpec(str(Path(engines_dir).absolute()), o.backend, graph_identity(man), request.sampler,
+                      request.recompute, o.cond_only_outside, request.seed, request.labels,
+                      # absolute paths: a Ray worker's cwd is not the driver's
+                      str(Path(o.noise_file).absolute()) if o.noise_file is not None else None,
+                      images=o.out_dir is not None, latents=o.out_dir is None or o.latents_out is not None,
+                      device_loop=o.device_loop)
+        rows = work_rows(plan_steps(request.sampler, request.recompute, o.cond_only_outside), request.num)
         saved = saved_fraction(rows, m.num_encoder_blocks, m.num_blocks - m.num_encoder_blocks)
-        result = GenerateResult(len(labels), 0, labels, list(recompute), spec, sampler, rows, saved, "", 1,
-                                len(chunks), size, 0.0, {})
-        if out_dir is None:
+        result = GenerateResult(request, rows, saved, len(chunks), size)
+        if o.out_dir is None:
             _in_memory(executor, job, chunks, result, progress)
-            if latents_out is not None:
-                result.files["latents"] = save_npy(latents_out, result.latents)
+            if o.latents_out is not None:
+                result.files["latents"] = save_npy(o.latents_out, result.latents)
         else:
-            record = run_provenance(man, job, spec, size, formats, latents_out is not None)
-            with folder_lock(Path(out_dir)):
-                run = RunFolder(Path(out_dir), record, labels, chunks, formats, latents_out, say)
-                pending = run.prepare(resume)
+            record = run_provenance(man, job, str(request.schedule), size, formats, o.latents_out is not None)
+            with folder_lock(Path(o.out_dir)):
+                run = RunFolder(Path(o.out_dir), record, request.labels, chunks, formats, o.latents_out, say)
+                pending = run.prepare(o.resume)
                 _stream(executor, job, chunks, pending, run, result, progress, say)
                 result.files = run.finish()
         result.backend, result.workers, result.loop = executor.describe(), executor.workers, executor.loop
         return result
 
 
-def _stream(executor, job: Job, chunks: list[Chunk], pending: list[Chunk], run: RunFolder, result: GenerateResult,
+def _stream(executor, job: RunSpec, chunks: list[Chunk], pending: list[Chunk], run: RunFolder, result: GenerateResult,
             progress: Progress | None, say: Say) -> None:
     """Run the pending chunks on the executor, writing each as it arrives; counts what this call sampled."""
     total = len(job.labels)
@@ -232,7 +216,7 @@ def _stream(executor, job: Job, chunks: list[Chunk], pending: list[Chunk], run: 
                            f"{len(waiting)} never delivered", "run again with --resume")
 
 
-def _in_memory(executor, job: Job, chunks: list[Chunk], result: GenerateResult, progress: Progress | None) -> None:
+def _in_memory(executor, job: RunSpec, chunks: list[Chunk], result: GenerateResult, progress: Progress | None) -> None:
     """Library use without an output folder: the latents of every chunk, held (the caller asked for them)."""
     total = len(job.labels)
     lat: list[np.ndarray | None] = [None] * len(chunks)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from ..core.errors import ArtifactError, BackendError
+from ...core.errors import ArtifactError, BackendError
 
 AUTO_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")  # first available wins; TensorRT EP on request
 CPU = ("CPUExecutionProvider",)

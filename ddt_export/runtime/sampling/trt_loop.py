@@ -1,7 +1,9 @@
 """The device-resident sampling loop of a TensorRT `Engines`: x and s stay on the GPU. Never imports torch.
 
-`DeviceSampler` is what `runtime.sample` runs on a TensorRT folder (chosen once, at load). It runs the host
-loop's plan of steps (`host.plan_steps`, so the same rows and the same CFG), with:
+`DeviceSampler` is what `runtime.sample` runs on a TensorRT folder (chosen once, at load: `Engines.loop`), made
+once per engine set and attached to it (`device_sampler`). It runs the host loop's plan of steps
+(`plan.plan_steps`, so the same rows and the same CFG) and the step's update rule (`step.update`) in a kernel,
+with:
 - its buffers allocated once per engine set, at load, and freed in `close()`: x (B rows), the labels
   `[uncond; cond]` and the conditional labels alone, each on a 256-byte aligned offset (`trt_plan.pack`),
   and the step-time table (grown when a longer trajectory asks for more);
@@ -24,9 +26,11 @@ from typing import Sequence
 
 import numpy as np
 
-from ..core.errors import BackendError, InputError, NumericsError
-from .trt import DeviceBuffer, TrtGraph, check, compute_capability, copy, set_device
-from .trt_plan import device_batch, pack, s_half, time_table
+from ...core.errors import BackendError, InputError, NumericsError
+from ..graphs.trt import DeviceBuffer, TrtGraph, check, compute_capability, copy, set_device
+from ..graphs.trt_plan import device_batch, pack, s_half, time_table
+from .plan import plan_steps
+from .step import check_inputs
 
 _KERNEL = rb"""
 extern "C" __global__ void cfg_euler(float* x, const float* v, int n, float scale, float dt, int cfg) {
@@ -83,11 +87,11 @@ def load_kernel(device: int):
 class DeviceSampler:
     """`runtime.sample` on a TensorRT `Engines` with x and s resident on the GPU; owns its device buffers."""
 
-    def __init__(self, engines, backend):
+    def __init__(self, engines):
         enc, dec = engines.runner("encoder"), engines.runner("decoder")
         if not isinstance(enc, TrtGraph) or not isinstance(dec, TrtGraph):
             raise BackendError("device sampling", "engines loaded from a TensorRT folder", engines.backend_name)
-        self.engines, self.enc, self.dec, self.device = engines, enc, dec, backend.device
+        self.engines, self.enc, self.dec, self.device = engines, enc, dec, engines.backend.device
         m = engines.config.model
         self.samples = engines.max_batch // 2  # the CFG batch is 2 rows per sample
         self.row = int(np.prod(m.latent_shape)) * 4  # bytes of one latent row, float32
@@ -105,8 +109,6 @@ class DeviceSampler:
                progress=None, cuda_graphs: bool = True) -> np.ndarray:
         from cuda.bindings import driver
         from cuda.bindings import runtime as cudart
-
-        from .host import check_inputs, plan_steps
 
         if sampler.step_fn != "ode":
             raise InputError("sampler.step_fn for device sampling", "ode", sampler.step_fn, "use the host loop")
@@ -181,15 +183,14 @@ class DeviceSampler:
         self.engines = self.enc = self.dec = None
 
 
+def device_sampler(engines) -> DeviceSampler:
+    """The engines' device loop, made once per engine set (its buffers, hence its CUDA-graph keys, are fixed)
+    and closed with them."""
+    return engines.attach("device_loop", lambda: DeviceSampler(engines))
+
+
 def sample_on_device(engines, noise: np.ndarray, labels: np.ndarray, sampler, schedule: Sequence[int], *,
                      cond_only_outside: bool = True, cuda_graphs: bool = True, progress=None) -> np.ndarray:
-    """The device loop on a TensorRT `Engines`, with or without CUDA graphs (the engines' own sampler when they
-    chose the device loop at load, else one made for this call and closed after)."""
-    own = engines.device_sampler if isinstance(engines.device_sampler, DeviceSampler) else None
-    ds = own or DeviceSampler(engines, engines.backend)
-    try:
-        return ds.sample(noise, labels, sampler, schedule, cond_only_outside=cond_only_outside, progress=progress,
-                         cuda_graphs=cuda_graphs)
-    finally:
-        if own is None:
-            ds.close()
+    """The device loop on a TensorRT `Engines`, with or without CUDA graphs (whatever loop they chose at load)."""
+    return device_sampler(engines).sample(noise, labels, sampler, schedule, cond_only_outside=cond_only_outside,
+                                          progress=progress, cuda_graphs=cuda_graphs)

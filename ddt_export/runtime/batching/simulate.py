@@ -1,10 +1,11 @@
-"""The batching simulator: the scheduler of `runtime.batching`, the same code the server runs, on a virtual clock
-with a per-call cost curve instead of engines. Torch-free. (`benchmarks/serve_load.py simulate`; Vidur does
-this for vLLM-style schedulers.)
+"""The batching simulator: the serving engine (`engine.Engine.step`, the same code the server runs) on a virtual
+clock, with a per-call cost curve as its executor instead of engines. Torch-free. (Vidur does this for
+vLLM-style schedulers.)
 
 An iteration costs encoder(rows) + decoder(rows) + the host's per-iteration and per-request overheads; the
-requests that retire pay one vae_decoder(rows) call; each answered request adds a fixed `request_s` (HTTP,
-PNG encoding) to its latency. Arrivals during an iteration join at the next step boundary, as in the server.
+requests that take their last step pay one vae_decoder(rows) call; each answered request adds a fixed
+`request_s` (HTTP, PNG encoding) to its latency. Arrivals during an iteration join at the next step boundary,
+as in the server.
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .batching import QueueFull, RequestSpec, Scheduler
+from ..sampling.request import SampleRequest
+from .engine import Engine
+from .scheduler import QueueFull, RunnerOutput, Scheduler, SchedulerOutput
 
 
 @dataclass(frozen=True)
@@ -53,10 +56,50 @@ class CostCurve:
         return CostCurve(**pts, **rest)
 
 
+class VirtualClock:
+    """A clock that moves only when told: `clock()` reads it, `advance(seconds)` moves it."""
+
+    def __init__(self, t: float = 0.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+class SimulatedRunner:
+    """The engine's executor in simulation: each iteration advances the virtual clock by what the cost curve
+    says it costs (the graph calls, then one VAE call for the requests that took their last step)."""
+
+    def __init__(self, curve: CostCurve, clock: VirtualClock):
+        self.curve, self.clock = curve, clock
+        self.num: dict[int, int] = {}  # running request id -> its images
+
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        for rid in out.freed:
+            self.num.pop(rid, None)
+        for rid, req in out.new:
+            self.num[rid] = req.num
+        if not out.batch:
+            return RunnerOutput()
+        step_s = self.curve.iteration(len(out.batch), out.encoder_rows, out.decoder_rows)
+        self.clock.advance(step_s)
+        last = [rid for rid, st in out.batch if st.last]
+        rows = sum(self.num.pop(rid) for rid in last)
+        vae_s = self.curve.call("vae_decoder", rows)
+        self.clock.advance(vae_s)
+        return RunnerOutput({}, {rid: None for rid in last}, step_s, vae_s, rows)
+
+    def reset(self) -> None:
+        self.num.clear()
+
+
 @dataclass(frozen=True)
 class Arrival:
     t: float  # seconds from the start
-    spec: RequestSpec
+    spec: SampleRequest  # resolved, with its recompute steps
     kind: int  # which request of the catalog (its solo latency is the slowdown's denominator)
 
 
@@ -73,36 +116,31 @@ class SimResult:
 
 def simulate(arrivals: Sequence[Arrival], curve: CostCurve, row_budget: int, policy: str = "step",
              max_delay: float = 0.0, max_queue: int = 64) -> SimResult:
-    """Run the arrivals (sorted by time) through the scheduler on a virtual clock."""
-    sch = Scheduler(row_budget, policy, max_delay, max_queue)
-    res, index, now, i = SimResult(), {}, 0.0, 0
+    """Run the arrivals through the serving engine on a virtual clock."""
+    clock = VirtualClock()
+    engine = Engine(Scheduler(row_budget, policy, max_delay, max_queue), SimulatedRunner(curve, clock), clock)
+    res, index, i = SimResult(), {}, 0
     n_req = enc = dec = 0
     arrivals = sorted(arrivals, key=lambda a: a.t)
-    while i < len(arrivals) or not sch.idle:
-        while i < len(arrivals) and arrivals[i].t <= now:
+    while i < len(arrivals) or not engine.idle:
+        while i < len(arrivals) and arrivals[i].t <= clock():
             try:
-                index[sch.submit(arrivals[i].spec, arrivals[i].t).id] = i
+                index[engine.submit(arrivals[i].spec, arrival=arrivals[i].t).id] = i
             except QueueFull:
                 res.rejected.append(i)
             i += 1
-        sch.admit(now)
-        batch = sch.batch()
-        if not batch.jobs:  # idle until the next arrival or the request policy's window closing
-            nxt = [t for t in (arrivals[i].t if i < len(arrivals) else None, sch.wakeup()) if t is not None]
-            now = max(now, min(nxt))
+        it = engine.step()
+        if it is None:  # idle until the next arrival or the request policy's window closing
+            clock.t = max(clock(), min(t for t in (arrivals[i].t if i < len(arrivals) else None, engine.wakeup())
+                                       if t is not None))
             continue
         res.iterations += 1
-        n_req, enc, dec = n_req + len(batch), enc + batch.encoder_rows, dec + batch.decoder_rows
-        now += curve.iteration(len(batch), batch.encoder_rows, batch.decoder_rows)
-        sch.advance(batch, now)
-        retired = sch.retire(now)
-        if retired:
-            now += curve.call("vae_decoder", sum(j.spec.num for j in retired))
-        for job in retired:
-            k = index[job.id]
-            res.latency[k] = now - job.arrival + curve.request_s
-            res.queue[k] = job.admitted - job.arrival
-        res.end = now
+        n_req, enc, dec = n_req + len(it.stepped), enc + it.out.encoder_rows, dec + it.out.decoder_rows
+        for req in it.finished:
+            k = index[req.id]
+            res.latency[k] = req.ended - req.arrival + curve.request_s
+            res.queue[k] = req.admitted - req.arrival
+        res.end = clock()
     if res.iterations:
         res.requests_per_iteration = n_req / res.iterations
         res.rows_per_iteration = {"encoder": enc / res.iterations, "decoder": dec / res.iterations}

@@ -20,7 +20,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from ..core.errors import InputError
+from ...core.errors import InputError
 
 ALIGNMENT = 256  # bytes: TensorRT's required alignment for I/O tensor addresses (setTensorAddress)
 CUDA_MAJORS = (12, 13)  # the [tensorrt-cu12] and [tensorrt-cu13] extras

@@ -31,11 +31,11 @@ from typing import Sequence
 
 import numpy as np
 
-from ..core.artifacts import atomic_path, write_json
-from ..core.errors import ArtifactError
-from ..core.images import save_png, tile
-from ..core.log import Say
-from ..core.provenance import Provenance
+from ...core.artifacts import atomic_path, write_json
+from ...core.errors import ArtifactError
+from ...core.images import save_png, tile
+from ...core.log import Say
+from ...core.provenance import Provenance
 from .chunks import Chunk, Result
 
 RUN_RECORD = "run.json"

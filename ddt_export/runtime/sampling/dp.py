@@ -14,8 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..core.artifacts import atomic_path
-from ..core.errors import InputError, NumericsError
+from ...core.artifacts import atomic_path
+from ...core.errors import InputError, NumericsError
 
 def similarity(states: np.ndarray, chunk_tokens: int = 4096) -> np.ndarray:
     """states (N, B, L, D) -> sim (N, N) float64: mean over the B*L tokens of cosine(s_i, s_j).

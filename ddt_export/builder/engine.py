@@ -28,8 +28,8 @@ from ..core.manifest import Manifest, read_manifest, verify_graphs
 from ..core.precision import Precision, high_precision as high_precision_row, precision as precision_row
 from ..core.provenance import WEIGHT_KINDS, Provenance, WeightsRef, provenance_for
 from ..core.specs import BatchProfile
-from ..runtime.backends import CHOICES
-from ..runtime.engines import DEFAULT_ENGINES
+from ..runtime.graphs.backends import CHOICES
+from ..runtime.graphs.engines import DEFAULT_ENGINES
 from .recipes import Recipe, parse_recipe
 from .tensorrt import build_tensorrt, running_platform, tensorrt_status
 
@@ -104,7 +104,7 @@ def _export(model: _Model, cfg: Config, out: Path, weights: WeightsRef, asked: P
 
 def _fp8(model: _Model, cfg: Config, out: Path, weights: WeightsRef, asked: Provenance, vae: Path | None,
          high_precision: str, calibration: Path | None, recipe: Recipe, say: Say, progress) -> Manifest:
-    from ..runtime.schedules import default_schedule, parse_spec, steps_for
+    from ..runtime.sampling.grammar import default_schedule, parse_schedule, steps_for
     from . import calibrate
     from .quantize import quantize_folder
 
@@ -114,7 +114,7 @@ def _fp8(model: _Model, cfg: Config, out: Path, weights: WeightsRef, asked: Prov
     _export(model, cfg, stages / high_precision, weights, stage.replace(precision=high_precision), vae, say)
     calib = Path(calibration) if calibration else out / "calibration"
     sampler = fp32.config.sampler
-    steps = steps_for(parse_spec(default_schedule(sampler)), sampler.num_steps)  # never dp: no engines needed
+    steps = steps_for(parse_schedule(default_schedule(sampler)), sampler.num_steps)  # never dp: no engines needed
     want = calibrate.calibration_provenance(fp32.provenance, sampler, steps)
     try:  # a --calibration folder brings its own schedule (e.g. dp:K); a captured one uses the default
         diffs = calibrate.differences(calibrate.read_calibration(calib), want, any_schedule=calibration is not None)

@@ -4,45 +4,61 @@
         s = engines.encoder(x, t, y)                        # one graph call each, I/O checked against the specs
         v = engines.decoder(x, s)
         img = engines.vae_decoder(latent)                   # None when the folder has no VAE graph
+        out = call_graph(engines, "decoder", {"x": x, "s": s})   # any row count: split at batch.max
         latents = runtime.sample(engines, noise, labels, sampler, schedule)   # host or device loop
 
 `load_engines` picks the backend the manifest names (`backends.REGISTRY`) and, when that backend has a
-device-resident loop and the folder's sampler can run on it, chooses that loop for `sample()`
-(`device_loop=False` keeps the host loop). `close()` (or the `with` block) frees the backend's resources.
+device-resident loop and the folder's sampler can run on it, records that loop (`Engines.loop`) for the
+sampling layer (`device_loop=False` keeps the host loop). `close()` (or the `with` block) frees the backend's
+resources and whatever the sampling layer attached (`attach`: the device loop's buffers).
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from ..core.config import Config
-from ..core.errors import ArtifactError, BackendError, InputError
-from ..core.manifest import Manifest, read_manifest, verify_graphs
-from ..core.specs import DECODER, ENCODER, VAE_DECODER, Dims, GraphSpec
-from .backends import CHOICES, OrtBackend, backend_class
+from ...core.config import Config
+from ...core.errors import ArtifactError, BackendError, InputError
+from ...core.manifest import Manifest, read_manifest, verify_graphs
+from ...core.specs import DECODER, ENCODER, SPECS, VAE_DECODER, Dims, GraphSpec
+from .backends import CHOICES, GraphRunner, OrtBackend, backend_class
 from .trt_plan import unusable_reason
 
 DEFAULT_ENGINES = Path("engines/default")  # where `build` points its last build; what the sampling commands read
 NO_ENGINES_HINT = "build them first: ddt-export build --precision fp16 (or pass --engines DIR)"
 
+Observer = Callable[[str, int, dict], None]  # (graph, step, inputs) before every graph call
+
+
+class Graphs(Protocol):
+    """What the sampling code needs of a folder's graphs: `Engines`, and the wrappers that time or record its
+    calls (bench, tests). `run(graph, feeds)` is one checked call of at most `max_batch` rows."""
+
+    config: Config
+    max_batch: int
+    min_batch: int
+
+    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
 
 class Engines:
     """The loaded graphs of one folder; each method is one graph call with checked shapes and dtypes."""
 
-    def __init__(self, folder: Path, manifest: Manifest, backend, runners: dict, device_loop: bool = True):
+    def __init__(self, folder: Path, manifest: Manifest, backend, runners: dict[str, GraphRunner],
+                 device_loop: bool = True):
         self.folder, self.manifest, self.backend = Path(folder), manifest, backend
         self.backend_name = backend.describe()
         self._runners = runners
+        self._attached: dict[str, object] = {}
         self.dims: Dims = manifest.dims
         self.vae_decoder: Callable[[np.ndarray], np.ndarray] | None = (
             self._vae_decoder if VAE_DECODER.name in runners else None)
         caps = backend.capabilities
-        use_device = (device_loop and caps.device_loop
-                      and manifest.config.sampler.step_fn in caps.device_step_fns)
-        # the loop `runtime.sample` runs, decided here once: the backend's device sampler, or None (host loop)
-        self.device_sampler = backend.device_sampler(self) if use_device else None
+        # the loop `runtime.sample` runs, decided here once: "device" (the backend's device-resident loop) or "host"
+        self.loop = ("device" if device_loop and caps.device_loop
+                     and manifest.config.sampler.step_fn in caps.device_step_fns else "host")
 
     @property
     def config(self) -> Config:
@@ -56,25 +72,32 @@ class Engines:
     def min_batch(self) -> int:
         return self.manifest.batch.min
 
-    @property
-    def loop(self) -> str:
-        return "device" if self.device_sampler is not None else "host"
-
-    def runner(self, graph: str):
+    def runner(self, graph: str) -> GraphRunner:
         """The backend's runner of one graph (KeyError when the folder has no such graph)."""
         return self._runners[graph]
 
+    def attach(self, name: str, make: Callable[[], object]):
+        """The object attached under `name`, made by `make()` the first time; closed (`close()`) with the engines.
+        The sampling layer keeps its device loop here, so it is made once per engine set."""
+        if name not in self._attached:
+            self._attached[name] = make()
+        return self._attached[name]
+
     def encoder(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
         """x (B, C, H, W) float32, t (B,) float32, y (B,) int64 -> s (B, L, D) float32."""
-        return self._call(ENCODER, {"x": x, "t": t, "y": y})["s"]
+        return self.run(ENCODER.name, {"x": x, "t": t, "y": y})["s"]
 
     def decoder(self, x: np.ndarray, s: np.ndarray) -> np.ndarray:
         """x (B, C, H, W) float32, s (B, L, D) float32 -> v (B, C, H, W) float32."""
-        return self._call(DECODER, {"x": x, "s": s})["v"]
+        return self.run(DECODER.name, {"x": x, "s": s})["v"]
 
     def _vae_decoder(self, latent: np.ndarray) -> np.ndarray:
         """latent (B, C, H, W) float32, the sampler's output as is -> image (B, IC, IH, IH) float32 in about [-1, 1]."""
-        return self._call(VAE_DECODER, {"latent": latent})["image"]
+        return self.run(VAE_DECODER.name, {"latent": latent})["image"]
+
+    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One call of `graph` (a `core.specs` name) with 1..max_batch rows; inputs and outputs checked."""
+        return self._call(SPECS[graph], feeds)
 
     def _call(self, spec: GraphSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         batch = feeds[spec.inputs[0].name].shape[0] if feeds[spec.inputs[0].name].ndim else -1
@@ -96,10 +119,10 @@ class Engines:
         return outs
 
     def close(self) -> None:
-        """Free what the backend holds (device sampler, runners, the backend's own resources); idempotent."""
-        if self.device_sampler is not None:
-            self.device_sampler.close()
-            self.device_sampler = None
+        """Free what is attached (the device loop), the runners, then the backend's own resources; idempotent."""
+        for obj in self._attached.values():
+            obj.close()
+        self._attached = {}
         for r in self._runners.values():
             r.close()
         self._runners = {}
@@ -144,3 +167,23 @@ def load_engines(folder: Path, backend: str = "auto", providers: Sequence[str] |
             r.close()
         impl.close()
         raise
+
+
+def call_graph(graphs: Graphs, graph: str, inputs: dict[str, np.ndarray], step: int = -1,
+               observer: Observer | None = None) -> np.ndarray:
+    """The first output of `graph` for any number of rows: one call per chunk of at most max_batch rows (CFG rows
+    count), rows padded up to min_batch with copies of the last one (dropped after); outputs concatenated.
+    `observer(graph, step, chunk_inputs)` sees every call's inputs first (calibration, validate's parity)."""
+    rows = len(next(iter(inputs.values())))
+    top, low = graphs.max_batch, graphs.min_batch
+    name = SPECS[graph].outputs[0].name
+    outs = []
+    for lo in range(0, rows, top):
+        chunk = {k: v[lo:lo + top] for k, v in inputs.items()}
+        n = len(next(iter(chunk.values())))
+        if n < low:  # engines built with a minimum batch: pad with copies of the last row, drop them after
+            chunk = {k: np.concatenate([v, np.repeat(v[-1:], low - n, axis=0)]) for k, v in chunk.items()}
+        if observer is not None:
+            observer(graph, step, chunk)
+        outs.append(graphs.run(graph, chunk)[name][:n])
+    return outs[0] if len(outs) == 1 else np.concatenate(outs)

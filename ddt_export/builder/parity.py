@@ -22,7 +22,7 @@ from ..core.manifest import read_manifest
 from ..core.numerics import relative_errors, tensor_errors
 from ..core.precision import Precision
 from ..core.specs import DECODER, ENCODER, VAE_DECODER, Dims, GraphSpec
-from ..runtime import ort
+from ..runtime.graphs import ort
 
 BATCHES = (1, 3)
 CALIB_ROWS = 32  # rows of a calibration folder used for the measurement, evenly spread over the trajectory
@@ -105,13 +105,14 @@ def sample_error(folder: Path, ref_folder: Path, *, num: int = 4, seed: int = 0,
     """Final latents of the host loop on `folder` vs on `ref_folder`, same noise, labels, sampler, schedule."""
     from ..core.noise import StepNoise, sample_noise
     from ..runtime import load_engines, sample
-    from ..runtime.generate import make_labels, sampler_for
+    from ..runtime.sampling.request import RequestInput, make_labels, resolve_sampler
 
+    given = RequestInput(classes=tuple(labels) if labels else None, num=num, steps=steps)
     with load_engines(folder, "onnxruntime") as eng, load_engines(ref_folder, "onnxruntime") as ref:
         m = ref.config.model
-        sampler = sampler_for(ref, steps)
+        sampler = resolve_sampler(ref.config.sampler, given)
         recompute = list(schedule) if schedule is not None else list(range(sampler.num_steps))
-        y = make_labels(m.num_classes, list(labels) if labels else None, None, num)
+        y = make_labels(m.num_classes, given)
         noise = sample_noise(seed, range(num), m.latent_shape)
         a = sample(eng, noise, y, sampler, recompute, rng=StepNoise(seed, range(num)))
         b = sample(ref, noise, y, sampler, recompute, rng=StepNoise(seed, range(num)))

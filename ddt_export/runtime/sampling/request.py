@@ -1,0 +1,173 @@
+"""A sampling request, resolved once. Torch-free.
+
+Every way in (CLI flags, an HTTP body, a Ray task, validate, calibrate) states what it was given as a
+`RequestInput`, and `resolve` turns it into one frozen `SampleRequest`: labels, seed, the model's sampler
+with the overrides, the parsed schedule. Every later stage reads that record. The checks live here, once, and
+each error names the field the way its caller typed it (`FieldNames`: `--cfg` on the command line, `cfg` in a
+JSON body), so the CLI's one-line error and the API's 422 are the same sentence.
+
+    request = resolve(engines.config, RequestInput(classes=(3,), num=4, cfg=2.0, schedule="dp:5"), CLI)
+    request = resolve_schedule(request, engines)    # dp:K: stored with the engines or computed (schedules.py)
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ...core.artifacts import load_npy
+from ...core.config import Config, SamplerConfig
+from ...core.errors import ConfigError, InputError
+from .grammar import ScheduleSpec, default_schedule, parse_schedule
+
+MAX_SEED = 2 ** 63 - 1  # numpy's SeedSequence takes any non-negative int; JSON and int64 hold this much
+MAX_CFG = 100.0  # far above any useful scale (ImageNet FID runs use 1.5-4); keeps v_u + s (v_c - v_u) finite
+MAX_TIMESHIFT = 100.0
+DEFAULT_NUM = 8  # images when neither --num nor --class / --labels says how many
+
+# What each field must be, in words: the errors say it, and the API's OpenAPI descriptions.
+EXPECTED = {
+    "num": ">= 1",
+    "seed": f"an integer in [0, {MAX_SEED}]",
+    "steps": "an integer >= 1",
+    "cfg": f"a finite number in [0, {MAX_CFG:g}] (the CFG scale inside the guidance interval)",
+    "interval": "[lo, hi] with 0 <= lo <= hi <= 1 (guidance applies where lo < t < hi)",
+    "timeshift": f"a finite number in (0, {MAX_TIMESHIFT:g}] (the official timestep shift)",
+}
+
+
+@dataclass(frozen=True)
+class FieldNames:
+    """How one kind of caller names the request's fields (what its errors say)."""
+
+    classes: str
+    labels_file: str
+    num: str
+    seed: str
+    steps: str
+    cfg: str
+    schedule: str
+    interval: str
+    timeshift: str
+    files: bool  # may the schedule name a JSON file
+
+
+CLI = FieldNames("--class", "--labels", "--num", "--seed", "--steps", "--cfg", "--schedule", "--interval",
+                 "--timeshift", files=True)
+API = FieldNames("class", "labels", "num", "seed", "steps", "cfg", "schedule", "interval", "timeshift", files=False)
+
+
+@dataclass(frozen=True)
+class RequestInput:
+    """A request as given; None means the default (the manifest's sampler, `default_schedule`, ...)."""
+
+    classes: tuple[int, ...] | None = None  # cycled to num; default 0, 1, 2, ... cycled
+    labels_file: Path | None = None  # a 1-D integer .npy instead of classes
+    num: int | None = None  # default: the labels given, or DEFAULT_NUM
+    seed: int = 0
+    steps: int | None = None
+    cfg: float | None = None
+    schedule: str | None = None
+    interval: tuple[float, float] | None = None
+    timeshift: float | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class SampleRequest:
+    """A resolved request: what every later stage reads. `recompute` is None until the schedule is resolved
+    against the engines (`schedules.resolve_schedule`; every kind but dp:K resolves without them)."""
+
+    labels: np.ndarray  # (num,) int64, in [0, num_classes)
+    seed: int
+    sampler: SamplerConfig
+    schedule: ScheduleSpec
+    recompute: tuple[int, ...] | None = None
+
+    @property
+    def num(self) -> int:
+        return len(self.labels)
+
+    def with_steps(self, recompute: Sequence[int]) -> "SampleRequest":
+        return dataclasses.replace(self, recompute=tuple(int(s) for s in recompute))
+
+
+def _int(value, field: str, expected: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InputError(field, expected, repr(value))
+    return int(value)
+
+
+def make_labels(num_classes: int, given: RequestInput, names: FieldNames = CLI) -> np.ndarray:
+    """(B,) int64: the labels file, else the classes cycled to num, else 0, 1, 2, ... cycled to num (or 8)."""
+    num = given.num
+    if given.labels_file is not None:
+        if given.classes:
+            raise InputError(names.labels_file, f"either {names.classes} or {names.labels_file}", "both")
+        labels = load_npy(given.labels_file, names.labels_file)
+        if labels.ndim != 1 or labels.dtype.kind not in "iu" or labels.size == 0:
+            raise InputError(names.labels_file, "a non-empty 1-D integer .npy", f"{labels.dtype} {labels.shape}")
+        if num is not None and labels.shape[0] != num:
+            raise InputError(names.num, f"{labels.shape[0]} (the number of labels in {given.labels_file})", num)
+    else:
+        classes = [_int(c, names.classes, "class ids (integers)") for c in given.classes or ()]
+        base = np.asarray(classes or range(num_classes), np.int64)
+        labels = np.resize(base, num if num is not None else (len(base) if classes else DEFAULT_NUM))
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.size:
+        raise InputError(names.classes, f"a class id in [0, {num_classes})", int(bad[0]))
+    return labels.astype(np.int64)
+
+
+def _finite(value, field: str, expected: str, lo: float, hi: float, lo_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise InputError(field, expected, repr(value))
+    value = float(value)
+    if not math.isfinite(value) or value > hi or value < lo or (lo_open and value == lo):
+        raise InputError(field, expected, value)
+    return value
+
+
+def resolve_sampler(sampler: SamplerConfig, given: RequestInput, names: FieldNames = CLI) -> SamplerConfig:
+    """The model's sampler with the request's overrides, each checked and named by its field."""
+    changes: dict = {}
+    if given.steps is not None:
+        changes["num_steps"] = _int(given.steps, names.steps, EXPECTED["steps"])
+        if changes["num_steps"] < 1:
+            raise InputError(names.steps, EXPECTED["steps"], given.steps)
+    if given.cfg is not None:
+        changes["guidance"] = _finite(given.cfg, names.cfg, EXPECTED["cfg"], 0.0, MAX_CFG)
+    if given.timeshift is not None:
+        changes["timeshift"] = _finite(given.timeshift, names.timeshift, EXPECTED["timeshift"], 0.0, MAX_TIMESHIFT,
+                                       lo_open=True)
+    if given.interval is not None:
+        iv = tuple(given.interval) if isinstance(given.interval, (tuple, list)) else ()
+        if len(iv) != 2:
+            raise InputError(names.interval, EXPECTED["interval"], repr(given.interval))
+        lo, hi = (_finite(v, names.interval, EXPECTED["interval"], 0.0, 1.0) for v in iv)
+        if lo > hi:
+            raise InputError(names.interval, EXPECTED["interval"], [lo, hi])
+        changes["guidance_interval"] = (lo, hi)
+    try:
+        return dataclasses.replace(sampler, **changes)
+    except ConfigError as e:  # a combination the config refuses: named as the config names it
+        raise InputError(e.thing, e.expected, e.actual, e.hint)
+
+
+def resolve(config: Config, given: RequestInput, names: FieldNames = CLI) -> SampleRequest:
+    """The one place a request is checked: labels, num, seed, sampler overrides and the schedule's grammar."""
+    if given.num is not None and _int(given.num, names.num, EXPECTED["num"]) < 1:
+        raise InputError(names.num, EXPECTED["num"], given.num)
+    seed = _int(given.seed, names.seed, EXPECTED["seed"])
+    if not 0 <= seed <= MAX_SEED:
+        raise InputError(names.seed, EXPECTED["seed"], seed)
+    sampler = resolve_sampler(config.sampler, given, names)
+    labels = make_labels(config.model.num_classes, given, names)
+    text = given.schedule if given.schedule is not None else default_schedule(sampler)
+    schedule = parse_schedule(text, names.schedule, names.files)
+    if schedule.kind == "dp" and schedule.value > sampler.num_steps:
+        raise InputError(names.schedule, f"dp:K with K <= {sampler.num_steps} (the steps)", schedule.text)
+    return SampleRequest(labels, seed, sampler, schedule)

@@ -1,0 +1,164 @@
+"""Where `dp:K` schedules come from, and every schedule's recompute steps. Torch-free.
+
+The grammar (`all | uniform:R | dp:K | FILE.json`) is `grammar.py`'s; this module resolves a request's schedule
+to steps. A `dp:K` schedule comes from the statistical DP (`runtime.sampling.dp`) on a template trajectory run
+on the engines themselves; it is stored in the engine folder (`schedule-N-K.json`, `similarity-N.npy`, a
+heatmap) with the provenance it was computed under, and reused only when that provenance's weights, model and
+sampler equal the engines' (`Provenance.diff`), else computed again (the caller is told which). One resolver
+(`schedule_steps`) serves every caller; how a missing dp:K is computed is the caller's (here, on the engines;
+`generate --ray`, on a worker).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ...core.artifacts import load_npy, save_npy, write_json
+from ...core.config import SamplerConfig
+from ...core.errors import ArtifactError, InputError
+from ...core.log import Progress, Say
+from ...core.manifest import Manifest
+from ...core.noise import sample_noise
+from ...core.provenance import Provenance
+from ..graphs.engines import Engines, load_engines
+from .dp import plot_heatmap, schedule_cost, similarity, solve_dp
+from .grammar import ScheduleSpec, steps_for, uniform_steps, validate_steps
+from .host import record_states
+from .request import CLI, RequestInput, SampleRequest, resolve_sampler
+
+TEMPLATE_SAMPLES = 8  # the official sharing_dp template batch
+TEMPLATE_SEED = 0
+SCHEDULE_FIELDS = ("weights", "model", "sampler")  # what a DP schedule depends on besides N and K
+
+
+def schedule_record(steps: list[int], num_steps: int, **settings) -> dict:
+    return {"recompute_steps": list(map(int, steps)), "num_steps": num_steps, "recompute": len(steps), **settings}
+
+
+def write_schedule(path: Path, record: dict) -> Path:
+    write_json(Path(path), record)
+    return Path(path)
+
+
+def schedule_provenance(manifest: Manifest, sampler: SamplerConfig, seed: int = TEMPLATE_SEED) -> Provenance:
+    """What a DP schedule computed on a folder's engines under `sampler` depends on (the template in options)."""
+    return manifest.provenance.replace(
+        sampler=sampler, precision=None, batch=None, vae=None, platform={},
+        options={"template": f"{TEMPLATE_SAMPLES} samples, seed {seed}"})
+
+
+def compute_schedule(engines: Engines, sampler: SamplerConfig, recompute: int, *, seed: int = TEMPLATE_SEED,
+                     progress: Progress | None = None) -> tuple[dict, np.ndarray]:
+    """Template trajectory on the engines -> similarity (N, N) float64 -> DP. Returns (schedule record, sim)."""
+    n, m = sampler.num_steps, engines.config.model
+    if not 1 <= recompute <= n:
+        raise InputError("--recompute K", f"1 <= K <= --steps = {n}", recompute)
+    noise = sample_noise(seed, range(TEMPLATE_SAMPLES), m.latent_shape)  # (8, C, H, W), per sample
+    labels = np.random.default_rng(seed).integers(0, m.num_classes, TEMPLATE_SAMPLES, dtype=np.int64)
+    sim = similarity(record_states(engines, noise, labels, sampler, progress=progress))  # (N, N) float64
+    steps, cost = solve_dp(sim, recompute)
+    rate = math.ceil(n / recompute)  # the sparsest uniform schedule with no more steps than the DP's
+    base = uniform_steps(n, rate)
+    uniform = {"rate": rate, "recompute": len(base), "cost": schedule_cost(sim, base)}
+    record = schedule_record(steps, n, method="dp", cost=cost, uniform=uniform,
+                             provenance=schedule_provenance(engines.manifest, sampler, seed).to_dict())
+    return record, sim
+
+
+def model_label(engines: Engines) -> str:
+    return engines.config.name + (" (random weights)" if engines.manifest.provenance.weights_kind == "random" else "")
+
+
+def store_schedule(out_dir: Path, record: dict, sim: np.ndarray, name: str = "") -> dict[str, Path]:
+    """similarity-N.npy, schedule-N-K.json and schedule-N-K.png in `out_dir`."""
+    n, k, out = record["num_steps"], record["recompute"], Path(out_dir)
+    paths = {"similarity": save_npy(out / f"similarity-{n}.npy", sim),
+             "json": write_schedule(out / f"schedule-{n}-{k}.json", record)}
+    paths["png"] = plot_heatmap(sim, record["recompute_steps"], out / f"schedule-{n}-{k}.png",
+                                f"{name}: 1 - cos sim of encoder states, N={n}, K={k}")
+    return paths
+
+
+def schedule_from_similarity(sim_path: Path, recompute: int, out: Path) -> tuple[dict, dict[str, Path]]:
+    """Solve the DP from a saved similarity matrix; writes `out` (.json) and the heatmap beside it."""
+    sim = load_npy(sim_path, "--from-similarity")
+    steps, cost = solve_dp(sim, recompute)
+    record = schedule_record(steps, int(sim.shape[0]), method="dp", cost=cost, similarity=str(sim_path))
+    out = Path(out)
+    return record, {"json": write_schedule(out, record), "png": plot_heatmap(sim, steps, out.with_suffix(".png"))}
+
+
+def stored_schedule(path: Path, asked: Provenance, num_steps: int) -> tuple[list[int] | None, str]:
+    """(steps, "") from a stored dp schedule whose provenance fits `asked`, else (None, why not)."""
+    if not path.is_file():
+        return None, "no stored schedule for these settings"
+    try:
+        rec = json.loads(path.read_text())
+        built = Provenance.from_dict(rec["provenance"], str(path))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ArtifactError) as e:
+        return None, f"{path} is unreadable ({type(e).__name__}: {e})"
+    diffs = built.diff(asked, SCHEDULE_FIELDS)
+    if diffs:
+        return None, f"{path} was computed under other settings ({'; '.join(diffs)})"
+    return validate_steps(rec["recompute_steps"], num_steps, str(path)), ""
+
+
+def schedule_steps(spec: ScheduleSpec, sampler: SamplerConfig, manifest: Manifest, folder: Path,
+                   compute: Callable[[int], list[int]], say: Say = print) -> list[int]:
+    """Recompute steps of a parsed schedule: every kind but dp:K directly; dp:K from the folder's stored schedule
+    when its provenance fits, else `compute(K)` (the template trajectory and the DP, wherever the caller runs
+    them)."""
+    if spec.kind != "dp":
+        return steps_for(spec, sampler.num_steps)
+    n, k = sampler.num_steps, spec.value
+    if k > n:
+        raise InputError("schedule dp:K", f"K <= {n} steps", k)
+    path = Path(folder) / f"schedule-{n}-{k}.json"
+    steps, why = stored_schedule(path, schedule_provenance(manifest, sampler), n)
+    if steps is not None:
+        say(f"schedule dp:{k}: using {path}")
+        return steps
+    say(f"schedule dp:{k}: {why}; running the {TEMPLATE_SAMPLES}-sample template trajectory ({n} steps) and the DP")
+    return compute(k)
+
+
+def computed_schedule(engines: Engines, sampler: SamplerConfig, k: int, say: Say = print,
+                      progress: Progress | None = None) -> list[int]:
+    """dp:K run now on the engines, and stored in their folder (a read-only folder: used for this run only)."""
+    rec, sim = compute_schedule(engines, sampler, k, progress=progress)
+    try:
+        say(f"saved {store_schedule(engines.folder, rec, sim, model_label(engines))['json']}")
+    except OSError as e:
+        say(f"could not store the schedule in {engines.folder} ({e}); using it for this run only")
+    return rec["recompute_steps"]
+
+
+def resolve_schedule(request: SampleRequest, engines: Engines, say: Say = print,
+                     progress: Progress | None = None) -> SampleRequest:
+    """The request with its recompute steps (dp:K: stored with the engines, or computed on them now)."""
+    steps = schedule_steps(request.schedule, request.sampler, engines.manifest, engines.folder,
+                           lambda k: computed_schedule(engines, request.sampler, k, say, progress), say)
+    return request.with_steps(steps)
+
+
+def make_schedule(recompute: int, *, engines_dir: Path | None = None, from_similarity: Path | None = None,
+                  out: Path | None = None, given: RequestInput = RequestInput(), seed: int = TEMPLATE_SEED,
+                  progress: Progress | None = None) -> tuple[dict, dict[str, Path]]:
+    """`ddt-export schedule`: the DP on the engines' template trajectory (stored in the engine folder), or on a
+    saved similarity matrix (written to `out`). `given`: the sampler overrides (steps, cfg). Returns (schedule
+    record, written files)."""
+    if from_similarity is not None:
+        if engines_dir is not None or out is None:
+            raise InputError("schedule --from-similarity", "--out FILE.json and no --engines",
+                             "--engines" if engines_dir is not None else "no --out")
+        return schedule_from_similarity(from_similarity, recompute, out)
+    if engines_dir is None:
+        raise InputError("schedule", "--engines DIR (or --from-similarity SIM.npy)", "neither")
+    with load_engines(engines_dir) as engines:
+        sampler = resolve_sampler(engines.config.sampler, given, CLI)
+        rec, sim = compute_schedule(engines, sampler, recompute, seed=seed, progress=progress)
+        return rec, store_schedule(engines_dir, rec, sim, model_label(engines))

@@ -1,0 +1,142 @@
+"""The one sampling step: what a step does to the rows that take it, written once. Torch-free.
+
+The host loop (one `Rows`, every step), the serving model step (many requests' `Rows`, each at its own step,
+in one batch) and the calibration and validate captures all call `run_step`; the device loop runs the same
+plan (`runtime.sampling.plan`) with the same update rule in its kernel (`trt_loop`).
+
+One step of a list of (rows, plan step) items:
+1. one encoder call over the items at a recompute step, each row with its own item's t, both CFG halves
+   `[uncond; cond]` where the plan says a guided step will reuse the state (`Step.enc_uncond`);
+2. one decoder call over every item: both halves inside the guidance interval, the conditional half outside;
+3. per item, in float32: the CFG combine `v_u + scale (v_c - v_u)` (official `simple_guidance_fn`), then the
+   update rule (the sampler's step function; the last step is the official `last_step_fn`, ode), its own
+   SDE noise.
+The graphs compute every row on its own, so an item's result does not depend on what shares its calls. A
+non-finite tensor fails its item only; an engine error propagates.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from ...core.config import SamplerConfig
+from ...core.errors import InputError, NumericsError
+from ...core.noise import StepNoise, sample_noise
+from ...core.sampling import cfg_combine, euler_step
+from ..graphs.engines import Graphs, Observer, call_graph
+from .plan import Step
+
+
+@dataclass
+class Rows:
+    """The sampler state of B samples that step together (one request, one chunk, one host-loop batch)."""
+
+    sampler: SamplerConfig
+    labels: np.ndarray  # (B,) int64
+    x: np.ndarray  # (B, C, H, W) float32, the latents: kept in float32 across steps
+    noise: StepNoise | np.random.Generator  # SDE step noise (`core.noise`: per sample)
+    s: np.ndarray | None = None  # ((2B | B), L, D) float32: the last encoder state
+    s_uncond: bool = False  # s holds both halves [uncond; cond]
+
+    @property
+    def num(self) -> int:
+        return len(self.labels)
+
+
+def check_inputs(graphs: Graphs, noise: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """noise (B, C, H, W) float -> float32 copy; labels (B,) int -> int64 in [0, num_classes)."""
+    m = graphs.config.model
+    noise = np.asarray(noise)
+    if noise.ndim != 4 or noise.shape[1:] != m.latent_shape or noise.shape[0] < 1:
+        raise InputError("noise", f"(B, {', '.join(map(str, m.latent_shape))}) for {graphs.config.name}",
+                         noise.shape)
+    if noise.dtype.kind != "f":
+        raise InputError("noise", "a floating-point array", noise.dtype)
+    if not np.isfinite(noise).all():
+        raise InputError("noise", "finite values", f"{int((~np.isfinite(noise)).sum())} NaN/Inf")
+    labels = np.asarray(labels)
+    if labels.shape != (noise.shape[0],) or labels.dtype.kind not in "iu":
+        raise InputError("labels", f"({noise.shape[0]},) integers, one per noise sample",
+                         f"{labels.dtype} {labels.shape}")
+    bad = labels[(labels < 0) | (labels >= m.num_classes)]
+    if bad.size:
+        raise InputError("class", f"in [0, {m.num_classes})", int(bad[0]))
+    return noise.astype(np.float32, copy=True), labels.astype(np.int64)
+
+
+def start_rows(sampler: SamplerConfig, labels: np.ndarray, seed: int, indices: Sequence[int],
+               latent_shape: Sequence[int]) -> Rows:
+    """Rows at step 0 for samples `indices` of seed `seed`: the one noise function's latents and step noise."""
+    return Rows(sampler, np.asarray(labels, np.int64), sample_noise(seed, indices, latent_shape),
+                StepNoise(seed, indices))
+
+
+def _cat(parts: list[np.ndarray]) -> np.ndarray:
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def _split(a: np.ndarray, sizes: Sequence[int]) -> list[np.ndarray]:
+    """Rows of one graph call back to their items (copies where shared: an item keeps its s for later steps)."""
+    if len(sizes) == 1:
+        return [a]
+    return [p.copy() for p in np.split(a, np.cumsum(sizes)[:-1])]
+
+
+def _bad(a: np.ndarray, step: int, what: str) -> NumericsError | None:
+    if np.isfinite(a).all():
+        return None
+    return NumericsError(f"step {step}: {what}", "finite values", f"{int((~np.isfinite(a)).sum())} NaN/Inf of {a.size}")
+
+
+def encoder_feeds(rows: Rows, st: Step, null_class: int) -> dict[str, np.ndarray]:
+    """x, t, y of the encoder at a recompute step: 2B rows [uncond; cond] when `st.enc_uncond`, else B."""
+    x, y = rows.x, rows.labels
+    if st.enc_uncond:
+        x, y = np.concatenate([x, x]), np.concatenate([np.full(len(y), null_class, np.int64), y])
+    return {"x": x, "t": np.full(len(y), st.t, np.float32), "y": y}
+
+
+def decoder_feeds(rows: Rows, st: Step) -> dict[str, np.ndarray]:
+    """x, s of the decoder: 2B rows inside the guidance interval, else B with the state's conditional half."""
+    assert rows.s is not None and (rows.s_uncond or not st.dec_uncond), f"step {st.i}: no usable encoder state"
+    if st.dec_uncond:
+        return {"x": np.concatenate([rows.x, rows.x]), "s": rows.s}
+    return {"x": rows.x, "s": rows.s[rows.num:] if rows.s_uncond else rows.s}
+
+
+def update(rows: Rows, st: Step, v: np.ndarray) -> np.ndarray:
+    """x after step `st` from the decoder's velocities v ((2B | B), C, H, W): CFG combine, then the update rule."""
+    if st.dec_uncond:
+        v = cfg_combine(v[:rows.num], v[rows.num:], st.scale)
+    return euler_step(rows.sampler, st.i, rows.x, v, st.t, st.dt, rows.noise)
+
+
+def run_step(graphs: Graphs, items: Sequence[tuple[Rows, Step]], observer: Observer | None = None
+             ) -> dict[int, NumericsError]:
+    """One step of every item, in place on its Rows; returns {item index: error} for the items whose tensors
+    went non-finite (the others have stepped). `observer` sees every graph call's inputs (one item's loop)."""
+    failed: dict[int, NumericsError] = {}
+    step = items[0][1].i if items else -1
+    enc = [(k, rows, st) for k, (rows, st) in enumerate(items) if st.recompute]
+    if enc:
+        feeds = [encoder_feeds(rows, st, graphs.config.model.null_class) for _, rows, st in enc]
+        s_all = call_graph(graphs, "encoder", {n: _cat([f[n] for f in feeds]) for n in ("x", "t", "y")}, step,
+                           observer)  # (sum of rows, L, D)
+        for (k, rows, st), s in zip(enc, _split(s_all, [len(f["y"]) for f in feeds])):
+            failed[k] = _bad(s, st.i, "encoder output s")
+            if failed[k] is None:
+                rows.s, rows.s_uncond = s, st.enc_uncond
+    dec = [(k, rows, st) for k, (rows, st) in enumerate(items) if failed.get(k) is None]
+    if dec:
+        feeds = [decoder_feeds(rows, st) for _, rows, st in dec]
+        v_all = call_graph(graphs, "decoder", {n: _cat([f[n] for f in feeds]) for n in ("x", "s")}, step, observer)
+        for (k, rows, st), v in zip(dec, _split(v_all, [len(f["x"]) for f in feeds])):
+            failed[k] = _bad(v, st.i, "decoder output v")
+            if failed[k] is None:
+                x = update(rows, st, v)
+                failed[k] = _bad(x, st.i, "latents x after the step")
+                if failed[k] is None:
+                    rows.x = x
+    return {k: e for k, e in failed.items() if e is not None}
