@@ -243,7 +243,7 @@ def _baselines(check: Check, variant: str) -> dict:
     from ddt_export.core.noise import sample_noise
     from ddt_export.evaluate.bench import timeit
     from ddt_export.export.reference import TorchReference
-    from ddt_export.runtime.sampling.schedules import parse_spec, steps_for
+    from ddt_export.runtime.sampling.grammar import parse_schedule, steps_for
 
     cfg, man, model = _xl(check)
     ref = TorchReference(man, variant, model=model)
@@ -256,7 +256,7 @@ def _baselines(check: Check, variant: str) -> dict:
             if check.left() < need:
                 skipped.append(f"batch {b} {spec}: time budget")
                 continue
-            sched = steps_for(parse_spec(spec), STEPS)
+            sched = steps_for(parse_schedule(spec), STEPS)
             tm = timeit(lambda: ref.sample(noise, labels, sampler, sched), repeats=1)  # after one warm-up
             runs.append({"batch": b, "schedule": spec, "steps": STEPS, "s": tm.median, "images_per_s": b / tm.median})
             print(f"[gpu_check]   {variant} batch {b} {spec}: {b / tm.median:.2f} img/s", flush=True)

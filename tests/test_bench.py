@@ -17,6 +17,7 @@ from ddt_export.export.exporter import export_model, load_checkpoint_model  # no
 from ddt_export.core.flops import GEMM_ROLES, block_gemm_flops, fp8_share, fp8_speedup, step_flops  # noqa: E402
 from ddt_export.export.model import DDT  # noqa: E402
 from ddt_export.runtime import load_engines, sample  # noqa: E402
+from ddt_export.runtime.sampling.host import sample_host  # noqa: E402
 
 from conftest import TINY  # noqa: E402
 
@@ -130,7 +131,7 @@ def test_timed_engines_count_only_graph_time(seeded_engines):
     engines = load_engines(seeded_engines)
     timed = TimedEngines(engines)
     noise = np.zeros((1, 4, 8, 8), np.float32)
-    a = sample(timed, noise, np.array([2]), TINY.sampler, [0, 10])
+    a = sample_host(timed, noise, np.array([2]), TINY.sampler, [0, 10])
     assert timed.spent["encoder"] > 0 and timed.spent["decoder"] > 0
     assert np.array_equal(a, sample(engines, noise, np.array([2]), TINY.sampler, [0, 10]))
 

@@ -145,12 +145,13 @@ def test_fp16_build_default_out_and_generate(tmp_path, official_ckpt, monkeypatc
 def test_given_calibration_brings_its_schedule(fp8, official_ckpt, tmp_path):
     """--calibration: captured under another encoder schedule (what will run), used as is; another sampler: refused."""
     from ddt_export.builder.calibrate import capture
+    from ddt_export.runtime.sampling.request import RequestInput
 
     out, _ = fp8
     ckpt, yaml, _ = official_ckpt
     copy = tmp_path / "fp8"
     shutil.copytree(out, copy, symlinks=True)
-    capture(copy / "stages" / "fp32", tmp_path / "cal", num=2, schedule="uniform:4", say=lambda m: None)
+    capture(copy / "stages" / "fp32", tmp_path / "cal", RequestInput(num=2, schedule="uniform:4"), say=lambda m: None)
     said = []
     with pytest.raises(ArtifactError, match="calibration"):  # a different request: refused without --force
         build("fp8", out=copy, ckpt=ckpt, config=str(yaml), calibration=tmp_path / "cal", say=said.append)
@@ -159,7 +160,7 @@ def test_given_calibration_brings_its_schedule(fp8, official_ckpt, tmp_path):
     assert any("fp32 graphs in" in s and "up to date" in s for s in said)  # the stages were reused
     assert res.manifest.graphs["encoder"].info["quantization"]["calibration"]["schedule"]["spec"] == "uniform:4"
     assert res.manifest.graphs["decoder"].parity["vs_fp32_onnx"]["max_rel_err"] < 0.1
-    capture(copy / "stages" / "fp32", tmp_path / "short", num=1, steps=5, say=lambda m: None)
+    capture(copy / "stages" / "fp32", tmp_path / "short", RequestInput(num=1, steps=5), say=lambda m: None)
     with pytest.raises(ArtifactError, match="sampler.num_steps: built 5, asked 20"):
         build("fp8", out=copy, ckpt=ckpt, config=str(yaml), calibration=tmp_path / "short", force=True,
               say=said.append)

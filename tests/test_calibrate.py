@@ -6,6 +6,7 @@ import pytest
 
 from ddt_export.builder.calibrate import calibration_inputs, capture, read_calibration, read_classes
 from ddt_export.core.errors import ArtifactError, InputError
+from ddt_export.runtime.sampling.request import RequestInput
 from ddt_export.core.sampling import step_times
 from ddt_export.core.specs import DECODER
 from engines_cache import fp8_build, run_cli
@@ -20,7 +21,8 @@ def fp32_dir(tmp_path_factory, official_ckpt):
 
 def test_capture_counts_and_schedule(fp32_dir, tmp_path, tiny_cfg):
     num, steps = 2, tiny_cfg.sampler.num_steps
-    _, rec = capture(fp32_dir, tmp_path / "c", num=num, seed=3, schedule="uniform:4", classes=[5, 7], say=lambda m: None)
+    _, rec = capture(fp32_dir, tmp_path / "c", RequestInput(num=num, seed=3, schedule="uniform:4", classes=(5, 7)),
+                     say=lambda m: None)
     enc = np.load(tmp_path / "c" / "encoder.npz")
     dec = np.load(tmp_path / "c" / "decoder.npz")
     schedule = list(range(0, steps, 4))
@@ -44,7 +46,7 @@ def test_capture_counts_and_schedule(fp32_dir, tmp_path, tiny_cfg):
 
 
 def test_rows_are_subsampled_over_the_whole_trajectory(fp32_dir, tmp_path, tiny_cfg):
-    _, rec = capture(fp32_dir, tmp_path / "c", num=2, max_rows=30, say=lambda m: None)
+    _, rec = capture(fp32_dir, tmp_path / "c", RequestInput(num=2), max_rows=30, say=lambda m: None)
     g = rec["graphs"]["decoder"]
     assert g["rows_captured"] == tiny_cfg.sampler.num_steps * 4 and g["rows_stored"] == 30
     steps = np.load(tmp_path / "c" / "decoder.npz")["step"]
@@ -53,13 +55,13 @@ def test_rows_are_subsampled_over_the_whole_trajectory(fp32_dir, tmp_path, tiny_
 
 
 def test_tampering_and_wrong_inputs_are_refused(fp32_dir, tmp_path):
-    capture(fp32_dir, tmp_path / "c", num=1, steps=4, say=lambda m: None)
+    capture(fp32_dir, tmp_path / "c", RequestInput(num=1, steps=4), say=lambda m: None)
     with open(tmp_path / "c" / "decoder.npz", "ab") as f:
         f.write(b"\0")
     with pytest.raises(ArtifactError, match="calibrate again"):
         read_calibration(tmp_path / "c")
     with pytest.raises(InputError, match="fp32"):
-        capture(fp32_dir.parent / "fp16", tmp_path / "d", num=1, say=lambda m: None)
+        capture(fp32_dir.parent / "fp16", tmp_path / "d", RequestInput(num=1), say=lambda m: None)
 
 
 def test_classes_file(tmp_path):

@@ -34,7 +34,7 @@ def fp16_default(digits_engines):
 
 def test_default_model_draws_recognizable_digits(fp16_default):
     from ddt_export.core.images import images_from_samples
-    from ddt_export.runtime.generate.generate import generate
+    from runs import run_generate as generate
 
     td = train_digits()
     clf, held_out = td.fit_classifier(*td.load_digits_16())  # RBF SVC, 80/20 stratified split, seed 0

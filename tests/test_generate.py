@@ -164,8 +164,8 @@ def _bad_cases(engines_dir, tmp_path):
     (tmp_path / "late.json").write_text(json.dumps({"recompute_steps": [0, 30]}))
     g = ["generate", "--engines", engines_dir, "--out", tmp_path / "o"]
     return {
-        "class": (g + ["--class", 10], "InputError: class"),
-        "negative class": (g + ["--class", -1], "InputError: class"),
+        "class": (g + ["--class", 10], "InputError: --class: expected a class id in [0, 10), got 10"),
+        "negative class": (g + ["--class", -1], "InputError: --class"),
         "missing folder": (["generate", "--engines", tmp_path / "nope"], "ArtifactError"),
         "foreign folder": (["generate", "--engines", tmp_path], "ArtifactError"),
         "noise shape": (g + ["--noise", tmp_path / "noise3.npy"], "InputError: noise"),
@@ -178,6 +178,9 @@ def _bad_cases(engines_dir, tmp_path):
         "out is a file": (["generate", "--engines", engines_dir, "--out", tmp_path / "late.json"], "InputError: --out"),
         "cfg NaN": (g + ["--cfg", "nan"], "InputError: --cfg"),
         "cfg Inf": (g + ["--cfg", "inf"], "InputError: --cfg"),
+        "cfg out of range": (g + ["--cfg", "-1"], "InputError: --cfg: expected a finite number in [0, 100]"),
+        "seed": (g + ["--seed", -3], "InputError: --seed: expected an integer in [0, 9223372036854775807], got -3"),
+        "steps": (g + ["--steps", 0], "InputError: --steps: expected an integer >= 1, got 0"),
         "before build": (["generate", "--engines", tmp_path / "engines" / "default"], "build them first"),
     }
 
@@ -194,4 +197,4 @@ def test_cli_error_subprocess(engines_dir):
     r = subprocess.run([sys.executable, "-m", "cli", "generate", "--engines", str(engines_dir), "--class", "99"],
                        capture_output=True, text=True, timeout=CHILD_TIMEOUT, cwd=Path(cli.__file__).parent)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines() == ["error: InputError: class: expected in [0, 10), got 99"]
+    assert r.stderr.strip().splitlines() == ["error: InputError: --class: expected a class id in [0, 10), got 99"]

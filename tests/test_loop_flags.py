@@ -3,7 +3,7 @@ Runtime folder has the host loop only; the device loop itself is tested on a GPU
 from __future__ import annotations
 
 from ddt_export.evaluate.bench import bench
-from ddt_export.runtime.generate.generate import generate
+from runs import run_generate as generate
 from engines_cache import run_cli
 
 

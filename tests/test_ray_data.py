@@ -16,7 +16,7 @@ import pytest
 
 import cli
 from ddt_export.core.errors import BackendError, InputError, NumericsError
-from ddt_export.runtime.generate.generate import generate
+from runs import run_generate as generate
 
 ray = pytest.importorskip("ray", reason="the [ray] extra is not installed")
 pytest.importorskip("ray.data", reason="the [ray] extra is not installed")
@@ -254,11 +254,11 @@ def test_worker_error_arrives_typed(cluster, tiny_engines):
 
     from ddt_export.core.errors import ArtifactError
     from ddt_export.core.manifest import read_manifest
-    from ddt_export.runtime.generate.chunks import Job, graph_identity, plan_chunks
+    from ddt_export.runtime.generate.chunks import RunSpec, graph_identity, plan_chunks
 
     man = read_manifest(tiny_engines[0])
-    job = Job(str(tiny_engines[0]), "auto", graph_identity(man), man.config.sampler, (0,), True, 0,
-              np.zeros(8, np.int64))
+    job = RunSpec(str(tiny_engines[0]), "auto", graph_identity(man), man.config.sampler, (0,), True, 0,
+                  np.zeros(8, np.int64))
     job = dataclasses.replace(job, graphs=(("encoder", "0" * 64),))
     ex = RayExecutor(workers=1)
     ex.folder, ex.manifest = tiny_engines[0], man

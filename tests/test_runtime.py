@@ -82,9 +82,9 @@ def test_bad_folders(tiny_engines, tmp_path):
 
 @pytest.mark.parametrize("schedule, calls", [("all", 20), ("uniform:2", 10), ("uniform:3", 7), ([0, 5, 11], 3)])
 def test_encoder_calls_per_schedule(engines, tiny_cfg, schedule, calls):
-    from ddt_export.runtime.sampling.schedules import parse_spec, steps_for
+    from ddt_export.runtime.sampling.grammar import parse_schedule, steps_for
 
-    steps = steps_for(parse_spec(schedule), 20) if isinstance(schedule, str) else schedule
+    steps = steps_for(parse_schedule(schedule), 20) if isinstance(schedule, str) else schedule
     seen = Counter()
     enc_steps = []
 
@@ -157,25 +157,27 @@ def test_batches_split_to_max_batch(tiny_engines, tiny_cfg):
 
 
 class _NanAt:
-    """Engines whose decoder output turns NaN at one step."""
+    """Engines (a `Graphs`) whose decoder output turns NaN at one step."""
 
     def __init__(self, engines, step):
         self.e, self.step, self.calls = engines, step, 0
-        self.config, self.max_batch = engines.config, engines.max_batch
+        self.config, self.max_batch, self.min_batch = engines.config, engines.max_batch, engines.min_batch
 
-    def encoder(self, x, t, y):
-        return self.e.encoder(x, t, y)
-
-    def decoder(self, x, s):
-        v = self.e.decoder(x, s)
-        self.calls += 1
-        return v * np.nan if self.calls == self.step + 1 else v
+    def run(self, graph, feeds):
+        out = self.e.run(graph, feeds)
+        if graph == "decoder":
+            self.calls += 1
+            if self.calls == self.step + 1:
+                out = {"v": out["v"] * np.nan}
+        return out
 
 
 def test_nan_names_step_and_tensor(engines, tiny_cfg):
+    from ddt_export.runtime.sampling.host import sample_host
+
     x, y = _inputs(tiny_cfg, 2)
     with pytest.raises(NumericsError, match=r"step 4: decoder output v"):
-        sample(_NanAt(engines, 4), x, y, tiny_cfg.sampler, range(20))
+        sample_host(_NanAt(engines, 4), x, y, tiny_cfg.sampler, range(20))
 
 
 def test_bad_inputs(engines, tiny_cfg):

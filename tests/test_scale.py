@@ -17,7 +17,8 @@ import cli
 from ddt_export.core.config import Config, ModelConfig, SamplerConfig
 from ddt_export.core.errors import ArtifactError, DDTExportError, InputError
 from ddt_export.runtime.generate.chunks import plan_chunks, split_results
-from ddt_export.runtime.generate.generate import generate, parse_formats
+from ddt_export.runtime.generate.generate import parse_formats
+from runs import run_generate as generate
 from ddt_export.runtime.generate.run_folder import NPZ_FILE, PARTS, RUN_RECORD, RunFolder
 
 ROOT = Path(cli.__file__).parent

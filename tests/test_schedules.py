@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from ddt_export.runtime.sampling import dp, schedules as sch
+from ddt_export.runtime.sampling import dp, grammar as sch
 from ddt_export.core.errors import InputError, NumericsError
 from official_reference import official_dp
 
@@ -70,23 +70,23 @@ def test_similarity_is_mean_token_cosine():
 
 
 def test_specs_and_validation(tmp_path):
-    assert sch.steps_for(sch.parse_spec("all"), 5) == [0, 1, 2, 3, 4]
-    assert sch.steps_for(sch.parse_spec("uniform:2"), 5) == [0, 2, 4]
-    assert sch.parse_spec("dp:7") == sch.ScheduleSpec("dp", 7)
-    for bad in ("uniform:0", "dp:x", "dp:-1", "every", "missing.json"):
+    assert sch.steps_for(sch.parse_schedule("all"), 5) == [0, 1, 2, 3, 4]
+    assert sch.steps_for(sch.parse_schedule("uniform:2"), 5) == [0, 2, 4]
+    assert sch.parse_schedule("dp:7") == sch.ScheduleSpec("dp", 7, text="dp:7")
+    for bad in ("uniform:0", "dp:x", "dp:-1", "dp:+3", "dp:٣", "every", "missing.json", "uniform:1000001"):
         with pytest.raises(InputError):
-            sch.parse_spec(bad)
+            sch.parse_schedule(bad)
     for bad in ([], [1, 2], [0, 2, 2], [0, 3, 1], [0, 5], ["a"]):
         with pytest.raises(InputError):
             sch.validate_steps(bad, 5)
     f = tmp_path / "s.json"
     f.write_text(json.dumps({"recompute_steps": [0, 2, 3], "num_steps": 5}))
-    assert sch.steps_for(sch.parse_spec(str(f)), 5) == [0, 2, 3]
+    assert sch.steps_for(sch.parse_schedule(str(f)), 5) == [0, 2, 3]
     with pytest.raises(InputError, match="num_steps"):
-        sch.steps_for(sch.parse_spec(str(f)), 6)
+        sch.steps_for(sch.parse_schedule(str(f)), 6)
     f.write_text(json.dumps({"steps": [0]}))
     with pytest.raises(InputError, match="recompute_steps"):
-        sch.steps_for(sch.parse_spec(str(f)), 5)
+        sch.steps_for(sch.parse_schedule(str(f)), 5)
     with pytest.raises(InputError):
         dp.solve_dp(np.ones((4, 4)), 5)
     with pytest.raises(NumericsError):

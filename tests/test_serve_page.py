@@ -119,4 +119,4 @@ def test_page_shows_the_servers_message(digits_engines, browser):
         set_value(browser, "schedule-value", 9)
         browser.find_element(By.ID, "generate").click()
         msg = wait(browser, lambda: browser.find_element(By.ID, "error").text, what="the error")
-        assert msg == "422: schedule dp:K: expected K <= 5 steps, got 9"
+        assert msg == "422: schedule: expected dp:K with K <= 5 (the steps), got dp:9"

@@ -40,7 +40,7 @@ def test_two_replicas_serve_and_equal_generate(tiny_engines, tmp_path):
     httpx = pytest.importorskip("httpx")
     from PIL import Image
 
-    from ddt_export.runtime.generate.generate import generate
+    from runs import run_generate as generate
     from ddt_export.scale.ray_serve import deploy, shutdown
     from serve_helpers import free_port
 

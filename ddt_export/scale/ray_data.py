@@ -162,6 +162,7 @@ class RayExecutor:
     def resolve_schedule(self, request: SampleRequest, say: Say) -> SampleRequest:
         """The one resolver (`schedules.schedule_steps`); a dp:K the folder does not store is computed on a worker."""
         def on_worker(k: int) -> list[int]:
+            say(f"schedule dp:{k}: computing it on a Ray worker (stored in {self.folder} there)")
             ray = _ray()
             task = ray.remote(num_cpus=ACTOR_CPUS, num_gpus=self.num_gpus)(_schedule_on_worker)
             try:

@@ -170,7 +170,7 @@ class Service:
         if self.trace is not None and out.batch:
             self.trace({"start": it.start, "step_s": res.step_s, "end": it.end, "requests": len(out.batch),
                         "encoder_rows": out.encoder_rows, "decoder_rows": out.decoder_rows,
-                        "vae_rows": res.vae_rows, "vae_s": res.vae_s})
+                        "vae_rows": res.vae_rows, "vae_s": res.vae_s, "failed": len(res.failed)})
 
     def _answer(self, req: Request) -> None:
         ticket: Ticket = req.context
