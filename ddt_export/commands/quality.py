@@ -7,6 +7,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
+from ..evaluate.adm import IS_ORDER, IS_ORDERS, IS_SEED, IS_SPLIT
 from ..evaluate.bench import DEFAULT_BATCHES, DEFAULT_REPEATS, DEFAULT_SCHEDULES
 from ..evaluate.features import DEFAULT_BATCH as FEATURE_BATCH
 from ..evaluate.validate import DEFAULT_NUM as VALIDATE_NUM
@@ -45,6 +46,9 @@ def evaluate(
     inception_onnx: Optional[Path] = typer.Option(None, help="inception_fid.onnx from `ddt-export fid-inception`"),
     batch: int = typer.Option(FEATURE_BATCH, help="images per feature-extractor call"),
     from_images: bool = typer.Option(False, help="recompute stats from arr_0 even where they are stored"),
+    is_order: str = typer.Option(IS_ORDER, help=f"{' | '.join(IS_ORDERS)}: the order IS cuts its splits of {IS_SPLIT} "
+                                              f"from; shuffled: a fixed permutation (seed {IS_SEED}); as-given: "
+                                              "the stored order, ADM's evaluator exactly"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the numbers as JSON"),
 ):
     """ADM's five numbers (Inception Score, FID, sFID, precision, recall) of SAMPLES against REF."""
@@ -54,7 +58,7 @@ def evaluate(
     bar, progress = step_progress("featurizing (images)")
     with bar:
         res = evaluate_paths(samples, ref, features=features, inception_onnx=inception_onnx, batch=batch,
-                             from_images=from_images, progress=progress)
+                             from_images=from_images, is_order=is_order, progress=progress, say=say)
     for side in (res.samples, res.reference):
         console.print(side.describe(), highlight=False, soft_wrap=True)
     if res.features == "inception" and any(s.stats.n is None for s in (res.samples, res.reference)):

@@ -10,6 +10,11 @@ Each side (`Batch`) is a folder of images or an ADM-style .npz, read as the ADM 
   skipped, with the reason in `skipped` (and a gate that needs them refuses to start).
 A metric the feature graph cannot give (an Inception graph exported before `spatial`/`logits` existed) is skipped
 the same way. Skipped metrics are null in the JSON and say why.
+
+IS cuts its splits in the order `is_order` (`adm.IS_ORDERS`; default shuffled with a fixed seed, `as-given` is
+ADM's number), recorded under `is_order`. Each side's class order (`adm.class_order`, from the .npz's `arr_1`
+labels when it has them, else from the argmax of the logits) is recorded under `class_order`; a side sorted by
+class with more than one split gets a warning through `say` giving its IS in both orders.
 """
 from __future__ import annotations
 
@@ -22,8 +27,9 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ..core.errors import ArtifactError, ConfigError, InputError
-from ..core.log import Progress
-from .adm import IS_SPLIT, NHOOD_K, Activations, inception_score, precision_recall
+from ..core.log import Progress, Say, silent
+from .adm import (IS_ORDER, IS_ORDERS, IS_SEED, IS_SPLIT, NHOOD_K, Activations, check_is_order, class_order,
+                  ordered_inception_score, precision_recall)
 from .features import DEFAULT_BATCH, FeatureExtractor
 from .fid import Stats, fid, image_files, iter_folder_images, iter_npz_images, lazy_extractor, stats_from_features
 
@@ -50,13 +56,15 @@ def missing_of(extractor: FeatureExtractor) -> dict[str, str]:
 class Batch:
     """One side: its activations (None: statistics only), FID statistics, sFID statistics (None: no way to get them).
 
-    `missing`: why an activation or statistic is absent, keyed `spatial`, `logits`, `images`."""
+    `missing`: why an activation or statistic is absent, keyed `spatial`, `logits`, `images`. `labels`: (N,)
+    integer classes in image order (an .npz's `arr_1`), or None."""
 
     source: str
     acts: Activations | None
     stats: Stats
     stats_s: Stats | None
     missing: dict[str, str] = field(default_factory=dict)
+    labels: np.ndarray | None = None
 
     def describe(self) -> str:
         images = "no images" if self.acts is None else f"{len(self.acts)} images"
@@ -120,10 +128,13 @@ def read_batch(path: Path, get_extractor: Callable[[], FeatureExtractor], *, bat
     if not has_stats and not has_images:
         raise ArtifactError(str(path), "an ADM-style .npz with `arr_0` uint8 images and/or `mu` and `sigma`",
                             f"keys {sorted(keys)}")
-    missing, acts = {}, None
+    missing, acts, labels = {}, None, None
     if has_images:
+        labels = _labels_of(path) if "arr_1" in keys else None
         ex = get_extractor()
         acts = _featurize(iter_npz_images(path, "arr_0", batch), ex, image_count(path), progress)
+        if labels is not None and len(labels) != len(acts):  # when image_count could not tell beforehand
+            raise ArtifactError(f"{path} arr_1", f"({len(acts)},) labels, one per image of arr_0", labels.shape)
         missing.update(missing_of(ex))
     else:
         missing["images"] = f"{path} holds statistics only (no arr_0 images)"
@@ -137,7 +148,18 @@ def read_batch(path: Path, get_extractor: Callable[[], FeatureExtractor], *, bat
         stats_s = None
         missing.setdefault("spatial", missing.get("images", "the feature graph has no `spatial` output") +
                            "; and no stored mu_s/sigma_s")
-    return Batch(str(path), acts, stats, stats_s, missing)
+    return Batch(str(path), acts, stats, stats_s, missing, labels)
+
+
+def _labels_of(path: Path) -> np.ndarray:
+    """An ADM .npz's `arr_1`: (N,) integer labels of the N images in `arr_0`, checked before featurizing."""
+    with np.load(path) as z:
+        labels = z["arr_1"]
+    n = image_count(path)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or (n is not None and len(labels) != n):
+        raise ArtifactError(f"{path} arr_1", f"({n},) integer labels, one per image of arr_0",
+                            f"{labels.shape} {labels.dtype}")
+    return labels
 
 
 # --------------------------------------------------------------------------------------- the five numbers
@@ -149,19 +171,46 @@ def _check_dims(a: Stats, b: Stats, what: str) -> None:
                          f"{b.source}: {b.dim}-d", "both sides must come from the same feature extractor")
 
 
-def _is_of(side: Batch) -> tuple[float | None, int | None, str]:
+def order_record(order: str) -> dict:
+    """How IS cut its splits, as the report records it."""
+    check_is_order(order)
+    if order == "as-given":
+        return {"order": order, "seed": None, "how": "the batch's stored order, as ADM's evaluator"}
+    return {"order": order, "seed": IS_SEED, "how": f"numpy default_rng({IS_SEED}).permutation(N)"}
+
+
+def order_text(rec: dict) -> str:
+    """`shuffled, seed 0` / `as given`: the split order in a printed line."""
+    return "as given" if rec["seed"] is None else f"{rec['order']}, seed {rec['seed']}"
+
+
+def _is_of(side: Batch, order: str, say: Say) -> tuple[float | None, int | None, str, dict | None]:
+    """(IS, splits, why skipped, class order record) of one side; warns when the side is sorted by class and
+    has more than one split (then its stored order changes ADM's IS)."""
     if side.acts is None:
-        return None, None, f"needs the images: {side.missing.get('images', 'none')}"
-    if side.acts.logits is None:
-        return None, None, side.missing.get("logits", "the feature graph has no `logits` output")
-    value, splits = inception_score(side.acts.logits)
-    return value, splits, ""
+        return None, None, f"needs the images: {side.missing.get('images', 'none')}", None
+    logits = side.acts.logits
+    if logits is None:
+        return None, None, side.missing.get("logits", "the feature graph has no `logits` output"), None
+    value, splits = ordered_inception_score(logits, order)
+    co = class_order(side.labels, "labels (arr_1)") if side.labels is not None else \
+        class_order(logits.argmax(axis=1), "predicted classes (argmax of the logits)")
+    if co.sorted and splits > 1:
+        other = IS_ORDERS[1] if order == IS_ORDERS[0] else IS_ORDERS[0]
+        scores = {order: value, other: ordered_inception_score(logits, other)[0]}
+        say(f"warning: {side.source} is sorted by class ({co.source}: {co.same_neighbours:.1%} of neighbours "
+            f"share a class, {co.random_expected:.1%} in a random order). ADM's evaluator cuts its {splits} IS "
+            f"splits of {IS_SPLIT} in the stored order, so each sees few classes: IS as given (ADM's number) "
+            f"{scores['as-given']:.4f}, shuffled (seed {IS_SEED}) {scores['shuffled']:.4f}; reported: {order}")
+    return value, splits, "", co.record()
 
 
-def adm_numbers(samples: Batch, ref: Batch) -> dict:
-    """ADM's five numbers of `samples` against `ref` (+ the reference's IS); skipped ones are None, with a reason."""
-    out, skipped = {}, {}
-    out["inception_score"], out["inception_score_splits"], why = _is_of(samples)
+def adm_numbers(samples: Batch, ref: Batch, is_order: str = IS_ORDER, say: Say = silent) -> dict:
+    """ADM's five numbers of `samples` against `ref` (+ the reference's IS); skipped ones are None, with a reason.
+
+    IS cuts its splits in `is_order` (one of `adm.IS_ORDERS`); `say` gets the class-order warnings."""
+    out, skipped, orders = {}, {}, {}
+    out["inception_score"], out["inception_score_splits"], why, orders["samples"] = _is_of(samples, is_order, say)
     if why:
         skipped["inception_score"] = why
     _check_dims(samples.stats, ref.stats, "FID")
@@ -179,12 +228,13 @@ def adm_numbers(samples: Batch, ref: Batch) -> dict:
             s.missing.get("images", "") for s in (samples, ref) if s.acts is None)
     else:
         out["precision"], out["recall"] = precision_recall(ref.acts.pool, samples.acts.pool)
-    out["reference_inception_score"], _, why = _is_of(ref)
+    out["reference_inception_score"], _, why, orders["reference"] = _is_of(ref, is_order, say)
     if why:
         skipped["reference_inception_score"] = why
     out.update(n_samples=None if samples.acts is None else len(samples.acts),
                n_reference=None if ref.acts is None else len(ref.acts),
-               is_split_size=IS_SPLIT, nhood_k=NHOOD_K, skipped=skipped)
+               is_split_size=IS_SPLIT, is_order=order_record(is_order), class_order=orders, nhood_k=NHOOD_K,
+               skipped=skipped)
     return out
 
 
@@ -197,7 +247,8 @@ def format_numbers(nums: dict) -> list[str]:
             lines.append(f"{LABELS[k]}: skipped ({nums['skipped'][k]})")
         elif k == "inception_score":
             s = nums["inception_score_splits"]
-            lines.append(f"{LABELS[k]}: {v:.4f} ({s} split{'s' if s != 1 else ''} of up to {nums['is_split_size']})")
+            lines.append(f"{LABELS[k]}: {v:.4f} ({s} split{'s' if s != 1 else ''} of up to {nums['is_split_size']}, "
+                         f"{order_text(nums['is_order'])})")
         else:
             lines.append(f"{LABELS[k]}: {v:.4f}")
     return lines
@@ -216,13 +267,15 @@ class Evaluation:
 
 
 def evaluate_paths(samples: Path, ref: Path, features: str = "digits", inception_onnx: Path | None = None,
-                   batch: int = DEFAULT_BATCH, from_images: bool = False,
-                   progress: Progress | None = None) -> Evaluation:
-    """ADM's five numbers of SAMPLES against REF (each an .npz or an image folder); the extractor is built once."""
+                   batch: int = DEFAULT_BATCH, from_images: bool = False, is_order: str = IS_ORDER, *,
+                   progress: Progress | None = None, say: Say = silent) -> Evaluation:
+    """ADM's five numbers of SAMPLES against REF (each an .npz or an image folder); the extractor is built once.
+    IS cuts its splits in `is_order` (`adm.IS_ORDERS`); `say` gets the class-order warnings."""
+    check_is_order(is_order)  # before minutes of featurizing
     get_extractor = lazy_extractor(features, inception_onnx, batch)
     a = read_batch(samples, get_extractor, batch=batch, from_images=from_images, progress=progress)
     b = read_batch(ref, get_extractor, batch=batch, from_images=from_images, progress=progress)
-    return Evaluation(a, b, features, adm_numbers(a, b))
+    return Evaluation(a, b, features, adm_numbers(a, b, is_order, say))
 
 
 # --------------------------------------------------------------------------------------- validate's section
@@ -243,14 +296,22 @@ def check_gates_possible(data: Batch | None, ratios: dict[str, float | None]) ->
 
 
 def validate_section(acts: dict[str, Activations], data: Batch | None, missing: dict[str, str],
-                     ratios: dict[str, float | None]) -> dict:
+                     ratios: dict[str, float | None], say: Say = silent) -> dict:
     """ADM's five numbers for the engine side and the reference side against the data (or, without data, against
-    the reference samples), their deltas (engine - reference), the precision/recall ratios and their gates."""
+    the reference samples), their deltas (engine - reference), the precision/recall ratios and their gates.
+    IS in the default split order (`adm.IS_ORDER`), recorded in each side's numbers."""
     sides = {k: batch_from_activations(v, f"{k} samples", missing) for k, v in acts.items()}
     against = data if data is not None else sides["reference"]
     sec = {"against": against.describe() if data is not None else "the reference samples (no data statistics)"}
+    said = set()  # `against` is scored once per side: its warning once
+
+    def say_once(message: str) -> None:
+        if message not in said:
+            said.add(message)
+            say(message)
+
     for k, side in sides.items():
-        sec[k] = adm_numbers(side, against)
+        sec[k] = adm_numbers(side, against, say=say_once)
     e, r = sec["engine"], sec["reference"]
     sec["delta"] = {k: (e[k] - r[k] if e[k] is not None and r[k] is not None else None) for k in METRICS}
     sec["ratio"] = {k: (e[k] / r[k] if e[k] is not None and r[k] else None) for k in RATIO_GATES}
@@ -285,6 +346,8 @@ def summary_lines(sec: dict) -> list[str]:
             continue
         fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
         extra = f", ratio {sec['ratio'][k]:.4f}" if k in RATIO_GATES and sec["ratio"][k] is not None else ""
+        if k == "inception_score":
+            extra = f" (splits {order_text(sec['engine']['is_order'])})"
         lines.append(f"  {LABELS[k]}: engine {fmt(e)}, reference {fmt(r)}, delta {fmt(d)}{extra}")
     for g in sec.get("gates", {}).values():
         v = "undefined" if g["ratio"] is None else f"{g['ratio']:.4f}"

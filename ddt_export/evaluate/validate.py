@@ -299,7 +299,7 @@ def validate(engines_dir: Path, *, reference: str | Path = "torch", num: int | N
             "fid": _fid_section(feats, extractor, data, no_fid, max_fid_delta),
             "adm": {"skipped": no_fid} if extractor is None else suite.validate_section(
                 {k: Activations.concat(v) for k, v in feats.items()}, data_batch, suite.missing_of(extractor),
-                ratios),
+                ratios, say),
             "seconds": dict(timing, total=time.perf_counter() - t_start),
             "versions": library_versions(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         }
