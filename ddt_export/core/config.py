@@ -21,6 +21,12 @@ TIME_FREQ_DIM = 256  # sinusoidal timestep features (the model's t_embedder inpu
 DEFAULT_MODEL = "ddt-tiny-digits"  # the bundled trained model: every command's default
 # The official step functions (stateful_flow_matching/sampling.py), restated in `core.sampling.STEP_FNS`.
 STEP_FN_NAMES = ("ode", "sde_mean", "sde", "sde_preserve")
+# Solvers: `euler` (the official EulerSampler) or `adams:K`, the official AdamLMSampler of order K
+# (stateful_flow_matching/adam_sampling.py; K = 1 is Euler). Encoder forecast orders: 0 reuses the last state
+# (the official), 1 and 2 extrapolate it from the last 2 or 3 recomputed states.
+SOLVERS = ("euler", "adams:K")
+MAX_ADAMS_ORDER = 4  # the official pre_integral.py integrates Lagrange polynomials of order 1..4
+FORECAST_ORDERS = (0, 1, 2)
 ASSETS = Path(__file__).resolve().parents[1] / "assets"  # bundled weights, feature extractor, statistics
 
 
@@ -82,9 +88,21 @@ class ModelConfig:
         return (self.in_channels, self.latent_size, self.latent_size)
 
 
+def solver_order(solver: str, field: str = "sampler.solver") -> int:
+    """The multistep order of a solver name: `euler` -> 1, `adams:K` -> K in 1..MAX_ADAMS_ORDER."""
+    words = f"euler | adams:K with K in 1..{MAX_ADAMS_ORDER}"
+    if solver == "euler":
+        return 1
+    head, sep, tail = str(solver).partition(":")
+    if head != "adams" or not sep or not (tail.isascii() and tail.isdigit()) or not 1 <= int(tail) <= MAX_ADAMS_ORDER:
+        raise ConfigError(field, words, solver)
+    return int(tail)
+
+
 @dataclass(frozen=True)
 class SamplerConfig:
-    """The official EulerSampler settings (stateful_flow_matching/sampling.py)."""
+    """The official EulerSampler settings (stateful_flow_matching/sampling.py), the solver (Euler or the official
+    AdamLMSampler's multistep order) and the encoder forecast order."""
 
     num_steps: int = 250
     guidance: float = 2.0
@@ -93,6 +111,8 @@ class SamplerConfig:
     last_step: float = 0.04
     step_fn: str = "ode"
     state_refresh_rate: int = 1
+    solver: str = "euler"  # euler | adams:K (K = 1..4)
+    forecast: int = 0  # 0: reuse the last encoder state (official); 1, 2: extrapolate it in t
 
     def __post_init__(self):
         interval = tuple(self.guidance_interval)
@@ -115,6 +135,16 @@ class SamplerConfig:
             raise ConfigError("sampler.timeshift", "> 0", self.timeshift)
         if self.state_refresh_rate < 1:
             raise ConfigError("sampler.state_refresh_rate", ">= 1", self.state_refresh_rate)
+        if solver_order(self.solver) > 1 and self.step_fn != "ode":  # the official AdamLMSampler asserts it
+            raise ConfigError("sampler.step_fn", f"ode with solver {self.solver} (multistep solvers are ODE solvers)",
+                              self.step_fn)
+        if isinstance(self.forecast, bool) or self.forecast not in FORECAST_ORDERS:
+            raise ConfigError("sampler.forecast", " | ".join(map(str, FORECAST_ORDERS)), self.forecast)
+
+    @property
+    def order(self) -> int:
+        """The solver's multistep order (1: Euler)."""
+        return solver_order(self.solver)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ shape, and take their Gaussian noise as an argument (the caller owns the random 
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
 from .config import STEP_FN_NAMES, SamplerConfig
@@ -29,6 +31,56 @@ def step_times(sampler: SamplerConfig) -> tuple[np.ndarray, np.ndarray]:
     """(t, dt), each (N,) float32: the time fed to the network at step i and the Euler increment to step i+1."""
     t = timesteps(sampler.num_steps, sampler.last_step, sampler.timeshift)
     return t[:-1].astype(F32), np.diff(t).astype(F32)
+
+
+def lagrange_integrals(nodes: np.ndarray, a: float, b: float) -> np.ndarray:
+    """(n,) float64: the integral from a to b of each Lagrange basis polynomial through `nodes` (official
+    `pre_integral.lagrange_preint`, exact for polynomials of degree < n)."""
+    nodes = np.asarray(nodes, np.float64)
+    out = np.empty(len(nodes))
+    for j, tj in enumerate(nodes):
+        others = np.delete(nodes, j)
+        basis = np.poly1d(np.poly(others) / np.prod(tj - others))  # prod_m (t - t_m) / (t_j - t_m)
+        prim = basis.integ()
+        out[j] = prim(b) - prim(a)
+    return out
+
+
+def multistep_coefficients(sampler: SamplerConfig) -> list[np.ndarray]:
+    """Per step i, the float32 weights c_j of the official AdamLMSampler (oldest velocity first): the integrals
+    over [t_i, t_{i+1}] of the Lagrange polynomial through the last min(order, i + 1) (t, v) points, normalized
+    to sum 1. Order 1 (Euler) gives [1.0] at every step. Computed once, in float64."""
+    t = timesteps(sampler.num_steps, sampler.last_step, sampler.timeshift)
+    out = []
+    for i in range(sampler.num_steps):
+        k = min(sampler.order, i + 1)
+        w = lagrange_integrals(t[i - k + 1:i + 1], t[i], t[i + 1])
+        w = w / w.sum()
+        assert np.all(np.isfinite(w)), (i, w)
+        out.append(w.astype(F32))
+    return out
+
+
+def extrapolation_weights(nodes: Sequence[float], t: float) -> np.ndarray:
+    """(n,) float32 weights w_j with sum_j w_j f(t_j) = the polynomial through (t_j, f(t_j)) at t: Newton's
+    divided differences in t written as weights (n = 1: reuse, [1.0]; n = 2: linear; n = 3: quadratic).
+    Computed in float64."""
+    nodes = np.asarray(nodes, np.float64)
+    w = np.array([np.prod([(t - tm) / (tj - tm) for m, tm in enumerate(nodes) if m != j]) for j, tj in
+                  enumerate(nodes)])
+    return w.astype(F32)
+
+
+def combine(weights: Sequence[np.float32], values: Sequence[np.ndarray]) -> np.ndarray:
+    """sum_j weights[j] * values[j] in float32, accumulated oldest first from zeros (the official AdamLMSampler's
+    `out += c_j * v_j`); one weight 1.0 returns the value itself (reuse, Euler: bit for bit)."""
+    assert len(weights) == len(values) and len(values) >= 1, (len(weights), len(values))
+    if len(values) == 1 and weights[0] == 1.0:
+        return values[0]
+    out = np.zeros_like(values[0])
+    for w, v in zip(weights, values):
+        out += F32(w) * v
+    return out
 
 
 def in_guidance_interval(t: float, interval: tuple[float, float]) -> bool:

@@ -2,8 +2,12 @@
 
 `plan_steps(sampler, recompute)` gives one `Step` per sampling step: its time and increment (`core.sampling`,
 float64 then float32 at the edge), its CFG scale (the guidance inside the interval, 1.0 outside), whether the
-encoder runs, and which CFG halves each graph needs. The host loop, the serving batch and the device loop all
-read the same plan (`runtime.sampling.step` says what a step does with it).
+encoder runs, which CFG halves each graph needs, the solver's weights over the last guided velocities (Euler:
+[1.0]; `adams:K`: the official AdamLMSampler's) and the forecast's weights over the last encoder states of each
+half (reuse: [1.0] on the last one; forecast m: the polynomial through the last m + 1 recomputed states,
+evaluated at this step's t). Every weight depends on the timesteps and the schedule only, so all are computed
+here, once, in float64. The host loop, the serving batch and the device loop all read the same plan
+(`runtime.sampling.step` says what a step does with it).
 
 The exact free speed-up (`cond_only_outside=True`): outside the guidance interval the official combine is
 v_u + 1.0 * (v_c - v_u), which is v_c up to float rounding, so the unconditional rows are skipped there. The
@@ -18,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from ...core.config import SamplerConfig
-from ...core.sampling import guidance_scale, step_times
+from ...core.sampling import extrapolation_weights, guidance_scale, multistep_coefficients, step_times
 from .grammar import validate_steps
 
 
@@ -32,6 +36,9 @@ class Step:
     enc_uncond: bool  # ... on both halves (its state serves a step that needs the unconditional half)
     dec_uncond: bool  # the decoder runs both halves
     last: bool = False  # the trajectory's last step (the official last_step_fn: ode)
+    coeffs: tuple[np.float32, ...] = (np.float32(1.0),)  # solver weights over the last len() velocities, oldest first
+    s_cond: tuple[np.float32, ...] = (np.float32(1.0),)  # forecast weights over the last len() conditional states
+    s_uncond: tuple[np.float32, ...] = ()  # ... over the last len() unconditional states (when dec_uncond)
 
 
 def plan_steps(sampler: SamplerConfig, recompute: Sequence[int], cond_only_outside: bool = True) -> list[Step]:
@@ -46,7 +53,28 @@ def plan_steps(sampler: SamplerConfig, recompute: Sequence[int], cond_only_outsi
         pending |= need[i]
         if i in steps:
             enc_uncond[i], pending = pending, False
-    return [Step(i, t[i], dt[i], scale[i], i in steps, enc_uncond[i], need[i], i == n - 1) for i in range(n)]
+    coeffs = multistep_coefficients(sampler)
+    t64 = t.astype(np.float64)
+    cond, uncond, plan = [], [], []  # the times of the recompute steps that computed each half, so far
+    for i in range(n):
+        if i in steps:
+            cond.append(t64[i])
+            if enc_uncond[i]:
+                uncond.append(t64[i])
+        w_cond = _forecast(cond, t64[i], sampler.forecast)
+        w_uncond = _forecast(uncond, t64[i], sampler.forecast) if need[i] else ()
+        plan.append(Step(i, t[i], dt[i], scale[i], i in steps, enc_uncond[i], need[i], i == n - 1,
+                         tuple(coeffs[i]), w_cond, w_uncond))
+    return plan
+
+
+def _forecast(times: list[float], t: float, order: int) -> tuple[np.float32, ...]:
+    """The weights of the state used at time t over the last states computed at `times`: [1.0] (the last state)
+    at its own step or with order 0, else the polynomial through the last order + 1 of them, evaluated at t."""
+    assert times, "step 0 recomputes every half a later step needs (plan invariant)"
+    if order == 0 or times[-1] == t:
+        return (np.float32(1.0),)
+    return tuple(extrapolation_weights(times[-(order + 1):], t))
 
 
 def step_rows(st: Step, num: int) -> tuple[int, int]:

@@ -9,14 +9,19 @@ One step of a list of (rows, plan step) items:
    `[uncond; cond]` where the plan says a guided step will reuse the state (`Step.enc_uncond`);
 2. one decoder call over every item: both halves inside the guidance interval, the conditional half outside;
 3. per item, in float32: the CFG combine `v_u + scale (v_c - v_u)` (official `simple_guidance_fn`), then the
-   update rule (the sampler's step function; the last step is the official `last_step_fn`, ode), its own
-   SDE noise.
+   update rule: Euler, the sampler's step function (the last step is the official `last_step_fn`, ode) with its
+   own SDE noise; or `adams:K`, x + dt sum_j c_j v_j over the last K guided velocities (the official
+   AdamLMSampler; its weights are the plan's, `Step.coeffs`).
+The encoder state the decoder gets at a step that does not recompute is the last one (forecast 0, the official
+reuse) or the forecast from the last 2 or 3 recomputed states, each CFG half from its own states (`Step.s_cond`,
+`Step.s_uncond`: weights over them). A request carries what those need, bounded: `forecast + 1` states per half
+and `K` velocities (`Rows`).
 The graphs compute every row on its own, so an item's result does not depend on what shares its calls. A
 non-finite tensor fails its item only; an engine error propagates.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -24,7 +29,7 @@ import numpy as np
 from ...core.config import SamplerConfig
 from ...core.errors import InputError, NumericsError
 from ...core.noise import StepNoise, sample_noise
-from ...core.sampling import cfg_combine, euler_step
+from ...core.sampling import F32, cfg_combine, combine, euler_step
 from ..graphs.engines import Graphs, Observer, call_graph
 from .plan import Step
 
@@ -37,12 +42,23 @@ class Rows:
     labels: np.ndarray  # (B,) int64
     x: np.ndarray  # (B, C, H, W) float32, the latents: kept in float32 across steps
     noise: StepNoise | np.random.Generator  # SDE step noise (`core.noise`: per sample)
-    s: np.ndarray | None = None  # ((2B | B), L, D) float32: the last encoder state
+    s: np.ndarray | None = None  # ((2B | B), L, D) float32: the last encoder output
     s_uncond: bool = False  # s holds both halves [uncond; cond]
+    cond: list[np.ndarray] = field(default_factory=list)  # the last recomputed conditional states (B, L, D) ...
+    uncond: list[np.ndarray] = field(default_factory=list)  # ... and unconditional ones, oldest first (views of s)
+    v: list[np.ndarray] = field(default_factory=list)  # the last guided velocities (B, C, H, W), oldest first
 
     @property
     def num(self) -> int:
         return len(self.labels)
+
+    def take_state(self, s: np.ndarray, both: bool) -> None:
+        """A new encoder output: ((2B | B), L, D), [uncond; cond] when `both`. Keeps forecast + 1 per half."""
+        keep = self.sampler.forecast + 1
+        self.s, self.s_uncond = s, both
+        if both:
+            self.uncond = (self.uncond + [s[:self.num]])[-keep:]
+        self.cond = (self.cond + [s[self.num:] if both else s])[-keep:]
 
 
 def check_inputs(graphs: Graphs, noise: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -99,18 +115,30 @@ def encoder_feeds(rows: Rows, st: Step, null_class: int) -> dict[str, np.ndarray
 
 
 def decoder_feeds(rows: Rows, st: Step) -> dict[str, np.ndarray]:
-    """x, s of the decoder: 2B rows inside the guidance interval, else B with the state's conditional half."""
-    assert rows.s is not None and (rows.s_uncond or not st.dec_uncond), f"step {st.i}: no usable encoder state"
-    if st.dec_uncond:
-        return {"x": np.concatenate([rows.x, rows.x]), "s": rows.s}
-    return {"x": rows.x, "s": rows.s[rows.num:] if rows.s_uncond else rows.s}
+    """x, s of the decoder: 2B rows [uncond; cond] inside the guidance interval, else B; s is the last state of
+    each half (reuse) or its forecast."""
+    assert len(rows.cond) >= len(st.s_cond) and len(rows.uncond) >= len(st.s_uncond), \
+        f"step {st.i}: no usable encoder state"
+    reuse = len(st.s_cond) == 1 and st.s_cond[0] == 1.0 and (not st.dec_uncond or st.s_uncond == (1.0,))
+    if reuse and (rows.s_uncond or not st.dec_uncond):  # the last encoder output as it is (no copy)
+        s = rows.s if st.dec_uncond else rows.cond[-1]
+    else:
+        s = combine(st.s_cond, rows.cond[-len(st.s_cond):])  # (B, L, D) float32
+        if st.dec_uncond:
+            s = np.concatenate([combine(st.s_uncond, rows.uncond[-len(st.s_uncond):]), s])  # (2B, L, D)
+    x = np.concatenate([rows.x, rows.x]) if st.dec_uncond else rows.x
+    return {"x": x, "s": s}
 
 
 def update(rows: Rows, st: Step, v: np.ndarray) -> np.ndarray:
-    """x after step `st` from the decoder's velocities v ((2B | B), C, H, W): CFG combine, then the update rule."""
+    """x after step `st` from the decoder's velocities v ((2B | B), C, H, W): CFG combine, then the update rule
+    (keeps the guided velocity for a multistep solver)."""
     if st.dec_uncond:
         v = cfg_combine(v[:rows.num], v[rows.num:], st.scale)
-    return euler_step(rows.sampler, st.i, rows.x, v, st.t, st.dt, rows.noise)
+    if rows.sampler.order == 1:  # Euler: the sampler's step function (SDE noise included)
+        return euler_step(rows.sampler, st.i, rows.x, v, st.t, st.dt, rows.noise)
+    rows.v = (rows.v + [v])[-rows.sampler.order:]
+    return rows.x + combine(st.coeffs, rows.v[-len(st.coeffs):]) * F32(st.dt)
 
 
 def run_step(graphs: Graphs, items: Sequence[tuple[Rows, Step]], observer: Observer | None = None
@@ -127,7 +155,7 @@ def run_step(graphs: Graphs, items: Sequence[tuple[Rows, Step]], observer: Obser
         for (k, rows, st), s in zip(enc, _split(s_all, [len(f["y"]) for f in feeds])):
             failed[k] = _bad(s, st.i, "encoder output s")
             if failed[k] is None:
-                rows.s, rows.s_uncond = s, st.enc_uncond
+                rows.take_state(s, st.enc_uncond)
     dec = [(k, rows, st) for k, (rows, st) in enumerate(items) if failed.get(k) is None]
     if dec:
         feeds = [decoder_feeds(rows, st) for _, rows, st in dec]
