@@ -78,7 +78,8 @@ def tiny_cfg() -> Config:
 @pytest.fixture(scope="session")
 def tiny_engines(tmp_path_factory):
     """(folder, fp32 reference model): encoder/decoder graphs of a random tiny DDT, exported once per session."""
-    from ddt_export.export.exporter import export_model, random_weights_ref
+    from ddt_export.export.exporter import random_weights_ref
+    from runs import run_export_model as export_model
 
     model = tiny_model(0)
     out = tmp_path_factory.mktemp("engines") / "fp32"

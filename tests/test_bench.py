@@ -10,10 +10,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from ddt_export.evaluate.bench import TimedEngines, bench, write_outputs  # noqa: E402
+from ddt_export.evaluate.bench import TimedEngines, write_outputs  # noqa: E402
 from ddt_export.export.reference import TorchReference  # noqa: E402
 from ddt_export.core.config import PRESETS  # noqa: E402
-from ddt_export.export.exporter import export_model, load_checkpoint_model  # noqa: E402
+from ddt_export.export.exporter import load_checkpoint_model  # noqa: E402
+from runs import run_bench as bench, run_export_model as export_model  # noqa: E402
 from ddt_export.core.flops import GEMM_ROLES, block_gemm_flops, fp8_share, fp8_speedup, step_flops  # noqa: E402
 from ddt_export.export.model import DDT  # noqa: E402
 from ddt_export.runtime import load_engines, sample  # noqa: E402

@@ -9,7 +9,8 @@ import numpy as np
 import onnx
 import pytest
 
-from ddt_export.builder.engine import build, point_default, reuse_differences
+from ddt_export.builder.engine import point_default, reuse_differences
+from runs import run_build as build
 from ddt_export.builder.tensorrt import profile_shapes, tensorrt_status
 from ddt_export.core.errors import ArtifactError, BackendError
 from ddt_export.core.manifest import read_manifest

@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 from ddt_export.export.checkpoint import convert_checkpoint, load_model, read_state_dict  # noqa: E402
 from ddt_export.core.config import load_config  # noqa: E402
 from ddt_export.core.errors import ArtifactError, CheckpointError  # noqa: E402
-from ddt_export.export.exporter import export_checkpoint, export_model  # noqa: E402
+from runs import run_export_checkpoint as export_checkpoint, run_export_model as export_model  # noqa: E402
 from ddt_export.core.artifacts import sha256_file  # noqa: E402
 from ddt_export.core.manifest import read_manifest, verify_graphs  # noqa: E402
 from ddt_export.core.provenance import WeightsRef  # noqa: E402

@@ -2,7 +2,7 @@
 Runtime folder has the host loop only; the device loop itself is tested on a GPU in test_trt.py)."""
 from __future__ import annotations
 
-from ddt_export.evaluate.bench import bench
+from runs import run_bench as bench
 from runs import run_generate as generate
 from engines_cache import run_cli
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from ddt_export.builder.engine import build
+from runs import run_build as build
 from ddt_export.core.manifest import read_manifest
 from ddt_export.builder.parity import graph_errors, sample_error
 from engines_cache import fp8_build

@@ -34,7 +34,8 @@ WIDE = Config("wide-state-test",
 @pytest.fixture(scope="module")
 def wide_engines(tmp_path_factory) -> Path:
     from conftest import tiny_model
-    from ddt_export.export.exporter import export_model, random_weights_ref
+    from ddt_export.export.exporter import random_weights_ref
+    from runs import run_export_model as export_model
 
     out = tmp_path_factory.mktemp("wide") / "fp32"
     export_model(tiny_model(0, WIDE), WIDE, out, weights=random_weights_ref(0), check=False)  # parity: test_export
@@ -195,7 +196,7 @@ def test_validate_reads_the_npz_as_data_statistics(digits_engines, tmp_path):
     equals the FID of the same samples (same seed, labels, batch) computed here from the generate run."""
     from ddt_export.evaluate.features import make_extractor
     from ddt_export.evaluate.fid import fid, load_stats, stats_from_features
-    from ddt_export.evaluate.validate import validate
+    from runs import run_validate as validate
 
     generate(digits_engines, num=30, steps=3, seed=4, formats="npz", out_dir=tmp_path / "data", say=lambda m: None)
     npz = tmp_path / "data" / NPZ_FILE

@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pytest
 
-from ddt_export.builder.engine import build
+from runs import run_build as build
 from ddt_export.builder.tensorrt import profile_shapes, tensorrt_status
 from ddt_export.core.errors import InputError
 from ddt_export.core.specs import BatchProfile

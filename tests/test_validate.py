@@ -15,10 +15,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from ddt_export.core.errors import ArtifactError
-from ddt_export.export.exporter import export_checkpoint
+from runs import run_export_checkpoint as export_checkpoint
 from ddt_export.evaluate.features import OnnxFeatures
 from ddt_export.core.numerics import relative_errors
-from ddt_export.evaluate.validate import validate
+from runs import run_validate as validate
 
 from conftest import TINY
 from engines_cache import run_cli

@@ -10,7 +10,7 @@ pytest.importorskip("torch")
 def test_xl_256_export_random_weights(tmp_path):
     import onnx
 
-    from ddt_export.export.exporter import export_checkpoint
+    from runs import run_export_checkpoint as export_checkpoint
     from ddt_export.core.manifest import read_manifest
 
     out = tmp_path / "xl"

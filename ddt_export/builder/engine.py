@@ -38,6 +38,25 @@ DEFAULT_HIGH_PRECISION = "fp16"
 CAPTURED = "captured into the folder"
 
 
+@dataclass(frozen=True)
+class BuildOptions:
+    """What a build is asked for besides its precision and folder (the `build` command's flags)."""
+
+    ckpt: Path | str | None = None  # None: the config's bundled weights; hf://OWNER/REPO[/PATH] works too
+    config: str | None = None  # a preset, an official YAML or a config JSON (None: the bundled model)
+    batch: BatchProfile | None = None  # None: BatchProfile()
+    vae: Path | str | None = None
+    weights: str = "ema"  # ema | raw | random
+    trust: bool = False  # unpickle a checkpoint that safe loading refuses
+    backend: str = "auto"  # auto: TensorRT if usable, else ONNX Runtime
+    high_precision: str = DEFAULT_HIGH_PRECISION  # fp8: everything not in FP8
+    calibration: Path | None = None  # fp8: a calibration folder (None: captured into the build)
+    fp8_recipe: str | Path | Recipe | None = None  # fp8: a preset name, a recipe JSON or a Recipe
+    opt_level: int = DEFAULT_OPT_LEVEL  # TensorRT builder optimization level
+    timing_cache: Path | None = None  # TensorRT timing cache, read and updated
+    force: bool = False  # rebuild a folder built from something else
+
+
 @dataclass
 class BuildResult:
     folder: Path
@@ -75,43 +94,44 @@ def reuse_differences(folder: Path, asked: Provenance) -> list[str]:
 
 
 class _Model:
-    """The fp32 PyTorch model, loaded on first use (a reused build never imports torch)."""
+    """The fp32 PyTorch model of a checkpoint, loaded on first use (a reused build never imports torch)."""
 
-    def __init__(self, ckpt, cfg, weights, trust):
-        self.args, self._model = (ckpt, cfg, weights, trust), None
+    def __init__(self, ckpt: Path, cfg: Config, ref: WeightsRef, trust: bool):
+        self.ckpt, self.cfg, self.ref, self.trust, self._model = ckpt, cfg, ref, trust, None
 
     def get(self):
         if self._model is None:
             from ..export.checkpoint import load_model, read_state_dict
 
-            ckpt, cfg, weights, trust = self.args
-            self._model = load_model(cfg.model, read_state_dict(ckpt, weights, trust), str(ckpt))
+            self._model = load_model(self.cfg.model, read_state_dict(self.ckpt, self.ref.kind, self.trust),
+                                     str(self.ckpt))
         return self._model
 
 
-def _export(model: _Model, cfg: Config, out: Path, weights: WeightsRef, asked: Provenance, vae: Path | None,
-            say: Say) -> Manifest:
+def _export(model: _Model, out: Path, asked: Provenance, vae: Path | None, say: Say) -> Manifest:
     """The onnxruntime folder `out` of an exported precision, reused when its provenance is `asked`."""
-    from ..export.exporter import export_model
+    from ..export.exporter import ExportOptions, export_model
 
     if not reuse_differences(out, asked):
         say(f"{asked.precision} graphs in {out} are up to date")
         return read_manifest(out)
     say(f"exporting {asked.precision} graphs to {out}")
-    return export_model(model.get(), cfg, out, weights=weights, precision=asked.precision, batch=asked.batch,
-                        vae_dir=vae, options=dict(asked.options), force=True, progress=say)
+    return export_model(model.get(), model.cfg, out, model.ref, ExportOptions(
+        precision=asked.precision, batch=asked.batch, vae_dir=vae, build_options=dict(asked.options), force=True),
+        progress=say)
 
 
-def _fp8(model: _Model, cfg: Config, out: Path, weights: WeightsRef, asked: Provenance, vae: Path | None,
-         high_precision: str, calibration: Path | None, recipe: Recipe, say: Say, progress) -> Manifest:
+def _fp8(model: _Model, out: Path, asked: Provenance, vae: Path | None, o: BuildOptions, recipe: Recipe, say: Say,
+         progress) -> Manifest:
     from ..runtime.sampling.grammar import default_schedule, parse_schedule, steps_for
     from . import calibrate
     from .quantize import quantize_folder
 
+    high_precision, calibration = o.high_precision, o.calibration
     stages = out / "stages"
     stage = asked.replace(options={}, platform={})
-    fp32 = _export(model, cfg, stages / "fp32", weights, stage.replace(precision="fp32", vae=None), None, say)
-    _export(model, cfg, stages / high_precision, weights, stage.replace(precision=high_precision), vae, say)
+    fp32 = _export(model, stages / "fp32", stage.replace(precision="fp32", vae=None), None, say)
+    _export(model, stages / high_precision, stage.replace(precision=high_precision), vae, say)
     calib = Path(calibration) if calibration else out / "calibration"
     sampler = fp32.config.sampler
     steps = steps_for(parse_schedule(default_schedule(sampler)), sampler.num_steps)  # never dp: no engines needed
@@ -133,51 +153,31 @@ def _fp8(model: _Model, cfg: Config, out: Path, weights: WeightsRef, asked: Prov
                            high_precision=high_precision, force=True, say=say)
 
 
-def build(precision: str, *, out: Path | None = None, ckpt: Path | str | None = None, config: str | None = None,
-          batch: BatchProfile | None = None, timing_cache: Path | None = None, force: bool = False,
-          vae: Path | str | None = None, high_precision: str = DEFAULT_HIGH_PRECISION, calibration: Path | None = None,
-          weights: str = "ema", trust: bool = False, opt_level: int = DEFAULT_OPT_LEVEL, backend: str = "auto",
-          fp8_recipe: str | Path | Recipe | None = None, say: Say = print, progress=None) -> BuildResult:
+def build(precision: str, options: BuildOptions = BuildOptions(), *, out: Path | None = None, say: Say = print,
+          progress=None) -> BuildResult:
     """Build (or reuse) the engine folder `out` for `precision`. See the module doc. Without `out`: builds
-    engines/<precision> and points engines/default (what generate, serve, validate and bench read) at it.
-    `fp8_recipe`: a preset name, a recipe JSON file or a Recipe (fp8 only; None: the default recipe)."""
+    engines/<precision> and points engines/default (what generate, serve, validate and bench read) at it."""
     if out is None:
-        res = build(precision, out=DEFAULT_ENGINES.parent / precision, ckpt=ckpt, config=config, batch=batch,
-                    timing_cache=timing_cache, force=force, vae=vae, high_precision=high_precision,
-                    calibration=calibration, weights=weights, trust=trust, opt_level=opt_level, backend=backend,
-                    fp8_recipe=fp8_recipe, say=say, progress=progress)
+        res = build(precision, options, out=DEFAULT_ENGINES.parent / precision, say=say, progress=progress)
         if point_default(res.folder, DEFAULT_ENGINES, say):
             say(f"{DEFAULT_ENGINES} -> {res.folder.name}")
         return res
-    p = precision_row(precision)
-    if p.quantized:
-        high_precision_row(high_precision)
-    elif fp8_recipe is not None:
-        raise ConfigError("--fp8-recipe", "only with --precision fp8", f"--precision {precision}")
-    recipe = (fp8_recipe if isinstance(fp8_recipe, Recipe) else parse_recipe(fp8_recipe)) if p.quantized else None
-    if backend not in CHOICES:
-        raise ConfigError("--backend", " | ".join(CHOICES), backend)
-    if weights not in WEIGHT_KINDS:
-        raise CheckpointError("--weights", " | ".join(WEIGHT_KINDS), weights)
+    o, out = options, Path(out)
+    p, recipe = _check(precision, o)
     from ..export.hub import checkpoint_source, vae_folder  # torch-free: local paths or hf://...
 
-    cfg, out, batch = load_config(config), Path(out), batch or BatchProfile()
+    cfg, batch = load_config(o.config), o.batch or BatchProfile()
     if recipe is not None:
         recipe.sites(cfg.model)  # a recipe that selects nothing (or a block this model lacks): refused first
-    vae = vae_folder(vae, say)
-    ckpt = ckpt if ckpt else bundled_weights(cfg)
+    vae = vae_folder(o.vae, say)
+    ckpt = o.ckpt if o.ckpt else bundled_weights(cfg)
     if ckpt is None:
         raise CheckpointError("--ckpt", f"a checkpoint (config {cfg.name} has no bundled weights)", "none")
     ckpt, digest, source = checkpoint_source(ckpt, say)
-    ref = WeightsRef(digest, weights, source)
-    usable, why = tensorrt_status()
-    if backend == "tensorrt" and not usable:
-        raise BackendError("TensorRT", "importable with a visible GPU", why, "build with --backend onnxruntime")
-    chosen = "tensorrt" if usable and backend != "onnxruntime" else "onnxruntime"
-    if chosen == "onnxruntime" and backend == "auto":
-        say(f"TensorRT is not available ({why}): building the ONNX Runtime engine folder for {precision} instead")
-    asked = provenance_for(cfg, ref, precision, batch, vae, build_options(p, chosen, high_precision, calibration,
-                                                                           opt_level, recipe),
+    ref = WeightsRef(digest, o.weights, source)
+    chosen = _backend(o.backend, precision, say)
+    asked = provenance_for(cfg, ref, precision, batch, vae, build_options(p, chosen, o.high_precision, o.calibration,
+                                                                           o.opt_level, recipe),
                            running_platform() if chosen == "tensorrt" else None)
     with folder_lock(out):
         if (out / MANIFEST).is_file():
@@ -185,25 +185,51 @@ def build(precision: str, *, out: Path | None = None, ckpt: Path | str | None = 
             if not diffs:
                 say(f"{out} is up to date ({precision}, {chosen}); nothing to build")
                 return BuildResult(out, chosen, read_manifest(out), reused=True)
-            if not force:
+            if not o.force:
                 raise ArtifactError(str(out), f"a {precision} {chosen} build of this model and settings",
                                     "; ".join(diffs), "pass --force to rebuild it")
             say(f"rebuilding {out}: " + "; ".join(diffs))
-        model = _Model(ckpt, cfg, weights, trust)
+        model = _Model(ckpt, cfg, ref, o.trust)
         onnx_dir = out if chosen == "onnxruntime" else out / "onnx"
         onnx_asked = asked if chosen == "onnxruntime" else asked.replace(platform={})
         if p.quantized:
-            man = _fp8(model, cfg, onnx_dir, ref, onnx_asked, vae, high_precision, calibration, recipe, say,
-                       progress)
+            man = _fp8(model, onnx_dir, onnx_asked, vae, o, recipe, say, progress)
         else:
-            man = _export(model, cfg, onnx_dir, ref, onnx_asked, vae, say)
+            man = _export(model, onnx_dir, onnx_asked, vae, say)
         if chosen == "tensorrt":
-            man = build_tensorrt(onnx_dir, out, provenance=asked, timing_cache=timing_cache, opt_level=opt_level,
+            man = build_tensorrt(onnx_dir, out, provenance=asked, timing_cache=o.timing_cache, opt_level=o.opt_level,
                                  say=say)
-        elif not p.ort_cpu or (p.quantized and not high_precision_row(high_precision).ort_cpu):
+        elif not p.ort_cpu or (p.quantized and not high_precision_row(o.high_precision).ort_cpu):
             say("note: onnxruntime's CPU provider has no bfloat16 MatMul; this folder runs with onnxruntime-gpu "
                 "(CUDAExecutionProvider) or as a TensorRT build")
     return BuildResult(out, chosen, man, reused=False)
+
+
+def _check(precision: str, o: BuildOptions) -> tuple[Precision, Recipe | None]:
+    """The precision's row and, for fp8, its recipe; every option checked before anything is read."""
+    p = precision_row(precision)
+    if p.quantized:
+        high_precision_row(o.high_precision)
+    elif o.fp8_recipe is not None:
+        raise ConfigError("--fp8-recipe", "only with --precision fp8", f"--precision {precision}")
+    recipe = (o.fp8_recipe if isinstance(o.fp8_recipe, Recipe) else parse_recipe(o.fp8_recipe)) if p.quantized \
+        else None
+    if o.backend not in CHOICES:
+        raise ConfigError("--backend", " | ".join(CHOICES), o.backend)
+    if o.weights not in WEIGHT_KINDS:
+        raise CheckpointError("--weights", " | ".join(WEIGHT_KINDS), o.weights)
+    return p, recipe
+
+
+def _backend(asked: str, precision: str, say: Say) -> str:
+    """tensorrt when it is usable and not declined, else onnxruntime (said, when auto chose it)."""
+    usable, why = tensorrt_status()
+    if asked == "tensorrt" and not usable:
+        raise BackendError("TensorRT", "importable with a visible GPU", why, "build with --backend onnxruntime")
+    chosen = "tensorrt" if usable and asked != "onnxruntime" else "onnxruntime"
+    if chosen == "onnxruntime" and asked == "auto":
+        say(f"TensorRT is not available ({why}): building the ONNX Runtime engine folder for {precision} instead")
+    return chosen
 
 
 def point_default(target: Path, link: Path, say: Say = print) -> bool:

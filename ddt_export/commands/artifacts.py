@@ -49,10 +49,10 @@ def export(
     force: bool = typer.Option(False, help="overwrite a folder holding another model's artifacts"),
 ):
     """Export encoder.onnx (x,t,y -> s), decoder.onnx (x,s -> v) and vae_decoder.onnx, checked against PyTorch."""
-    from ..export.exporter import export_checkpoint
+    from ..export.exporter import ExportOptions, export_checkpoint
 
-    man = export_checkpoint(ckpt, config, out, weights=weights, vae_dir=vae, random_weights=random_weights,
-                            trust=trust_checkpoint, force=force)
+    man = export_checkpoint(ckpt, config, out, weights="random" if random_weights else weights, trust=trust_checkpoint,
+                            options=ExportOptions(vae_dir=vae, force=force))
     for name, g in man.graphs.items():
         print(f"{name}: {out / g.file}  max rel err vs PyTorch {g.parity['vs_pytorch']['max_rel_err']:.2e}")
     print(f"wrote {out / 'manifest.json'}")
@@ -106,14 +106,15 @@ def build(
     trust_checkpoint: bool = typer.Option(False, help=TRUST_HELP),
 ):
     """Export, quantize (fp8) and build the engines of one precision; without TensorRT, an ONNX Runtime folder."""
-    from ..builder.engine import build as run_build
+    from ..builder.engine import BuildOptions, build as run_build
 
+    options = BuildOptions(ckpt=ckpt, config=config, batch=BatchProfile.parse(batch), vae=vae, weights=weights,
+                           trust=trust_checkpoint, backend=backend, high_precision=high_precision,
+                           calibration=calibration, fp8_recipe=fp8_recipe, opt_level=opt_level,
+                           timing_cache=timing_cache, force=force)
     bar, progress = step_progress("calibration steps")  # shown while fp8 captures its calibration
     with bar:
-        res = run_build(precision, out=out, ckpt=ckpt, config=config, batch=BatchProfile.parse(batch),
-                        timing_cache=timing_cache, force=force, vae=vae, high_precision=high_precision,
-                        calibration=calibration, weights=weights, trust=trust_checkpoint, opt_level=opt_level,
-                        backend=backend, fp8_recipe=fp8_recipe, say=say, progress=progress)
+        res = run_build(precision, options, out=out, say=say, progress=progress)
     for name, g in res.manifest.graphs.items():
         shown = ", ".join(f"{k} {v['max_rel_err']:.2e}" if "max_rel_err" in v else f"{k}: {next(iter(v.values()))}"
                           for k, v in g.parity.items())

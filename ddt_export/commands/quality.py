@@ -116,14 +116,16 @@ def validate(
     """Engines vs a reference from identical noise: latent error, per-tensor parity, FID and ADM's IS, sFID,
     precision, recall; gates on the FID delta and the precision/recall ratios."""
     from ..evaluate.suite import summary_lines
-    from ..evaluate.validate import validate as run_validate
+    from ..evaluate.validate import ValidateOptions, validate as run_validate
+    from ..runtime.sampling.request import RequestInput
 
+    options = ValidateOptions(reference=reference, stats=stats, features=features, inception_onnx=inception_onnx,
+                              max_fid_delta=max_fid_delta, min_precision_ratio=min_precision_ratio,
+                              min_recall_ratio=min_recall_ratio, out=out, device_loop=device_loop)
     bar, progress = step_progress("validating (sample-steps)")
     with bar:
-        rep = run_validate(engines, reference=reference, num=num, seed=seed, schedule=schedule, stats=stats,
-                           features=features, inception_onnx=inception_onnx, max_fid_delta=max_fid_delta,
-                           min_precision_ratio=min_precision_ratio, min_recall_ratio=min_recall_ratio, out=out,
-                           device_loop=device_loop, progress=progress, say=say)
+        rep = run_validate(engines, RequestInput(num=num, seed=seed, schedule=schedule), options, progress=progress,
+                           say=say)
     r, e = rep["reference"], rep["latent_rel_err"]
     print(f"{rep['num']} samples, schedule {rep['schedule']['spec']}: {rep['engines']['precision']} engines "
           f"({rep['engines']['loop']} loop) vs "
@@ -165,11 +167,11 @@ def bench(
     """Per-stage latency, images/s per batch and schedule, sharing speed-up measured vs predicted, vs PyTorch."""
     from rich.table import Table
 
-    from ..evaluate.bench import bench as run_bench, write_outputs
+    from ..evaluate.bench import BenchOptions, bench as run_bench, write_outputs
 
-    res = run_bench(engines, batches=batch, steps=steps, schedules=schedule, repeats=repeats,
-                    torch_variants=None if torch_baseline else (), cond_only=(cond_only,),
-                    device_loop=device_loop, say=say)
+    res = run_bench(engines, BenchOptions(batches=batch, steps=steps, schedules=schedule, repeats=repeats,
+                                          torch_variants=None if torch_baseline else (), cond_only=(cond_only,),
+                                          device_loop=device_loop), say=say)
     out = Console(width=140)
     t = Table(title=f"stages: one call ({res.model}, {res.precision})")
     for c in ("backend", "graph", "rows", "median ms", "min..max ms"):

@@ -117,103 +117,121 @@ def torch_reference(engines, variant: str):
         return str(e)
 
 
-def bench(engines_dir: Path, *, batches: Sequence[int] = DEFAULT_BATCHES, steps: int | None = None,
-          schedules: Sequence[str] = DEFAULT_SCHEDULES, repeats: int = DEFAULT_REPEATS,
-          torch_variants: Sequence[str] | None = None, cond_only: Sequence[bool] = (True,),
-          device_loop: bool = True, say: Say = print) -> BenchResult:
+@dataclass(frozen=True)
+class BenchOptions:
+    """What `bench` measures."""
+
+    batches: Sequence[int] = DEFAULT_BATCHES  # images per trajectory (the CFG batch is twice this)
+    steps: int | None = None  # sampling steps (default: the manifest's)
+    schedules: Sequence[str] = DEFAULT_SCHEDULES  # `all` always runs: the reference for measured speed-ups
+    repeats: int = DEFAULT_REPEATS  # timed repeats per measurement, after one warm-up
+    torch_variants: Sequence[str] | None = None  # None: TORCH_VARIANTS; (): no PyTorch baseline
+    cond_only: Sequence[bool] = (True,)  # cond-only rows outside the guidance interval, or the full batch
+    device_loop: bool = True  # on a TensorRT folder, time the device loop beside the host loop
+
+
+def bench(engines_dir: Path, options: BenchOptions = BenchOptions(), *, say: Say = print) -> BenchResult:
     """Everything in the module doc. On a folder with a device loop (TensorRT) both loops are timed, side by side
     (`device_loop=False`: the host loop only); the host loop's share is measured on the host loop."""
-    with load_engines(engines_dir, device_loop=device_loop) as engines:
-        sampler = engines.config.sampler
-        if steps is not None:
-            from dataclasses import replace
-
-            sampler = replace(sampler, num_steps=steps)
-        m = engines.config.model
+    o = options
+    with load_engines(engines_dir, device_loop=o.device_loop) as engines:
+        specs = ["all"] + [s for s in o.schedules if s != "all"]  # the reference for measured speed-ups
+        requests = {spec: resolve_schedule(resolve(engines.config, RequestInput(steps=o.steps, schedule=spec)),
+                                           engines, say) for spec in specs}
+        sampler = requests["all"].sampler
+        resolved = {spec: list(r.recompute) for spec, r in requests.items()}
         res = BenchResult(engines.config.name, str(engines_dir), engines.backend_name, engines.manifest.precision,
                           sampler.num_steps, machine_info())
-        flops = step_flops(m)
-        if torch_variants is None:
-            torch_variants = TORCH_VARIANTS
-        schedules = ["all"] + [s for s in schedules if s != "all"]  # the reference for measured speed-ups
-        resolved = {spec: list(resolve_schedule(resolve(engines.config, RequestInput(steps=steps, schedule=spec)),
-                                                engines, say).recompute) for spec in schedules}
-        rng = np.random.default_rng(0)
-
-        # stages: one call each, CFG rows
-        for b in batches:
-            rows = 2 * b
-            x = rng.standard_normal((rows, *m.latent_shape), dtype=np.float32)
-            t = np.full(rows, 0.5, np.float32)
-            y = np.zeros(rows, np.int64)
-            s = engines.encoder(x=x, t=t, y=y)
-            res.stages.append({"backend": engines.backend_name, "graph": "encoder", "rows": rows,
-                               "s": asdict(timeit(lambda: engines.encoder(x=x, t=t, y=y), repeats))})
-            res.stages.append({"backend": engines.backend_name, "graph": "decoder", "rows": rows,
-                               "s": asdict(timeit(lambda: engines.decoder(x=x, s=s), repeats))})
-            if engines.vae_decoder is not None:
-                res.stages.append({"backend": engines.backend_name, "graph": "vae_decoder", "rows": b,
-                                   "s": asdict(timeit(lambda: engines.vae_decoder(x[:b]), repeats))})
-
-        # whole trajectories on the engines: each loop the folder has (device first: what `sample` runs)
-        loops = ("device", "host") if engines.loop == "device" else ("host",)
-        for loop, b in ((lp, b) for lp in loops for b in batches):
-            name = engines.backend_name if loop == "host" else f"{engines.backend_name} device loop"
-            noise, labels = sample_noise(0, range(b), m.latent_shape), np.arange(b, dtype=np.int64) % m.num_classes
-            for co in cond_only:
-                base = None
-                for spec, sched in resolved.items():
-                    timed = TimedEngines(engines)
-
-                    def run():  # the device loop runs its graphs itself: only the host loop's calls are timed
-                        if loop == "host":
-                            return sample_host(timed, noise, labels, sampler, sched, cond_only_outside=co)
-                        return sample(engines, noise, labels, sampler, sched, cond_only_outside=co)
-
-                    run()  # warm-up
-                    walls, host = [], []
-                    for _ in range(repeats):
-                        timed.spent.clear()
-                        t0 = time.perf_counter()
-                        run()
-                        w = time.perf_counter() - t0
-                        walls.append(w)
-                        host.append((w - sum(timed.spent.values())) / w)
-                    tm = Timing.of(walls)
-                    run = {"backend": name, "loop": loop, "batch": b, "schedule": spec, "cond_only": co,
-                           "encoder_calls": len(sched), "s": asdict(tm), "images_per_s": b / tm.median}
-                    if loop == "host":  # inside the device loop graph calls are not separate host calls
-                        run["host_fraction"] = statistics.median(host)
-                    res.runs.append(run)
-                    say(f"{name:>12} batch {b:>3} {spec:>12} cond_only={co}: {run['images_per_s']:.3f} img/s"
-                        + (f" (host {run['host_fraction']:.1%})" if loop == "host" else ""))
-                    if spec == "all":
-                        base = tm.median
-                for r in res.runs:
-                    if r["batch"] == b and r["cond_only"] == co and r["backend"] == name and base:
-                        frac = r["encoder_calls"] / sampler.num_steps
-                        res.sharing.append({"backend": r["backend"], "batch": b, "schedule": r["schedule"],
-                                            "cond_only": co, "recompute_fraction": frac,
-                                            "predicted": flops.predicted_speedup(frac),
-                                            "measured": base / r["s"]["median"]})
-
-        # PyTorch baselines: the official loop, same weights, noise, labels and schedules
-        for variant in torch_variants:
-            ref = torch_reference(engines, variant)
-            if isinstance(ref, str):
-                say(f"{variant}: skipped ({ref})")
-                continue
-            for b in batches:
-                for graph in ("encoder", "decoder"):
-                    res.stages.append({"backend": variant, "graph": graph, "rows": 2 * b,
-                                       "s": asdict(timeit(ref.stage(graph, 2 * b), repeats))})
-                noise, labels = sample_noise(0, range(b), m.latent_shape), np.arange(b, dtype=np.int64) % m.num_classes
-                for spec, sched in resolved.items():
-                    tm = timeit(lambda: ref.sample(noise, labels, sampler, sched), repeats)
-                    res.runs.append({"backend": variant, "batch": b, "schedule": spec, "cond_only": False,
-                                     "encoder_calls": len(sched), "s": asdict(tm), "images_per_s": b / tm.median})
-                    say(f"{variant:>12} batch {b:>3} {spec:>12}: {b / tm.median:.3f} img/s")
+        _stages(engines, res, o)
+        _trajectories(engines, res, sampler, resolved, o, say)
+        _baselines(engines, res, sampler, resolved, o, say)
         return res
+
+
+def _stages(engines, res: BenchResult, o: BenchOptions) -> None:
+    """One call of each graph, alone, at each batch's CFG rows."""
+    rng, m = np.random.default_rng(0), engines.config.model
+    for b in o.batches:
+        rows = 2 * b
+        x = rng.standard_normal((rows, *m.latent_shape), dtype=np.float32)
+        t = np.full(rows, 0.5, np.float32)
+        y = np.zeros(rows, np.int64)
+        s = engines.encoder(x=x, t=t, y=y)
+        res.stages.append({"backend": engines.backend_name, "graph": "encoder", "rows": rows,
+                           "s": asdict(timeit(lambda: engines.encoder(x=x, t=t, y=y), o.repeats))})
+        res.stages.append({"backend": engines.backend_name, "graph": "decoder", "rows": rows,
+                           "s": asdict(timeit(lambda: engines.decoder(x=x, s=s), o.repeats))})
+        if engines.vae_decoder is not None:
+            res.stages.append({"backend": engines.backend_name, "graph": "vae_decoder", "rows": b,
+                               "s": asdict(timeit(lambda: engines.vae_decoder(x[:b]), o.repeats))})
+
+
+def _trajectories(engines, res: BenchResult, sampler, resolved: dict[str, list[int]], o: BenchOptions,
+                  say: Say) -> None:
+    """Whole trajectories on each loop the folder has (device first: what `sample` runs), and sharing's
+    speed-up over `all`, measured against the FLOP model."""
+    m, flops = engines.config.model, step_flops(engines.config.model)
+    loops = ("device", "host") if engines.loop == "device" else ("host",)
+    for loop, b in ((lp, b) for lp in loops for b in o.batches):
+        name = engines.backend_name if loop == "host" else f"{engines.backend_name} device loop"
+        noise, labels = sample_noise(0, range(b), m.latent_shape), np.arange(b, dtype=np.int64) % m.num_classes
+        for co in o.cond_only:
+            base = None
+            for spec, sched in resolved.items():
+                timed = TimedEngines(engines)
+
+                def run():  # the device loop runs its graphs itself: only the host loop's calls are timed
+                    if loop == "host":
+                        return sample_host(timed, noise, labels, sampler, sched, cond_only_outside=co)
+                    return sample(engines, noise, labels, sampler, sched, cond_only_outside=co)
+
+                run()  # warm-up
+                walls, host = [], []
+                for _ in range(o.repeats):
+                    timed.spent.clear()
+                    t0 = time.perf_counter()
+                    run()
+                    w = time.perf_counter() - t0
+                    walls.append(w)
+                    host.append((w - sum(timed.spent.values())) / w)
+                tm = Timing.of(walls)
+                run_rec = {"backend": name, "loop": loop, "batch": b, "schedule": spec, "cond_only": co,
+                           "encoder_calls": len(sched), "s": asdict(tm), "images_per_s": b / tm.median}
+                if loop == "host":  # inside the device loop graph calls are not separate host calls
+                    run_rec["host_fraction"] = statistics.median(host)
+                res.runs.append(run_rec)
+                say(f"{name:>12} batch {b:>3} {spec:>12} cond_only={co}: {run_rec['images_per_s']:.3f} img/s"
+                    + (f" (host {run_rec['host_fraction']:.1%})" if loop == "host" else ""))
+                if spec == "all":
+                    base = tm.median
+            for r in res.runs:
+                if r["batch"] == b and r["cond_only"] == co and r["backend"] == name and base:
+                    frac = r["encoder_calls"] / sampler.num_steps
+                    res.sharing.append({"backend": r["backend"], "batch": b, "schedule": r["schedule"],
+                                        "cond_only": co, "recompute_fraction": frac,
+                                        "predicted": flops.predicted_speedup(frac),
+                                        "measured": base / r["s"]["median"]})
+
+
+def _baselines(engines, res: BenchResult, sampler, resolved: dict[str, list[int]], o: BenchOptions,
+               say: Say) -> None:
+    """The PyTorch reference: the official loop, same weights, noise, labels and schedules."""
+    m = engines.config.model
+    for variant in TORCH_VARIANTS if o.torch_variants is None else o.torch_variants:
+        ref = torch_reference(engines, variant)
+        if isinstance(ref, str):
+            say(f"{variant}: skipped ({ref})")
+            continue
+        for b in o.batches:
+            for graph in ("encoder", "decoder"):
+                res.stages.append({"backend": variant, "graph": graph, "rows": 2 * b,
+                                   "s": asdict(timeit(ref.stage(graph, 2 * b), o.repeats))})
+            noise, labels = sample_noise(0, range(b), m.latent_shape), np.arange(b, dtype=np.int64) % m.num_classes
+            for spec, sched in resolved.items():
+                tm = timeit(lambda: ref.sample(noise, labels, sampler, sched), o.repeats)
+                res.runs.append({"backend": variant, "batch": b, "schedule": spec, "cond_only": False,
+                                 "encoder_calls": len(sched), "s": asdict(tm), "images_per_s": b / tm.median})
+                say(f"{variant:>12} batch {b:>3} {spec:>12}: {b / tm.median:.3f} img/s")
 
 
 def write_outputs(res: BenchResult, json_path: Path | None, plot_path: Path | None) -> None:

@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -39,7 +40,7 @@ from ..core.numerics import relative_errors, tensor_errors
 from ..core.specs import DECODER, ENCODER
 from ..runtime import Engines, load_engines, sample
 from ..runtime.graphs.engines import call_graph
-from ..runtime.sampling.request import RequestInput, resolve
+from ..runtime.sampling.request import RequestInput, SampleRequest, resolve
 from ..runtime.sampling.schedules import resolve_schedule
 from . import suite
 from .adm import Activations
@@ -175,15 +176,16 @@ def side_by_side(engine: np.ndarray, reference: np.ndarray, path: Path, cols: in
     return save_png(tile(np.concatenate(rows), cols), path, PNG_MIN_SIDE)
 
 
-def _sample_pairs(engines: Engines, ref, noise: np.ndarray, labels: np.ndarray, recompute: list[int], seed: int,
-                  batch: int, extractor, capture: _Capture, progress: Progress | None, png: bool):
-    """Both sides batch by batch. Returns per-sample latent errors (num,), features and (with `png`) the first
-    images per side, and the seconds each side took. Latents become images only where they are used."""
-    sampler = engines.config.sampler
+def _sample_pairs(engines: Engines, ref, request: SampleRequest, noise: np.ndarray, extractor, capture: _Capture,
+                  o: ValidateOptions, progress: Progress | None):
+    """Both sides batch by batch. Returns per-sample latent errors (num,), features and (with an output folder)
+    the first images per side, and the seconds each side took. Latents become images only where they are used."""
+    sampler, recompute, labels, seed, png = request.sampler, list(request.recompute), request.labels, request.seed, \
+        o.out is not None
     errors, feats, shown = [], {"engine": [], "reference": []}, {"engine": [], "reference": []}
     done, total, timing = 0, 2 * len(labels) * sampler.num_steps, {"engine_s": 0.0, "reference_s": 0.0}
-    for lo in range(0, len(labels), batch):
-        x0, y = noise[lo:lo + batch], labels[lo:lo + batch]
+    for lo in range(0, len(labels), o.batch):
+        x0, y = noise[lo:lo + o.batch], labels[lo:lo + o.batch]
         b = len(y)
         t0 = time.perf_counter()
         host = engines.loop == "host"
@@ -218,107 +220,133 @@ def _sample_pairs(engines: Engines, ref, noise: np.ndarray, labels: np.ndarray, 
 # ------------------------------------------------------------------------------------------ the command
 
 
-def validate(engines_dir: Path, *, reference: str | Path = "torch", num: int | None = None, seed: int = 0,
-             schedule: str | None = None, stats: Path | None = None,
-             features: str | FeatureExtractor | None = None, inception_onnx: Path | None = None,
-             max_fid_delta: float | None = None, min_precision_ratio: float | None = None,
-             min_recall_ratio: float | None = None, out: Path | None = None, batch: int = DEFAULT_BATCH,
-             backend: str = "auto", device_loop: bool = True, progress: Progress | None = None,
-             say: Say = print) -> dict:
-    """Engines vs reference on `num` samples; returns the report (also written to out/report.json with out/PNG).
+@dataclass(frozen=True)
+class ValidateOptions:
+    """How the engines are validated (the request itself, num, seed and schedule, is a `RequestInput`)."""
+
+    reference: str | Path = "torch"  # torch (fp32 PyTorch from the manifest's checkpoint) | a second engine folder
+    stats: Path | None = None  # data statistics (default for the digits model: the bundled ones)
+    features: str | FeatureExtractor | None = None  # digits | inception | an extractor (default: by image size)
+    inception_onnx: Path | None = None
+    max_fid_delta: float | None = None  # the gates: NumericsError (after the report is written) past them
+    min_precision_ratio: float | None = None
+    min_recall_ratio: float | None = None
+    out: Path | None = None  # report.json and side_by_side.png
+    batch: int = DEFAULT_BATCH  # images per trajectory batch
+    backend: str = "auto"
+    device_loop: bool = True
+
+    @property
+    def ratios(self) -> dict[str, float | None]:
+        return {"precision": self.min_precision_ratio, "recall": self.min_recall_ratio}
+
+
+def _check_options(o: ValidateOptions) -> None:
+    if o.batch < 1:
+        raise InputError("batch", ">= 1", o.batch)
+    if o.max_fid_delta is not None and not math.isfinite(o.max_fid_delta):
+        raise InputError("--max-fid-delta", "a finite number", o.max_fid_delta)
+    for k, v in o.ratios.items():
+        suite.check_ratio(f"--min-{k}-ratio", v)
+
+
+def _quality_inputs(engines: Engines, o: ValidateOptions, say: Say):
+    """(feature extractor or None, why none, the data batch or None): everything refused here, before minutes
+    of sampling."""
+    extractor, no_fid = choose_features(engines, o.features, o.inception_onnx)
+    stats = o.stats
+    if extractor is None and (o.max_fid_delta is not None or stats is not None
+                              or any(v is not None for v in o.ratios.values())):
+        raise ConfigError("feature extractor", "one, for --stats / --max-fid-delta / --min-*-ratio", "none", no_fid)
+    if stats is None and extractor is not None and extractor.name == "digits" and DIGITS_STATS.is_file():
+        stats = DIGITS_STATS  # the bundled statistics of the 1797 real digits
+    if stats is not None and suite.image_count(Path(stats)):
+        say(f"featurizing the images of {stats} (precision and recall need them)")
+    data_batch = suite.read_batch(Path(stats), lambda: extractor) if stats is not None else None
+    suite.check_gates_possible(data_batch, o.ratios)
+    if data_batch is not None and getattr(extractor, "dim", None) is not None:
+        _check_dims(data_batch.stats, extractor.dim, extractor.name)
+    return extractor, no_fid, data_batch
+
+
+def validate(engines_dir: Path, given: RequestInput = RequestInput(), options: ValidateOptions = ValidateOptions(),
+             *, progress: Progress | None = None, say: Say = print) -> dict:
+    """Engines vs reference on the request's samples (num default DEFAULT_NUM, labels 0, 1, ... cycled, its seed
+    and schedule); returns the report (also written to out/report.json with out/PNG).
 
     Raises NumericsError after writing the report when the FID delta exceeds `max_fid_delta` or a precision /
-    recall ratio (engine / reference) is below `min_precision_ratio` / `min_recall_ratio`. `num`: default
-    DEFAULT_NUM.
-    """
-    num = DEFAULT_NUM if num is None else num
-    if num < 2:
-        raise InputError("--num", ">= 2 samples (FID needs a covariance)", num)
-    if batch < 1:
-        raise InputError("batch", ">= 1", batch)
-    if max_fid_delta is not None and not math.isfinite(max_fid_delta):
-        raise InputError("--max-fid-delta", "a finite number", max_fid_delta)
-    ratios = {"precision": min_precision_ratio, "recall": min_recall_ratio}
-    for k, v in ratios.items():
-        suite.check_ratio(f"--min-{k}-ratio", v)
+    recall ratio (engine / reference) is below `min_precision_ratio` / `min_recall_ratio`."""
+    o = options
+    given = dataclasses.replace(given, num=DEFAULT_NUM if given.num is None else given.num)
+    if given.num < 2:
+        raise InputError("--num", ">= 2 samples (FID needs a covariance)", given.num)
+    _check_options(o)
     t_start = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        engines = stack.enter_context(load_engines(engines_dir, backend, device_loop=device_loop))
-        m, sampler = engines.config.model, engines.config.sampler
-        if str(reference) == "torch":
+        engines = stack.enter_context(load_engines(engines_dir, o.backend, device_loop=o.device_loop))
+        if str(o.reference) == "torch":
             ref = TorchReference(engines)
         else:
-            ref = EnginesReference(Path(reference), engines, backend)
+            ref = EnginesReference(Path(o.reference), engines, o.backend)
             stack.callback(ref.engines.close)
-        extractor, no_fid = choose_features(engines, features, inception_onnx)
-        if extractor is None and (max_fid_delta is not None or stats is not None
-                                  or any(v is not None for v in ratios.values())):
-            raise ConfigError("feature extractor", "one, for --stats / --max-fid-delta / --min-*-ratio", "none",
-                              no_fid)
-        if stats is None and extractor is not None and extractor.name == "digits" and DIGITS_STATS.is_file():
-            stats = DIGITS_STATS  # the bundled statistics of the 1797 real digits
-        if stats is not None and suite.image_count(Path(stats)):
-            say(f"featurizing the images of {stats} (precision and recall need them)")
-        data_batch = suite.read_batch(Path(stats), lambda: extractor) if stats is not None else None
-        suite.check_gates_possible(data_batch, ratios)  # before minutes of sampling
-        data = None if data_batch is None else data_batch.stats
-        if data is not None and getattr(extractor, "dim", None) is not None:
-            _check_dims(data, extractor.dim, extractor.name)  # before minutes of sampling
-        request = resolve_schedule(resolve(engines.config, RequestInput(num=num, seed=seed, schedule=schedule)),
-                                   engines, say)
-        recompute, spec = list(request.recompute), str(request.schedule)
-        noise = sample_noise(seed, range(num), m.latent_shape)  # (num, C, H, W) float32, per sample
-        labels = request.labels  # 0, 1, ..., C-1 cycled
-        pstep = parity_step(recompute, sampler.num_steps)
-        capture = _Capture(pstep)
-
-        errors, feats, shown, timing = _sample_pairs(engines, ref, noise, labels, recompute, seed, batch, extractor,
-                                                     capture, progress, png=out is not None)
-
-        parity = {}
-        for spec_ in (ENCODER, DECODER):
-            inputs = capture.inputs[spec_.name]
-            got = call_graph(engines, spec_.name, inputs)
-            parity[spec_.name] = dict(step=pstep, rows=len(next(iter(inputs.values()))),
-                                      **tensor_parity(got, ref.call(spec_.name, inputs),
-                                                      engines.manifest.precision_row.tol(spec_.name)))
-
+        extractor, no_fid, data_batch = _quality_inputs(engines, o, say)
+        request = resolve_schedule(resolve(engines.config, given), engines, say)
+        noise = sample_noise(request.seed, range(request.num), engines.config.model.latent_shape)  # per sample
+        capture = _Capture(parity_step(request.recompute, request.sampler.num_steps))
+        errors, feats, shown, timing = _sample_pairs(engines, ref, request, noise, extractor, capture, o, progress)
         report = {
             "engines": {"path": str(engines_dir), "precision": engines.manifest.precision,
                         "backend": engines.backend_name, "loop": engines.loop},
             "reference": ref.record,
             "model": {"name": engines.config.name, "sha256": engines.manifest.provenance.weights,
                       "weights": engines.manifest.provenance.weights_kind},
-            "num": num, "seed": seed, "labels": f"0..{m.num_classes - 1} cycled",
-            "noise": f"per sample i: numpy default_rng([{seed}, i]) (core.noise)",
-            "sampler": dataclasses.asdict(sampler),
-            "schedule": {"spec": spec, "recompute_steps": list(recompute)},
+            "num": request.num, "seed": request.seed, "labels": f"0..{engines.config.model.num_classes - 1} cycled",
+            "noise": f"per sample i: numpy default_rng([{request.seed}, i]) (core.noise)",
+            "sampler": dataclasses.asdict(request.sampler),
+            "schedule": {"spec": str(request.schedule), "recompute_steps": list(request.recompute)},
             "images": "vae_decoder graph" if engines.vae_decoder is not None else "latents (pixel space)",
             "latent_rel_err": dict(summarize(errors), per_sample=errors.tolist()),
-            "parity": parity,
-            "fid": _fid_section(feats, extractor, data, no_fid, max_fid_delta),
+            "parity": _parity(engines, ref, capture),
+            "fid": _fid_section(feats, extractor, data_batch.stats if data_batch else None, no_fid,
+                                o.max_fid_delta),
             "adm": {"skipped": no_fid} if extractor is None else suite.validate_section(
                 {k: Activations.concat(v) for k, v in feats.items()}, data_batch, suite.missing_of(extractor),
-                ratios, say),
+                o.ratios, say),
             "seconds": dict(timing, total=time.perf_counter() - t_start),
             "versions": library_versions(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         }
-        if out is not None:
-            out = Path(out)
+        if o.out is not None:
+            out = Path(o.out)
             report["files"] = {"report": str(out / REPORT), "png": str(out / PNG)}
             side_by_side(np.concatenate(shown["engine"])[:PNG_SAMPLES],
                          np.concatenate(shown["reference"])[:PNG_SAMPLES], out / PNG)
             write_json(out / REPORT, report)
-        gate, failed = report["fid"].get("gate"), suite.failed_gates(report["adm"])
-        where = f"; report {out / REPORT}" if out is not None else ""
-        if gate and not gate["passed"]:
-            also = f"; also {'; '.join(failed)}" if failed else ""
-            raise NumericsError(f"FID delta, {gate['definition']}", f"<= {max_fid_delta:g}",
-                                f"{gate['delta']:.4g}{also}{where}")
-        if failed:
-            raise NumericsError("precision/recall gate", "ratios engine / reference at or above the bounds",
-                                "; ".join(failed) + where)
+        _gate(report, o)
         return report
+
+
+def _parity(engines: Engines, ref, capture: _Capture) -> dict:
+    """One encoder and one decoder call on the captured inputs, both sides: the error of the graph alone."""
+    out = {}
+    for spec in (ENCODER, DECODER):
+        inputs = capture.inputs[spec.name]
+        got = call_graph(engines, spec.name, inputs)
+        out[spec.name] = dict(step=capture.step, rows=len(next(iter(inputs.values()))),
+                              **tensor_parity(got, ref.call(spec.name, inputs),
+                                              engines.manifest.precision_row.tol(spec.name)))
+    return out
+
+
+def _gate(report: dict, o: ValidateOptions) -> None:
+    gate, failed = report["fid"].get("gate"), suite.failed_gates(report["adm"])
+    where = f"; report {Path(o.out) / REPORT}" if o.out is not None else ""
+    if gate and not gate["passed"]:
+        also = f"; also {'; '.join(failed)}" if failed else ""
+        raise NumericsError(f"FID delta, {gate['definition']}", f"<= {o.max_fid_delta:g}",
+                            f"{gate['delta']:.4g}{also}{where}")
+    if failed:
+        raise NumericsError("precision/recall gate", "ratios engine / reference at or above the bounds",
+                            "; ".join(failed) + where)
 
 
 def _check_dims(data: Stats, dim: int, features: str) -> None:

@@ -8,6 +8,8 @@ record collected in memory and the provenance the caller asked for, is written o
 from __future__ import annotations
 
 import copy
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,18 @@ from .graphs import check_graph, export_graph, not_run, parity, torch_dtype
 from .model import DDT, DecoderGraph, EncoderGraph
 
 NO_VAE_NOTE = "vae_decoder not exported: no --vae folder given; generate writes latents only"
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How an export is made besides its model and folder."""
+
+    precision: str = "fp32"  # fp32 | fp16 | bf16 (fp8 graphs are made by `build`)
+    batch: BatchProfile | None = None  # None: BatchProfile()
+    vae_dir: Path | FolderRef | None = None  # a diffusers AutoencoderKL folder (latent models)
+    build_options: dict | None = None  # build settings recorded in the provenance (what a build was asked with)
+    force: bool = False  # write over a folder holding another model's artifacts
+    check: bool = True  # parity against PyTorch (or PyTorch's own cast error where onnxruntime cannot run it)
 
 
 def torch_cast_errors(model: DDT, cfg: Config, dims: Dims, p: Precision, batch: int = 3,
@@ -51,26 +65,25 @@ def torch_cast_errors(model: DDT, cfg: Config, dims: Dims, p: Precision, batch: 
     return errs
 
 
-def export_model(model: DDT, cfg: Config, out: Path, *, weights: WeightsRef, precision: str = "fp32",
-                 batch: BatchProfile | None = None, vae_dir: Path | FolderRef | None = None,
-                 options: dict | None = None, force: bool = False, check: bool = True, progress=None) -> Manifest:
-    """Export `model` (fp32 reference weights) as `precision` graphs into `out`; the manifest last.
-
-    `options`: build settings recorded in the provenance (what a build folder was asked with)."""
+def export_model(model: DDT, cfg: Config, out: Path, weights: WeightsRef, options: ExportOptions = ExportOptions(),
+                 *, progress=None) -> Manifest:
+    """Export `model` (fp32 reference weights, identified by `weights`) as `options.precision` graphs into `out`;
+    the manifest last."""
     from .vae import export_vae
 
+    precision, vae_dir, check = options.precision, options.vae_dir, options.check
     p = precision_row(precision)
     if p.quantized:
         raise ConfigError("export precision", "an exported precision (fp32 | fp16 | bf16)", precision,
                           f"{precision} graphs are made by `ddt-export build --precision {precision}`")
     out = Path(out)
-    prov = provenance_for(cfg, weights, precision, batch or BatchProfile(), vae_dir, options)
+    prov = provenance_for(cfg, weights, precision, options.batch or BatchProfile(), vae_dir, options.build_options)
     dims = Dims.of(cfg.model)
     reference = model.float().eval()
     exported = copy.deepcopy(reference).to(torch_dtype(p))
     cast = torch_cast_errors(reference, cfg, dims, p) if check and not p.ort_cpu else {}
     graphs, notes = {}, []
-    with artifact_folder(out, refuse=refuse_foreign(prov, force)) as staging:
+    with artifact_folder(out, refuse=refuse_foreign(prov, options.force)) as staging:
         for spec, wrap in ((ENCODER, EncoderGraph), (DECODER, DecoderGraph)):
             if progress:
                 progress(f"exporting {spec.file}")
@@ -117,10 +130,12 @@ def random_weights_ref(seed: int) -> WeightsRef:
     return WeightsRef(f"random-seed-{seed}", "random", Source(seed=seed))
 
 
-def export_checkpoint(ckpt, config, out, *, weights="ema", vae_dir=None, random_weights=False, trust=False,
-                      force=False, precision="fp32", progress=None) -> Manifest:
+def export_checkpoint(ckpt, config, out: Path, *, weights: str = "ema", trust: bool = False,
+                      options: ExportOptions = ExportOptions(), progress=None) -> Manifest:
+    """`ddt-export export`: a checkpoint (or, with weights "random", seeded random weights) -> `out`."""
     cfg = load_config(config)
-    vae_dir = vae_folder(vae_dir)  # a local folder, or hf://... resolved before the minutes of loading
-    model, ref = load_checkpoint_model(ckpt, cfg, weights, trust, random_weights)
-    return export_model(model, cfg, Path(out), weights=ref, precision=precision, vae_dir=vae_dir, force=force,
-                        progress=progress)
+    # a local VAE folder, or hf://... resolved before the minutes of loading
+    options = dataclasses.replace(options, vae_dir=vae_folder(options.vae_dir))
+    model, ref = load_checkpoint_model(ckpt, cfg, weights if weights != "random" else "ema", trust,
+                                       random_weights=weights == "random")
+    return export_model(model, cfg, Path(out), ref, options, progress=progress)
