@@ -118,6 +118,67 @@ def official_sampler(net, noise, labels, *, num_steps, guidance, interval, last_
     return x
 
 
+def _preint(ts, a, b):
+    """The official pre_integral.lagrange_preint_o1..o4 coefficients, restated from its closed forms (float64):
+    the integrals over [a, b] of the Lagrange basis through ts (oldest first), normalized to sum 1."""
+    if len(ts) == 1:
+        return [1.0]
+    if len(ts) == 2:
+        t1, t2 = ts
+        i1 = 0.5 / (t1 - t2) * ((b - t2) ** 2 - (a - t2) ** 2)
+        i2 = 0.5 / (t2 - t1) * ((b - t1) ** 2 - (a - t1) ** 2)
+        return [i1 / (i1 + i2), i2 / (i1 + i2)]
+
+    def cubic(p, q, r):  # integral of (t - q)(t - r) / ((p - q)(p - r))
+        f = lambda t: t ** 3 / 3 - (q + r) * t ** 2 / 2 + q * r * t  # noqa: E731
+        return (f(b) - f(a)) / ((p - q) * (p - r))
+
+    def quartic(p, q, r, u):  # integral of (t - q)(t - r)(t - u) / ((p - q)(p - r)(p - u))
+        f = lambda t: t ** 4 / 4 - (q + r + u) * t ** 3 / 3 + (q * r + q * u + r * u) * t ** 2 / 2 - q * r * u * t  # noqa
+        return (f(b) - f(a)) / ((p - q) * (p - r) * (p - u))
+
+    if len(ts) == 3:
+        t1, t2, t3 = ts
+        w = [cubic(t1, t2, t3), cubic(t2, t1, t3), cubic(t3, t1, t2)]
+    else:
+        t1, t2, t3, t4 = ts
+        w = [quartic(t1, t2, t3, t4), quartic(t2, t1, t3, t4), quartic(t3, t1, t2, t4), quartic(t4, t1, t2, t3)]
+    return [x / sum(w) for x in w]
+
+
+def official_adams_sampler(net, noise, labels, *, num_steps, guidance, interval, last_step, order, refresh, null,
+                           shift=1.0):
+    """The official stateful_flow_matching/adam_sampling.py AdamLMSampler._impl_sampling, restated: timesteps as the
+    official (float32 linspace, then the shift), `last_step` taken from the sampler settings (the official __init__
+    reads it without setting it), coefficients from pre_integral's closed forms in float64, the full
+    [uncond; cond] batch every step, the state reset every `refresh` steps, t_cur accumulated from dt in float32
+    and the guidance test on it, as the official. The solver runs in the dtype of `noise` (float64 for an exact
+    restatement); `net(x, t, y, state) -> (v, state)` gets x in that dtype."""
+    ts = torch.cat([torch.linspace(0.0, 1 - last_step, num_steps), torch.tensor([1.0])])
+    ts = ts / (ts + (1 - ts) * shift)  # float32, as the official shift_respace_fn on its float32 timesteps
+    t64 = ts.double().tolist()
+    coeffs = [_preint(t64[max(0, i - order + 1):i + 1], t64[i], t64[i + 1]) for i in range(num_steps)]
+    b = noise.shape[0]
+    cond = torch.cat([torch.full((b,), null), labels])
+    x, state, traj = noise, None, []
+    t_cur = torch.zeros(b)  # float32
+    for i in range(num_steps):
+        if i % refresh == 0:
+            state = None
+        out, state = net(torch.cat([x, x]), t_cur.repeat(2), cond, state)
+        u, c = out.to(x.dtype).chunk(2)
+        scale = guidance if interval[0] < t_cur[0] < interval[1] else 1.0
+        traj.append(u + scale * (c - u))
+        k = len(coeffs[i])
+        v = torch.zeros_like(x)
+        for j in range(k):
+            v += coeffs[i][j] * traj[-k:][j]
+        dt = ts[i + 1] - ts[i]
+        x = x + v * dt
+        t_cur += dt
+    return x
+
+
 def official_similarity(states) -> "torch.Tensor":
     """sharing_sampling's similarity of encoder states (N, B, L, D): mean over tokens of the cosine of s_i, s_j."""
     states = torch.as_tensor(states, dtype=torch.float64)
