@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import typer
 
+from ..core.config import MAX_ADAMS_ORDER
 from ..runtime.graphs.backends import CHOICES as BACKENDS
 from ..runtime.graphs.engines import DEFAULT_ENGINES
 from ..runtime.sampling.grammar import SCHEDULE_KINDS
@@ -15,6 +16,10 @@ from ..runtime.sampling.schedules import TEMPLATE_SAMPLES, TEMPLATE_SEED
 from .common import DEVICE_LOOP_HELP, SEED_HELP, image_progress, say, step_progress
 
 SCHEDULE_HELP = "encoder schedule: " + " | ".join(SCHEDULE_KINDS)
+SOLVER_HELP = f"euler | adams:K (K = 1..{MAX_ADAMS_ORDER}, the official AdamLMSampler; default: the manifest's)"
+FORECAST_HELP = ("encoder state at the steps that skip the encoder: 0 reuses the last one (official), 1 | 2 "
+                 "extrapolate it from the last 2 | 3 recomputed states")
+PLAN_HELP = "a plan stored with the engines (`ddt-export tune`): fixes steps, solver, forecast, schedule, shift, interval"
 
 
 def generate(
@@ -26,6 +31,12 @@ def generate(
     steps: Optional[int] = typer.Option(None, help="sampling steps (default: the manifest's sampler)"),
     cfg: Optional[float] = typer.Option(None, help="CFG scale inside the guidance interval (default: manifest)"),
     schedule: Optional[str] = typer.Option(None, help=SCHEDULE_HELP),
+    interval: Optional[Tuple[float, float]] = typer.Option(None, help="guidance interval LO HI: CFG where LO < t < HI "
+                                                           "(default: the manifest's)"),
+    timeshift: Optional[float] = typer.Option(None, help="timestep shift (default: the manifest's)"),
+    solver: Optional[str] = typer.Option(None, help=SOLVER_HELP),
+    forecast: Optional[int] = typer.Option(None, help=FORECAST_HELP),
+    plan: Optional[str] = typer.Option(None, help=PLAN_HELP),
     noise: Optional[Path] = typer.Option(None, help="initial noise (B, C, H, W) .npy, for exact reproduction"),
     latents_out: Optional[Path] = typer.Option(None, help="write the final latents (before the VAE) as .npy"),
     out: Path = typer.Option(Path("samples"), help="run folder: PNGs, samples.npz, preview/grid.png, run.json"),
@@ -48,7 +59,8 @@ def generate(
     from ..scale import executor_for
 
     given = RequestInput(classes=tuple(class_) if class_ else None, labels_file=labels, num=num, seed=seed,
-                         steps=steps, cfg=cfg, schedule=schedule)
+                         steps=steps, cfg=cfg, schedule=schedule, interval=interval, timeshift=timeshift,
+                         solver=solver, forecast=forecast, plan=plan)
     options = RunOptions(out_dir=out, formats=format_, resume=resume, chunk=chunk, latents_out=latents_out,
                          noise_file=noise, backend=backend, device_loop=device_loop)
     executor = executor_for(ray, ray_address, workers, say)
@@ -57,7 +69,9 @@ def generate(
     with bar:
         res = run_generate(engines, given, options, executor=executor, progress=progress, say=say)
     r, n = res.rows, res.sampler.num_steps
-    print(f"{res.num} samples, {n} steps, cfg {res.sampler.guidance}, schedule {res.schedule_spec}: "
+    how = (f"plan {res.request.plan}, " if res.request.plan else "") + f"{res.sampler.solver}" + (
+        f", forecast {res.sampler.forecast}" if res.sampler.forecast else "")
+    print(f"{res.num} samples, {n} steps ({how}), cfg {res.sampler.guidance}, schedule {res.schedule_spec}: "
           f"encoder {r['encoder_calls']}/{n} steps, backend {res.backend} ({res.loop} loop), "
           f"{time.perf_counter() - t0:.1f} s")
     print(f"cond-only outside the guidance interval: encoder rows {r['encoder_rows']}/{r['encoder_rows_full']}, "

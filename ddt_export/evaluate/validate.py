@@ -40,7 +40,8 @@ from ..core.numerics import relative_errors, tensor_errors
 from ..core.specs import DECODER, ENCODER
 from ..runtime import Engines, load_engines, sample
 from ..runtime.graphs.engines import call_graph
-from ..runtime.sampling.request import RequestInput, SampleRequest, resolve
+from ..runtime.sampling.plans import lookup
+from ..runtime.sampling.request import CLI, RequestInput, SampleRequest, resolve
 from ..runtime.sampling.schedules import resolve_schedule
 from . import suite
 from .adm import Activations
@@ -176,14 +177,17 @@ def side_by_side(engine: np.ndarray, reference: np.ndarray, path: Path, cols: in
     return save_png(tile(np.concatenate(rows), cols), path, PNG_MIN_SIDE)
 
 
-def _sample_pairs(engines: Engines, ref, request: SampleRequest, noise: np.ndarray, extractor, capture: _Capture,
-                  o: ValidateOptions, progress: Progress | None):
-    """Both sides batch by batch. Returns per-sample latent errors (num,), features and (with an output folder)
-    the first images per side, and the seconds each side took. Latents become images only where they are used."""
+def _sample_pairs(engines: Engines, ref, sides: tuple[SampleRequest, SampleRequest], noise: np.ndarray, extractor,
+                  capture: _Capture, o: ValidateOptions, progress: Progress | None):
+    """Both sides batch by batch (`sides`: the engines' request, the reference's). Returns per-sample latent errors
+    (num,), features and (with an output folder) the first images per side, and the seconds each side took.
+    Latents become images only where they are used."""
+    request, refreq = sides
     sampler, recompute, labels, seed, png = request.sampler, list(request.recompute), request.labels, request.seed, \
         o.out is not None
     errors, feats, shown = [], {"engine": [], "reference": []}, {"engine": [], "reference": []}
-    done, total, timing = 0, 2 * len(labels) * sampler.num_steps, {"engine_s": 0.0, "reference_s": 0.0}
+    steps_ref = refreq.sampler.num_steps
+    done, total, timing = 0, len(labels) * (sampler.num_steps + steps_ref), {"engine_s": 0.0, "reference_s": 0.0}
     for lo in range(0, len(labels), o.batch):
         x0, y = noise[lo:lo + o.batch], labels[lo:lo + o.batch]
         b = len(y)
@@ -196,10 +200,10 @@ def _sample_pairs(engines: Engines, ref, request: SampleRequest, noise: np.ndarr
             sample(engines, x0, y, sampler, recompute, observer=capture, rng=StepNoise(seed, range(lo, lo + b)))
         done += b * sampler.num_steps
         t0 = time.perf_counter()
-        r = ref.sample(x0, y, sampler, recompute, StepNoise(seed, range(lo, lo + b)),  # same SDE noise
-                       progress=_ticker(progress, done, b, total))
+        r = ref.sample(x0, y, refreq.sampler, list(refreq.recompute), StepNoise(seed, range(lo, lo + b)),
+                       progress=_ticker(progress, done, b, total))  # the same noise, SDE noise included
         timing["reference_s"] += time.perf_counter() - t0
-        done += b * sampler.num_steps
+        done += b * steps_ref
         if progress is not None:
             progress(done, total)
         if not np.isfinite(r).all():
@@ -272,7 +276,10 @@ def _quality_inputs(engines: Engines, o: ValidateOptions, say: Say):
 def validate(engines_dir: Path, given: RequestInput = RequestInput(), options: ValidateOptions = ValidateOptions(),
              *, progress: Progress | None = None, say: Say = print) -> dict:
     """Engines vs reference on the request's samples (num default DEFAULT_NUM, labels 0, 1, ... cycled, its seed
-    and schedule); returns the report (also written to out/report.json with out/PNG).
+    and schedule); returns the report (also written to out/report.json with out/PNG). The engines run the request
+    as given, plan, solver and forecast included; the reference runs the model's own sampler (Euler, no
+    forecast) at the request's steps and schedule, or, for a plan, the model's reference trajectory (its
+    default steps and schedule): so a plan's or a solver's gate measures its distance from the reference.
 
     Raises NumericsError after writing the report when the FID delta exceeds `max_fid_delta` or a precision /
     recall ratio (engine / reference) is below `min_precision_ratio` / `min_recall_ratio`."""
@@ -290,10 +297,15 @@ def validate(engines_dir: Path, given: RequestInput = RequestInput(), options: V
             ref = EnginesReference(Path(o.reference), engines, o.backend)
             stack.callback(ref.engines.close)
         extractor, no_fid, data_batch = _quality_inputs(engines, o, say)
-        request = resolve_schedule(resolve(engines.config, given), engines, say)
+        request = resolve_schedule(resolve(engines.config, given, CLI, lookup(engines.folder, engines.manifest)),
+                                   engines, say)
+        plain = RequestInput(num=given.num, seed=given.seed) if given.plan is not None else dataclasses.replace(
+            given, solver="euler", forecast=0)
+        refreq = resolve_schedule(resolve(engines.config, plain), engines, say)
         noise = sample_noise(request.seed, range(request.num), engines.config.model.latent_shape)  # per sample
         capture = _Capture(parity_step(request.recompute, request.sampler.num_steps))
-        errors, feats, shown, timing = _sample_pairs(engines, ref, request, noise, extractor, capture, o, progress)
+        errors, feats, shown, timing = _sample_pairs(engines, ref, (request, refreq), noise, extractor, capture, o,
+                                                     progress)
         report = {
             "engines": {"path": str(engines_dir), "precision": engines.manifest.precision,
                         "backend": engines.backend_name, "loop": engines.loop},
@@ -302,8 +314,10 @@ def validate(engines_dir: Path, given: RequestInput = RequestInput(), options: V
                       "weights": engines.manifest.provenance.weights_kind},
             "num": request.num, "seed": request.seed, "labels": f"0..{engines.config.model.num_classes - 1} cycled",
             "noise": f"per sample i: numpy default_rng([{request.seed}, i]) (core.noise)",
-            "sampler": dataclasses.asdict(request.sampler),
+            "sampler": dataclasses.asdict(request.sampler), "plan": request.plan,
             "schedule": {"spec": str(request.schedule), "recompute_steps": list(request.recompute)},
+            "reference_sampler": {"sampler": dataclasses.asdict(refreq.sampler), "schedule": str(refreq.schedule),
+                                  "recompute_steps": list(refreq.recompute)},
             "images": "vae_decoder graph" if engines.vae_decoder is not None else "latents (pixel space)",
             "latent_rel_err": dict(summarize(errors), per_sample=errors.tolist()),
             "parity": _parity(engines, ref, capture),

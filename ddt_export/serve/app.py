@@ -36,6 +36,7 @@ from ..runtime.batching.runner import ModelRunner
 from ..runtime.batching.scheduler import QueueFull, Scheduler, Status
 from ..runtime.graphs.engines import NO_ENGINES_HINT, load_engines
 from ..runtime.sampling.grammar import default_schedule
+from ..runtime.sampling.plans import lookup, read_plans
 from ..runtime.sampling.request import API, RequestInput, resolve
 from ..runtime.sampling.schedules import resolve_schedule
 from . import schemas as S
@@ -83,7 +84,9 @@ def create_app(engines_dir: Path, settings: ServeSettings = ServeSettings(), *,
                else ClassNames.ids(lim.num_classes))
     sampler = cfg.sampler
     defaults = {"steps": sampler.num_steps, "cfg": sampler.guidance, "schedule": default_schedule(sampler),
-                "interval": list(sampler.guidance_interval), "timeshift": sampler.timeshift, "num": 1, "seed": 0}
+                "interval": list(sampler.guidance_interval), "timeshift": sampler.timeshift, "num": 1, "seed": 0,
+                "solver": sampler.solver, "forecast": sampler.forecast}
+    plans, refused_plans = read_plans(engines_dir, manifest)  # what /v1/info lists; a request reads its plan again
     words = S.expectations(lim)
     Req = S.request_model(lim, defaults)
     field_names = [f.alias or n for n, f in Req.model_fields.items()]
@@ -135,8 +138,9 @@ def create_app(engines_dir: Path, settings: ServeSettings = ServeSettings(), *,
     async def resolve_body(engines, body):
         """The body -> the one request record (its checks word their errors with the API's field names)."""
         given = RequestInput(classes=(classes.resolve(body.class_),), num=body.num, seed=body.seed, steps=body.steps,
-                             cfg=body.cfg, schedule=body.schedule, interval=body.interval, timeshift=body.timeshift)
-        request = resolve(cfg, given, API)
+                             cfg=body.cfg, schedule=body.schedule, interval=body.interval, timeshift=body.timeshift,
+                             solver=body.solver, forecast=body.forecast, plan=body.plan)
+        request = resolve(cfg, given, API, lookup(engines_dir, manifest, API.plan))
         if request.schedule.kind != "dp":
             return resolve_schedule(request, engines, log.info)
 
@@ -154,7 +158,8 @@ def create_app(engines_dir: Path, settings: ServeSettings = ServeSettings(), *,
                 "settings": {"class": label, "class_name": classes.labels[label], "num": spec.num,
                              "seed": spec.seed, "steps": s.num_steps, "cfg": s.guidance,
                              "schedule": str(spec.schedule), "recompute_steps": list(spec.recompute),
-                             "interval": list(s.guidance_interval), "timeshift": s.timeshift}}
+                             "interval": list(s.guidance_interval), "timeshift": s.timeshift, "solver": s.solver,
+                             "forecast": s.forecast, "plan": spec.plan}}
 
     async def answered(ticket: Ticket, request: Request) -> Optional[Outcome]:
         """The outcome, or None when the client disconnected first (the request is then cancelled)."""
@@ -220,7 +225,9 @@ def create_app(engines_dir: Path, settings: ServeSettings = ServeSettings(), *,
                 "batching": settings.batching, "row_budget": engines.max_batch,
                 "image": {"side": side, "channels": channels}, "classes": classes.labels, "defaults": defaults,
                 "limits": {"max_images": lim.max_images, "max_steps": lim.max_steps,
-                           "num_classes": lim.num_classes}}
+                           "num_classes": lim.num_classes},
+                "plans": [{"name": p.name, "settings": p.label(), "measured": p.measured} for p in plans.values()],
+                "plans_refused": refused_plans}
 
     @app.get("/health", response_model=S.Health, responses={503: {"model": S.ErrorResponse}})
     async def health(request: Request):

@@ -40,6 +40,10 @@ def expectations(lim: Limits) -> dict[str, str]:
         "schedule": f"{schedule_words(files=False)} (the encoder's recompute steps)",
         "interval": EXPECTED["interval"],
         "timeshift": EXPECTED["timeshift"],
+        "solver": EXPECTED["solver"],
+        "forecast": EXPECTED["forecast"],
+        "plan": "the name of a plan stored with the engines (GET /v1/info lists them); fixes steps, solver, "
+                "forecast, schedule, timeshift and interval",
         "stream": "true or false (true: Server-Sent Events, progress per step, then the result)",
     }
 
@@ -47,7 +51,7 @@ def expectations(lim: Limits) -> dict[str, str]:
 def descriptions(lim: Limits, defaults: dict) -> dict[str, str]:
     """The expectations and, where the manifest gives one, the default."""
     out = expectations(lim)
-    for k in ("steps", "cfg", "schedule", "interval", "timeshift"):
+    for k in ("steps", "cfg", "schedule", "interval", "timeshift", "solver", "forecast"):
         out[k] += f"; default {defaults[k]} (the manifest's)"
     return out
 
@@ -67,6 +71,10 @@ def request_model(lim: Limits, defaults: dict) -> type[BaseModel]:
                                           examples=["uniform:2"])),
         "interval": (Optional[list[unit]], Field(None, min_length=2, max_length=2, description=say["interval"])),
         "timeshift": (Optional[float], Field(None, gt=0.0, le=MAX_TIMESHIFT, description=say["timeshift"])),
+        "solver": (Optional[str], Field(None, max_length=MAX_NAME, description=say["solver"],
+                                        examples=["adams:3"])),
+        "forecast": (Optional[int], Field(None, ge=0, le=2, description=say["forecast"])),
+        "plan": (Optional[str], Field(None, max_length=MAX_NAME, description=say["plan"], examples=["fast"])),
         "stream": (bool, Field(False, description=say["stream"])),
     }
     model = create_model("GenerateRequest", __config__=ConfigDict(**STRICT, populate_by_name=False,
@@ -88,6 +96,9 @@ class Settings(BaseModel):
     recompute_steps: list[int]
     interval: list[float]
     timeshift: float
+    solver: str
+    forecast: int
+    plan: Optional[str] = Field(None, description="the stored plan that set the sampler and schedule, if any")
     model_config = ConfigDict(populate_by_name=True)
 
 
@@ -122,6 +133,9 @@ class Info(BaseModel):
     classes: list[str]
     defaults: dict[str, Any]
     limits: dict[str, int]
+    plans: list[dict[str, Any]] = Field(description="the plans stored with the engines (`ddt-export tune`): name, "
+                                        "settings, what they were measured to cost")
+    plans_refused: dict[str, str] = Field(description="plans in the folder that cannot be used here, and why")
 
 
 class Health(BaseModel):

@@ -28,6 +28,7 @@ from ...core.log import Progress, Say
 from ...core.manifest import Manifest
 from ...core.provenance import Provenance
 from ..sampling.plan import plan_steps, saved_fraction, work_rows
+from ..sampling.plans import lookup
 from ..sampling.request import CLI, RequestInput, SampleRequest, resolve
 from .chunks import Chunk, LocalExecutor, RunSpec, check_chunk, graph_identity, plan_chunks
 from .run_folder import FORMATS, GRID_MIN_SIDE, SAMPLE_FILE, SAMPLE_NAME, RunFolder  # noqa: F401 (re-exported)
@@ -78,7 +79,7 @@ def noise_rows(path: Path, latent_shape: tuple[int, ...], num: int | None) -> in
 
 
 def run_provenance(man: Manifest, job: RunSpec, spec: str, chunk: int, formats: Sequence[str],
-                   latents: bool) -> Provenance:
+                   latents: bool, plan: str | None = None) -> Provenance:
     """What made a run's files: the engines' provenance with the run's sampler; the build's options (`build.*`)
     and the run's settings in `options`. `RunFolder` refuses a resume when any of it differs."""
     labels = np.ascontiguousarray(job.labels, np.int64)
@@ -88,7 +89,7 @@ def run_provenance(man: Manifest, job: RunSpec, spec: str, chunk: int, formats: 
         "backend": man.backend, "num": len(labels), "seed": job.seed,
         "labels": hashlib.sha256(labels.tobytes()).hexdigest()[:16],
         "noise": sha256_file(Path(job.noise_file))[:16] if job.noise_file else "core.noise (seed, index)",
-        "schedule": f"{spec} {list(job.recompute)}", "cond_only_outside": job.cond_only_outside,
+        "schedule": f"{spec} {list(job.recompute)}", "cond_only_outside": job.cond_only_outside, "plan": plan,
         "chunk": chunk, "formats": ",".join(formats), "latents": latents})
     return man.provenance.replace(sampler=job.sampler, options=options)
 
@@ -158,7 +159,7 @@ def generate(engines_dir: Path, given: RequestInput = RequestInput(), options: R
         m = man.config.model
         if o.noise_file is not None:
             given = dataclasses.replace(given, num=noise_rows(o.noise_file, m.latent_shape, given.num))
-        request = resolve(man.config, given, CLI)  # every bad flag refused here, before anything runs
+        request = resolve(man.config, given, CLI, lookup(engines_dir, man))  # every bad flag refused here, first
         size = check_chunk(o.chunk, man)
         request = executor.resolve_schedule(request, say)
         chunks = plan_chunks(request.num, size)
@@ -176,7 +177,8 @@ def generate(engines_dir: Path, given: RequestInput = RequestInput(), options: R
             if o.latents_out is not None:
                 result.files["latents"] = save_npy(o.latents_out, result.latents)
         else:
-            record = run_provenance(man, job, str(request.schedule), size, formats, o.latents_out is not None)
+            record = run_provenance(man, job, str(request.schedule), size, formats, o.latents_out is not None,
+                                    request.plan)
             with folder_lock(Path(o.out_dir)):
                 run = RunFolder(Path(o.out_dir), record, request.labels, chunks, formats, o.latents_out, say)
                 pending = run.prepare(o.resume)

@@ -15,14 +15,15 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from ...core.artifacts import load_npy
-from ...core.config import Config, SamplerConfig
+from ...core.config import FORECAST_ORDERS, MAX_ADAMS_ORDER, Config, SamplerConfig, solver_order
 from ...core.errors import ConfigError, InputError
 from .grammar import ScheduleSpec, default_schedule, parse_schedule
+from .plans import PLAN_FIELDS, Plan
 
 MAX_SEED = 2 ** 63 - 1  # numpy's SeedSequence takes any non-negative int; JSON and int64 hold this much
 MAX_CFG = 100.0  # far above any useful scale (ImageNet FID runs use 1.5-4); keeps v_u + s (v_c - v_u) finite
@@ -37,6 +38,8 @@ EXPECTED = {
     "cfg": f"a finite number in [0, {MAX_CFG:g}] (the CFG scale inside the guidance interval)",
     "interval": "[lo, hi] with 0 <= lo <= hi <= 1 (guidance applies where lo < t < hi)",
     "timeshift": f"a finite number in (0, {MAX_TIMESHIFT:g}] (the official timestep shift)",
+    "solver": f"euler | adams:K with K in 1..{MAX_ADAMS_ORDER} (the official AdamLMSampler of order K)",
+    "forecast": " | ".join(map(str, FORECAST_ORDERS)) + " (0 reuses the encoder state; 1, 2 extrapolate it)",
 }
 
 
@@ -53,12 +56,16 @@ class FieldNames:
     schedule: str
     interval: str
     timeshift: str
+    solver: str
+    forecast: str
+    plan: str
     files: bool  # may the schedule name a JSON file
 
 
 CLI = FieldNames("--class", "--labels", "--num", "--seed", "--steps", "--cfg", "--schedule", "--interval",
-                 "--timeshift", files=True)
-API = FieldNames("class", "labels", "num", "seed", "steps", "cfg", "schedule", "interval", "timeshift", files=False)
+                 "--timeshift", "--solver", "--forecast", "--plan", files=True)
+API = FieldNames("class", "labels", "num", "seed", "steps", "cfg", "schedule", "interval", "timeshift", "solver",
+                 "forecast", "plan", files=False)
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,10 @@ class RequestInput:
     schedule: str | None = None
     interval: tuple[float, float] | None = None
     timeshift: float | None = None
+    solver: str | None = None  # euler | adams:K
+    forecast: int | None = None  # 0 | 1 | 2
+    plan: str | None = None  # a plan stored with the engines: fixes steps, solver, forecast, timeshift, interval,
+    # schedule (`plans.py`)
 
 
 @dataclass(frozen=True, eq=False)
@@ -86,6 +97,7 @@ class SampleRequest:
     sampler: SamplerConfig
     schedule: ScheduleSpec
     recompute: tuple[int, ...] | None = None
+    plan: str | None = None  # the plan that set the sampler and schedule, if any
 
     @property
     def num(self) -> int:
@@ -151,14 +163,42 @@ def resolve_sampler(sampler: SamplerConfig, given: RequestInput, names: FieldNam
         if lo > hi:
             raise InputError(names.interval, EXPECTED["interval"], [lo, hi])
         changes["guidance_interval"] = (lo, hi)
+    if given.solver is not None:
+        try:
+            solver_order(given.solver, names.solver)
+        except ConfigError as e:
+            raise InputError(names.solver, EXPECTED["solver"], repr(given.solver) if not isinstance(
+                given.solver, str) else given.solver) from e
+        changes["solver"] = given.solver
+    if given.forecast is not None:
+        if isinstance(given.forecast, bool) or given.forecast not in FORECAST_ORDERS:
+            raise InputError(names.forecast, EXPECTED["forecast"], given.forecast)
+        changes["forecast"] = int(given.forecast)
     try:
         return dataclasses.replace(sampler, **changes)
     except ConfigError as e:  # a combination the config refuses: named as the config names it
         raise InputError(e.thing, e.expected, e.actual, e.hint)
 
 
-def resolve(config: Config, given: RequestInput, names: FieldNames = CLI) -> SampleRequest:
-    """The one place a request is checked: labels, num, seed, sampler overrides and the schedule's grammar."""
+def apply_plan(given: RequestInput, plans: Callable[[str], Plan] | None, names: FieldNames = CLI) -> RequestInput:
+    """The request with its plan's settings in place (`plans(name)` reads one); refused when it sets them too."""
+    if given.plan is None:
+        return given
+    if plans is None:
+        raise InputError(names.plan, "no plan here (plans are stored with engines)", given.plan)
+    clash = [getattr(names, f) for f in PLAN_FIELDS if getattr(given, f) is not None]
+    if clash:
+        raise InputError(names.plan, "a plan alone (it fixes " + ", ".join(getattr(names, f) for f in PLAN_FIELDS)
+                         + ")", f"{given.plan} with {', '.join(clash)}")
+    return dataclasses.replace(given, **plans(given.plan).settings())
+
+
+def resolve(config: Config, given: RequestInput, names: FieldNames = CLI,
+            plans: Callable[[str], Plan] | None = None) -> SampleRequest:
+    """The one place a request is checked: labels, num, seed, the plan, the sampler overrides and the schedule's
+    grammar. `plans(name)`: the engine folder's plan of that name (`plans.read_plan`)."""
+    plan = given.plan
+    given = apply_plan(given, plans, names)
     if given.num is not None and _int(given.num, names.num, EXPECTED["num"]) < 1:
         raise InputError(names.num, EXPECTED["num"], given.num)
     seed = _int(given.seed, names.seed, EXPECTED["seed"])
@@ -170,4 +210,4 @@ def resolve(config: Config, given: RequestInput, names: FieldNames = CLI) -> Sam
     schedule = parse_schedule(text, names.schedule, names.files)
     if schedule.kind == "dp" and schedule.value > sampler.num_steps:
         raise InputError(names.schedule, f"dp:K with K <= {sampler.num_steps} (the steps)", schedule.text)
-    return SampleRequest(labels, seed, sampler, schedule)
+    return SampleRequest(labels, seed, sampler, schedule, plan=plan)

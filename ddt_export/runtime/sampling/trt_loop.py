@@ -112,6 +112,9 @@ class DeviceSampler:
 
         if sampler.step_fn != "ode":
             raise InputError("sampler.step_fn for device sampling", "ode", sampler.step_fn, "use the host loop")
+        if sampler.order != 1 or sampler.forecast != 0:  # the kernel is CFG + Euler; the rest is the host loop's
+            raise InputError("solver and forecast for device sampling", "euler with forecast 0",
+                             f"{sampler.solver} with forecast {sampler.forecast}", "pass --no-device-loop")
         x_host, labels = check_inputs(self.engines, noise, labels)
         asked = len(labels)
         b = device_batch(asked, self.engines.min_batch, self.engines.max_batch)
