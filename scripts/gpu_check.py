@@ -8,7 +8,7 @@ and onnxruntime, no network, maybe no TensorRT. Every step is recorded as ran / 
 with its reason (no GPU, no provider, `import tensorrt` failed, the time budget). Steps, most important first:
 
   environment     GPU, driver, torch / onnxruntime providers / TensorRT / cuda-bindings / NVRTC, tensorrt_status
-  nvrtc-kernel    the device loop's CFG+Euler kernel on the GPU against the numpy step (bit-exact expected)
+  nvrtc-kernel    the device loop's CFG+Euler kernel (a cubin for this GPU) against the numpy step (bit-exact)
   gpu-tests       pytest -m "gpu or tensorrt" (TensorRT build, device loop, FP8 engine, where tensorrt imports)
   cost-curve      per-call seconds against rows: DDT-XL 256 encoder / decoder and the sd-vae-ft-ema decoder,
                   PyTorch bf16 eager, random weights (the serve simulator's GPU cost curve)
@@ -139,40 +139,37 @@ class Check:
 
 
 def nvrtc_kernel(check: Check) -> dict:
+    """The device loop's kernel as the loop builds it (a cubin for this GPU, `kernel_target`), launched as the loop
+    launches it (`update_launch`), against the host loop's own float32 update: bit-exact expected."""
+    from types import SimpleNamespace
+
     import numpy as np
-    from cuda.bindings import driver
-    from cuda.bindings import runtime as cudart
 
-    from ddt_export.core.sampling import cfg_combine
-    from ddt_export.runtime.graphs.trt import DeviceBuffer, check as ok, copy
-    from ddt_export.runtime.sampling.trt_loop import THREADS, load_kernel
+    from ddt_export.core.sampling import cfg_combine, ode
+    from ddt_export.runtime.graphs import gpu
+    from ddt_export.runtime.sampling.trt_loop import launch, load_kernel, update_launch
 
-    dev = int(ok(cudart.cudaGetDevice(), "cudaGetDevice"))
-    kernel, stream = load_kernel(dev), ok(cudart.cudaStreamCreate(), "cudaStreamCreate")
-    rng, out = np.random.default_rng(0), {}
+    dev = gpu.current_device()
+    (kernels, target), stream = load_kernel(dev), gpu.create_stream()
+    rng, out = np.random.default_rng(0), {"image": target.kind, "arch": target.arch, "note": target.note}
     for cfg in (1, 0):
         n = 32 * 4 * 32 * 32  # 32 XL-256 latents
         x = rng.standard_normal(n, dtype=np.float32)
         v = rng.standard_normal(2 * n if cfg else n, dtype=np.float32)
-        scale, dt = np.float32(2.0), np.float32(0.0196)
-        bx, bv = DeviceBuffer(x.nbytes), DeviceBuffer(v.nbytes)
-        copy(bx.ptr, x.ctypes.data, x.nbytes, "h2d", stream)
-        copy(bv.ptr, v.ctypes.data, v.nbytes, "h2d", stream)
-        args = [np.array([bx.ptr], np.uint64), np.array([bv.ptr], np.uint64), np.array([n], np.int32),
-                np.array([scale], np.float32), np.array([dt], np.float32), np.array([cfg], np.int32)]
-        params = np.array([a.ctypes.data for a in args], np.uint64)
-        ok(driver.cuLaunchKernel(kernel, (n + THREADS - 1) // THREADS, 1, 1, THREADS, 1, 1, 0, stream,
-                                 params.ctypes.data, 0), "cuLaunchKernel")
+        st = SimpleNamespace(scale=2.0 if cfg else 1.0, dt=np.float32(-0.0196), dec_uncond=bool(cfg))
+        bx, bv = gpu.DeviceBuffer(x.nbytes), gpu.DeviceBuffer(v.nbytes)
+        gpu.copy(bx.ptr, x.ctypes.data, x.nbytes, "h2d", stream)
+        gpu.copy(bv.ptr, v.ctypes.data, v.nbytes, "h2d", stream)
+        launch(kernels, update_launch(st, bx.ptr, bv.ptr, n), stream)
         got = np.empty_like(x)
-        copy(got.ctypes.data, bx.ptr, got.nbytes, "d2h", stream)
-        ok(cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
-        vv = cfg_combine(v[:n], v[n:], float(scale)) if cfg else v
-        want = x + vv.astype(np.float32) * dt  # the host loop's ODE update, float32
+        gpu.copy(got.ctypes.data, bx.ptr, got.nbytes, "d2h", stream)
+        gpu.synchronize(stream)
+        want = ode(x, cfg_combine(v[:n], v[n:], st.scale) if cfg else v, st.dt)  # the host loop's update
         out["cfg" if cfg else "cond_only"] = {"bit_exact": bool(np.array_equal(got, want)),
                                               "max_abs_diff": float(np.abs(got - want).max())}
         bx.free()
         bv.free()
-    ok(cudart.cudaStreamDestroy(stream), "cudaStreamDestroy")
+    gpu.destroy_stream(stream)
     return out
 
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ddt_export.builder.tensorrt import tensorrt_status
+from ddt_export.builder.tensorrt import BuildLog, tensorrt_status
 from ddt_export.core.config import SamplerConfig
 from ddt_export.core.errors import InputError
 from ddt_export.core.specs import DECODER, ENCODER, Dims
 from ddt_export.runtime.sampling.host import plan_steps
+from ddt_export.core.errors import BackendError
 from ddt_export.runtime.graphs.trt_plan import (ALIGNMENT, GraphPlan, TensorDesc, align_up, cuda_reason, device_batch,
-                                         engine_problems, output_problem, pack, polygraphy_reason, s_half,
-                                         time_table, unusable_reason)
+                                                engine_problems, graph_key, kernel_target, output_problem, pack,
+                                                polygraphy_reason, s_half, time_table, unusable_reason)
 
 DIMS = Dims(C=4, H=8, W=8, L=16, D=64, IC=4, IH=8)
 
@@ -125,3 +126,43 @@ def test_status_here_names_the_real_reason():
         import tensorrt  # noqa: F401
     except ImportError:
         assert not usable and why.startswith("`import tensorrt` failed (ModuleNotFoundError")
+
+
+NVRTC_13_5 = [75, 80, 86, 87, 88, 89, 90, 100, 103, 107, 110, 120, 121]  # nvrtcGetSupportedArchs of NVRTC 13.5
+
+
+def test_kernel_built_as_a_cubin_for_the_gpu_ptx_only_without_one():  # issue 22, defect 1
+    t = kernel_target("9.0", NVRTC_13_5)
+    assert (t.kind, t.arch, t.note, t.option) == ("cubin", 90, "", "--gpu-architecture=sm_90")
+    for cc in ("8.0", "8.6", "8.9", "10.0", "12.0", "12.1"):
+        assert kernel_target(cc, NVRTC_13_5).kind == "cubin" and not kernel_target(cc, NVRTC_13_5).note
+    t = kernel_target("8.9", [75, 80, 86])  # an NVRTC without sm_89: the sm_86 cubin runs on 8.9
+    assert (t.kind, t.arch) == ("cubin", 86) and "no sm_89" in t.note
+    t = kernel_target("12.1", [80, 90, 120])
+    assert (t.kind, t.arch) == ("cubin", 120)
+    t = kernel_target("13.0", NVRTC_13_5)  # a GPU newer than this NVRTC: PTX, JIT-compiled by its (newer) driver
+    assert (t.kind, t.arch, t.option) == ("ptx", 121, "--gpu-architecture=compute_121") and "PTX" in t.note
+    t = kernel_target("9.0", [75, 80, 86, 89, 100])  # no cubin of major 9 (sm_100 does not run on 9.0)
+    assert (t.kind, t.arch) == ("ptx", 89)
+    with pytest.raises(BackendError, match="NVRTC supports"):
+        kernel_target("7.0", NVRTC_13_5)  # older than anything this NVRTC builds
+
+
+def test_graph_key_is_rows_and_every_address():  # issue 22, defect 5
+    a = graph_key(4, {"x": (0x100, 64), "s": (0x200, 64)})
+    assert a == (4, (("s", 0x200), ("x", 0x100))) == graph_key(4, {"s": (0x200, 1), "x": (0x100, 1)})
+    assert graph_key(4, {"x": (0x300, 64), "s": (0x200, 64)}) != a and graph_key(2, {"x": (0x100, 64),
+                                                                                     "s": (0x200, 64)}) != a
+
+
+def test_build_log_shows_each_warning_once_and_keeps_errors():  # issue 22, defect 9
+    said = []
+    log = BuildLog(said.append, shown=2)
+    for level, msg in [("warning", "Weights of fc1 were converted to FP16"), ("error", "node 3: bad input"),
+                       ("warning", "Weights of fc1 were converted to FP16"), ("warning", "timing cache mismatch"),
+                       ("warning", "layer q not run in FP8"), ("info", "building"), ("verbose", "tactic 7")]:
+        log.record(level, msg)
+    assert said == ["TensorRT warning: Weights of fc1 were converted to FP16",
+                    "TensorRT warning: timing cache mismatch"]
+    assert log.errors == ["node 3: bad input"] and len(log.warnings) == 3
+    assert log.summary() == "TensorRT: 1 more distinct warnings not shown" and BuildLog().summary() == ""

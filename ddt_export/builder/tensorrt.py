@@ -1,10 +1,11 @@
 """TensorRT engine builds: the thin adapter over TensorRT's ONNX parser and polygraphy's builder config.
 
-The network comes from TensorRT's ONNX parser, strongly typed (precision comes from the ONNX dtypes: an fp16
-graph with fp32 islands, FP8 Q/DQ); polygraphy's CreateConfig / EngineBytesFromNetwork do the config, timing
-cache and build. Parser and builder errors are collected and raised as one BackendError naming the node.
-Everything around it (profiles from the specs, the manifest, provenance) is shared with the ONNX Runtime path
-and tested on CPU. Torch-free.
+The network comes from TensorRT's ONNX parser; TensorRT 11 networks are always strongly typed (precision comes
+from the ONNX dtypes: an fp16 graph with fp32 islands, FP8 Q/DQ). polygraphy's CreateConfig /
+EngineBytesFromNetwork do the config, timing cache and build; CreateConfig leaves TF32 off unless asked, so an
+fp32 graph builds true-FP32 kernels. Parser and builder errors are collected and raised as one BackendError
+naming the node; TensorRT's warnings are shown (`BuildLog`). Everything around it (profiles from the specs, the
+manifest, provenance) is shared with the ONNX Runtime path and tested on CPU. Torch-free.
 """
 from __future__ import annotations
 
@@ -66,39 +67,68 @@ def profile_shapes(spec_name: str, dims: Dims, batch: BatchProfile) -> dict:
 
 
 def _parser_error(err) -> str:
-    """One ONNX-parser error with the node that failed (TensorRT 10 IParserError)."""
-    parts = [str(err.desc())]
-    for attr, label in (("node_name", "node"), ("node_operator", "op"), ("node", "index")):
-        fn = getattr(err, attr, None)
-        if fn is not None:
-            parts.append(f"{label} {fn()}")
-    return ", ".join(parts)
+    """One ONNX-parser error with the node that failed (TensorRT 11 IParserError)."""
+    return f"{err.desc()}, node {err.node_name()}, op {err.node_operator()}, index {err.node()}"
 
 
-def build_plan(onnx_path: Path, plan_path: Path, profile: dict, *, timing_cache: Path | None, opt_level: int) -> None:
-    """Strongly typed network from TensorRT's ONNX parser -> serialized plan at `plan_path` (a staging path)."""
+class BuildLog:
+    """What TensorRT says during a build, kept as the build needs it (plain Python: tested on CPU).
+
+    Errors are kept for the exception message. Warnings (precision fallbacks, a timing-cache mismatch, layers
+    not run in FP8) are kept and each distinct one is shown once through `say`, the first `shown` of them, then
+    how many more. Info and verbose messages are dropped. TensorRT's Python binding calls a Python logger for
+    every message, whatever its severity (only its C++ `trt.Logger` filters before Python, and that one prints
+    instead of keeping), so `TrtLog.log` drops them at its first statement, one dictionary lookup."""
+
+    def __init__(self, say: Say | None = None, shown: int = 20):
+        self.say, self.shown = say, shown
+        self.errors: list[str] = []
+        self.warnings: list[str] = []  # distinct, in order
+
+    def record(self, level: str, msg: str) -> None:
+        if level == "error":
+            self.errors.append(msg)
+        elif level == "warning" and msg not in self.warnings:
+            self.warnings.append(msg)
+            if self.say is not None and len(self.warnings) <= self.shown:
+                self.say(f"TensorRT warning: {msg}")
+
+    def summary(self) -> str:
+        """'' or one line: how many distinct warnings were not shown."""
+        extra = len(self.warnings) - self.shown
+        return f"TensorRT: {extra} more distinct warnings not shown" if extra > 0 else ""
+
+
+def build_plan(onnx_path: Path, plan_path: Path, profile: dict, *, timing_cache: Path | None, opt_level: int,
+               say: Say | None = None) -> None:
+    """Network from TensorRT's ONNX parser (strongly typed: the only kind in TensorRT 11) -> serialized plan at
+    `plan_path` (a staging path). TensorRT's warnings go to `say`, its errors into the exception."""
     import tensorrt as trt
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, Profile
     from polygraphy.exception import PolygraphyException
 
-    from ..runtime.graphs.trt import check
+    from ..runtime.graphs.gpu import check
 
-    class Log(trt.ILogger):  # keeps the builder's errors for the exception message
-        def __init__(self):
+    sev = trt.ILogger.Severity
+    levels = {sev.INTERNAL_ERROR: "error", sev.ERROR: "error", sev.WARNING: "warning"}
+
+    class TrtLog(trt.ILogger):  # TensorRT calls it for every message: anything but errors and warnings returns
+        def __init__(self, sink: BuildLog):
             trt.ILogger.__init__(self)
-            self.errors = []
+            self.sink = sink
 
         def log(self, severity, msg):
-            if int(severity) <= int(trt.ILogger.Severity.ERROR):
-                self.errors.append(msg)
+            level = levels.get(severity)
+            if level is not None:
+                self.sink.record(level, msg)
 
-    log = Log()
+    build_log = BuildLog(say)
+    log = TrtLog(build_log)
     builder = check(trt.Builder(log), "trt.Builder")
-    network = check(builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)),
-                    "create_network(STRONGLY_TYPED)")
+    network = check(builder.create_network(0), "create_network")  # no flags: TensorRT 11 ignores STRONGLY_TYPED
     parser = check(trt.OnnxParser(network, log), "trt.OnnxParser")
     if not parser.parse_from_file(str(onnx_path)) or parser.num_errors:
-        errors = [_parser_error(parser.get_error(i)) for i in range(parser.num_errors)] or log.errors
+        errors = [_parser_error(parser.get_error(i)) for i in range(parser.num_errors)] or build_log.errors
         raise BackendError(f"TensorRT ONNX parser on {onnx_path}", "a parsed network", "; ".join(errors) or "failure")
     prof = Profile()
     for name, (lo, opt, hi) in profile.items():
@@ -109,7 +139,10 @@ def build_plan(onnx_path: Path, plan_path: Path, profile: dict, *, timing_cache:
         plan = EngineBytesFromNetwork((builder, network, parser), config=config,
                                       save_timing_cache=str(timing_cache) if timing_cache else None)()
     except PolygraphyException as e:
-        raise BackendError(f"TensorRT build of {onnx_path.name}", "an engine", "; ".join(log.errors) or str(e))
+        raise BackendError(f"TensorRT build of {onnx_path.name}", "an engine", "; ".join(build_log.errors) or str(e))
+    finally:
+        if build_log.summary() and say is not None:
+            say(build_log.summary())
     Path(plan_path).write_bytes(bytes(plan))
 
 
@@ -135,7 +168,7 @@ def build_tensorrt(onnx_dir: Path, out: Path, *, provenance: Provenance, timing_
             profiles[name] = profile_shapes(name, src.dims, src.batch)
             say(f"building {name}.plan ({src.precision}, strongly typed, optimization level {opt_level})")
             build_plan(onnx_dir / rec.file, staging.path(f"{name}.plan"), profiles[name], timing_cache=timing_cache,
-                       opt_level=opt_level)
+                       opt_level=opt_level, say=say)
             info = dict(rec.info, onnx={"file": str(Path(onnx_dir.name) / rec.file), "sha256": rec.sha256})
             graphs[name] = GraphRecord(f"{name}.plan", staging.install(f"{name}.plan"), dict(rec.parity), info)
         staging.record = Manifest(

@@ -6,7 +6,8 @@ comparisons spread over the stages. Adding a precision is adding a row here. Tor
 - `dtype`: the graphs' compute dtype (numpy/torch name); the engine I/O stays float32 whatever it is.
 - `ort_cpu`: onnxruntime's CPU provider runs the graphs (1.32 has no bfloat16 MatMul/Gemm kernel), so parity is
   measured on this machine; otherwise the reason is recorded instead of a number.
-- `min_cc`: the least CUDA compute capability whose tensor cores TensorRT needs for it (None: any GPU).
+- `min_cc`: the least CUDA compute capability whose tensor cores TensorRT needs for it (None: any GPU); the GPUs
+  the project targets are `GPU_ARCHS`.
 - `tolerance`: per graph, max |out - ref| / max |ref| allowed against the fp32 PyTorch reference.
 - `quantized`: the graphs are Q/DQ graphs made from an fp32 export plus a `hosts_quantized` precision (the one
   everything outside the quantized GEMMs runs in).
@@ -49,6 +50,10 @@ _ROWS = (
               note="FP8 tensor cores need Ada (8.9) or Hopper (9.0) or later"),
 )
 PRECISIONS: Mapping[str, Precision] = MappingProxyType({p.name: p for p in _ROWS})
+# The GPU architectures (compute capability XY as sm_XY) the project targets: Ampere A100 (80) and A10 / RTX 30 (86),
+# Ada (89), Hopper (90), Blackwell B200 / GB200 (100) and RTX 50 (120). A precision runs on those >= its min_cc.
+# The device loop's kernel is compiled to a cubin for each of them in CI (tests/test_trt_kernel.py).
+GPU_ARCHS = (80, 86, 89, 90, 100, 120)
 NAMES = tuple(PRECISIONS)
 HIGH_PRECISIONS = tuple(p.name for p in _ROWS if p.hosts_quantized)
 

@@ -14,6 +14,7 @@ resources and whatever the sampling layer attached (`attach`: the device loop's 
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
@@ -52,6 +53,7 @@ class Engines:
         self.backend_name = backend.describe()
         self._runners = runners
         self._attached: dict[str, object] = {}
+        self._attach_lock = threading.Lock()
         self.dims: Dims = manifest.dims
         self.vae_decoder: Callable[[np.ndarray], np.ndarray] | None = (
             self._vae_decoder if VAE_DECODER.name in runners else None)
@@ -78,10 +80,12 @@ class Engines:
 
     def attach(self, name: str, make: Callable[[], object]):
         """The object attached under `name`, made by `make()` the first time; closed (`close()`) with the engines.
-        The sampling layer keeps its device loop here, so it is made once per engine set."""
-        if name not in self._attached:
-            self._attached[name] = make()
-        return self._attached[name]
+        The sampling layer keeps its device loop here, so it is made once per engine set (also when two threads
+        ask at once)."""
+        with self._attach_lock:
+            if name not in self._attached:
+                self._attached[name] = make()
+            return self._attached[name]
 
     def encoder(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
         """x (B, C, H, W) float32, t (B,) float32, y (B,) int64 -> s (B, L, D) float32."""

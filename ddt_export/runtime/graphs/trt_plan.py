@@ -7,10 +7,14 @@
   of the device loop's buffers (`pack`), and whether a half of `s` can be bound by offset or must be copied;
 - the engine against its spec (`engine_problems`: names, dtypes, I/O modes, locations, profile batch range,
   fixed dims) and an output shape against its buffer (`output_problem`), before anything is enqueued;
-- CUDA graphs (`GraphPlan`): one execution context per captured (rows, bindings) key, a failed capture marks
-  its key not capturable and that key falls back to `execute_async_v3`;
+- CUDA graphs (`GraphPlan`, `graph_key`): one execution context per captured (rows, bindings) key, a failed
+  capture marks its key not capturable and that key falls back to `execute_async_v3`;
 - the batch the device loop runs (`device_batch`: padded up to the profile's min, or refused past its max);
 - the step times, uploaded once (`time_table`);
+- the device loop's graph calls, their bindings and device-to-device copies, step by step (`loop_calls`: the
+  bindings come from buffers allocated once per engine set, so the CUDA-graph keys are bounded);
+- how the device loop's kernel is built for a GPU (`kernel_target`: a cubin for its architecture, PTX only
+  where NVRTC has no cubin for it);
 - what a failure to import or reach TensorRT / CUDA means (`unusable_reason`, `cuda_reason`).
 """
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from ...core.errors import InputError
+from ...core.errors import BackendError, InputError
 
 ALIGNMENT = 256  # bytes: TensorRT's required alignment for I/O tensor addresses (setTensorAddress)
 CUDA_MAJORS = (12, 13)  # the [tensorrt-cu12] and [tensorrt-cu13] extras
@@ -125,12 +129,21 @@ def output_problem(name: str, shape: Sequence[int], expected: Sequence[int], buf
 # ------------------------------------------------------------------------------------------ CUDA graphs
 
 
+def graph_key(rows: int, addresses: dict[str, tuple[int, int]]) -> tuple:
+    """The CUDA-graph key of one enqueue: its rows and every bound address (a graph replays exactly those)."""
+    return (int(rows), tuple(sorted((name, int(ptr)) for name, (ptr, _) in addresses.items())))
+
+
 @dataclass
 class GraphPlan:
     """CUDA graphs of one engine: one execution context per captured key (rows, bindings), so a replay never
     follows a shape change on its context (TensorRT's CUDA-graph rule: enqueue after a shape change). Keys are
-    bounded because the device loop binds buffers allocated once per engine set. A key whose capture failed is
-    not capturable and runs with `execute_async_v3` from then on."""
+    bounded because the device loop binds buffers allocated once per engine set (`loop_calls`). A key whose
+    capture failed is not capturable and runs with `execute_async_v3` from then on.
+
+    On a key's first call ("capture") the engine runs once, in the warm-up `execute_async_v3` on the key's new
+    context, which writes this call's outputs; the capture that follows only records. Nothing is launched after
+    it: a launch would run the engine a second time for the same outputs."""
 
     enabled: bool = True
     captured: set = field(default_factory=set)
@@ -138,7 +151,7 @@ class GraphPlan:
 
     def action(self, key) -> str:
         """"plain": execute_async_v3 on the shared context; "replay": launch the key's graph; "capture": a
-        warm-up enqueue on the key's own context, then capture."""
+        warm-up enqueue on the key's own context (this call's run), then the capture (records, runs nothing)."""
         if not self.enabled or key in self.failed:
             return "plain"
         return "replay" if key in self.captured else "capture"
@@ -178,6 +191,112 @@ def time_table(step_t: Iterable[float], rows: int) -> tuple[np.ndarray, int]:
     table = np.zeros((max(len(ts), 1), stride // 4), np.float32)
     table[: len(ts)] = ts[:, None]
     return table, stride
+
+
+@dataclass(frozen=True)
+class LoopLayout:
+    """Where the device loop's tensors live, all allocated once per engine set: the sampler's own regions (x,
+    labels [uncond; cond] and cond-only, the step-time table) and the runners' buffers ({name: (ptr, bytes)})."""
+
+    b: int  # samples (padded to batch.min)
+    row: int  # bytes of one latent row (float32)
+    x: int
+    y_cfg: int
+    y_cond: int
+    times: int
+    time_stride: int
+    enc: dict  # the encoder runner's buffers: x, t, y, s
+    dec: dict  # the decoder runner's buffers: x, s, v
+    half: HalfBinding
+
+
+@dataclass(frozen=True)
+class LoopCall:
+    """One graph call of the device loop: `copies` (dst, src, bytes) device-to-device first, then the graph with
+    `rows` rows and `bind` ({name: (ptr, bytes)}) in place of its own buffers."""
+
+    graph: str
+    rows: int
+    bind: dict
+    copies: tuple = ()
+
+
+def loop_calls(steps: Sequence, lay: LoopLayout) -> list[list[LoopCall]]:
+    """The graph calls of each step of the plan (`Step`: recompute, enc_uncond, dec_uncond), as the host loop
+    makes them: the encoder on recompute steps (2b rows [uncond; cond] or b cond-only, its t a row of the time
+    table), the decoder on 2b rows inside the guidance interval, else on b rows with the state's conditional
+    half (bound by offset where aligned, else copied). Every address comes from `lay`, so the same layout gives
+    the same bindings on every call: a bounded set of CUDA-graph keys per engine set."""
+    b, row, out = lay.b, lay.row, []
+    s_uncond, k = False, 0
+    s_ptr, s_bytes = lay.enc["s"]
+    for st in steps:
+        calls = []
+        if st.recompute:
+            rows = 2 * b if st.enc_uncond else b
+            copies = [(lay.enc["t"][0], lay.times + k * lay.time_stride, rows * 4)]
+            copies += [(lay.enc["x"][0] + h * b * row, lay.x, b * row) for h in range(rows // b)]
+            y = (lay.y_cfg, 2 * b * 8) if st.enc_uncond else (lay.y_cond, b * 8)
+            calls.append(LoopCall("encoder", rows, {"y": y}, tuple(copies)))
+            k += 1
+            s_uncond = st.enc_uncond
+        if st.dec_uncond:
+            copies = tuple((lay.dec["x"][0] + h * b * row, lay.x, b * row) for h in range(2))
+            calls.append(LoopCall("decoder", 2 * b, {"s": (s_ptr, s_bytes)}, copies))
+        elif not s_uncond:
+            calls.append(LoopCall("decoder", b, {"x": (lay.x, b * row), "s": (s_ptr, s_bytes)}))
+        elif lay.half.by_pointer:  # the cond half of a 2B state, by offset
+            calls.append(LoopCall("decoder", b, {"x": (lay.x, b * row),
+                                                 "s": (s_ptr + lay.half.offset, s_bytes - lay.half.offset)}))
+        else:  # an unaligned offset cannot be bound: the half is copied into the decoder's own s
+            calls.append(LoopCall("decoder", b, {"x": (lay.x, b * row)},
+                                  ((lay.dec["s"][0], s_ptr + lay.half.offset, lay.half.offset),)))
+        out.append(calls)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ the kernel's build
+
+
+@dataclass(frozen=True)
+class KernelTarget:
+    """What NVRTC builds the device loop's kernel as: a cubin for sm_<arch>, or PTX for compute_<arch>."""
+
+    kind: str  # "cubin" | "ptx"
+    arch: int  # 90 = sm_90 / compute_90
+    note: str = ""  # why not a cubin for the GPU's own architecture ('' when it is)
+
+    @property
+    def option(self) -> str:
+        return f"--gpu-architecture={'sm' if self.kind == 'cubin' else 'compute'}_{self.arch}"
+
+
+def kernel_target(cc: str, supported: Sequence[int]) -> KernelTarget:
+    """The kernel's build for a GPU of compute capability `cc` ("9.0") with an NVRTC supporting `supported`
+    (nvrtcGetSupportedArchs: 75, 80, ...):
+    1. a cubin for the GPU's own sm_XY: the driver loads it as is. PTX would be JIT-compiled by the driver,
+       which needs a driver at least as new as this NVRTC's PTX ISA (PTX JIT is outside CUDA's minor-version
+       compatibility): CUDA_ERROR_UNSUPPORTED_PTX_VERSION on older drivers;
+    2. else a cubin for the highest supported sm_XZ of the same major, Z < Y (a cubin runs on later minors of
+       its major);
+    3. else PTX for the highest supported compute_VW below the GPU (a GPU newer than this NVRTC: its driver is
+       newer too), and the note says so;
+    4. else a BackendError: this NVRTC builds for nothing this GPU runs."""
+    major, minor = (int(v) for v in str(cc).split(".")[:2])
+    own = 10 * major + minor
+    archs = sorted({int(a) for a in supported})
+    if own in archs:
+        return KernelTarget("cubin", own)
+    same = [a for a in archs if a // 10 == major and a < own]
+    if same:
+        return KernelTarget("cubin", same[-1], f"NVRTC has no sm_{own}: the sm_{same[-1]} cubin (same major)")
+    below = [a for a in archs if a < own]
+    if below:
+        return KernelTarget("ptx", below[-1], f"NVRTC has no cubin for sm_{own} or its major: PTX for "
+                                              f"compute_{below[-1]}, JIT-compiled by the driver")
+    raise BackendError(f"NVRTC for the device loop's kernel on compute capability {cc}",
+                       f"an architecture at or below sm_{own}", f"NVRTC supports {archs}",
+                       "use the host loop (--no-device-loop) or an NVRTC that supports this GPU")
 
 
 # ------------------------------------------------------------------------------------------ unusable
