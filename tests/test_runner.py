@@ -81,12 +81,14 @@ def mixed(engines):
             2: [r(label=9, num=3, seed=11, steps=12, cfg=2.0, schedule="uniform:4", interval=(0.1, 0.6),
                   timeshift=2.0),
                 sde],
-            5: [r(label=0, num=1, seed=7, steps=3, cfg=1.0, schedule="all")]}
+            5: [r(label=0, num=1, seed=7, steps=3, cfg=1.0, schedule="all"),
+                r(label=6, num=2, seed=2, steps=10, schedule="uniform:3", solver="adams:3", forecast=1)],
+            6: [r(label=8, num=1, seed=9, steps=8, schedule="uniform:2", solver="adams:2", forecast=2, cfg=3.0)]}
 
 
 def test_batched_requests_equal_each_run_alone(engines):
     reqs, its = run(engines, mixed(engines))
-    assert max(len(it.stepped) for it in its) == 5  # all five shared iterations
+    assert max(len(it.stepped) for it in its) == 7  # all seven shared iterations (four plans: solvers, forecasts)
     assert any(len({st.i for _, st in it.out.batch}) > 2 for it in its)  # ... at different steps
     for r in reqs:
         want = solo(engines, r.sample)

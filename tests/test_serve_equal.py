@@ -18,15 +18,18 @@ from ddt_export.serve.app import create_app  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)
 
-# 16 requests that differ in class, num, seed, steps, cfg and schedule (dp:K included: its schedule is computed
-# once on the engines and stored, and both sides read the stored one)
-MIXED = [dict(cls=c, num=n, seed=s, steps=k, cfg=g, schedule=x) for c, n, s, k, g, x in [
-    (0, 1, 0, 12, 1.5, "all"), (1, 2, 1, 20, 1.5, "uniform:2"), (2, 3, 2, 8, 2.0, "all"),
-    (3, 4, 3, 16, 1.0, "uniform:4"), (4, 1, 4, 25, 3.0, "dp:6"), (5, 2, 5, 10, 1.5, "uniform:3"),
-    (6, 1, 6, 30, 1.5, "dp:10"), (7, 2, 7, 6, 4.0, "all"), (8, 3, 8, 14, 1.5, "uniform:2"),
-    (9, 1, 9, 18, 0.5, "all"), (3, 2, 10, 12, 1.5, "dp:6"), (7, 4, 11, 9, 2.5, "uniform:2"),
-    (1, 1, 12, 40, 1.5, "uniform:5"), (0, 2, 13, 5, 1.5, "all"), (4, 3, 14, 22, 2.0, "uniform:3"),
-    (8, 1, 2 ** 40, 11, 1.5, "all"),
+# 16 requests that differ in class, num, seed, steps, cfg, schedule, solver and forecast (dp:K included: its
+# schedule is computed once on the engines and stored, and both sides read the stored one)
+MIXED = [dict(cls=c, num=n, seed=s, steps=k, cfg=g, schedule=x, solver=v, forecast=f)
+         for c, n, s, k, g, x, v, f in [
+    (0, 1, 0, 12, 1.5, "all", "euler", 0), (1, 2, 1, 20, 1.5, "uniform:2", "adams:2", 1),
+    (2, 3, 2, 8, 2.0, "all", "adams:4", 0), (3, 4, 3, 16, 1.0, "uniform:4", "euler", 2),
+    (4, 1, 4, 25, 3.0, "dp:6", "euler", 0), (5, 2, 5, 10, 1.5, "uniform:3", "adams:3", 2),
+    (6, 1, 6, 30, 1.5, "dp:10", "euler", 0), (7, 2, 7, 6, 4.0, "all", "euler", 0),
+    (8, 3, 8, 14, 1.5, "uniform:2", "adams:3", 1), (9, 1, 9, 18, 0.5, "all", "euler", 0),
+    (3, 2, 10, 12, 1.5, "dp:6", "euler", 0), (7, 4, 11, 9, 2.5, "uniform:2", "euler", 1),
+    (1, 1, 12, 40, 1.5, "uniform:5", "adams:2", 0), (0, 2, 13, 5, 1.5, "all", "euler", 0),
+    (4, 3, 14, 22, 2.0, "uniform:3", "euler", 0), (8, 1, 2 ** 40, 11, 1.5, "all", "adams:1", 0),
 ]]
 
 
@@ -46,7 +49,7 @@ def generated(engines, tmp_path_factory):
         d = tmp_path_factory.mktemp(f"gen{i}")
         code, text = run_cli(["generate", "--engines", engines, "--class", r["cls"], "--num", r["num"], "--seed",
                               r["seed"], "--steps", r["steps"], "--cfg", r["cfg"], "--schedule", r["schedule"],
-                              "--out", d])
+                              "--solver", r["solver"], "--forecast", r["forecast"], "--out", d])
         assert code == 0, text
         out.append([file_pixels(d / f"{k:05d}-class{r['cls']}.png") for k in range(r["num"])])
     return out
@@ -54,7 +57,7 @@ def generated(engines, tmp_path_factory):
 
 def body(r):
     return {"class": r["cls"], "num": r["num"], "seed": r["seed"], "steps": r["steps"], "cfg": r["cfg"],
-            "schedule": r["schedule"]}
+            "schedule": r["schedule"], "solver": r["solver"], "forecast": r["forecast"]}
 
 
 def check(response, want):

@@ -12,7 +12,7 @@ from ..builder.recipes import DEFAULT_RECIPE, PRESETS as FP8_RECIPES
 from ..core.precision import NAMES as PRECISIONS
 from ..core.specs import BatchProfile
 from ..runtime.graphs.backends import CHOICES as BACKENDS
-from .common import SEED_HELP, say, step_progress
+from .common import FORECAST_HELP, SEED_HELP, SOLVER_HELP, say, step_progress
 
 WEIGHTS_HELP = "ema | raw: which weights of a Lightning checkpoint"
 TRUST_HELP = "allow pickle code in the checkpoint (executes it!)"
@@ -65,6 +65,8 @@ def calibrate(
     schedule: Optional[str] = typer.Option(None, help="the schedule that will run: all | uniform:R | dp:K | FILE.json"),
     classes: Optional[Path] = typer.Option(None, help="file of class ids (text or 1-D .npy), cycled to --num"),
     steps: Optional[int] = typer.Option(None, help="sampling steps (default: the manifest's sampler)"),
+    solver: Optional[str] = typer.Option(None, help=SOLVER_HELP + " (the solver that will run)"),
+    forecast: Optional[int] = typer.Option(None, help=FORECAST_HELP),
     out: Optional[Path] = typer.Option(None, help="output folder (default: calibration/<config name>)"),
 ):
     """Capture encoder/decoder inputs of real trajectories on fp32 graphs (every step, full CFG batch)."""
@@ -74,7 +76,7 @@ def calibrate(
     from ..runtime.sampling.request import CLI, RequestInput
 
     given = RequestInput(classes=tuple(read_classes(classes)) if classes else None, num=num, seed=seed, steps=steps,
-                         schedule=schedule)
+                         schedule=schedule, solver=solver, forecast=forecast)
     bar, progress = step_progress("calibration trajectories")
     with bar:
         out, rec = capture(engines, out, given, names=dataclasses.replace(CLI, classes="--classes"),

@@ -12,7 +12,8 @@ from ..evaluate.bench import DEFAULT_BATCHES, DEFAULT_REPEATS, DEFAULT_SCHEDULES
 from ..evaluate.features import DEFAULT_BATCH as FEATURE_BATCH
 from ..evaluate.validate import DEFAULT_NUM as VALIDATE_NUM
 from ..runtime.graphs.engines import DEFAULT_ENGINES
-from .common import DEVICE_LOOP_HELP, SEED_HELP, console, say, step_progress
+from .common import (DEVICE_LOOP_HELP, FORECAST_HELP, PLAN_HELP, SEED_HELP, SOLVER_HELP, console, say,
+                     step_progress)
 
 
 def fid(
@@ -101,6 +102,9 @@ def validate(
     num: int = typer.Option(VALIDATE_NUM, help="number of samples, labels 0, 1, ... cycled"),
     seed: int = typer.Option(0, help=SEED_HELP),
     schedule: Optional[str] = typer.Option(None, help="encoder schedule of both sides: all | uniform:R | dp:K | FILE"),
+    solver: Optional[str] = typer.Option(None, help=SOLVER_HELP + "; the reference runs euler"),
+    forecast: Optional[int] = typer.Option(None, help=FORECAST_HELP + "; the reference reuses"),
+    plan: Optional[str] = typer.Option(None, help=PLAN_HELP + "; the reference runs the model's own trajectory"),
     stats: Optional[Path] = typer.Option(None, help="data statistics .npz (ADM-style mu/sigma or arr_0 images); "
                                                     "default for the digits model: the bundled digits_stats.npz"),
     max_fid_delta: Optional[float] = typer.Option(None, help="fail (exit 2) when the FID delta exceeds this"),
@@ -124,8 +128,8 @@ def validate(
                               min_recall_ratio=min_recall_ratio, out=out, device_loop=device_loop)
     bar, progress = step_progress("validating (sample-steps)")
     with bar:
-        rep = run_validate(engines, RequestInput(num=num, seed=seed, schedule=schedule), options, progress=progress,
-                           say=say)
+        rep = run_validate(engines, RequestInput(num=num, seed=seed, schedule=schedule, solver=solver,
+                                                 forecast=forecast, plan=plan), options, progress=progress, say=say)
     r, e = rep["reference"], rep["latent_rel_err"]
     print(f"{rep['num']} samples, schedule {rep['schedule']['spec']}: {rep['engines']['precision']} engines "
           f"({rep['engines']['loop']} loop) vs "
@@ -163,6 +167,9 @@ def bench(
     plot: Optional[Path] = typer.Option(None, help="PNG of images/s against batch size and schedule"),
     device_loop: bool = typer.Option(True, "--device-loop/--no-device-loop",
                                      help="on a TensorRT folder, time the device loop beside the host loop (default)"),
+    solver: Optional[str] = typer.Option(None, help=SOLVER_HELP),
+    forecast: Optional[int] = typer.Option(None, help=FORECAST_HELP),
+    plan: Optional[str] = typer.Option(None, help=PLAN_HELP + "; timed against the model's own trajectory"),
 ):
     """Per-stage latency, images/s per batch and schedule, sharing speed-up measured vs predicted, vs PyTorch."""
     from rich.table import Table
@@ -171,7 +178,8 @@ def bench(
 
     res = run_bench(engines, BenchOptions(batches=batch, steps=steps, schedules=schedule, repeats=repeats,
                                           torch_variants=None if torch_baseline else (), cond_only=(cond_only,),
-                                          device_loop=device_loop), say=say)
+                                          device_loop=device_loop, solver=solver, forecast=forecast, plan=plan),
+                    say=say)
     out = Console(width=140)
     t = Table(title=f"stages: one call ({res.model}, {res.precision})")
     for c in ("backend", "graph", "rows", "median ms", "min..max ms"):

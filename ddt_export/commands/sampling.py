@@ -7,19 +7,16 @@ from typing import List, Optional, Tuple
 
 import typer
 
-from ..core.config import MAX_ADAMS_ORDER
 from ..runtime.graphs.backends import CHOICES as BACKENDS
 from ..runtime.graphs.engines import DEFAULT_ENGINES
 from ..runtime.sampling.grammar import SCHEDULE_KINDS
 from ..runtime.sampling.request import RequestInput
 from ..runtime.sampling.schedules import TEMPLATE_SAMPLES, TEMPLATE_SEED
-from .common import DEVICE_LOOP_HELP, SEED_HELP, image_progress, say, step_progress
+from .common import (DEVICE_LOOP_HELP, FORECAST_HELP, PLAN_HELP, SEED_HELP, SOLVER_HELP, image_progress, say,
+                     step_progress)
 
 SCHEDULE_HELP = "encoder schedule: " + " | ".join(SCHEDULE_KINDS)
-SOLVER_HELP = f"euler | adams:K (K = 1..{MAX_ADAMS_ORDER}, the official AdamLMSampler; default: the manifest's)"
-FORECAST_HELP = ("encoder state at the steps that skip the encoder: 0 reuses the last one (official), 1 | 2 "
-                 "extrapolate it from the last 2 | 3 recomputed states")
-PLAN_HELP = "a plan stored with the engines (`ddt-export tune`): fixes steps, solver, forecast, schedule, shift, interval"
+
 
 
 def generate(

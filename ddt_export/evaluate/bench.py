@@ -28,7 +28,9 @@ from ..core.log import Say
 from ..core.noise import sample_noise
 from ..runtime import load_engines, sample
 from ..runtime.sampling.host import sample_host
-from ..runtime.sampling.request import RequestInput, resolve
+from ..runtime.sampling.plan import network_flops, plan_steps
+from ..runtime.sampling.plans import lookup
+from ..runtime.sampling.request import CLI, RequestInput, resolve
 from ..runtime.sampling.schedules import resolve_schedule
 
 DEFAULT_BATCHES = (1, 4)
@@ -128,6 +130,9 @@ class BenchOptions:
     torch_variants: Sequence[str] | None = None  # None: TORCH_VARIANTS; (): no PyTorch baseline
     cond_only: Sequence[bool] = (True,)  # cond-only rows outside the guidance interval, or the full batch
     device_loop: bool = True  # on a TensorRT folder, time the device loop beside the host loop
+    solver: str | None = None  # every run's solver and forecast (default: the manifest's)
+    forecast: int | None = None
+    plan: str | None = None  # a stored plan, timed against the model's reference trajectory (its own steps)
 
 
 def bench(engines_dir: Path, options: BenchOptions = BenchOptions(), *, say: Say = print) -> BenchResult:
@@ -136,10 +141,15 @@ def bench(engines_dir: Path, options: BenchOptions = BenchOptions(), *, say: Say
     o = options
     with load_engines(engines_dir, device_loop=o.device_loop) as engines:
         specs = ["all"] + [s for s in o.schedules if s != "all"]  # the reference for measured speed-ups
-        requests = {spec: resolve_schedule(resolve(engines.config, RequestInput(steps=o.steps, schedule=spec)),
-                                           engines, say) for spec in specs}
+        if o.plan is not None:  # the plan against the model's reference trajectory
+            asked = {"all": RequestInput(), f"plan:{o.plan}": RequestInput(plan=o.plan)}
+        else:
+            asked = {spec: RequestInput(steps=o.steps, schedule=spec, solver=o.solver, forecast=o.forecast)
+                     for spec in specs}
+        plans = lookup(engines.folder, engines.manifest)
+        requests = {k: resolve_schedule(resolve(engines.config, g, CLI, plans), engines, say) for k, g in asked.items()}
         sampler = requests["all"].sampler
-        resolved = {spec: list(r.recompute) for spec, r in requests.items()}
+        resolved = {spec: (r.sampler, list(r.recompute)) for spec, r in requests.items()}
         res = BenchResult(engines.config.name, str(engines_dir), engines.backend_name, engines.manifest.precision,
                           sampler.num_steps, machine_info())
         _stages(engines, res, o)
@@ -166,7 +176,7 @@ def _stages(engines, res: BenchResult, o: BenchOptions) -> None:
                                "s": asdict(timeit(lambda: engines.vae_decoder(x[:b]), o.repeats))})
 
 
-def _trajectories(engines, res: BenchResult, sampler, resolved: dict[str, list[int]], o: BenchOptions,
+def _trajectories(engines, res: BenchResult, sampler, resolved: dict[str, tuple], o: BenchOptions,
                   say: Say) -> None:
     """Whole trajectories on each loop the folder has (device first: what `sample` runs), and sharing's
     speed-up over `all`, measured against the FLOP model."""
@@ -177,13 +187,13 @@ def _trajectories(engines, res: BenchResult, sampler, resolved: dict[str, list[i
         noise, labels = sample_noise(0, range(b), m.latent_shape), np.arange(b, dtype=np.int64) % m.num_classes
         for co in o.cond_only:
             base = None
-            for spec, sched in resolved.items():
+            for spec, (smp, sched) in resolved.items():
                 timed = TimedEngines(engines)
 
                 def run():  # the device loop runs its graphs itself: only the host loop's calls are timed
                     if loop == "host":
-                        return sample_host(timed, noise, labels, sampler, sched, cond_only_outside=co)
-                    return sample(engines, noise, labels, sampler, sched, cond_only_outside=co)
+                        return sample_host(timed, noise, labels, smp, sched, cond_only_outside=co)
+                    return sample(engines, noise, labels, smp, sched, cond_only_outside=co)
 
                 run()  # warm-up
                 walls, host = [], []
@@ -196,6 +206,7 @@ def _trajectories(engines, res: BenchResult, sampler, resolved: dict[str, list[i
                     host.append((w - sum(timed.spent.values())) / w)
                 tm = Timing.of(walls)
                 run_rec = {"backend": name, "loop": loop, "batch": b, "schedule": spec, "cond_only": co,
+                           "steps": smp.num_steps, "solver": smp.solver, "forecast": smp.forecast,
                            "encoder_calls": len(sched), "s": asdict(tm), "images_per_s": b / tm.median}
                 if loop == "host":  # inside the device loop graph calls are not separate host calls
                     run_rec["host_fraction"] = statistics.median(host)
@@ -204,16 +215,19 @@ def _trajectories(engines, res: BenchResult, sampler, resolved: dict[str, list[i
                     + (f" (host {run_rec['host_fraction']:.1%})" if loop == "host" else ""))
                 if spec == "all":
                     base = tm.median
+            cost = {spec: network_flops(plan_steps(smp, sched, co), flops.encoder, flops.decoder)
+                    for spec, (smp, sched) in resolved.items()}
             for r in res.runs:
                 if r["batch"] == b and r["cond_only"] == co and r["backend"] == name and base:
-                    frac = r["encoder_calls"] / sampler.num_steps
+                    # predicted: the FLOP model's network work of `all` over this run's (rows of each graph)
                     res.sharing.append({"backend": r["backend"], "batch": b, "schedule": r["schedule"],
-                                        "cond_only": co, "recompute_fraction": frac,
-                                        "predicted": flops.predicted_speedup(frac),
+                                        "cond_only": co, "recompute_fraction": r["encoder_calls"] / r["steps"],
+                                        "gflop_per_image": cost[r["schedule"]] / 1e9,
+                                        "predicted": cost["all"] / cost[r["schedule"]],
                                         "measured": base / r["s"]["median"]})
 
 
-def _baselines(engines, res: BenchResult, sampler, resolved: dict[str, list[int]], o: BenchOptions,
+def _baselines(engines, res: BenchResult, sampler, resolved: dict[str, tuple], o: BenchOptions,
                say: Say) -> None:
     """The PyTorch reference: the official loop, same weights, noise, labels and schedules."""
     m = engines.config.model
@@ -227,8 +241,10 @@ def _baselines(engines, res: BenchResult, sampler, resolved: dict[str, list[int]
                 res.stages.append({"backend": variant, "graph": graph, "rows": 2 * b,
                                    "s": asdict(timeit(ref.stage(graph, 2 * b), o.repeats))})
             noise, labels = sample_noise(0, range(b), m.latent_shape), np.arange(b, dtype=np.int64) % m.num_classes
-            for spec, sched in resolved.items():
-                tm = timeit(lambda: ref.sample(noise, labels, sampler, sched), o.repeats)
+            for spec, (smp, sched) in resolved.items():
+                if smp.order != 1 or smp.forecast:  # the PyTorch reference is the official Euler loop
+                    continue
+                tm = timeit(lambda: ref.sample(noise, labels, smp, sched), o.repeats)
                 res.runs.append({"backend": variant, "batch": b, "schedule": spec, "cond_only": False,
                                  "encoder_calls": len(sched), "s": asdict(tm), "images_per_s": b / tm.median})
                 say(f"{variant:>12} batch {b:>3} {spec:>12}: {b / tm.median:.3f} img/s")

@@ -102,3 +102,10 @@ def saved_fraction(rows: dict[str, int], encoder_blocks: int, decoder_blocks: in
     full = encoder_blocks * rows["encoder_rows_full"] + decoder_blocks * rows["decoder_rows_full"]
     done = encoder_blocks * rows["encoder_rows"] + decoder_blocks * rows["decoder_rows"]
     return 1.0 - done / full
+
+
+def network_flops(steps: Sequence[Step], encoder_flops: float, decoder_flops: float) -> float:
+    """Network FLOPs per image of a plan: each graph's rows per image (CFG rows, cond-only rows, the encoder on
+    its recompute steps) times its FLOPs per row (`core.flops.step_flops`, at the model's size)."""
+    rows = work_rows(steps, 1)
+    return rows["encoder_rows"] * encoder_flops + rows["decoder_rows"] * decoder_flops
