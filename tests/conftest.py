@@ -1,6 +1,13 @@
-"""Shared fixtures: tiny configs, a tiny exported engine folder, an official-format Lightning checkpoint."""
+"""Shared fixtures: tiny configs, a tiny exported engine folder, an official-format Lightning checkpoint.
+
+Works without torch (the production install: base + [serve,test]): the fixtures that export graphs then take
+them from $DDT_TEST_ARTIFACTS (written by `python tests/make_artifacts.py DIR` in an environment with torch;
+scripts/test-torch-free.sh does both), and those that need the PyTorch model skip with the reason.
+"""
 from __future__ import annotations
 
+import importlib.util
+import os
 import textwrap
 from pathlib import Path
 
@@ -8,7 +15,22 @@ import pytest
 
 from ddt_export.core.config import Config, ModelConfig, SamplerConfig
 
-torch = pytest.importorskip("torch", reason="export fixtures need the [export] extra (torch)")
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
+ARTIFACTS = os.environ.get("DDT_TEST_ARTIFACTS")  # prebuilt engine folders for a run without torch
+TINY_FOLDER, DIGITS_FOLDER = "tiny-fp32", "digits-fp16"  # their names in ARTIFACTS (tests/make_artifacts.py)
+
+
+def need_torch(what: str):
+    """torch, or a skip naming what needs it (a run without torch: the production install)."""
+    return pytest.importorskip("torch", reason=f"{what} needs the [export] extra (torch)")
+
+
+def prebuilt(name: str) -> Path:
+    """A folder of $DDT_TEST_ARTIFACTS, for a run without torch (else a skip with the reason)."""
+    if not ARTIFACTS or not (Path(ARTIFACTS) / name / "manifest.json").is_file():
+        pytest.skip(f"no torch to export {name}, and no prebuilt one in $DDT_TEST_ARTIFACTS "
+                    "(python tests/make_artifacts.py DIR)")
+    return Path(ARTIFACTS) / name
 
 # Subprocess tests: a child gets CHILD_TIMEOUT seconds (about 10x what it takes on an idle 2-core machine, so a
 # busy CI machine is not a failure) and the test CHILD_TIMEOUT + 60 (pytest-timeout), so a hung child fails with
@@ -64,6 +86,7 @@ def train_digits():
 
 
 def tiny_model(seed: int = 0, cfg: Config = TINY):
+    torch = need_torch("the tiny PyTorch model")
     from ddt_export.export.model import DDT
 
     torch.manual_seed(seed)
@@ -75,16 +98,24 @@ def tiny_cfg() -> Config:
     return TINY
 
 
-@pytest.fixture(scope="session")
-def tiny_engines(tmp_path_factory):
-    """(folder, fp32 reference model): encoder/decoder graphs of a random tiny DDT, exported once per session."""
+def export_tiny(out: Path):
+    """The tiny test engines: a random (seed 0) tiny DDT's fp32 graphs in `out`; returns the model."""
     from ddt_export.export.exporter import random_weights_ref
     from runs import run_export_model as export_model
 
     model = tiny_model(0)
-    out = tmp_path_factory.mktemp("engines") / "fp32"
     export_model(model, TINY, out, weights=random_weights_ref(0))
-    return out, model
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_engines(tmp_path_factory):
+    """(folder, fp32 reference model): encoder/decoder graphs of a random tiny DDT, exported once per session.
+    Without torch: the prebuilt folder and no model (a test that needs the model asks `need_torch` first)."""
+    if not HAVE_TORCH:
+        return prebuilt(TINY_FOLDER), None
+    out = tmp_path_factory.mktemp("engines") / "fp32"
+    return out, export_tiny(out)
 
 
 @pytest.fixture(scope="session")
@@ -93,6 +124,7 @@ def official_ckpt(tmp_path_factory) -> tuple[Path, Path, object]:
 
     `ema_denoiser.*` and `denoiser.*` hold different weights, `diffusion_trainer.*` holds a foreign key.
     """
+    torch = need_torch("the official-format checkpoint")
     d = tmp_path_factory.mktemp("official")
     ema, raw = tiny_model(1), tiny_model(2)
     sd = {f"ema_denoiser.{k}": v for k, v in ema.state_dict().items()}
@@ -138,6 +170,7 @@ def hub_home(tmp_path_factory, official_ckpt):
     checkpoint and a README), ddt-test/tiny-vae (a tiny diffusers AutoencoderKL in vae/), ddt-test/two-ckpts
     (two checkpoints: no single candidate). Also the tiny YAML with the official LatentVAE line. Read it with
     HF_HUB_OFFLINE=1: no network."""
+    torch = need_torch("the tiny VAE")
     diffusers = pytest.importorskip("diffusers")
     home = tmp_path_factory.mktemp("hf_home")
     ckpt, yaml, _ = official_ckpt
@@ -170,7 +203,10 @@ def hub_offline(hub_home, monkeypatch):
 
 @pytest.fixture(scope="session")
 def digits_engines(tmp_path_factory):
-    """The bundled digits model's fp16 engines, `ddt-export build --precision fp16 --out DIR`, built once."""
+    """The bundled digits model's fp16 engines, `ddt-export build --precision fp16 --out DIR`, built once (without
+    torch: the prebuilt folder)."""
+    if not HAVE_TORCH:
+        return prebuilt(DIGITS_FOLDER)
     from engines_cache import run_cli
 
     out = tmp_path_factory.mktemp("digits-engines") / "fp16"
