@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
 from conftest import DIGITS_FOLDER, TINY_FOLDER, export_tiny  # noqa: E402
 from engines_cache import run_cli  # noqa: E402

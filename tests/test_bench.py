@@ -102,7 +102,7 @@ def test_torch_reference_is_the_official_sampler(seeded_engines, step_fn, shift)
     sampler (tests/official_reference.py), on the same rebuilt model: it shares no timesteps with the host loop."""
     import dataclasses
 
-    from official_reference import official_sampler
+    from references.official import official_sampler
 
     engines = load_engines(seeded_engines)
     ref = TorchReference(engines.manifest, "torch-eager-fp32")

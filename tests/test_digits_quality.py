@@ -10,13 +10,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ddt_export.export.checkpoint import bundled_weights
-from ddt_export.core.config import load_config
+torch = pytest.importorskip("torch", reason="the bundled model's build needs the [export] extra (torch)")
 
-from conftest import train_digits
-from engines_cache import run_cli
+from ddt_export.core.config import bundled_weights, load_config  # noqa: E402
 
-torch = pytest.importorskip("torch")
+from conftest import train_digits  # noqa: E402
+from engines_cache import run_cli  # noqa: E402
 pytest.importorskip("sklearn", reason="the independent classifier is scikit-learn's SVC")
 
 CFG = load_config(None)

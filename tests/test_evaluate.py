@@ -14,7 +14,7 @@ from ddt_export.core.errors import ArtifactError, ConfigError, InputError
 from ddt_export.evaluate import features as X, suite as S
 
 from engines_cache import run_cli
-from test_adm import ref_inception_score, ref_precision_recall
+from references.adm import ref_inception_score, ref_precision_recall
 from test_fid import digit_images, fid_eig, one_blas_thread, write_pngs
 
 DIM, SPATIAL, CLASSES = 8, 12, 10

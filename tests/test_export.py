@@ -19,7 +19,7 @@ from runs import run_export_checkpoint as export_checkpoint, run_export_model as
 from ddt_export.core.artifacts import sha256_file  # noqa: E402
 from ddt_export.core.manifest import read_manifest, verify_graphs  # noqa: E402
 from ddt_export.core.provenance import WeightsRef  # noqa: E402
-from official_reference import official_forward  # noqa: E402
+from references.official import official_forward  # noqa: E402
 
 from conftest import CHILD_TIMEOUT, TINY, tiny_model  # noqa: E402
 

@@ -15,7 +15,8 @@ from conftest import CHILD_TIMEOUT
 
 torch = pytest.importorskip("torch")
 
-from official_reference import official_dp, official_sampler, official_similarity  # noqa: E402
+from references.official import official_sampler, official_similarity  # noqa: E402
+from references.sharing_dp import official_dp  # noqa: E402
 
 
 def run_cli(argv, capsys):

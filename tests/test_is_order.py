@@ -15,7 +15,7 @@ from ddt_export.evaluate import adm as A, suite as S
 from ddt_export.evaluate.fid import Stats
 
 from engines_cache import run_cli
-from test_adm import ref_inception_score
+from references.adm import ref_inception_score
 from test_evaluate import DIM, by_hand, graph  # noqa: F401  (graph: the fixture)
 from test_fid import digit_images
 

@@ -26,6 +26,9 @@ def test_bench_times_the_loops_the_folder_has(tiny_engines):
 
 
 def test_validate_accepts_no_device_loop(tiny_engines, tmp_path):
+    from conftest import need_torch
+
+    need_torch("validate's PyTorch reference")
     folder, _ = tiny_engines
     code, text = run_cli(["validate", "--engines", folder, "--num", "2", "--schedule", "all", "--out", tmp_path / "v",
                           "--no-device-loop"])

@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 
 from ddt_export.core.config import PRESETS, Config, ConfigError, ModelConfig, load_config  # noqa: E402
 from ddt_export.export.model import DDT, patchify, unpatchify  # noqa: E402
-from official_reference import official_forward  # noqa: E402
+from references.official import official_forward  # noqa: E402
 
 from conftest import TINY, tiny_model  # noqa: E402
 

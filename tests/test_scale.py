@@ -33,7 +33,9 @@ WIDE = Config("wide-state-test",
 
 @pytest.fixture(scope="module")
 def wide_engines(tmp_path_factory) -> Path:
-    from conftest import tiny_model
+    from conftest import need_torch, tiny_model
+
+    need_torch("the wide test model's export")
     from ddt_export.export.exporter import random_weights_ref
     from runs import run_export_model as export_model
 

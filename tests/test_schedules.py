@@ -8,7 +8,7 @@ import pytest
 
 from ddt_export.runtime.sampling import dp, grammar as sch
 from ddt_export.core.errors import InputError, NumericsError
-from official_reference import official_dp
+from references.sharing_dp import official_dp
 
 
 

@@ -14,7 +14,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from official_reference import _preint, official_adams_sampler, official_sampler  # noqa: E402
+from references.forecast import forecast_reference  # noqa: E402
+from references.official import _preint, official_adams_sampler, official_sampler  # noqa: E402
 
 from ddt_export.core.config import SamplerConfig  # noqa: E402
 from ddt_export.core.errors import ConfigError  # noqa: E402
@@ -94,51 +95,6 @@ def test_order_one_is_euler(engines, tiny_engines, tiny_cfg):
     a = sample(engines, x, y, dataclasses.replace(s, solver="adams:1"), range(0, STEPS, 2))
     e = sample(engines, x, y, s, range(0, STEPS, 2))
     assert np.array_equal(a, e)
-
-
-def _newton(ts, ss, t):
-    """Newton's divided differences through (ts[j], ss[j]), evaluated at t (float64)."""
-    c = [np.asarray(v, np.float64) for v in ss]
-    n = len(ts)
-    for j in range(1, n):
-        for i in range(n - 1, j - 1, -1):
-            c[i] = (c[i] - c[i - 1]) / (ts[i] - ts[i - j])
-    out = c[n - 1]
-    for i in range(n - 2, -1, -1):
-        out = out * (t - ts[i]) + c[i]
-    return out
-
-
-def forecast_reference(model, x, y, sampler, recompute, uncond_steps, forecast):
-    """Euler with encoder forecasting, float64 bookkeeping: the encoder runs on `recompute` steps (both halves on
-    `uncond_steps`, the conditional half on the others); at every other step each half's state is the
-    polynomial through its last forecast + 1 recomputed (t, s) points, at this step's t."""
-    t_all = timesteps(sampler.num_steps, sampler.last_step, sampler.timeshift)
-    b, null = len(y), model.cfg.null_class
-    x = torch.from_numpy(x).double()
-    yy = torch.from_numpy(y)
-    hist = {"u": [], "c": []}
-    for i in range(sampler.num_steps):
-        t32 = np.float32(t_all[i])
-        guided = sampler.guidance_interval[0] < t32 < sampler.guidance_interval[1]
-        if i in recompute:
-            halves = ("u", "c") if i in uncond_steps else ("c",)
-            for h in halves:
-                lab = torch.full((b,), null) if h == "u" else yy
-                s = model.encode(x.float(), torch.full((b,), float(t32)), lab).double()
-                hist[h].append((float(t32), s))
-        s_now = {}
-        for h in (("u", "c") if guided else ("c",)):
-            pts = hist[h][-(forecast + 1):]
-            s_now[h] = pts[-1][1] if pts[-1][0] == float(t32) or forecast == 0 else \
-                torch.from_numpy(_newton([p[0] for p in pts], [p[1].numpy() for p in pts], float(t32)))
-        vc = model.decode(x.float(), s_now["c"].float()).double()
-        v = vc
-        if guided:
-            vu = model.decode(x.float(), s_now["u"].float()).double()
-            v = vu + sampler.guidance * (vc - vu)
-        x = x + v * (t_all[i + 1] - t_all[i])
-    return x.numpy()
 
 
 @pytest.mark.parametrize("forecast", [1, 2])

@@ -52,8 +52,11 @@ def features(tmp_path_factory):
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
     """Tiny GEMMs: one thread is faster, and far faster on a busy 2-core machine (restored afterwards)."""
-    import torch
-
+    try:
+        import torch
+    except ImportError:  # the production install: the tests that need torch skip by themselves
+        yield
+        return
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -1,5 +1,6 @@
-"""Straightforward restatements of the official DDT code, for tests only: the forward, the sharing sampler
-(ODE and SDE step functions, timeshift), the encoder-state similarity and the sharing DP.
+"""Straightforward restatements of the official DDT code in PyTorch, for tests only: the forward, the sharing
+sampler (ODE and SDE step functions, timeshift), the multistep AdamLMSampler and the encoder-state similarity.
+(The sharing DP, which needs no torch, is `sharing_dp.py`.)
 
 Written from the official formulation (F.unfold/F.fold patches, complex RoPE via torch.polar and
 view_as_complex, F.scaled_dot_product_attention, nn.LayerNorm final norm; `stateful_flow_matching/sampling.py`
@@ -189,31 +190,3 @@ def official_similarity(states) -> "torch.Tensor":
         for j in range(n):
             sim[i, j] = (unit[i] * unit[j]).sum(-1).mean()
     return sim
-
-
-def official_dp(sim: np.ndarray, k: int) -> list[int]:
-    """Plain loops, as the official sharing_dp after `error_map = (1 - sim).tolist()`."""
-    n = len(sim)
-    err = (1 - np.asarray(sim, np.float64)).tolist()
-    for i in range(1, n):
-        for j in range(0, i):
-            err[i][j] = err[i - 1][j] + err[i][j]
-    cost = [[0.0] * (n + 1) for _ in range(k + 1)]
-    par = [[-1] * (n + 1) for _ in range(k + 1)]
-    for i in range(1, n + 1):
-        cost[1][i] = err[i - 1][0]
-        par[1][i] = 0
-    for step in range(2, k + 1):
-        for i in range(step, n + 1):
-            best, arg = 99999, -1
-            for j in range(step - 1, i):
-                value = cost[step - 1][j] + err[i - 1][j]
-                if value < best:
-                    best, arg = value, j
-            cost[step][i] = best
-            par[step][i] = arg
-    out = [n]
-    for step in range(k, 0, -1):
-        out.append(par[step][out[-1]])
-    out.reverse()
-    return out[:-1]
