@@ -53,7 +53,7 @@ def test_subset_shares_the_streams():
 
 
 def test_bad_seed_or_index():
-    with pytest.raises(InputError, match="--seed"):
+    with pytest.raises(InputError, match=r"^seed: expected >= 0, got -1"):
         sample_noise(-1, [0], SHAPE)
     with pytest.raises(InputError, match="sample index"):
         StepNoise(0, [-2])

@@ -26,8 +26,10 @@ def _indices(indices: Iterable[int]) -> list[int]:
 
 
 def _seed(seed: int) -> int:
+    """A request's seed is checked where the request is resolved (named as its caller names it); this is the
+    library's own guard, named as the library names it."""
     if int(seed) < 0:
-        raise InputError("--seed", ">= 0", seed)
+        raise InputError("seed", ">= 0", seed)
     return int(seed)
 
 

@@ -171,7 +171,7 @@ def generate(engines_dir: Path, given: RequestInput = RequestInput(), options: R
                       device_loop=o.device_loop)
         rows = work_rows(plan_steps(request.sampler, request.recompute, o.cond_only_outside), request.num)
         saved = saved_fraction(rows, m.num_encoder_blocks, m.num_blocks - m.num_encoder_blocks)
-        result = GenerateResult(request, rows, saved, len(chunks), size)
+        result = GenerateResult(request=request, rows=rows, saved=saved, chunks=len(chunks), chunk=size)
         if o.out_dir is None:
             _in_memory(executor, job, chunks, result, progress)
             if o.latents_out is not None:
