@@ -99,11 +99,13 @@ def screen_table(rows: dict) -> str:
     return "\n".join(lines)
 
 
-def pareto_plot(res: dict, path: Path = PLOT) -> Path:
+def pareto_plot(res: dict, path: Path | None = None) -> Path:
     """dFID against predicted speed-up: 3-seed means with their paired 95% intervals, single-seed screens
-    hollow; the +-0.05 band is the bar."""
+    hollow; the +-0.05 band is the bar. Written to `path`, default PLOT."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
+    path = Path(path or PLOT)
 
     fig = Figure(figsize=(8, 5), dpi=120)
     FigureCanvasAgg(fig)
