@@ -91,6 +91,7 @@ def main(argv=None) -> None:
     p.add_argument("--focus-load", type=float, default=0.7, help="the load the targets are checked at ...")
     p.add_argument("--focus-requests", type=int, default=150, help="... and how many requests it gets at least")
     p.add_argument("--saturation-s", type=float, default=90.0)
+    p.add_argument("--saturation-warmup-s", type=float, default=30.0, help="closed-loop start left out")
     p.add_argument("--saturation-policies", nargs="+", default=list(POLICIES), choices=POLICIES,
                    help="the policies whose saturation is measured (the loads are fractions of request's; every "
                    "policy's is simulated)")

@@ -201,10 +201,14 @@ def measure(args) -> None:
         print(f"solo latencies (s): {[round(s, 3) for s in solo]}", flush=True)
         out["saturation"] = {}
         for p in [p for p in args.policies if p in args.saturation_policies]:
-            out["saturation"][p] = asyncio.run(closed_loop(urls[p], kinds, SAT_CLIENTS, args.saturation_s, args.seed))
+            out["saturation"][p] = asyncio.run(closed_loop(urls[p], kinds, SAT_CLIENTS, args.saturation_s, args.seed,
+                                                           warmup=args.saturation_warmup_s))
             print(f"saturation {p}: {out['saturation'][p]}", flush=True)
         pooled += traces.new()
         sat = out["saturation"].get("request", next(iter(out["saturation"].values())))["throughput"]
+        if sat <= 0:
+            raise SystemExit(f"no request answered within --saturation-s {args.saturation_s:g} after the "
+                             f"{args.saturation_warmup_s:g} s warm-up: no saturation to take the loads from")
         for i, load in enumerate(args.loads):
             rate = load * sat
             want = args.focus_requests if abs(load - args.focus_load) < 1e-9 else args.min_requests
