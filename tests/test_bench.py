@@ -1,6 +1,6 @@
 """Benchmark plumbing: the FLOP model against PyTorch's own FLOP counter, the PyTorch baseline computing the
 same samples as the engines, and the bench report's structure. No timing assertions (those live in
-benchmarks/results.md)."""
+benchmarks/, one folder per study)."""
 from __future__ import annotations
 
 import json

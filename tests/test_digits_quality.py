@@ -21,7 +21,7 @@ pytest.importorskip("sklearn", reason="the independent classifier is scikit-lear
 CFG = load_config(None)
 pytestmark = pytest.mark.skipif(bundled_weights(CFG) is None,
                                 reason=f"bundled weights ddt_export/assets/{CFG.name}.safetensors not present")
-PER_CLASS = 4  # 40 samples: the test stays under 30 s on 2 cores; benchmarks/fid_digits.py measures 500+
+PER_CLASS = 4  # 40 samples: the test stays under 30 s on 2 cores; benchmarks/fid_digits/ measures 500+
 MIN_RECOGNIZED = 0.90
 
 

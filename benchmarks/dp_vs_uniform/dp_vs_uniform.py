@@ -1,7 +1,7 @@
 """DP against uniform encoder schedules at equal K on the bundled digits model: every K that a uniform:R gives.
 
-    python benchmarks/dp_vs_uniform.py                  # fp32 engines, 500 samples, seed 0, R = 2..10
-    python benchmarks/dp_vs_uniform.py --num 100 --ratios 2 4 --no-write
+    python benchmarks/dp_vs_uniform/dp_vs_uniform.py       # fp32 engines, 500 samples, seed 0, R = 2..10
+    python benchmarks/dp_vs_uniform/dp_vs_uniform.py --num 20 --ratios 10 --bootstrap 20 --no-write   # a smoke run
 
 For each R, `uniform:R` (K = ceil(N / R) encoder steps) and `dp:K` run from the same noise and labels, with the
 fp32 onnxruntime engines and the production host loop. Two measures:
@@ -9,7 +9,7 @@ fp32 onnxruntime engines and the production host loop. Two measures:
   (`all`) samples of the same noise. Nearly noise-free; it is what sharing the encoder state costs;
 - FID against the real digits (digits features, bundled statistics), and the paired difference
   FID(dp:K) - FID(uniform:R) with a bootstrap over the samples (same resampled indices on both sides).
-Writes benchmarks/dp_vs_uniform.json and appends a dated table to benchmarks/results.md.
+Writes dp_vs_uniform.json and the dated table between the markers of README.md, both in this folder.
 """
 from __future__ import annotations
 
@@ -22,16 +22,18 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT)]  # run as a script: this checkout's ddt_export and benchmarks.common
 
+from benchmarks.common.digits import bootstrap_draws, classifiers, deviation, fid_run, limit_threads  # noqa: E402
+from benchmarks.common.doc_blocks import update_block  # noqa: E402
 from ddt_export.builder.engine import build  # noqa: E402
-from ddt_export.core.config import load_config  # noqa: E402
 from ddt_export.core.artifacts import library_versions, write_json  # noqa: E402
+from ddt_export.core.config import load_config  # noqa: E402
 from ddt_export.evaluate.features import DIGITS_STATS, DigitsFeatures  # noqa: E402
 from ddt_export.evaluate.fid import load_stats  # noqa: E402
-from fid_digits import bootstrap_draws, classifiers, deviation, fid_run, limit_threads  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
 
 
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, data, draws: int, seed: int) -> dict:
@@ -92,12 +94,11 @@ def main(argv=None) -> int:
               "wall_s": time.time() - t0}
     if a.no_write:
         return 0
-    write_json(ROOT / "benchmarks" / "dp_vs_uniform.json", result)
-    with open(ROOT / "benchmarks" / "results.md", "a") as fh:
-        fh.write(f"\n## DP vs uniform at equal K (`python benchmarks/dp_vs_uniform.py`), {result['date']}\n\n"
-                 f"Digits model, fp32 onnxruntime engines, {a.num} samples, seed {a.seed}, {n} steps, CFG "
-                 f"{cfg.sampler.guidance}; FID of `all` {base['fid']:.3f}; {result['wall_s'] / 60:.0f} min.\n\n"
-                 f"{md}\n")
+    write_json(HERE / "dp_vs_uniform.json", result)
+    update_block(HERE / "README.md", f"DP vs uniform at equal K, {result['date']}: `python benchmarks/dp_vs_uniform/"
+                 f"dp_vs_uniform.py`. Digits model, fp32 onnxruntime engines, {a.num} samples, seed {a.seed}, {n} "
+                 f"steps, CFG {cfg.sampler.guidance}; FID of `all` {base['fid']:.3f}; {result['wall_s'] / 60:.0f} min."
+                 f"\n\n{md}")
     return 0
 
 

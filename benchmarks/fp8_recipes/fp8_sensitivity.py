@@ -1,11 +1,11 @@
 """Which DDT GEMMs carry the FP8 error: one GEMM group at a time in FP8, the rest in fp16; then FID.
 
-    python benchmarks/fp8_sensitivity.py deviation            # every group + the presets: final-latent deviation
-    python benchmarks/fp8_sensitivity.py calibration          # max vs entropy, rows of all steps vs per phase
-    python benchmarks/fp8_sensitivity.py fid --recipes ffn+qkv all --seeds 0 1 2
-    python benchmarks/fp8_sensitivity.py fid --num 2000 --recipes mix-ffn+qkv  # extends the 500-sample runs
-    python benchmarks/fp8_sensitivity.py xl                   # ddt-xl-cpu (random weights): the same recipes
-    python benchmarks/fp8_sensitivity.py report               # tables + docs/img/fp8-pareto.png from the JSON
+    python benchmarks/fp8_recipes/fp8_sensitivity.py deviation    # every group + the presets: final-latent deviation
+    python benchmarks/fp8_recipes/fp8_sensitivity.py calibration  # max vs entropy, rows of all steps vs per phase
+    python benchmarks/fp8_recipes/fp8_sensitivity.py fid --recipes ffn+qkv all --seeds 0 1 2
+    python benchmarks/fp8_recipes/fp8_sensitivity.py fid --num 2000 --recipes mix-ffn+qkv  # extends the 500-sample runs
+    python benchmarks/fp8_recipes/fp8_sensitivity.py xl           # ddt-xl-cpu (random weights): the same recipes
+    python benchmarks/fp8_recipes/fp8_sensitivity.py report       # tables + docs/img/fp8-pareto.png from the JSON
 
 Every FP8 number here is ONNX Runtime CPU emulating ModelOpt's Q/DQ graphs (QuantizeLinear to E4M3, then
 DequantizeLinear to fp16 around an fp16 MatMul); no TensorRT, no GPU. Each recipe is quantized from one fp32 +
@@ -13,11 +13,11 @@ fp16 export and one calibration set (`build --precision fp8` stages), so recipes
 Deviation: per-sample ||x_fp8 - x_fp32|| / ||x_fp32|| of the final latents from the same noise (core.noise,
 seed --seed), schedule `all`, the production host loop (runtime.sample). FID: 500 samples per seed (--num;
 more extends the cached 500-sample runs with samples 500.., after checking samples 0..3 come out the same) against
-the bundled digits statistics (benchmarks/fid_digits.py's functions), paired with fp32 on the same noise; the
+the bundled digits statistics (benchmarks/common/digits.py's `fid_run`), paired with fp32 on the same noise; the
 paired bootstrap resamples the sample indices (same indices on both sides) per seed, and the 95% interval is
 that of the 3-seed mean. Predicted speed-up: `core.flops.fp8_speedup` of the recipe's FP8 share of a step's
 FLOPs (both graphs), FP8 at 2x fp16 (H100/H200 dense tensor cores), for the digits model and for DDT-XL/256.
-Results go to benchmarks/fp8_sensitivity.json as each one is measured (a rerun skips what is there).
+Results go to fp8_sensitivity.json (this folder) as each one is measured (a rerun skips what is there).
 """
 from __future__ import annotations
 
@@ -29,9 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks"), str(ROOT / "scripts")]
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT)]  # run as a script: this checkout's ddt_export and benchmarks.common
 
+from benchmarks.common.digits import limit_threads  # noqa: E402
 from ddt_export.builder.engine import build, reuse_differences  # noqa: E402
 from ddt_export.builder.quantize import quantize_folder  # noqa: E402
 from ddt_export.builder.recipes import PRESETS, Recipe  # noqa: E402
@@ -41,9 +42,9 @@ from ddt_export.core.manifest import read_manifest  # noqa: E402
 from ddt_export.core.noise import StepNoise, sample_noise  # noqa: E402
 from ddt_export.core.numerics import relative_errors  # noqa: E402
 from ddt_export.runtime import load_engines, sample  # noqa: E402
-from ddt_export.runtime.generate.generate import make_labels, sampler_for  # noqa: E402
+from ddt_export.runtime.sampling.request import RequestInput, make_labels, resolve_sampler  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "fp8_sensitivity.json"
+RESULTS = Path(__file__).resolve().parent / "fp8_sensitivity.json"
 WORK = ROOT / "engines" / "fp8_study"
 XL_PRESET = "ddt-xl-256"  # the deployment shape the predicted speed-ups are quoted for
 BAR = 0.05  # |dFID| within noise: 3-seed mean of |dFID| and the paired 95% interval (issue 15)
@@ -67,6 +68,12 @@ CALIBRATION = [Recipe("all-entropy", calibration="entropy"), Recipe("all-guided-
 
 def recipe_named(name: str) -> Recipe:
     return {r.name: r for r in (*GROUPS, *CANDIDATES, *CALIBRATION, *PRESETS.values())}[name]
+
+
+def use(work: Path | None = None, results: Path | None = None) -> None:
+    """Another work folder and results JSON than the study's own (a smoke run that leaves both alone)."""
+    global WORK, RESULTS
+    WORK, RESULTS = Path(work or WORK), Path(results or RESULTS)
 
 
 def load() -> dict:
@@ -117,7 +124,7 @@ def xl_base(num: int, steps: int) -> Path:
                               force=True)
     if not (base / "calibration" / "manifest.json").is_file():
         say(f"calibrating ddt-xl-cpu ({num} images, {steps} steps)")
-        capture(base / "stages" / "fp32", base / "calibration", num=num, steps=steps, say=say)
+        capture(base / "stages" / "fp32", base / "calibration", RequestInput(num=num, steps=steps), say=say)
     return base
 
 
@@ -136,8 +143,11 @@ def quantized(base: Path, recipe: Recipe, where: Path) -> Path:
 
 
 class PhaseEngines:
-    """Study only: two FP8 folders switched by guidance phase (scales calibrated per phase). The host loop's
-    observer sees each call's step just before it, which picks the folder for that call."""
+    """Study only: two FP8 folders switched by guidance phase (scales calibrated per phase), as one `Graphs`
+    (runtime.graphs.engines) for the host loop. Its observer sees each call's step just before the call, which
+    picks the folder for that call."""
+
+    loop = "host"  # `sample` runs the host loop (an observer needs it anyway)
 
     def __init__(self, guided, unguided, guided_steps: set[int]):
         self.guided, self.unguided, self.steps = guided, unguided, guided_steps
@@ -147,11 +157,8 @@ class PhaseEngines:
     def observe(self, graph: str, step: int, inputs: dict) -> None:
         self.current = self.guided if step in self.steps else self.unguided
 
-    def encoder(self, **kw):
-        return self.current.encoder(**kw)
-
-    def decoder(self, **kw):
-        return self.current.decoder(**kw)
+    def run(self, graph: str, feeds: dict) -> dict:
+        return self.current.run(graph, feeds)
 
 
 def with_headroom(folder: Path, factor: float) -> Path:
@@ -197,17 +204,17 @@ def latents(folder: Path | tuple, num: int, seed: int, steps: int | None = None)
         from ddt_export.builder.recipes import phase_steps
 
         with load_engines(folder[0], "onnxruntime") as g, load_engines(folder[1], "onnxruntime") as u:
-            sampler = sampler_for(g, steps)
+            sampler = resolve_sampler(g.config.sampler, RequestInput(steps=steps))
             eng = PhaseEngines(g, u, phase_steps(sampler, "guided"))
             return _sample(eng, sampler, num, seed, eng.observe)
     with load_engines(folder, "onnxruntime") as eng:
-        return _sample(eng, sampler_for(eng, steps), num, seed, None)
+        return _sample(eng, resolve_sampler(eng.config.sampler, RequestInput(steps=steps)), num, seed, None)
 
 
 def _sample(eng, sampler, num: int, seed: int, observer) -> np.ndarray:
     m = eng.config.model
     noise = sample_noise(seed, range(num), m.latent_shape)
-    labels = make_labels(m.num_classes, None, None, num)
+    labels = make_labels(m.num_classes, RequestInput(num=num))
     return sample(eng, noise, labels, sampler, list(range(sampler.num_steps)), observer=observer,
                   rng=StepNoise(seed, range(num)))
 
@@ -252,7 +259,7 @@ def deviation_rows(base: Path, model: str, recipes, section: str, num: int, seed
 
 def svc_accuracy(lat: np.ndarray, clfs) -> float:
     """fid_digits' recognition rate (RBF SVC on the pixels) of latents sampled with classes cycled by index."""
-    labels = make_labels(MODELS["ddt-tiny-digits"].model.num_classes, None, None, len(lat))
+    labels = make_labels(MODELS["ddt-tiny-digits"].model.num_classes, RequestInput(num=len(lat)))
     svc = next(clf for name, clf, _ in clfs if name == "svc")
     return float((svc.predict(np.clip(lat, -1, 1).reshape(len(lat), -1)) == labels).mean())
 
@@ -264,11 +271,9 @@ def tail_latents(folder: Path, seed: int, start: int, stop: int, chunk: int = 25
     """Final latents of samples start..stop-1 of a `generate(folder, num=stop, seed=seed, schedule="all")` run:
     per-sample noise (core.noise: seed, index) and labels cycled by index, so samples 0..start-1 are a shorter
     run's (checked on every extension: its first samples again, against the shorter run's)."""
-    from ddt_export.runtime.generate.generate import sampler_from
-
     with load_engines(folder, "onnxruntime") as eng:
-        m, sampler = eng.config.model, sampler_from(eng.config, None, None)
-        labels = make_labels(m.num_classes, None, None, stop)
+        m, sampler = eng.config.model, eng.config.sampler
+        labels = make_labels(m.num_classes, RequestInput(num=stop))
         out = []
         for lo in range(start, stop, chunk):
             idx = range(lo, min(lo + chunk, stop))
@@ -279,8 +284,7 @@ def tail_latents(folder: Path, seed: int, start: int, stop: int, chunk: int = 25
 
 
 def fid_rows(base: Path, names: list[str], seeds: list[int], num: int, draws: int) -> None:
-    from fid_digits import bootstrap_draws, classifiers, fid_run
-
+    from benchmarks.common.digits import bootstrap_draws, classifiers, fid_run
     from ddt_export.core.images import images_from_samples
     from ddt_export.evaluate.features import DIGITS_STATS, DigitsFeatures
     from ddt_export.evaluate.fid import fid, load_stats, stats_from_features
@@ -360,13 +364,14 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20, help="xl: sampling and calibration steps")
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--work", type=Path, default=None, help=f"engines and caches (default {WORK})")
+    p.add_argument("--results", type=Path, default=None, help=f"the results JSON (default {RESULTS.name} here)")
     a = p.parse_args(argv)
+    use(a.work, a.results)
     if a.what == "report":
-        from fp8_report import report
+        from benchmarks.fp8_recipes.fp8_report import report
 
         return report(load())
-    from fid_digits import limit_threads
-
     limit_threads(a.threads)
     presets = [recipe_named(n) for n in (a.recipes or PRESETS)]
     if a.what == "deviation":

@@ -1,7 +1,8 @@
 """ADM's five numbers on the bundled digits model: engine precisions x encoder schedules x seeds.
 
-    python benchmarks/adm_digits.py                       # the table in benchmarks/results.md and docs/metrics.md
-    python benchmarks/adm_digits.py --precisions fp32 --schedules all --seeds 0 --num 200 --no-write
+    python benchmarks/adm_digits/adm_digits.py            # the runs (resumable), into adm_digits.json
+    python benchmarks/adm_digits/adm_digits.py --report   # the tables: README.md here and docs/metrics.md
+    python benchmarks/adm_digits/adm_digits.py --precisions fp32 --schedules all --seeds 0 --num 20 --no-write
 
 Each run: `generate` on onnxruntime CPU engines (the production host loop), then the digits extractor's
 activations of the samples against the bundled reference batch (`digits_stats.npz`: all 1797 real digits, their
@@ -12,8 +13,8 @@ The real-data row: `num` real digits drawn without replacement (seed s), through
 the same reference; they are part of the reference set, so their precision is 1 by construction.
 
 Results are written after every run to `--json` and a rerun resumes from it (same num, seeds and sampler);
-`--report` appends the table of the finished rows (and their paired differences from fp32 `all`) to
-benchmarks/results.md and replaces the table between the markers in docs/metrics.md.
+`--report` writes the table of the finished rows (and their paired differences from fp32 `all`) between the
+markers of this folder's README.md and of docs/metrics.md.
 On a shared 2-core CPU a 500-sample run takes about 1 min (fp32) to 5 min (FP8, emulated by onnxruntime).
 """
 from __future__ import annotations
@@ -29,10 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT)]  # run as a script: this checkout's ddt_export and benchmarks.common
 
+from benchmarks.common.digits import limit_threads  # noqa: E402
+from benchmarks.common.doc_blocks import update_block  # noqa: E402
 from ddt_export.builder.engine import build  # noqa: E402
 from ddt_export.core.artifacts import library_versions, write_json  # noqa: E402
 from ddt_export.core.config import load_config  # noqa: E402
@@ -40,12 +42,13 @@ from ddt_export.core.images import images_from_samples  # noqa: E402
 from ddt_export.core.manifest import read_manifest  # noqa: E402
 from ddt_export.evaluate.features import DIGITS_STATS, DigitsFeatures  # noqa: E402
 from ddt_export.evaluate.suite import adm_numbers, batch_from_activations, read_batch  # noqa: E402
-from ddt_export.runtime.generate.generate import generate  # noqa: E402
-from doc_blocks import replace_between  # noqa: E402
+from ddt_export.runtime.generate.generate import RunOptions, generate  # noqa: E402
+from ddt_export.runtime.sampling.request import CLI, RequestInput, resolve  # noqa: E402
 
+HERE = Path(__file__).resolve().parent
 SCHEDULES = ("all", "uniform:2", "dp:25", "uniform:4", "dp:13")
 PRECISIONS = ("fp32", "fp16", "fp8")
-FIRST = ("all", "dp:25")  # the low-precision rows of benchmarks/fid_digits.py's table run before the rest
+FIRST = ("all", "dp:25")  # the low-precision rows of the fid_digits study run before the rest
 MARK_BEGIN, MARK_END = "<!-- adm table begin -->", "<!-- adm table end -->"  # docs/metrics.md
 METRICS = (("fid", "FID", 3), ("inception_score", "IS", 3), ("sfid", "sFID", 2), ("precision", "precision", 3),
            ("recall", "recall", 3))
@@ -63,12 +66,13 @@ def recompute_steps(folder: Path, spec: str) -> list[int]:
     from ddt_export.runtime.sampling.schedules import resolve_schedule
 
     with load_engines(folder, "onnxruntime") as engines:
-        return list(resolve_schedule(spec, engines, engines.config.sampler, say=lambda m: None)[0])
+        request = resolve(engines.config, RequestInput(schedule=spec), CLI)
+        return list(resolve_schedule(request, engines, say=lambda m: None).recompute)
 
 
 def run_one(folder: Path, num: int, seed: int, spec: str, ext, ref) -> dict:
     t0 = time.time()
-    res = generate(folder, num=num, seed=seed, schedule=spec, say=lambda m: None)
+    res = generate(folder, RequestInput(num=num, seed=seed, schedule=spec), RunOptions(), say=lambda m: None)
     out = numbers(images_from_samples(res.latents), ext, ref, f"{folder.name} {spec} seed {seed}")
     return dict(out, seconds=time.time() - t0)
 
@@ -141,8 +145,6 @@ def paired_table(result: dict, base: str = "fp32 all") -> str:
 
 
 def main(argv=None) -> int:
-    from fid_digits import limit_threads  # one onnxruntime thread per session: twice as fast on 2 shared cores
-
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--precisions", nargs="+", default=list(PRECISIONS))
     p.add_argument("--schedules", nargs="+", default=list(SCHEDULES))
@@ -150,14 +152,14 @@ def main(argv=None) -> int:
     p.add_argument("--num", type=int, default=500, help="samples per run")
     p.add_argument("--work", type=Path, default=ROOT / "engines" / "adm_digits")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "adm_digits.json")
+    p.add_argument("--json", type=Path, default=HERE / "adm_digits.json")
     p.add_argument("--no-write", action="store_true", help="print only; leave --json alone")
     p.add_argument("--report", action="store_true",
-                   help="no runs: append the table of the finished rows in --json to benchmarks/results.md")
+                   help="no runs: the tables of the finished rows in --json, into README.md and docs/metrics.md")
     a = p.parse_args(argv)
     if a.report:
-        return report(json.loads(a.json.read_text()))
-    limit_threads(a.threads)
+        return report(json.loads(a.json.read_text()), a.json.name)
+    limit_threads(a.threads)  # one onnxruntime thread per session: twice as fast on 2 shared cores
     cfg = load_config(None)
     ext = DigitsFeatures()
     ref = read_batch(DIGITS_STATS, lambda: ext)
@@ -212,26 +214,24 @@ def twins_text(result: dict) -> str:
     return (f"Same encoder steps, so the same samples (run once): {'; '.join(twins)}. " if twins else "")
 
 
-def report(result: dict) -> int:
-    """Append the finished rows of a result JSON to benchmarks/results.md as a dated section."""
+def report(result: dict, json_name: str = "adm_digits.json") -> int:
+    """The finished rows of a result JSON: the dated section of this folder's README and docs/metrics.md's table."""
     md, pmd, cfg, v = table(result), paired_table(result), load_config(None), result.get("versions", {})
     fp8 = result["builds"].get("fp8", {}).get("options")
     run_s = sum(r["seconds"] for row in result["rows"].values() for r in row["runs"].values())
-    with open(ROOT / "benchmarks" / "results.md", "a") as fh:
-        fh.write(f"\n## ADM metrics on the digits model (`python benchmarks/adm_digits.py`), {result['date']}\n\n"
+    update_block(HERE / "README.md",
+                 f"ADM metrics on the digits model, {result['date']}: `python benchmarks/adm_digits/adm_digits.py`. "
                  f"{result['num']} samples per run, seeds {', '.join(map(str, result['seeds']))} (mean ± sd over "
                  f"seeds), {cfg.sampler.num_steps} steps, CFG {cfg.sampler.guidance}, classes cycled; the digits "
                  "extractor against the bundled reference batch of all 1797 real digits (IS: the CNN's 10 logits; "
                  "FID: 64-d features; sFID: 448-d spatial features; precision/recall: k = 3 on the 64-d features). "
                  f"onnxruntime {v.get('onnxruntime')} CPU engines on a shared 2-core machine ({run_s / 60:.0f} min "
                  f"of runs). FP8: the ModelOpt recipe of this date ({fp8}). {twins_text(result)}Raw numbers: "
-                 f"`benchmarks/adm_digits.json`.\n\n{md}\n"
-                 + (f"\nPaired differences from fp32 `all`, seed by seed (same noise), mean ± sd over seeds:\n\n"
-                    f"{pmd}\n" if pmd else ""))
-    doc = ROOT / "docs" / "metrics.md"
-    if doc.is_file():
-        body = md + (f"\n\nPaired differences from fp32 `all` (same noise, seed by seed):\n\n{pmd}" if pmd else "")
-        doc.write_text(replace_between(doc.read_text(), MARK_BEGIN, MARK_END, body))
+                 f"`{json_name}`.\n\n{md}"
+                 + (f"\n\nPaired differences from fp32 `all`, seed by seed (same noise), mean ± sd over seeds:\n\n"
+                    f"{pmd}" if pmd else ""))
+    body = md + (f"\n\nPaired differences from fp32 `all` (same noise, seed by seed):\n\n{pmd}" if pmd else "")
+    update_block(ROOT / "docs" / "metrics.md", body, MARK_BEGIN, MARK_END)
     print(md + "\n\n" + pmd)
     return 0
 

@@ -1,10 +1,23 @@
-"""The serve load study's outputs: the latency-vs-load plot and the dated section of benchmarks/results.md.
-(Used by serve_load.py measure; `python benchmarks/serve_report.py serve_load.json` redoes both from the JSON.)"""
+"""The serve load study's outputs: the latency-vs-load plot and the dated result in this folder's README.md.
+
+    python benchmarks/serve_load/report.py benchmarks/serve_load/serve_load.json [--write]
+
+Used by `serve_load.py measure`; run alone it redoes the plot (beside the JSON) and prints the targets' checks
+from a measure JSON, and with --write the README's result section too. Imports none of the study's files.
+"""
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT)]  # run as a script: this checkout's benchmarks.common
+
+from benchmarks.common.doc_blocks import update_block  # noqa: E402
+
+README = Path(__file__).resolve().parent / "README.md"
 
 POL = ("step", "fair", "request", "single")
 COLORS = {"step": "tab:blue", "fair": "tab:green", "request": "tab:orange", "single": "tab:gray"}
@@ -89,11 +102,12 @@ def checks(out: dict) -> dict:
     return res
 
 
-def write_section(out: dict, results: Path, args=None) -> None:
+def write_section(out: dict, readme: Path = README) -> None:
+    """The dated result of a measure JSON, between the result markers of `readme`."""
     c, ck = out["curve"], checks(out)
     ms = lambda s: f"{1e3 * s:.1f}"  # noqa: E731
-    lines = [f"\n## Serving: step-level vs request-level batching (`python benchmarks/serve_load.py measure`), "
-             f"{out['date']}\n",
+    lines = [f"Step-level vs request-level batching, {out['date']} (`python benchmarks/serve_load/serve_load.py "
+             "measure`).\n",
              f"{out['model']} engines ({out['engines']}), onnxruntime CPU, row budget {out['budget']} (batch.max); "
              f"{out['machine']['cores']} cores shared with other engineers' jobs, so every number is noisy "
              f"(ratios are from one run, side by side). Four servers on 127.0.0.1 (`--batching step`, `fair`, "
@@ -102,8 +116,8 @@ def write_section(out: dict, results: Path, args=None) -> None:
              f"{out.get('focus_requests', 150)} at {out.get('focus_load', 0.7):.0%}); requests "
              f"from a {len(out['kinds'])}-kind catalog (num 1-4, "
              f"steps 10-100, all / uniform:2 / uniform:4 / dp:K, cfg 1.0-2.0), random class and seed; latency "
-             f"measured at the client. {out['minutes']:.0f} min in all. Raw: `benchmarks/serve_load.json`; plot "
-             f"`benchmarks/serve_load.png`.\n",
+             f"measured at the client. {out['minutes']:.0f} min in all. Raw: `serve_load.json`; plot "
+             f"`serve_load.png`.\n",
              "Cost curves of this run, ms per call: the tight loop (one graph called over and over in one process) and"
              " the servers' own iterations (`serve --trace`, all loads pooled, fitted linear in rows):\n",
              "| rows | encoder, tight loop | per row | decoder, tight loop | per row | encoder, servers | decoder, "
@@ -177,11 +191,20 @@ def write_section(out: dict, results: Path, args=None) -> None:
                 lines.append(f"| {r['half_rows']} | {r['call_ms']:.2f} | {r['saturation']['request']:.2f} | "
                              f"{r['saturation']['step']:.2f} | {r['p50']:.2f} | {r['p99']:.2f} | "
                              f"{r['slowdown_p99']:.2f} |")
-    with open(results, "a") as fh:
-        fh.write("\n".join(lines) + "\n")
+    update_block(readme, "\n".join(lines))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description="the plot and the targets' checks of a `serve_load.py measure` JSON")
+    ap.add_argument("json", type=Path)
+    ap.add_argument("--write", action="store_true", help="also write the result section of README.md")
+    a = ap.parse_args(argv)
+    data = json.loads(a.json.read_text())
+    plot(data, a.json.with_suffix(".png"))
+    print("\n".join(f"{k}: {v}" for k, v in checks(data).items()))
+    if a.write:
+        write_section(data)
 
 
 if __name__ == "__main__":
-    data = json.loads(Path(sys.argv[1]).read_text())
-    plot(data, Path(sys.argv[1]).with_suffix(".png"))
-    print("\n".join(f"{k}: {v}" for k, v in checks(data).items()))
+    main()

@@ -1,6 +1,6 @@
 """The simulator on each server's own cost curve: refit a `serve_load.py measure` run from its servers' traces.
 
-    python benchmarks/serve_refit.py benchmarks/serve_load.json /tmp/serve-load-XXXX [--update]
+    python benchmarks/serve_load/serve_refit.py benchmarks/serve_load/serve_load.json /tmp/serve-load-XXXX [--update]
 
 `measure` fits one cost curve per load to all four servers' iterations at that load. The servers run one after
 another, minutes apart, on a shared machine whose load drifts, so that curve can be wrong for any one of them.
@@ -17,13 +17,11 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).parent))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT)]  # run as a script: this checkout's ddt_export and benchmarks.common
 
-from serve_load import arrivals, poisson_trace  # noqa: E402
-from serve_study import fit_trace, sim_stats  # noqa: E402
-
+from benchmarks.serve_load.simulation import fit_trace, sim_stats  # noqa: E402
+from benchmarks.serve_load.workload import arrivals, poisson_trace, resolve_catalog  # noqa: E402
 from ddt_export.runtime.batching.simulate import simulate  # noqa: E402
 
 GAP_S = 60.0  # an idle gap this long inside one server's trace: another server's turn
@@ -52,11 +50,9 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     out = json.loads(a.json.read_text())
     from ddt_export.runtime import load_engines
-    from ddt_export.runtime.batching.runner import resolve_request
 
     with load_engines(out["engines"]) as engines:
-        specs = [resolve_request(engines, label=0, num=k["num"], steps=k["steps"], cfg=k["cfg"],
-                                 schedule=k["schedule"]) for k in out["kinds"]]
+        specs = resolve_catalog(engines, out["kinds"])
     loads = sorted({r["load"] for r in out["runs"]})
     policies = list(dict.fromkeys(r["policy"] for r in out["runs"]))
     per = {p: dict(zip(loads, runs_of(a.traces / f"trace-{p}.jsonl", len(loads)))) for p in policies}

@@ -1,6 +1,6 @@
-"""Tables and the Pareto plot of `benchmarks/fp8_sensitivity.py`'s results (its `report` step).
+"""Tables and the Pareto plot of `fp8_sensitivity.py`'s results (its `report` step).
 
-    python benchmarks/fp8_sensitivity.py report     # prints the markdown tables, writes docs/img/fp8-pareto.png
+    python benchmarks/fp8_recipes/fp8_sensitivity.py report   # prints the tables, writes docs/img/fp8-pareto.png
 
 The tables also replace the blocks between `<!-- fp8 TABLE begin -->` and `<!-- fp8 TABLE end -->` in docs/fp8.md.
 """
@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from doc_blocks import replace_between
+from benchmarks.common.doc_blocks import update_block
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PLOT = ROOT / "docs" / "img" / "fp8-pareto.png"
 DOC = ROOT / "docs" / "fp8.md"
 
@@ -99,11 +99,13 @@ def screen_table(rows: dict) -> str:
     return "\n".join(lines)
 
 
-def pareto_plot(res: dict, path: Path = PLOT) -> Path:
+def pareto_plot(res: dict, path: Path | None = None) -> Path:
     """dFID against predicted speed-up: 3-seed means with their paired 95% intervals, single-seed screens
-    hollow; the +-0.05 band is the bar."""
+    hollow; the +-0.05 band is the bar. Written to `path`, default PLOT."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
+    path = Path(path or PLOT)
 
     fig = Figure(figsize=(8, 5), dpi=120)
     FigureCanvasAgg(fig)
@@ -174,9 +176,6 @@ def report(res: dict) -> int:
         print(f"\n### Bias correction\n\n{tables['bias']}")
     if fid1 or "fid" in res:
         print(f"\nwrote {pareto_plot(res)}")
-    if DOC.is_file():
-        text = DOC.read_text()
-        for name, table in tables.items():
-            text = replace_between(text, f"<!-- fp8 {name} begin -->", f"<!-- fp8 {name} end -->", table)
-        DOC.write_text(text)
+    for name, table in tables.items():
+        update_block(DOC, table, f"<!-- fp8 {name} begin -->", f"<!-- fp8 {name} end -->")
     return 0

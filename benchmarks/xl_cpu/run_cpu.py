@@ -1,13 +1,15 @@
-"""CPU benchmarks for the results file: an XL-shaped model end to end, and DDT-XL/2 per call.
+"""CPU speed of the engines against PyTorch: an XL-shaped model end to end, and DDT-XL/2 per call.
 
-    python benchmarks/run_cpu.py [--steps 20] [--batches 1 4] [--repeats 3] [--xl /tmp/ddt-xl]
+    python benchmarks/xl_cpu/run_cpu.py --steps 10 --batches 1 2 --repeats 3   # the measurement in README.md
+    python benchmarks/xl_cpu/run_cpu.py --steps 2 --batches 1 --repeats 1 --xl /nonexistent --no-write  # smoke
 
 1. `ddt-xl-cpu` (28 blocks, 22 encoder, hidden 256, 256 tokens; random weights): exported to ONNX, then
-   `ddt_export.bench.bench` with schedules all, uniform:2, uniform:4 and dp:K at the same step counts K,
+   `ddt_export.evaluate.bench.bench` with schedules all, uniform:2, uniform:4 and dp:K at the same step counts K,
    engines (onnxruntime CPU) and the PyTorch eager fp32 reference in the same run.
-2. DDT-XL/2 256 (random weights, exported by benchmarks/export_xl.py to --xl if that folder exists): one
-   encoder and one decoder call at 2 rows (one image with CFG), onnxruntime vs PyTorch eager fp32.
-Appends a dated section to benchmarks/results.md and writes JSON and PNG beside it.
+2. DDT-XL/2 256 (random weights, exported by benchmarks/export_xl/export_xl.py to --xl if that folder exists):
+   one encoder and one decoder call at 2 rows (one image with CFG), onnxruntime vs PyTorch eager fp32.
+Writes xl-cpu.json, xl-cpu.png (and xl-256.json) in this folder and the dated sections between the markers of
+its README.md (`--no-write`: print them only, write nothing here).
 """
 from __future__ import annotations
 
@@ -15,18 +17,22 @@ import argparse
 import sys
 from pathlib import Path
 
-from ddt_export.evaluate.bench import bench, write_outputs
-from ddt_export.core.config import load_config
-from ddt_export.export.exporter import export_model, load_checkpoint_model
-from ddt_export.core.flops import step_flops
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT)]  # run as a script: this checkout's ddt_export and benchmarks.common
 
-HERE = Path(__file__).parent
+from benchmarks.common.doc_blocks import update_block  # noqa: E402
+from ddt_export.core.config import load_config  # noqa: E402
+from ddt_export.core.flops import step_flops  # noqa: E402
+from ddt_export.evaluate.bench import bench, write_outputs  # noqa: E402
+from ddt_export.export.exporter import export_model, load_checkpoint_model  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
 
 
 def section(res, title: str, cmd: str) -> str:
     m = res.machine
     v = m["versions"]
-    lines = [f"\n## {title} ({m['date']})\n", f"Command: `{cmd}`  ",
+    lines = [f"\n### {title} ({m['date']})\n", f"Command: `{cmd}`  ",
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['platform']}; onnxruntime {v.get('onnxruntime')} "
              f"({', '.join(m.get('onnxruntime_providers', []))}), torch {v.get('torch')}, numpy {v.get('numpy')}.\n",
              "| backend | graph | rows | median ms | min..max ms |", "| --- | --- | --- | --- | --- |"]
@@ -51,15 +57,15 @@ def section(res, title: str, cmd: str) -> str:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--xl", default="/tmp/ddt-xl")
     ap.add_argument("--work", default="/tmp/ddt-bench")
-    ap.add_argument("--results", default=str(HERE / "results.md"))
+    ap.add_argument("--no-write", action="store_true", help="print only: no JSON, PNG or README section")
     a = ap.parse_args(argv)
-    cmd = "python benchmarks/run_cpu.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    cmd = "python benchmarks/xl_cpu/run_cpu.py " + " ".join(sys.argv[1:] if argv is None else argv)
     cfg = load_config("ddt-xl-cpu")
     folder = Path(a.work) / "xl-cpu-fp32"
     model, src = load_checkpoint_model(None, cfg, random_weights=True, seed=0)
@@ -69,17 +75,18 @@ def main(argv=None):
     res = bench(folder, batches=a.batches, steps=n,
                 schedules=["all", "uniform:2", f"dp:{-(-n // 2)}", "uniform:4", f"dp:{-(-n // 4)}"],  # dp at the uniform step counts
                 repeats=a.repeats, torch_variants=("torch-eager-fp32",))
-    write_outputs(res, HERE / "xl-cpu.json", HERE / "xl-cpu.png")
+    out = None if a.no_write else HERE
+    write_outputs(res, out and out / "xl-cpu.json", out and out / "xl-cpu.png")
     text = section(res, f"ddt-xl-cpu end to end (encoder share of step FLOPs {f.encoder_fraction:.1%})", cmd)
     if (Path(a.xl) / "manifest.json").is_file():
         xl = bench(Path(a.xl), batches=[1], steps=1, schedules=["all"], repeats=a.repeats,
                    torch_variants=("torch-eager-fp32",), say=print)
         xl.runs, xl.sharing = [], []  # one call per graph only: a whole XL trajectory is minutes per image here
-        write_outputs(xl, HERE / "xl-256.json", None)
+        write_outputs(xl, out and out / "xl-256.json", None)
         text += section(xl, "DDT-XL/2 256, one call per graph (random weights)", cmd)
-    with open(a.results, "a") as fh:
-        fh.write(text)
     print(text)
+    if not a.no_write:
+        update_block(HERE / "README.md", text.strip())
 
 
 if __name__ == "__main__":

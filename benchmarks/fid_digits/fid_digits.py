@@ -1,7 +1,8 @@
 """FID of the bundled digits model against the real digits: engine precisions x encoder schedules x seeds.
 
-    python benchmarks/fid_digits.py                                   # the docs/validate.md table
-    python benchmarks/fid_digits.py --precisions fp32 --seeds 0 --num 200 --no-write
+    python benchmarks/fid_digits/fid_digits.py --seeds 0 1 2           # the docs/validate.md table
+    python benchmarks/fid_digits/fid_digits.py --precisions fp32 --schedules all --seeds 0 --num 20 \
+        --validate-num 0 --bootstrap 0 --no-write                         # a smoke run
 
 FID runs: `generate` on the engines (the production host loop, onnxruntime), digits features of the samples
 against the bundled statistics of all 1797 real digits. Noise is shared by every row of one seed, so the
@@ -19,8 +20,8 @@ logistic regression, fit on 80% of the real 16x16 pixels) reads as the requested
 Noise of the paired differences: each fp32 pair is bootstrapped over its samples (`--bootstrap` draws, the same
 resampled indices on both sides), giving a per-seed standard deviation and a 95% interval of the seed mean.
 
-Writes benchmarks/fid_digits.json (`--json`), appends a dated section to benchmarks/results.md, and replaces the
-table between the markers in docs/validate.md. On a shared 2-core CPU one 500-sample run takes 1 min (fp32) to 5 min (FP8,
+Writes benchmarks/fid_digits/fid_digits.json (`--json`), the dated result between the markers of
+benchmarks/fid_digits/README.md, and the table between the markers in docs/validate.md. On a shared 2-core CPU one 500-sample run takes 1 min (fp32) to 5 min (FP8,
 emulated by onnxruntime); the whole default table with three seeds about an hour.
 """
 from __future__ import annotations
@@ -34,50 +35,25 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT / "benchmarks"))  # doc_blocks
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT)]  # run as a script: this checkout's ddt_export and benchmarks.common
 
+from benchmarks.common.digits import bootstrap_draws, classifiers, deviation, fid_run, limit_threads  # noqa: E402
+from benchmarks.common.digits import real_digits_16  # noqa: E402
+from benchmarks.common.doc_blocks import update_block  # noqa: E402
 from ddt_export.builder.engine import build  # noqa: E402
-from ddt_export.core.config import load_config  # noqa: E402
 from ddt_export.core.artifacts import library_versions, write_json  # noqa: E402
+from ddt_export.core.config import load_config  # noqa: E402
 from ddt_export.core.images import images_from_samples  # noqa: E402
-from ddt_export.core.numerics import relative_errors  # noqa: E402
 from ddt_export.evaluate.features import DIGITS_STATS, DigitsFeatures  # noqa: E402
 from ddt_export.evaluate.fid import fid, load_stats, stats_from_features  # noqa: E402
 from ddt_export.evaluate.validate import validate  # noqa: E402
-from ddt_export.runtime.generate.generate import generate  # noqa: E402
-from doc_blocks import replace_between  # noqa: E402
 
+HERE = Path(__file__).resolve().parent
 SCHEDULES = ("all", "uniform:2", "dp:25", "uniform:4", "dp:13", "dp:12")
 LOW_PRECISION_SCHEDULES = ("all", "dp:25")
 PAIRS = (("dp:25", "uniform:2"), ("dp:13", "uniform:4"), ("dp:12", "uniform:4"))
 MARK_BEGIN, MARK_END = "<!-- fid_digits table begin -->", "<!-- fid_digits table end -->"
-
-
-def real_digits_16() -> tuple[np.ndarray, np.ndarray]:
-    """(1797, 1, 16, 16) float32 in [-1, 1] as the model was trained on them, and the labels."""
-    from train_digits import load_digits_16  # scripts/: the training script's own preprocessing
-
-    x, y = load_digits_16()
-    return x.numpy(), y.numpy()
-
-
-def classifiers():
-    """RBF SVC and logistic regression on 80% of the real pixels; (name, fitted, held-out accuracy)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import train_test_split
-    from sklearn.svm import SVC
-
-    x, y = real_digits_16()
-    x = x.reshape(len(x), -1)
-    xa, xb, ya, yb = train_test_split(x, y, test_size=0.2, stratify=y, random_state=0)
-    out = []
-    for name, clf in (("svc", SVC(gamma="scale")), ("logreg", LogisticRegression(max_iter=3000))):
-        clf.fit(xa, ya)
-        out.append((name, clf, float((clf.predict(xb) == yb).mean())))
-    return out
 
 
 def real_floor(num: int, seeds, data, ext) -> list[float]:
@@ -87,24 +63,6 @@ def real_floor(num: int, seeds, data, ext) -> list[float]:
         pick = np.random.default_rng(s).choice(len(x), size=min(num, len(x)), replace=False)
         out.append(fid(stats_from_features(ext.extract(images_from_samples(x[pick]))), data))
     return out
-
-
-def fid_run(folder: Path, num: int, seed: int, spec: str, data, ext, clfs) -> dict:
-    t0 = time.time()
-    res = generate(folder, num=num, seed=seed, schedule=spec, say=lambda m: None)
-    features = ext.extract(images_from_samples(res.latents))  # (num, 64) float64
-    value = fid(stats_from_features(features), data)
-    flat = np.clip(res.latents, -1, 1).reshape(num, -1)
-    recognized = {name: float((clf.predict(flat) == res.labels).mean()) for name, clf, _ in clfs}
-    return {"fid": value, "recognized": recognized, "encoder_steps": len(res.schedule),
-            "recompute_steps": res.schedule, "seconds": time.time() - t0, "latents": res.latents,
-            "features": features}
-
-
-def deviation(a: np.ndarray, b: np.ndarray) -> dict:
-    """Per-sample ||a - b|| / ||b|| of two runs from the same noise: mean and max."""
-    err = relative_errors(a, b)
-    return {"mean": float(err.mean()), "max": float(err.max())}
 
 
 def table(rows: list[dict], seeds, floor: list[float], num: int) -> str:
@@ -141,17 +99,6 @@ def paired(rows: list[dict], seeds) -> dict:
     return out
 
 
-def bootstrap_draws(a: np.ndarray, b: np.ndarray, data, draws: int, seed: int) -> np.ndarray:
-    """FID(a) - FID(b) for features (N, d) of the same N samples, over `draws` resamplings of the sample indices
-    with replacement (the same indices on both sides, so the pairing is kept): (draws,) float64."""
-    rng = np.random.default_rng(seed)
-    out = np.empty(draws)
-    for k in range(draws):
-        idx = rng.integers(0, len(a), len(a))
-        out[k] = fid(stats_from_features(a[idx]), data) - fid(stats_from_features(b[idx]), data)
-    return out
-
-
 def bootstrap_pairs(features: dict, seeds, data, draws: int) -> dict:
     """Sampling noise of each paired difference FID(dp) - FID(uniform), fp32: per seed, resample the sample
     indices with replacement (the same indices on both sides, so the pairing is kept) `draws` times.
@@ -181,22 +128,6 @@ def validate_table(vals: dict) -> str:
     return "\n".join(lines)
 
 
-def limit_threads(n: int) -> None:
-    """Intra-op threads of every onnxruntime session and of torch. On a 2-core machine shared with other jobs,
-    one thread per session measured twice as fast as onnxruntime's default (2 spinning threads) and 20x faster
-    than torch's 2 threads. Throughput only: the numbers computed do not depend on it."""
-    import onnxruntime as ort
-    import torch
-
-    class Options(ort.SessionOptions):
-        def __init__(self):
-            super().__init__()
-            self.intra_op_num_threads = n
-
-    ort.SessionOptions = Options
-    torch.set_num_threads(n)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--precisions", nargs="+", default=["fp32", "fp16", "fp8"])
@@ -207,9 +138,11 @@ def main(argv=None) -> int:
     p.add_argument("--work", type=Path, default=ROOT / "engines" / "fid_digits")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per onnxruntime session and torch")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap draws per paired difference (0: none)")
-    p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "fid_digits.json", help="raw results")
-    p.add_argument("--no-write", action="store_true", help="print only; leave results.md and docs/validate.md alone")
-    p.add_argument("--json-only", action="store_true", help="write --json only; leave results.md and docs/validate.md")
+    p.add_argument("--json", type=Path, default=HERE / "fid_digits.json", help="raw results")
+    p.add_argument("--no-write", action="store_true",
+                   help="print only; leave the JSON, the README and docs/validate.md alone")
+    p.add_argument("--json-only", action="store_true",
+                   help="write --json only; leave the README and docs/validate.md alone")
     a = p.parse_args(argv)
     limit_threads(a.threads)
     cfg = load_config(None)
@@ -267,20 +200,19 @@ def main(argv=None) -> int:
     if a.json_only:
         return 0
     v = library_versions()
-    with open(ROOT / "benchmarks" / "results.md", "a") as fh:
-        fh.write(f"\n## Digits FID (`python benchmarks/fid_digits.py`), {result['date']}\n\n"
-                 f"{a.num} samples per FID run, {cfg.sampler.num_steps} steps, CFG {cfg.sampler.guidance}, classes "
-                 f"cycled, digits features against the bundled statistics of all 1797 real digits; onnxruntime "
-                 f"CPU engines. {platform.machine()}, onnxruntime {v.get('onnxruntime')}, torch {v.get('torch')}; "
-                 f"{result['wall_s'] / 60:.0f} min in all.\n\n{md}\n\n"
-                 "Paired differences FID(dp) - FID(uniform), fp32, per seed: " + pair_text + "\n\n"
-                 + "Held-out accuracy of the independent classifiers: "
-                 + ", ".join(f"{n} {acc:.1%}" for n, _, acc in clfs) + "\n"
-                 + (f"\n`validate --reference torch`, {a.validate_num} samples, seed {a.seeds[0]}, schedule all:\n\n"
-                    f"{vmd}\n" if vmd else ""))
-    doc = ROOT / "docs" / "validate.md"
-    if doc.is_file():
-        doc.write_text(replace_between(doc.read_text(), MARK_BEGIN, MARK_END, md))
+    section = (f"Digits FID, {result['date']}: `python benchmarks/fid_digits/fid_digits.py "
+               f"--seeds {' '.join(map(str, a.seeds))}`. {a.num} samples per FID run, {cfg.sampler.num_steps} steps, "
+               f"CFG {cfg.sampler.guidance}, classes cycled, digits features against the bundled statistics of all "
+               f"1797 real digits; onnxruntime CPU engines. {platform.machine()}, onnxruntime "
+               f"{v.get('onnxruntime')}, torch {v.get('torch')}; {result['wall_s'] / 60:.0f} min in all. Raw "
+               f"numbers: `{a.json.name}`.\n\n{md}\n\n"
+               "Paired differences FID(dp) - FID(uniform), fp32, per seed: " + pair_text + "\n\n"
+               + "Held-out accuracy of the independent classifiers: "
+               + ", ".join(f"{n} {acc:.1%}" for n, _, acc in clfs)
+               + (f"\n\n`validate --reference torch`, {a.validate_num} samples, seed {a.seeds[0]}, schedule all:\n\n"
+                  f"{vmd}" if vmd else ""))
+    update_block(HERE / "README.md", section)
+    update_block(ROOT / "docs" / "validate.md", md, MARK_BEGIN, MARK_END)
     return 0
 
 

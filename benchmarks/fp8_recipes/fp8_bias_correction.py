@@ -1,6 +1,6 @@
 """Study (issue 15): FP8 bias correction, i.e. fold each FP8 GEMM's mean output error into its bias. Measured, rejected.
 
-    python benchmarks/fp8_bias_correction.py --recipe mix-dec+ffn-enc --seeds 0 1
+    python benchmarks/fp8_recipes/fp8_bias_correction.py --recipe mix-dec+ffn-enc --seeds 0 1
 
 Result (2026-12-01, docs/fp8.md "Calibration choices"): it removes the per-channel mean of the FP8 GEMM errors
 (10% of the encoder GEMMs' error energy, 22% of the decoder's) and lowers the final-latent deviation by ~9%, but
@@ -39,8 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT)]  # run as a script: this checkout's ddt_export and benchmarks.common
 
 
 CHUNK = 16  # rows per inference
@@ -213,17 +213,9 @@ def corrected_copy(src: Path, dst: Path, calib_dir: Path) -> dict:
 
 
 def main(argv=None) -> int:
-    from fid_digits import classifiers, fid_run
-    from fp8_sensitivity import (
-        WORK,
-        digits_base,
-        latents,
-        quantized,
-        recipe_named,
-        save,
-        say,
-    )
-
+    from benchmarks.common.digits import classifiers, fid_run
+    from benchmarks.fp8_recipes import fp8_sensitivity as study
+    from benchmarks.fp8_recipes.fp8_sensitivity import digits_base, latents, quantized, recipe_named, save, say
     from ddt_export.core.numerics import relative_errors
     from ddt_export.evaluate.features import DIGITS_STATS, DigitsFeatures
     from ddt_export.evaluate.fid import load_stats
@@ -232,17 +224,24 @@ def main(argv=None) -> int:
     p.add_argument("--recipe", default="mix-dec+ffn-enc")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--num", type=int, default=500)
+    p.add_argument("--work", type=Path, default=None, help="fp8_sensitivity.py's --work")
+    p.add_argument("--results", type=Path, default=None, help="fp8_sensitivity.py's --results")
     a = p.parse_args(argv)
+    study.use(a.work, a.results)
     base = digits_base()
     src = quantized(base, recipe_named(a.recipe), base.parent / "recipes")
     dst = base.parent / "bc" / a.recipe
     t0 = time.time()
     records = corrected_copy(src, dst, base / "calibration")
     say(f"bias-corrected {a.recipe} ({time.time() - t0:.0f} s): {records}")
-    ref = np.load(base.parent / "fp32-latents-n100-s100-stepsNone.npy")  # deviation_rows' fp32 reference
+    ref_path = base.parent / "fp32-latents-n100-s100-stepsNone.npy"  # deviation_rows' fp32 reference
+    if not ref_path.is_file():
+        np.save(ref_path, latents(base / "stages" / "fp32", 100, 100))
+    ref = np.load(ref_path)
     dev = {k: relative_errors(latents(f, 100, 100), ref) for k, f in (("before", src), ("after", dst))}
     data, ext, clfs = load_stats(DIGITS_STATS), DigitsFeatures(), classifiers()
-    cache = WORK / "digits" / "fid"
+    cache = study.WORK / "digits" / "fid"
+    cache.mkdir(parents=True, exist_ok=True)
 
     def run(name: str, folder: Path, seed: int) -> float:
         f = cache / f"{name}-s{seed}-n{a.num}.npz"

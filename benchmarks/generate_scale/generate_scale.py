@@ -1,8 +1,10 @@
 """`ddt-export generate --num N` to completion, local or `--ray --workers W`: wall time, peak RSS, RSS over the run.
 
-    python benchmarks/generate_scale.py --num 5000 --out /tmp/gen5000 --json benchmarks/generate_scale-local.json
-    python benchmarks/generate_scale.py --num 5000 --ray --workers 2 --out /tmp/gen5000-ray --json ...
-    python benchmarks/generate_scale.py --report local.json ray.json     # the results.md tables of finished runs
+    python benchmarks/generate_scale/generate_scale.py --num 5000 --out /tmp/gen5000 \
+        --json benchmarks/generate_scale/generate_scale-local.json
+    python benchmarks/generate_scale/generate_scale.py --num 5000 --ray --workers 2 --out /tmp/gen5000-ray \
+        --json benchmarks/generate_scale/generate_scale-ray.json
+    python benchmarks/generate_scale/generate_scale.py --report benchmarks/generate_scale/generate_scale-*.json
 
 Runs the CLI in a subprocess (bundled model, default sampler: 50 steps, CFG 1.5, schedule `all`; --format
 png,npz) and samples the RSS of its whole process tree (driver, and for --ray the Ray processes and actors) every
@@ -20,8 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT)]  # run as a script: this checkout's ddt_export and cli
 
 WRAPPER = """
 import sys, cli
@@ -58,7 +60,8 @@ def tree_rss_kib(pid: int) -> tuple[int, int]:
 
 
 def report(paths: list[Path]) -> str:
-    """Markdown of finished runs' JSON: one row per run, then each run's RSS at every tenth (flatness)."""
+    """Markdown of finished runs' JSON (the README's tables): one row per run, then each run's RSS at every
+    tenth (flatness)."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
     out = ["| run | wall | images/s | driver peak RSS | tree peak RSS | FID PNG folder | FID samples.npz |",
            "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -73,8 +76,8 @@ def report(paths: list[Path]) -> str:
     return "\n".join(out)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--report", type=Path, nargs="+", help="print the tables of finished runs' --json files")
     ap.add_argument("--num", type=int, default=5000)
     ap.add_argument("--out", type=Path)
@@ -82,7 +85,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--steps", type=int, default=None, help="a quick check only (the measurement: the manifest's)")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     if a.report:
         print(report(a.report))
         return
