@@ -288,14 +288,14 @@ def ort_cuda(check: Check) -> dict:
 
 def tensorrt_digits(check: Check) -> dict:
     from ddt_export.builder.engine import build
-    from ddt_export.evaluate.bench import bench
+    from ddt_export.evaluate.bench import BenchOptions, bench
 
     work = Path(tempfile.mkdtemp(prefix="ddt-trt-"))
     out = {}
     t0 = time.perf_counter()
-    res = build("fp16", out=work / "fp16", say=lambda m: None)
+    res = build("fp16", out=work / "fp16", say=lambda m: None)  # the bundled model, every default
     out["build_fp16_s"], out["backend"] = time.perf_counter() - t0, res.backend
-    b = bench(res.folder, batches=BATCHES, steps=STEPS, schedules=SCHEDULES, repeats=3, torch_variants=(),
+    b = bench(res.folder, BenchOptions(batches=BATCHES, steps=STEPS, schedules=SCHEDULES, repeats=3, torch_variants=()),
               say=lambda m: print(f"[gpu_check]   {m}", flush=True))
     out["runs"] = [{k: r[k] for k in ("backend", "loop", "batch", "schedule", "images_per_s")} for r in b.runs]
     out["stages"] = [{"graph": s["graph"], "rows": s["rows"], "s": s["s"]["median"]} for s in b.stages]
@@ -313,10 +313,10 @@ def fp8_speedup(fp16_folder: Path, fp8_folder: Path, fp16_stages: list[dict]) ->
     """The FP8 recipe's measured speed-up per graph call (fp16 engine seconds / FP8 engine seconds, same rows,
     timed here right after the fp16 ones) beside its prediction from FLOPs (issue 15)."""
     from ddt_export.core.manifest import read_manifest
-    from ddt_export.evaluate.bench import bench
+    from ddt_export.evaluate.bench import BenchOptions, bench
 
-    b8 = bench(fp8_folder, batches=BATCHES, steps=STEPS, schedules=("all",), repeats=3, torch_variants=(),
-               device_loop=False, say=lambda m: None)
+    b8 = bench(fp8_folder, BenchOptions(batches=BATCHES, steps=STEPS, schedules=("all",), repeats=3, torch_variants=(),
+                                        device_loop=False), say=lambda m: None)
     fp16 = {(s["graph"], s["rows"]): s["s"]["median"] for s in fp16_stages}
     q = read_manifest(fp8_folder).graphs["decoder"].info.get("quantization", {})
     return {"recipe": q.get("recipe", {}).get("name"), "predicted": q.get("recipe_share", {}),

@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ddt_export.builder.engine import build
+from ddt_export.builder.engine import BuildOptions, build
 from ddt_export.builder.parity import graph_errors, sample_error
 
 
@@ -24,8 +24,9 @@ def main() -> None:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--num", type=int, default=4)
     a = ap.parse_args()
-    fp8 = build("fp8", out=a.out / "fp8", ckpt=a.ckpt, config=a.config, backend="onnxruntime").folder
-    bf16 = build("bf16", out=a.out / "bf16", ckpt=a.ckpt, config=a.config, backend="onnxruntime").manifest
+    opts = BuildOptions(ckpt=a.ckpt, config=a.config, backend="onnxruntime")
+    fp8 = build("fp8", opts, out=a.out / "fp8").folder
+    bf16 = build("bf16", opts, out=a.out / "bf16").manifest
     stages = fp8 / "stages"
     rows = {"fp16": graph_errors(stages / "fp16", stages / "fp32"),
             "fp8": graph_errors(fp8, stages / "fp32", calibration=fp8 / "calibration")}

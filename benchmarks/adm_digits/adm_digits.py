@@ -35,7 +35,7 @@ sys.path[:0] = [str(ROOT)]  # run as a script: this checkout's ddt_export and be
 
 from benchmarks.common.digits import limit_threads  # noqa: E402
 from benchmarks.common.doc_blocks import update_block  # noqa: E402
-from ddt_export.builder.engine import build  # noqa: E402
+from ddt_export.builder.engine import BuildOptions, build  # noqa: E402
 from ddt_export.core.artifacts import library_versions, write_json  # noqa: E402
 from ddt_export.core.config import load_config  # noqa: E402
 from ddt_export.core.images import images_from_samples  # noqa: E402
@@ -177,7 +177,8 @@ def main(argv=None) -> int:
         if prec not in folders:
             folders[prec] = a.work / prec
             t0 = time.time()
-            build(prec, out=folders[prec], backend="onnxruntime", say=lambda m: print("  " + m, flush=True))
+            build(prec, BuildOptions(backend="onnxruntime"), out=folders[prec],
+                  say=lambda m: print("  " + m, flush=True))
             man = read_manifest(folders[prec])
             result["builds"][prec] = {"folder": str(folders[prec]), "options": dict(man.provenance.options),
                                       "seconds": time.time() - t0}

@@ -27,7 +27,7 @@ sys.path[:0] = [str(ROOT)]  # run as a script: this checkout's ddt_export and be
 
 from benchmarks.common.digits import bootstrap_draws, classifiers, deviation, fid_run, limit_threads  # noqa: E402
 from benchmarks.common.doc_blocks import update_block  # noqa: E402
-from ddt_export.builder.engine import build  # noqa: E402
+from ddt_export.builder.engine import BuildOptions, build  # noqa: E402
 from ddt_export.core.artifacts import library_versions, write_json  # noqa: E402
 from ddt_export.core.config import load_config  # noqa: E402
 from ddt_export.evaluate.features import DIGITS_STATS, DigitsFeatures  # noqa: E402
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     data, ext, clfs = load_stats(DIGITS_STATS), DigitsFeatures(), classifiers()
     t0 = time.time()
     folder = a.work / "fp32"
-    build("fp32", out=folder, backend="onnxruntime", say=lambda m: None)
+    build("fp32", BuildOptions(backend="onnxruntime"), out=folder, say=lambda m: None)
     base = fid_run(folder, a.num, a.seed, "all", data, ext, clfs)
     print(f"all: FID {base['fid']:.3f}", flush=True)
     rows = []

@@ -24,7 +24,7 @@ sys.path[:0] = [str(ROOT)]  # run as a script: this checkout's ddt_export and be
 from benchmarks.common.doc_blocks import update_block  # noqa: E402
 from ddt_export.core.artifacts import library_versions  # noqa: E402
 from ddt_export.core.config import load_config  # noqa: E402
-from ddt_export.export.exporter import export_model, load_checkpoint_model  # noqa: E402
+from ddt_export.export.exporter import ExportOptions, export_model, load_checkpoint_model  # noqa: E402
 
 HEAD = "| date | what | wall time | peak RSS | graphs | machine, versions |\n| --- | --- | --- | --- | --- | --- |"
 
@@ -38,7 +38,8 @@ def main(argv=None):
     cfg = load_config(a.preset)
     t0 = time.time()
     model, source = load_checkpoint_model(None, cfg, random_weights=True)
-    man = export_model(model, cfg, Path(a.out), weights=source, force=True, progress=lambda m: print(m, flush=True))
+    man = export_model(model, cfg, Path(a.out), source, ExportOptions(force=True),
+                       progress=lambda m: print(m, flush=True))
     dt = time.time() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     sizes = {n: sum(f.stat().st_size for f in Path(a.out).glob(g.file + "*")) / 2**30 for n, g in man.graphs.items()}

@@ -41,13 +41,14 @@ sys.path[:0] = [str(ROOT)]  # run as a script: this checkout's ddt_export and be
 from benchmarks.common.digits import bootstrap_draws, classifiers, deviation, fid_run, limit_threads  # noqa: E402
 from benchmarks.common.digits import real_digits_16  # noqa: E402
 from benchmarks.common.doc_blocks import update_block  # noqa: E402
-from ddt_export.builder.engine import build  # noqa: E402
+from ddt_export.builder.engine import BuildOptions, build  # noqa: E402
 from ddt_export.core.artifacts import library_versions, write_json  # noqa: E402
 from ddt_export.core.config import load_config  # noqa: E402
 from ddt_export.core.images import images_from_samples  # noqa: E402
 from ddt_export.evaluate.features import DIGITS_STATS, DigitsFeatures  # noqa: E402
 from ddt_export.evaluate.fid import fid, load_stats, stats_from_features  # noqa: E402
-from ddt_export.evaluate.validate import validate  # noqa: E402
+from ddt_export.evaluate.validate import ValidateOptions, validate  # noqa: E402
+from ddt_export.runtime.sampling.request import RequestInput  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SCHEDULES = ("all", "uniform:2", "dp:25", "uniform:4", "dp:13", "dp:12")
@@ -155,7 +156,8 @@ def main(argv=None) -> int:
     for prec in a.precisions:
         folders[prec] = a.work / prec
         t0 = time.time()
-        build(prec, out=folders[prec], backend="onnxruntime", say=lambda m: print("  " + m, flush=True))
+        build(prec, BuildOptions(backend="onnxruntime"), out=folders[prec],
+              say=lambda m: print("  " + m, flush=True))
         print(f"{prec}: engines in {folders[prec]} ({time.time() - t0:.0f} s)", flush=True)
         for spec in (a.schedules if prec == "fp32" else [s for s in a.schedules if s in LOW_PRECISION_SCHEDULES]):
             row = {"precision": prec, "schedule": spec, "runs": {}}
@@ -173,8 +175,9 @@ def main(argv=None) -> int:
             rows.append(row)
     for prec in a.precisions if a.validate_num else ():
         t0 = time.time()
-        rep = validate(folders[prec], reference="torch", num=a.validate_num, seed=a.seeds[0], stats=DIGITS_STATS,
-                       out=a.work / f"validate-{prec}", say=lambda m: None)
+        rep = validate(folders[prec], RequestInput(num=a.validate_num, seed=a.seeds[0]),
+                       ValidateOptions(reference="torch", stats=DIGITS_STATS, out=a.work / f"validate-{prec}"),
+                       say=lambda m: None)
         rep["latent_rel_err"].pop("per_sample")
         vals[prec] = {k: rep[k] for k in ("latent_rel_err", "parity", "fid", "seconds", "num", "seed")}
         print(f"validate {prec} vs torch ({a.validate_num} samples, {time.time() - t0:.0f} s): "

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT)]  # run as a script: this checkout's ddt_export and benchmarks.common
 
 from benchmarks.common.digits import limit_threads  # noqa: E402
-from ddt_export.builder.engine import build, reuse_differences  # noqa: E402
+from ddt_export.builder.engine import BuildOptions, build, reuse_differences  # noqa: E402
 from ddt_export.builder.quantize import quantize_folder  # noqa: E402
 from ddt_export.builder.recipes import PRESETS, Recipe  # noqa: E402
 from ddt_export.core.artifacts import write_json  # noqa: E402
@@ -107,21 +107,21 @@ def shares(recipe: Recipe, model: str) -> dict:
 def digits_base() -> Path:
     """The bundled model's fp8 build with the `all` recipe: its stages (fp32, fp16) and calibration are shared."""
     out = WORK / "digits" / "base"
-    build("fp8", out=out, backend="onnxruntime", fp8_recipe="all", say=lambda m: say("  " + m))
+    build("fp8", BuildOptions(backend="onnxruntime", fp8_recipe="all"), out=out, say=lambda m: say("  " + m))
     return out
 
 
 def xl_base(num: int, steps: int) -> Path:
     """ddt-xl-cpu, random weights seed 0: fp32 + fp16 exports and a short calibration (num images, steps)."""
     from ddt_export.builder.calibrate import capture
-    from ddt_export.export.exporter import export_checkpoint
+    from ddt_export.export.exporter import ExportOptions, export_checkpoint
 
     base = WORK / "xl-cpu" / "base"
     for prec in ("fp32", "fp16"):
         if not (base / "stages" / prec / "manifest.json").is_file():
             say(f"exporting ddt-xl-cpu {prec} (random weights)")
-            export_checkpoint(None, "ddt-xl-cpu", base / "stages" / prec, random_weights=True, precision=prec,
-                              force=True)
+            export_checkpoint(None, "ddt-xl-cpu", base / "stages" / prec, weights="random",
+                              options=ExportOptions(precision=prec, force=True))
     if not (base / "calibration" / "manifest.json").is_file():
         say(f"calibrating ddt-xl-cpu ({num} images, {steps} steps)")
         capture(base / "stages" / "fp32", base / "calibration", RequestInput(num=num, steps=steps), say=say)

@@ -23,8 +23,8 @@ sys.path[:0] = [str(ROOT)]  # run as a script: this checkout's ddt_export and be
 from benchmarks.common.doc_blocks import update_block  # noqa: E402
 from ddt_export.core.config import load_config  # noqa: E402
 from ddt_export.core.flops import step_flops  # noqa: E402
-from ddt_export.evaluate.bench import bench, write_outputs  # noqa: E402
-from ddt_export.export.exporter import export_model, load_checkpoint_model  # noqa: E402
+from ddt_export.evaluate.bench import BenchOptions, bench, write_outputs  # noqa: E402
+from ddt_export.export.exporter import ExportOptions, export_model, load_checkpoint_model  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -69,18 +69,18 @@ def main(argv=None):
     cfg = load_config("ddt-xl-cpu")
     folder = Path(a.work) / "xl-cpu-fp32"
     model, src = load_checkpoint_model(None, cfg, random_weights=True, seed=0)
-    export_model(model, cfg, folder, weights=src, force=True)
+    export_model(model, cfg, folder, src, ExportOptions(force=True))
     n = a.steps
     f = step_flops(cfg.model)
-    res = bench(folder, batches=a.batches, steps=n,
-                schedules=["all", "uniform:2", f"dp:{-(-n // 2)}", "uniform:4", f"dp:{-(-n // 4)}"],  # dp at the uniform step counts
-                repeats=a.repeats, torch_variants=("torch-eager-fp32",))
+    schedules = ["all", "uniform:2", f"dp:{-(-n // 2)}", "uniform:4", f"dp:{-(-n // 4)}"]  # dp at uniform's counts
+    res = bench(folder, BenchOptions(batches=a.batches, steps=n, schedules=schedules, repeats=a.repeats,
+                                     torch_variants=("torch-eager-fp32",)))
     out = None if a.no_write else HERE
     write_outputs(res, out and out / "xl-cpu.json", out and out / "xl-cpu.png")
     text = section(res, f"ddt-xl-cpu end to end (encoder share of step FLOPs {f.encoder_fraction:.1%})", cmd)
     if (Path(a.xl) / "manifest.json").is_file():
-        xl = bench(Path(a.xl), batches=[1], steps=1, schedules=["all"], repeats=a.repeats,
-                   torch_variants=("torch-eager-fp32",), say=print)
+        xl = bench(Path(a.xl), BenchOptions(batches=[1], steps=1, schedules=["all"], repeats=a.repeats,
+                                            torch_variants=("torch-eager-fp32",)), say=print)
         xl.runs, xl.sharing = [], []  # one call per graph only: a whole XL trajectory is minutes per image here
         write_outputs(xl, out and out / "xl-256.json", None)
         text += section(xl, "DDT-XL/2 256, one call per graph (random weights)", cmd)

@@ -10,7 +10,8 @@ SEED_HELP = "noise seed: image i from numpy default_rng([seed, i]) (core.noise)"
 SOLVER_HELP = f"euler | adams:K (K = 1..{MAX_ADAMS_ORDER}, the official AdamLMSampler; default: the manifest's)"
 FORECAST_HELP = ("encoder state at the steps that skip the encoder: 0 reuses the last one (official), 1 | 2 "
                  "extrapolate it from the last 2 | 3 recomputed states")
-PLAN_HELP = "a plan stored with the engines (`ddt-export tune`): fixes steps, solver, forecast, schedule, shift, interval"
+PLAN_HELP = ("a plan stored with the engines (`ddt-export tune`): fixes steps, solver, forecast, schedule, shift, "
+             "interval")
 DEVICE_LOOP_HELP = "on a TensorRT folder, keep x and s on the GPU (the default); --no-device-loop: the numpy host loop"
 
 

@@ -52,8 +52,8 @@ class Plan:
                 "interval": tuple(self.interval), "schedule": self.schedule}
 
     def label(self) -> str:
-        return (f"{self.solver} {self.steps} steps, {self.schedule}, forecast {self.forecast}, shift {self.timeshift:g}, "
-                f"interval {list(self.interval)}")
+        return (f"{self.solver} {self.steps} steps, {self.schedule}, forecast {self.forecast}, "
+                f"shift {self.timeshift:g}, interval {list(self.interval)}")
 
     @staticmethod
     def of(name: str, sampler: SamplerConfig, schedule: str, measured: dict | None = None) -> "Plan":
