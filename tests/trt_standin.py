@@ -11,18 +11,24 @@ for, and how:
 - TensorRT: `StandInTensorRT` (the few names `trt.py` imports), engines that describe the spec's I/O and
   compute a made-up row-wise function (`encoder_ref`, `decoder_ref`: gathers, no reductions, so a row's result
   does not depend on what shares its call), contexts that keep shapes and addresses as TensorRT's do.
+- the device loop's kernels: their numpy restatements, one float32 operation at a time in the kernel's order
+  (`cfg_euler_reference`, `cfg_adams_reference`, `forecast_reference`; tests/test_trt_kernel.py checks them
+  against the host loop's arithmetic bit for bit), run on the emulated memory (`run_launch`).
 It exists to test what the adapter decides: its lock, close order, constructor cleanup, device-current calls,
-one engine run per call, CUDA-graph keys, and the device loop's bindings, offsets and copies.
+one engine run per call, CUDA-graph keys, and the device loop's bindings, offsets, copies, history rings and
+launches.
 """
 from __future__ import annotations
 
 import ctypes
 import threading
 import types
+from pathlib import Path
 
 import numpy as np
 
 from ddt_export.core.errors import BackendError
+from ddt_export.core.specs import BatchProfile, Dims
 from ddt_export.runtime.graphs import gpu as gpu_module
 from ddt_export.runtime.graphs.trt_plan import align_up
 
@@ -44,19 +50,76 @@ def decoder_ref(x: np.ndarray, s: np.ndarray) -> np.ndarray:
     return (sf[:, idx] - flat / np.float32(2)).reshape(x.shape).astype(np.float32)
 
 
+def _cfg(v: np.ndarray, n: int, scale, cfg: int) -> np.ndarray:
+    """vi of the update kernels: v_u + scale * (v_c - v_u) over v = [v_u; v_c] when cfg, else v itself."""
+    f = np.float32
+    if not cfg:
+        return np.asarray(v, f)[:n]
+    v = np.asarray(v, f)
+    d = (v[n:2 * n] - v[:n]).astype(f)
+    p = (f(scale) * d).astype(f)
+    return (v[:n] + p).astype(f)
+
+
 def cfg_euler_reference(x: np.ndarray, v: np.ndarray, n: int, scale, dt, cfg: int) -> np.ndarray:
     """KERNEL_SOURCE's cfg_euler restated in numpy, one float32 operation at a time, in the kernel's order
     (--fmad=false: each rounds once): d = v_c - v_u; p = scale * d; vi = v_u + p; q = vi * dt; x + q."""
     f = np.float32
-    x, v = np.asarray(x, f), np.asarray(v, f)
-    if cfg:
-        d = (v[n:2 * n] - v[:n]).astype(f)
-        p = (f(scale) * d).astype(f)
-        vi = (v[:n] + p).astype(f)
-    else:
-        vi = v[:n]
+    vi = _cfg(v, n, scale, cfg)
     q = (vi * f(dt)).astype(f)
-    return (x[:n] + q).astype(f)
+    return (np.asarray(x, f)[:n] + q).astype(f)
+
+
+def cfg_adams_reference(x: np.ndarray, v: np.ndarray, older: list, n: int, scale, dt, cfg: int, k: int,
+                        c_older, cn) -> tuple[np.ndarray, np.ndarray]:
+    """KERNEL_SOURCE's cfg_adams restated in numpy, one float32 operation at a time in the kernel's order:
+    vi as in cfg_euler (what goes to the history slot); u = vi when k = 1, else u = 0, then u = u + c_j * h_j
+    for the k - 1 older velocities h_j (oldest first), then u = u + cn * vi; q = u * dt; x + q. (x, vi)."""
+    f = np.float32
+    vi = _cfg(v, n, scale, cfg)
+    u = vi
+    if k > 1:
+        u = np.zeros(n, f)
+        for j in range(k - 1):
+            u = (u + (f(c_older[j]) * np.asarray(older[j], f)[:n]).astype(f)).astype(f)
+        u = (u + (f(cn) * vi).astype(f)).astype(f)
+    q = (u * f(dt)).astype(f)
+    return (np.asarray(x, f)[:n] + q).astype(f), vi
+
+
+def forecast_reference(states: list, n: int, k: int, weights) -> np.ndarray:
+    """KERNEL_SOURCE's forecast restated in numpy: u = 0, then u = u + w_j * s_j for the k states, oldest
+    first, each product and sum rounded to float32 on its own."""
+    f = np.float32
+    u = np.zeros(n, f)
+    for j in range(k):
+        u = (u + (f(weights[j]) * np.asarray(states[j], f)[:n]).astype(f)).astype(f)
+    return u
+
+
+def run_launch(what, view) -> None:
+    """One `trt_update.Launch` run by the numpy restatement of its kernel, on memory read through `view(ptr,
+    count)` (a writable float32 array at that address): the stand-in's kernels. Reads what the kernel reads
+    (its k), writes what it writes."""
+    a = [int(v) if np.asarray(v).dtype.kind in "iu" else v for v in what.args]
+    if what.kernel == "cfg_euler":
+        x_ptr, v_ptr, n, scale, dt, cfg = a
+        x = view(x_ptr, n)
+        x[:] = cfg_euler_reference(x, view(v_ptr, (2 if cfg else 1) * n), n, scale, dt, cfg)
+    elif what.kernel == "cfg_adams":
+        x_ptr, v_ptr, put, h0, h1, h2, n, scale, dt, cfg, k, c0, c1, c2, cn = a
+        older = [view(p, n).copy() for p in (h0, h1, h2)[:k - 1]]
+        x = view(x_ptr, n)
+        new_x, vi = cfg_adams_reference(x, view(v_ptr, (2 if cfg else 1) * n), older, n, scale, dt, cfg, k,
+                                        (c0, c1, c2), cn)
+        view(put, n)[:] = vi
+        x[:] = new_x
+    elif what.kernel == "forecast":
+        dst, s0, s1, s2, n, k, w0, w1, w2 = a
+        states = [view(p, n).copy() for p in (s0, s1, s2)[:k]]
+        view(dst, n)[:] = forecast_reference(states, n, k, (w0, w1, w2))
+    else:
+        raise AssertionError(f"no restatement of kernel {what.kernel}")
 
 
 class _Enum:
@@ -91,6 +154,7 @@ class EmulatedGPU:
         self.fail_malloc_at: int | None = None  # the n-th cudaMalloc (1-based) fails with an OOM
         self.fail_capture = ""  # an error name end_capture reports
         self.engine_runs = 0
+        self.launched: list[str] = []  # kernel launches by name, in order (`standin_engines`)
         self.capturing: dict[int, list | None] = {}
         self.pause: tuple[str, threading.Event, threading.Event] | None = None  # (thread name, started, resume)
         self._tls = threading.local()
@@ -297,3 +361,72 @@ class StandInRuntime:
 
 
 standin_tensorrt_singleton = standin_tensorrt()
+
+
+# ------------------------------------------------------------------------------------------ engines on the stand-in
+
+DIMS = Dims(C=2, H=4, W=4, L=5, D=12, IC=2, IH=4)  # s rows of 240 bytes: the cond half of s is unaligned for b=1
+BATCH = BatchProfile(1, 8, 32)
+
+
+def graph(emu: EmulatedGPU, spec, *, device=0, lock=None, engine=None):
+    """The project's `TrtGraph` of `spec` over a stand-in engine on the emulated device."""
+    from ddt_export.runtime.graphs.trt import SharedStream, TrtGraph
+
+    engine = engine or StandInEngine(emu, spec, DIMS, BATCH.min, BATCH.max)
+    shared = SharedStream(7, device, lock if lock is not None else threading.RLock())
+    return TrtGraph(StandInRuntime({spec.name: engine}), spec.name.encode(), spec, DIMS, BATCH, shared)
+
+
+def standin_engines(emu: EmulatedGPU, monkeypatch, device_loop: bool = True):
+    """Real `Engines` over stand-in TensorRT runners, each kernel launch of the device loop replaced by the numpy
+    restatement of that kernel on the emulated memory (`run_launch`; the names land in `emu.launched`)."""
+    from ddt_export.core.config import SamplerConfig
+    from ddt_export.core.specs import DECODER, ENCODER
+    from ddt_export.runtime.graphs.backends import Capabilities
+    from ddt_export.runtime.graphs.engines import Engines
+    from ddt_export.runtime.sampling import trt_loop
+
+    def launch(kernels, what, stream):
+        emu.launched.append(what.kernel)
+        run_launch(what, lambda ptr, count: emu.view(int(ptr), np.float32, int(count)))
+
+    monkeypatch.setattr(trt_loop, "launch", launch)
+    monkeypatch.setattr(trt_loop, "load_kernel", lambda device: ({k: None for k in trt_loop.KERNELS}, None))
+    lock = threading.RLock()
+    runners = {s.name: graph(emu, s, lock=lock) for s in (ENCODER, DECODER)}
+    model = types.SimpleNamespace(latent_shape=(DIMS.C, DIMS.H, DIMS.W), num_tokens=DIMS.L, hidden_size=DIMS.D,
+                                  null_class=10, num_classes=10)
+    cfg = types.SimpleNamespace(name="stand-in", model=model,
+                                sampler=SamplerConfig(num_steps=12, guidance=3.0, guidance_interval=(0.3, 1.0)))
+    backend = types.SimpleNamespace(capabilities=Capabilities(device_loop=True, device_step_fns=("ode",)),
+                                    describe=lambda: "tensorrt (stand-in)", close=lambda: None)
+    return Engines(Path("stand-in"), types.SimpleNamespace(dims=DIMS, config=cfg, batch=BATCH), backend, runners,
+                   device_loop)
+
+
+class FlatMemory:
+    """A STAND-IN for device memory in the kernel tests: one float32 heap, addresses as byte offsets from a
+    made-up base (allocations 256-byte aligned), `view` and device-to-device `copy` as the loop uses them."""
+
+    BASE = 0x7000_0000
+
+    def __init__(self, nfloats: int = 1 << 16):
+        self.heap, self.end = np.zeros(nfloats, np.float32), 0
+
+    def alloc(self, a: np.ndarray | int) -> int:
+        """Room for `a` floats (or a copy of the float32 array `a`); its address."""
+        n = a if isinstance(a, int) else np.asarray(a).size
+        ptr, self.end = self.BASE + self.end, self.end + align_up(4 * n)
+        assert self.end <= 4 * self.heap.size, "FlatMemory heap too small"
+        if not isinstance(a, int):
+            self.view(ptr, n)[:] = np.asarray(a, np.float32).ravel()
+        return ptr
+
+    def view(self, ptr: int, count: int) -> np.ndarray:
+        off = int(ptr) - self.BASE
+        assert off % 4 == 0 and 0 <= off and off + 4 * count <= 4 * self.heap.size, (hex(ptr), count)
+        return self.heap[off // 4:off // 4 + int(count)]
+
+    def copy(self, dst: int, src: int, nbytes: int) -> None:
+        self.view(dst, nbytes // 4)[:] = self.view(src, nbytes // 4).copy()
