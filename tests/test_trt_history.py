@@ -277,3 +277,25 @@ def test_rings_allocated_once_and_keys_bounded_across_plans(emu, monkeypatch):
     assert emu.mallocs == mallocs and {g: set(engines.runner(g).plan.captured) for g in keys} == keys
     engines.close()
     assert emu.allocs == {}
+
+
+def test_a_failed_ring_allocation_leaves_the_loop_usable(emu, monkeypatch):
+    """An OOM on the rings (a forecast plan at a large batch) raises; the sampler keeps no half-made rings, and
+    the next call allocates them and equals the host loop."""
+    from ddt_export.core.errors import BackendError
+
+    engines, host = _pair(emu, monkeypatch)
+    noise = np.random.default_rng(5).standard_normal((2, 2, 4, 4), dtype=np.float32)
+    sampler = SamplerConfig(num_steps=8, guidance=3.0, guidance_interval=(0.3, 1.0), solver="adams:2")
+    sample(engines, noise, np.array([1, 2]), sampler, [0, 2, 4, 6])  # the velocity ring: (2, 0)
+    loop = trt_loop.device_sampler(engines)
+    emu.fail_malloc_at = emu.mallocs + 1  # the rings' reallocation for forecast 2
+    bigger = dataclasses.replace(sampler, forecast=2)
+    with pytest.raises(BackendError, match="cudaErrorMemoryAllocation"):
+        sample(engines, noise, np.array([1, 2]), bigger, [0, 2, 4, 6])
+    assert loop.history is None and loop.history_size == (1, 0)
+    want = sample(host, noise, np.array([1, 2]), bigger, [0, 2, 4, 6])
+    assert np.array_equal(_bits(sample(engines, noise, np.array([1, 2]), bigger, [0, 2, 4, 6])), _bits(want))
+    assert loop.history_size == (2, 2)
+    engines.close()
+    assert emu.allocs == {}

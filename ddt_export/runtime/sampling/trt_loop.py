@@ -215,11 +215,10 @@ class DeviceSampler:
         have = self.history_size
         want = (max(have[0], order), max(have[1], forecast))
         if want != have:
-            regions = history_regions(self.samples, self.row, self.tokens * self.hidden * 4, *want)
-            offsets, total = pack(regions)
-            if self.history is not None:
+            if self.history is not None:  # freed first: an allocation that fails leaves none, and says so
                 self.history.free()
-                self.history = None
+                self.history, self.history_size = None, (1, 0)
+            offsets, total = pack(history_regions(self.samples, self.row, self.tokens * self.hidden * 4, *want))
             self.history = gpu.DeviceBuffer(total)
             self.history_size, self.history_offsets = want, offsets
         if order <= 1 and not forecast:
@@ -270,8 +269,8 @@ class DeviceSampler:
             for c in calls:
                 for dst, src, nbytes in c.copies:
                     gpu.copy(dst, src, nbytes, "d2d", stream)
-                for k in c.kernels:  # the forecast of s, into the decoder's own s buffer
-                    launch(kernels, k, stream)
+                for what in c.kernels:  # the forecast of s, into the decoder's own s buffer
+                    launch(kernels, what, stream)
                 runners[c.graph].enqueue(c.rows, c.bind, graphs=cuda_graphs)
             launch(kernels, update, stream)  # the CFG combine and the update rule of x
             if progress is not None:
