@@ -83,7 +83,8 @@ def test_kernel_step_on_the_standin(sampling_steps, monkeypatch):
     """nvrtc-kernel's own logic on the stand-in device (the kernels replaced by their numpy restatements): every
     case it records compares equal bits, and it frees what it allocated. On a GPU the same code compares the
     compiled kernels."""
-    from trt_standin import EmulatedGPU, run_launch
+    from kernel_restatements import run_launch
+    from trt_standin import EmulatedGPU
 
     from ddt_export.runtime.sampling import trt_loop
 

@@ -1,6 +1,6 @@
 """The device loop's kernels without a GPU: NVRTC compiles them to a cubin for every architecture the project
 targets (`core.precision.GPU_ARCHS`), their PTX has the host loop's operation order and no FMA, and the numpy
-restatement of each kernel's order (tests/trt_standin.py), driven by the arguments the loop passes
+restatement of each kernel's order (tests/kernel_restatements.py), driven by the arguments the loop passes
 (`trt_update.update_launch`, `state_ops`), equals the host loop's own arithmetic bit for bit: `step.update` (CFG
 combine, then Euler or `adams:K`) and `step.decoder_feeds` (the forecast state of each CFG half). NVRTC and
 cuda-python come with the [cuda-check] extra (CI installs it through [dev]); where they are missing the NVRTC tests
@@ -23,7 +23,7 @@ from ddt_export.runtime.graphs.trt_update import state_ops, update_launch
 from ddt_export.runtime.sampling.plan import Step
 from ddt_export.runtime.sampling.step import Rows, decoder_feeds, update
 from ddt_export.runtime.sampling.trt_loop import KERNEL_SOURCE, KERNELS
-from trt_standin import FlatMemory, cfg_adams_reference, cfg_euler_reference, run_launch
+from kernel_restatements import FlatMemory, cfg_adams_reference, cfg_euler_reference, run_launch
 
 
 def _nvrtc_reason() -> str:

@@ -53,7 +53,7 @@ log = logging.getLogger("ddt_export.tensorrt")
 # The device loop's update rule: every kernel it runs. Compiled with --fmad=false, so each operation rounds once,
 # in this order, as numpy does in `core.sampling` and `runtime.sampling.step` (cfg_combine: v_u + scale * (v_c -
 # v_u); ode: x + v * dt; combine: zeros, then out += w_j * v_j oldest first). Which kernel a step runs, with which
-# arguments: `graphs.trt_update` (update_launch, state_ops); their numpy restatements: tests/trt_standin.py.
+# arguments: `graphs.trt_update` (update_launch, state_ops); their numpy restatements: tests/kernel_restatements.py.
 KERNEL_SOURCE = rb"""
 extern "C" __global__ void cfg_euler(float* x, const float* v, int n, float scale, float dt, int cfg) {
     // x (B rows) += dt * v, v = v_u + scale * (v_c - v_u) with v = [v_u; v_c] when cfg, else v (B rows).
