@@ -8,13 +8,17 @@ and onnxruntime, no network, maybe no TensorRT. Every step is recorded as ran / 
 with its reason (no GPU, no provider, `import tensorrt` failed, the time budget). Steps, most important first:
 
   environment     GPU, driver, torch / onnxruntime providers / TensorRT / cuda-bindings / NVRTC, tensorrt_status
-  nvrtc-kernel    the device loop's CFG+Euler kernel (a cubin for this GPU) against the numpy step (bit-exact)
+  nvrtc-kernel    the device loop's kernels (a cubin for this GPU): CFG + Euler, CFG + adams:K, the forecast of s,
+                  against the host loop's numpy arithmetic (bit-exact expected; gpu_check_sampling.py)
   gpu-tests       pytest -m "gpu or tensorrt" (TensorRT build, device loop, FP8 engine, where tensorrt imports)
   cost-curve      per-call seconds against rows: DDT-XL 256 encoder / decoder and the sd-vae-ft-ema decoder,
                   PyTorch bf16 eager, random weights (the serve simulator's GPU cost curve)
   torch-eager     DDT-XL 256 random weights, bf16 eager, batch 1/8/32, 50 steps, all and uniform:2, images/s
   ort-cuda        onnxruntime's CUDAExecutionProvider on the bundled digits model against its CPU provider
   tensorrt        digits model: TensorRT fp16 build, device loop against host loop (images/s), FP8 engine
+  fast-plan       the folders built above: a fast plan (the stored `fast`, else a stand-in: adams:3, 10 steps,
+                  uniform:2, forecast 1) against the model's default plan, images/s per loop; the device loop's
+                  fast plan against its host loop (gpu_check_sampling.py)
   torch-compile   as torch-eager with torch.compile (compilation dominates: last, so the budget cuts it first)
 --dry-run runs the environment probe only (CPU is fine) and lists what each step would do or why it would skip.
 """
@@ -33,6 +37,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from gpu_check_sampling import fast_plan, nvrtc_kernel  # noqa: E402 - the sampling steps, beside this file
 
 BUDGET_S = 440  # of the wrapper's 480 s: JSON, log and interpreter exit fit in the rest
 BATCHES = (1, 8, 32)
@@ -100,6 +106,7 @@ class Check:
     def __init__(self, out: Path, dry: bool, budget: float):
         self.out, self.dry, self.budget, self.t0 = out, dry, budget, time.monotonic()
         self.doc = {"dry_run": dry, "budget_s": budget, "steps": [], "results": {}}
+        self.folders: dict[str, tuple[Path, dict]] = {}  # GPU engine folders built by a step: (folder, load kwargs)
         out.mkdir(parents=True, exist_ok=True)
 
     def left(self) -> float:
@@ -136,41 +143,6 @@ class Check:
 
 
 # ------------------------------------------------------------------------------------------ steps
-
-
-def nvrtc_kernel(check: Check) -> dict:
-    """The device loop's kernel as the loop builds it (a cubin for this GPU, `kernel_target`), launched as the loop
-    launches it (`update_launch`), against the host loop's own float32 update: bit-exact expected."""
-    from types import SimpleNamespace
-
-    import numpy as np
-
-    from ddt_export.core.sampling import cfg_combine, ode
-    from ddt_export.runtime.graphs import gpu
-    from ddt_export.runtime.sampling.trt_loop import launch, load_kernel, update_launch
-
-    dev = gpu.current_device()
-    (kernels, target), stream = load_kernel(dev), gpu.create_stream()
-    rng, out = np.random.default_rng(0), {"image": target.kind, "arch": target.arch, "note": target.note}
-    for cfg in (1, 0):
-        n = 32 * 4 * 32 * 32  # 32 XL-256 latents
-        x = rng.standard_normal(n, dtype=np.float32)
-        v = rng.standard_normal(2 * n if cfg else n, dtype=np.float32)
-        st = SimpleNamespace(scale=2.0 if cfg else 1.0, dt=np.float32(-0.0196), dec_uncond=bool(cfg))
-        bx, bv = gpu.DeviceBuffer(x.nbytes), gpu.DeviceBuffer(v.nbytes)
-        gpu.copy(bx.ptr, x.ctypes.data, x.nbytes, "h2d", stream)
-        gpu.copy(bv.ptr, v.ctypes.data, v.nbytes, "h2d", stream)
-        launch(kernels, update_launch(st, bx.ptr, bv.ptr, n), stream)
-        got = np.empty_like(x)
-        gpu.copy(got.ctypes.data, bx.ptr, got.nbytes, "d2h", stream)
-        gpu.synchronize(stream)
-        want = ode(x, cfg_combine(v[:n], v[n:], st.scale) if cfg else v, st.dt)  # the host loop's update
-        out["cfg" if cfg else "cond_only"] = {"bit_exact": bool(np.array_equal(got, want)),
-                                              "max_abs_diff": float(np.abs(got - want).max())}
-        bx.free()
-        bv.free()
-    gpu.destroy_stream(stream)
-    return out
 
 
 def gpu_tests(check: Check) -> dict:
@@ -283,6 +255,7 @@ def ort_cuda(check: Check) -> dict:
         b = sample(cpu, noise, labels, sampler, sched)
         out["latent_rel_err_vs_cpu"] = float(np.linalg.norm(a - b) / np.linalg.norm(b))
         out["backend"] = gpu.backend_name
+    check.folders["onnxruntime CUDA"] = (folder, {"providers": ["CUDAExecutionProvider"]})
     return out
 
 
@@ -295,6 +268,7 @@ def tensorrt_digits(check: Check) -> dict:
     t0 = time.perf_counter()
     res = build("fp16", out=work / "fp16", say=lambda m: None)  # the bundled model, every default
     out["build_fp16_s"], out["backend"] = time.perf_counter() - t0, res.backend
+    check.folders["tensorrt fp16"] = (res.folder, {})
     b = bench(res.folder, BenchOptions(batches=BATCHES, steps=STEPS, schedules=SCHEDULES, repeats=3, torch_variants=()),
               say=lambda m: print(f"[gpu_check]   {m}", flush=True))
     out["runs"] = [{k: r[k] for k in ("backend", "loop", "batch", "schedule", "images_per_s")} for r in b.runs]
@@ -344,7 +318,7 @@ def main(argv=None) -> int:
     trt = env["tensorrt_status"]
     ort = "" if "CUDAExecutionProvider" in env["ort_providers"] else \
         f"onnxruntime has no CUDAExecutionProvider (providers: {', '.join(env['ort_providers']) or 'none'})"
-    check.step("nvrtc-kernel", "CFG+Euler kernel on the GPU vs the numpy step", nvrtc_kernel, 10,
+    check.step("nvrtc-kernel", "the device loop's kernels on the GPU vs the host loop's numpy update", nvrtc_kernel, 10,
                no_gpu or no_nvrtc)
     check.step("gpu-tests", 'pytest tests -m "gpu or tensorrt"', gpu_tests, 60, no_gpu)
     check.step("cost-curve", f"XL encoder/decoder rows {ROWS}, VAE rows {VAE_ROWS}: seconds per call", cost_curve,
@@ -354,6 +328,9 @@ def main(argv=None) -> int:
     check.step("ort-cuda", "onnxruntime CUDAExecutionProvider vs CPU, digits model", ort_cuda, 30, no_gpu or ort)
     check.step("tensorrt", "digits: TensorRT fp16 build, device vs host loop, FP8 engine and its speed-up per call", tensorrt_digits, 60,
                "" if trt["usable"] else f"TensorRT unusable: {trt['why']}")
+    check.step("fast-plan", "fast plan vs the default plan, images/s, on the GPU folders built above", fast_plan,
+               30, no_gpu or ("" if check.folders or check.dry else "no GPU engine folder: ort-cuda and tensorrt "
+                                                                       "built none"))
     check.step("torch-compile", f"DDT-XL 256 bf16 torch.compile, batch {BATCHES}, {STEPS} steps, {SCHEDULES}",
                lambda c: _baselines(c, "torch-compile-bf16"), 90, no_torch_gpu)
     failed = [s["name"] for s in check.doc["steps"] if s["status"] == "failed"]

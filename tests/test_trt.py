@@ -144,6 +144,36 @@ def _device_vs_host(eng, host_eng, tiny_cfg, cuda_graphs):
 
 
 @needs_gpu
+def test_device_loop_runs_every_solver_and_forecast(trt_fp16):
+    """The fast-sampling plans on the GPU: adams:K and forecast 1 / 2 (the cfg_adams and forecast kernels, the
+    history rings) against the host loop on the same engines, guided and cond-only steps, an irregular schedule;
+    then a second pass over every plan allocates nothing and adds no CUDA-graph key."""
+    import dataclasses
+
+    from ddt_export.runtime import load_engines, sample
+    from ddt_export.runtime.sampling.trt_loop import device_sampler
+
+    out, _ = trt_fp16
+    noise = np.random.default_rng(2).standard_normal((3, 4, 8, 8), dtype=np.float32)
+    labels = np.array([1, 2, 7])
+    with load_engines(out) as eng, load_engines(out, device_loop=False) as host_eng:
+        plans = [dataclasses.replace(eng.config.sampler, num_steps=12, solver=solver, forecast=forecast)
+                 for solver in ("euler", "adams:2", "adams:4") for forecast in (0, 1, 2)]
+        schedule = [0, 1, 2, 4, 7, 11]
+        for sampler in plans:
+            host = sample(host_eng, noise, labels, sampler, schedule)
+            dev = sample(eng, noise, labels, sampler, schedule)
+            rel = np.abs(dev - host).max() / np.abs(host).max()
+            assert rel < 1e-5, (sampler.solver, sampler.forecast, rel)
+        loop, keys = device_sampler(eng), set(eng.runner("decoder").plan.captured)
+        history = loop.history
+        for sampler in plans:
+            sample(eng, noise, labels, sampler, schedule)
+        assert loop.history is history and loop.history_size == (4, 2)
+        assert eng.runner("decoder").plan.captured == keys
+
+
+@needs_gpu
 def test_device_loop_on_a_fresh_thread_and_min_batch(tmp_path, official_ckpt):
     """A thread with no current CUDA context, and engines whose batch.min exceeds the samples (4); the device loop
     and the host loop on two threads at once over the same runners (issue 22, defects 2 and 6)."""

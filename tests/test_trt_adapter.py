@@ -9,29 +9,21 @@ from __future__ import annotations
 
 import sys
 import threading
-from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from ddt_export.core.config import SamplerConfig
 from ddt_export.core.errors import ArtifactError, BackendError
-from ddt_export.core.specs import DECODER, ENCODER, BatchProfile, Dims
+from ddt_export.core.specs import DECODER, ENCODER
 from ddt_export.runtime.graphs import gpu
-from ddt_export.runtime.graphs.backends import Capabilities
 from ddt_export.runtime.graphs.engines import Engines
-from ddt_export.runtime.graphs.trt import SharedStream, TrtGraph
 from ddt_export.runtime.graphs.trt_plan import LoopLayout, graph_key, loop_calls, s_half, time_table
 from ddt_export.runtime.sampling import trt_loop
 from ddt_export.runtime.sampling.host import sample
 from ddt_export.runtime.sampling.plan import plan_steps
-from trt_standin import (EmulatedGPU, StandInEngine, StandInRuntime, cfg_euler_reference, decoder_ref,
+from trt_standin import (BATCH, DIMS, EmulatedGPU, StandInEngine, decoder_ref, graph, standin_engines,
                          standin_tensorrt_singleton)
-
-DIMS = Dims(C=2, H=4, W=4, L=5, D=12, IC=2, IH=4)  # s rows of 240 bytes: the cond half of s is unaligned for b=1
-BATCH = BatchProfile(1, 8, 32)
-
 
 class NoLock:
     """The adapter before issue 22 (no lock): a stand-in lock that excludes nothing."""
@@ -47,12 +39,6 @@ class NoLock:
 def emu(monkeypatch) -> EmulatedGPU:
     monkeypatch.setitem(sys.modules, "tensorrt", standin_tensorrt_singleton)
     return EmulatedGPU().install(monkeypatch)
-
-
-def graph(emu, spec, *, device=0, lock=None, engine=None) -> TrtGraph:
-    engine = engine or StandInEngine(emu, spec, DIMS, BATCH.min, BATCH.max)
-    shared = SharedStream(7, device, lock if lock is not None else threading.RLock())
-    return TrtGraph(StandInRuntime({spec.name: engine}), spec.name.encode(), spec, DIMS, BATCH, shared)
 
 
 def dec_feeds(seed: int, rows: int = 3) -> dict[str, np.ndarray]:
@@ -242,30 +228,6 @@ def test_each_enqueue_runs_the_engine_once(emu):
 
 
 # ------------------------------------------------------------------------------------------ the device loop
-
-
-def standin_engines(emu, monkeypatch, device_loop: bool = True) -> Engines:
-    """Real `Engines` over stand-in TensorRT runners, the device loop's kernel launch replaced by its numpy
-    restatement on the emulated memory (`cfg_euler_reference`)."""
-
-    def launch(kernels, what, stream):
-        x_ptr, v_ptr, n, scale, dt, cfg = what.args
-        x = emu.view(int(x_ptr), np.float32, int(n))
-        v = emu.view(int(v_ptr), np.float32, (2 if cfg else 1) * int(n))
-        x[:] = cfg_euler_reference(x, v, int(n), scale, dt, int(cfg))
-
-    monkeypatch.setattr(trt_loop, "launch", launch)
-    monkeypatch.setattr(trt_loop, "load_kernel", lambda device: ({"cfg_euler": None}, None))
-    lock = threading.RLock()
-    runners = {s.name: graph(emu, s, lock=lock) for s in (ENCODER, DECODER)}
-    model = SimpleNamespace(latent_shape=(DIMS.C, DIMS.H, DIMS.W), num_tokens=DIMS.L, hidden_size=DIMS.D,
-                            null_class=10, num_classes=10)
-    cfg = SimpleNamespace(name="stand-in", model=model,
-                          sampler=SamplerConfig(num_steps=12, guidance=3.0, guidance_interval=(0.3, 1.0)))
-    backend = SimpleNamespace(capabilities=Capabilities(device_loop=True, device_step_fns=("ode",)),
-                              describe=lambda: "tensorrt (stand-in)", close=lambda: None)
-    return Engines(Path("stand-in"), SimpleNamespace(dims=DIMS, config=cfg, batch=BATCH), backend, runners,
-                   device_loop)
 
 
 @pytest.mark.parametrize("b", [1, 16])  # 1: the cond half of s is copied (unaligned); 16: bound by offset

@@ -11,20 +11,26 @@ for, and how:
 - TensorRT: `StandInTensorRT` (the few names `trt.py` imports), engines that describe the spec's I/O and
   compute a made-up row-wise function (`encoder_ref`, `decoder_ref`: gathers, no reductions, so a row's result
   does not depend on what shares its call), contexts that keep shapes and addresses as TensorRT's do.
+- the device loop's kernels: their numpy restatements (tests/kernel_restatements.py, checked against the host
+  loop's arithmetic bit for bit in tests/test_trt_kernel.py), run on the emulated memory (`run_launch`).
 It exists to test what the adapter decides: its lock, close order, constructor cleanup, device-current calls,
-one engine run per call, CUDA-graph keys, and the device loop's bindings, offsets and copies.
+one engine run per call, CUDA-graph keys, and the device loop's bindings, offsets, copies, history rings and
+launches.
 """
 from __future__ import annotations
 
 import ctypes
 import threading
 import types
+from pathlib import Path
 
 import numpy as np
 
 from ddt_export.core.errors import BackendError
+from ddt_export.core.specs import BatchProfile, Dims
 from ddt_export.runtime.graphs import gpu as gpu_module
 from ddt_export.runtime.graphs.trt_plan import align_up
+from kernel_restatements import run_launch
 
 
 def encoder_ref(x: np.ndarray, t: np.ndarray, y: np.ndarray, L: int, D: int) -> np.ndarray:
@@ -42,21 +48,6 @@ def decoder_ref(x: np.ndarray, s: np.ndarray) -> np.ndarray:
     sf = s.reshape(len(s), -1)
     idx = np.arange(flat.shape[1]) % sf.shape[1]
     return (sf[:, idx] - flat / np.float32(2)).reshape(x.shape).astype(np.float32)
-
-
-def cfg_euler_reference(x: np.ndarray, v: np.ndarray, n: int, scale, dt, cfg: int) -> np.ndarray:
-    """KERNEL_SOURCE's cfg_euler restated in numpy, one float32 operation at a time, in the kernel's order
-    (--fmad=false: each rounds once): d = v_c - v_u; p = scale * d; vi = v_u + p; q = vi * dt; x + q."""
-    f = np.float32
-    x, v = np.asarray(x, f), np.asarray(v, f)
-    if cfg:
-        d = (v[n:2 * n] - v[:n]).astype(f)
-        p = (f(scale) * d).astype(f)
-        vi = (v[:n] + p).astype(f)
-    else:
-        vi = v[:n]
-    q = (vi * f(dt)).astype(f)
-    return (x[:n] + q).astype(f)
 
 
 class _Enum:
@@ -91,6 +82,7 @@ class EmulatedGPU:
         self.fail_malloc_at: int | None = None  # the n-th cudaMalloc (1-based) fails with an OOM
         self.fail_capture = ""  # an error name end_capture reports
         self.engine_runs = 0
+        self.launched: list[str] = []  # kernel launches by name, in order (`standin_engines`)
         self.capturing: dict[int, list | None] = {}
         self.pause: tuple[str, threading.Event, threading.Event] | None = None  # (thread name, started, resume)
         self._tls = threading.local()
@@ -297,3 +289,46 @@ class StandInRuntime:
 
 
 standin_tensorrt_singleton = standin_tensorrt()
+
+
+# ------------------------------------------------------------------------------------------ engines on the stand-in
+
+DIMS = Dims(C=2, H=4, W=4, L=5, D=12, IC=2, IH=4)  # s rows of 240 bytes: the cond half of s is unaligned for b=1
+BATCH = BatchProfile(1, 8, 32)
+
+
+def graph(emu: EmulatedGPU, spec, *, device=0, lock=None, engine=None):
+    """The project's `TrtGraph` of `spec` over a stand-in engine on the emulated device."""
+    from ddt_export.runtime.graphs.trt import SharedStream, TrtGraph
+
+    engine = engine or StandInEngine(emu, spec, DIMS, BATCH.min, BATCH.max)
+    shared = SharedStream(7, device, lock if lock is not None else threading.RLock())
+    return TrtGraph(StandInRuntime({spec.name: engine}), spec.name.encode(), spec, DIMS, BATCH, shared)
+
+
+def standin_engines(emu: EmulatedGPU, monkeypatch, device_loop: bool = True):
+    """Real `Engines` over stand-in TensorRT runners, each kernel launch of the device loop replaced by the numpy
+    restatement of that kernel on the emulated memory (`run_launch`; the names land in `emu.launched`)."""
+    from ddt_export.core.config import SamplerConfig
+    from ddt_export.core.specs import DECODER, ENCODER
+    from ddt_export.runtime.graphs.backends import Capabilities
+    from ddt_export.runtime.graphs.engines import Engines
+    from ddt_export.runtime.sampling import trt_loop
+
+    def launch(kernels, what, stream):
+        emu.launched.append(what.kernel)
+        run_launch(what, lambda ptr, count: emu.view(int(ptr), np.float32, int(count)))
+
+    monkeypatch.setattr(trt_loop, "launch", launch)
+    monkeypatch.setattr(trt_loop, "load_kernel", lambda device: ({k: None for k in trt_loop.KERNELS}, None))
+    lock = threading.RLock()
+    runners = {s.name: graph(emu, s, lock=lock) for s in (ENCODER, DECODER)}
+    model = types.SimpleNamespace(latent_shape=(DIMS.C, DIMS.H, DIMS.W), num_tokens=DIMS.L, hidden_size=DIMS.D,
+                                  null_class=10, num_classes=10)
+    cfg = types.SimpleNamespace(name="stand-in", model=model,
+                                sampler=SamplerConfig(num_steps=12, guidance=3.0, guidance_interval=(0.3, 1.0)))
+    backend = types.SimpleNamespace(capabilities=Capabilities(device_loop=True, device_step_fns=("ode",)),
+                                    describe=lambda: "tensorrt (stand-in)", close=lambda: None)
+    return Engines(Path("stand-in"), types.SimpleNamespace(dims=DIMS, config=cfg, batch=BATCH), backend, runners,
+                   device_loop)
+

@@ -12,7 +12,9 @@
 - the batch the device loop runs (`device_batch`: padded up to the profile's min, or refused past its max);
 - the step times, uploaded once (`time_table`);
 - the device loop's graph calls, their bindings and device-to-device copies, step by step (`loop_calls`: the
-  bindings come from buffers allocated once per engine set, so the CUDA-graph keys are bounded);
+  bindings come from buffers allocated once per engine set, so the CUDA-graph keys are bounded), and each
+  step's update launch (`loop_updates`); what those launches compute, and the history rings of the
+  fast-sampling plans they read, are decided in `trt_update`;
 - how the device loop's kernel is built for a GPU (`kernel_target`: a cubin for its architecture, PTX only
   where NVRTC has no cubin for it);
 - what a failure to import or reach TensorRT / CUDA means (`unusable_reason`, `cuda_reason`).
@@ -25,6 +27,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ...core.errors import BackendError, InputError
+from .trt_update import History, Launch, history_slots, reuses_state, state_ops, update_launch
 
 ALIGNMENT = 256  # bytes: TensorRT's required alignment for I/O tensor addresses (setTensorAddress)
 CUDA_MAJORS = (12, 13)  # the [tensorrt-cu12] and [tensorrt-cu13] extras
@@ -196,7 +199,8 @@ def time_table(step_t: Iterable[float], rows: int) -> tuple[np.ndarray, int]:
 @dataclass(frozen=True)
 class LoopLayout:
     """Where the device loop's tensors live, all allocated once per engine set: the sampler's own regions (x,
-    labels [uncond; cond] and cond-only, the step-time table) and the runners' buffers ({name: (ptr, bytes)})."""
+    labels [uncond; cond] and cond-only, the step-time table, the history rings of a fast-sampling plan) and
+    the runners' buffers ({name: (ptr, bytes)})."""
 
     b: int  # samples (padded to batch.min)
     row: int  # bytes of one latent row (float32)
@@ -207,30 +211,37 @@ class LoopLayout:
     time_stride: int
     enc: dict  # the encoder runner's buffers: x, t, y, s
     dec: dict  # the decoder runner's buffers: x, s, v
-    half: HalfBinding
+    half: HalfBinding  # its offset is also the bytes of one CFG half of s (b x L x D float32)
+    hist: History = History()  # the rings (none for Euler with forecast 0)
 
 
 @dataclass(frozen=True)
 class LoopCall:
-    """One graph call of the device loop: `copies` (dst, src, bytes) device-to-device first, then the graph with
-    `rows` rows and `bind` ({name: (ptr, bytes)}) in place of its own buffers."""
+    """One graph call of the device loop: `copies` (dst, src, bytes) device-to-device first, then the kernel
+    launches `kernels` (`trt_update.Launch`), then the graph with `rows` rows and `bind` ({name: (ptr, bytes)})
+    in place of its own buffers."""
 
     graph: str
     rows: int
     bind: dict
     copies: tuple = ()
+    kernels: tuple = ()
 
 
 def loop_calls(steps: Sequence, lay: LoopLayout) -> list[list[LoopCall]]:
-    """The graph calls of each step of the plan (`Step`: recompute, enc_uncond, dec_uncond), as the host loop
-    makes them: the encoder on recompute steps (2b rows [uncond; cond] or b cond-only, its t a row of the time
-    table), the decoder on 2b rows inside the guidance interval, else on b rows with the state's conditional
-    half (bound by offset where aligned, else copied). Every address comes from `lay`, so the same layout gives
-    the same bindings on every call: a bounded set of CUDA-graph keys per engine set."""
+    """The graph calls of each step of the plan (`Step`: recompute, enc_uncond, dec_uncond, s_cond, s_uncond),
+    as the host loop makes them: the encoder on recompute steps (2b rows [uncond; cond] or b cond-only, its t a
+    row of the time table), the decoder on 2b rows inside the guidance interval, else on b rows. Its s is the
+    encoder's last output where the step reuses it (`trt_update.reuses_state`): bound in place, the conditional
+    half of a 2b output by offset where aligned, else copied. Where it is forecast, each half is assembled in
+    the decoder's own s from the state rings (`trt_update.state_ops`), after the recompute step's halves were
+    copied into them. Every address comes from `lay`, so the same layout gives the same bindings on every call:
+    a bounded set of CUDA-graph keys per engine set."""
     b, row, out = lay.b, lay.row, []
     s_uncond, k = False, 0
     s_ptr, s_bytes = lay.enc["s"]
-    for st in steps:
+    half = lay.half.offset  # bytes of one CFG half of s
+    for st, sl in zip(steps, history_slots(steps, lay.hist.order, lay.hist.forecast)):
         calls = []
         if st.recompute:
             rows = 2 * b if st.enc_uncond else b
@@ -240,18 +251,55 @@ def loop_calls(steps: Sequence, lay: LoopLayout) -> list[list[LoopCall]]:
             calls.append(LoopCall("encoder", rows, {"y": y}, tuple(copies)))
             k += 1
             s_uncond = st.enc_uncond
-        if st.dec_uncond:
-            copies = tuple((lay.dec["x"][0] + h * b * row, lay.x, b * row) for h in range(2))
+        kept = []  # a forecast keeps the new state: each half into its ring, before anything reads the rings
+        if sl.cond_put >= 0:
+            kept.append((lay.hist.cond[sl.cond_put], s_ptr + (half if st.enc_uncond else 0), half))
+        if sl.uncond_put >= 0:
+            kept.append((lay.hist.uncond[sl.uncond_put], s_ptr, half))
+        if not reuses_state(st, s_uncond):
+            calls.append(_assembled(st, sl, lay, tuple(kept)))
+        elif st.dec_uncond:
+            copies = tuple(kept) + tuple((lay.dec["x"][0] + h * b * row, lay.x, b * row) for h in range(2))
             calls.append(LoopCall("decoder", 2 * b, {"s": (s_ptr, s_bytes)}, copies))
         elif not s_uncond:
-            calls.append(LoopCall("decoder", b, {"x": (lay.x, b * row), "s": (s_ptr, s_bytes)}))
+            calls.append(LoopCall("decoder", b, {"x": (lay.x, b * row), "s": (s_ptr, s_bytes)}, tuple(kept)))
         elif lay.half.by_pointer:  # the cond half of a 2B state, by offset
-            calls.append(LoopCall("decoder", b, {"x": (lay.x, b * row),
-                                                 "s": (s_ptr + lay.half.offset, s_bytes - lay.half.offset)}))
+            calls.append(LoopCall("decoder", b, {"x": (lay.x, b * row), "s": (s_ptr + half, s_bytes - half)},
+                                  tuple(kept)))
         else:  # an unaligned offset cannot be bound: the half is copied into the decoder's own s
             calls.append(LoopCall("decoder", b, {"x": (lay.x, b * row)},
-                                  ((lay.dec["s"][0], s_ptr + lay.half.offset, lay.half.offset),)))
+                                  tuple(kept) + ((lay.dec["s"][0], s_ptr + half, half),)))
         out.append(calls)
+    return out
+
+
+def _assembled(st, sl, lay: LoopLayout, kept: tuple) -> LoopCall:
+    """The decoder on its own s buffer, filled from the state rings: [uncond; cond] for a guided step, else cond."""
+    assert lay.hist.cond, f"step {st.i}: a forecast state without state rings"
+    b, row, half, dst = lay.b, lay.row, lay.half.offset, lay.dec["s"][0]
+    halves = [(st.s_uncond, [lay.hist.uncond[j] for j in sl.uncond_read])] if st.dec_uncond else []
+    halves.append((st.s_cond, [lay.hist.cond[j] for j in sl.cond_read]))
+    copies, kernels = list(kept), []
+    for h, (weights, srcs) in enumerate(halves):
+        c, launches = state_ops(weights, srcs, dst + h * half, half)
+        copies += c
+        kernels += launches
+    if st.dec_uncond:
+        copies += [(lay.dec["x"][0] + h * b * row, lay.x, b * row) for h in range(2)]
+        return LoopCall("decoder", 2 * b, {}, tuple(copies), tuple(kernels))
+    return LoopCall("decoder", b, {"x": (lay.x, b * row)}, tuple(copies), tuple(kernels))
+
+
+def loop_updates(steps: Sequence, lay: LoopLayout) -> list[Launch]:
+    """The update launch of each step (after its decoder call; `trt_update.update_launch`), over x's b rows from
+    the decoder's v, with the velocity ring's slots of a multistep solver."""
+    n, v = lay.b * lay.row // 4, lay.dec["v"][0]
+    out = []
+    for st, sl in zip(steps, history_slots(steps, lay.hist.order, lay.hist.forecast)):
+        if sl.v_put < 0:
+            out.append(update_launch(st, lay.x, v, n))
+        else:
+            out.append(update_launch(st, lay.x, v, n, lay.hist.v[sl.v_put], [lay.hist.v[j] for j in sl.v_read]))
     return out
 
 

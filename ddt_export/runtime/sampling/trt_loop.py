@@ -2,22 +2,28 @@
 
 `DeviceSampler` is what `runtime.sample` runs on a TensorRT folder (chosen once, at load: `Engines.loop`), made
 once per engine set and attached to it (`device_sampler`), closed with it. It runs the host loop's plan of
-steps (`plan.plan_steps`, so the same rows and the same CFG) and the step's update rule (`step.update`) in a
-kernel, with:
+steps (`plan.plan_steps`, so the same rows and the same CFG) and the step's update rule (`step.update`, and the
+encoder-state forecast of `step.decoder_feeds`) in kernels, with:
 - its buffers allocated once per engine set and freed in `close()` (after the stream is drained): x (B rows),
   the labels `[uncond; cond]` and the conditional labels alone, each on a 256-byte aligned offset
   (`trt_plan.pack`), and the step-time table (grown when a longer trajectory asks for more);
 - the graph calls, their bindings and device-to-device copies decided by `trt_plan.loop_calls` from those
   fixed addresses (so the CUDA-graph keys are bounded per engine set); all step times uploaded once per call
   (`trt_plan.time_table`), with no host sync inside the loop;
-- the encoder's s buffer bound as the decoder's input, its conditional half by pointer offset where that offset
-  is aligned, else copied device-to-device (`trt_plan.s_half`);
+- the encoder's s buffer bound as the decoder's input where a step reuses the last state, its conditional half
+  by pointer offset where that offset is aligned, else copied device-to-device (`trt_plan.s_half`); a forecast
+  state is written into the decoder's own s buffer;
 - the batch padded to the engines' batch.min (copies of the last sample, dropped after) or refused past
   batch.max before anything runs (`trt_plan.device_batch`);
-- the update rule in one place: `KERNEL_SOURCE` (the kernels) and `update_launch` (which kernel a step runs,
-  with which arguments). Today one kernel, CFG + Euler (the ODE step function); the multistep solvers and the
-  encoder forecast of the fast-sampling plans are to be added there, as kernels and `update_launch` cases;
-- the kernel compiled by NVRTC without FMA (it rounds as the numpy host loop does) to a cubin for the GPU's own
+- the update rule in one place: `KERNEL_SOURCE` (the kernels: CFG + Euler, the ODE step function; CFG +
+  `adams:K`; the encoder-state forecast) and `graphs.trt_update` (which kernel a step runs, with which
+  arguments: `update_launch`, `state_ops`), so the device loop runs every sampling plan the host loop runs
+  (every solver, forecast, schedule and cond-only row; the SDE step functions stay on the host loop);
+- the fast-sampling histories in device rings (`trt_update.History`: `order` velocity slots of B rows and
+  `forecast + 1` state slots of B x L x D per CFG half), allocated for the engine set's largest batch on the
+  first call that needs them, grown (never shrunk) when a call asks a higher order or forecast, freed in
+  `close()`; Euler with forecast 0 allocates none and copies nothing more than before;
+- the kernels compiled by NVRTC without FMA (they round as the numpy host loop does) to a cubin for the GPU's own
   architecture (`trt_plan.kernel_target`; PTX only where this NVRTC has no cubin for it, with a warning),
   loaded once per process and device, after `cudaSetDevice` (a fresh thread has no current context);
 - the backend's lock held for the whole call (the loop writes the runners' own buffers: `trt.SharedStream`);
@@ -28,7 +34,6 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -37,15 +42,18 @@ from ...core.errors import BackendError, InputError, NumericsError
 from ..graphs import gpu
 from ..graphs.gpu import check
 from ..graphs.trt import TrtGraph
-from ..graphs.trt_plan import (KernelTarget, LoopLayout, device_batch, kernel_target, loop_calls, pack, s_half,
-                               time_table)
+from ..graphs.trt_plan import (KernelTarget, LoopLayout, device_batch, kernel_target, loop_calls, loop_updates, pack,
+                               s_half, time_table)
+from ..graphs.trt_update import History, Launch, history_of, history_regions
 from .plan import plan_steps
 from .step import check_inputs
 
 log = logging.getLogger("ddt_export.tensorrt")
 
 # The device loop's update rule: every kernel it runs. Compiled with --fmad=false, so each operation rounds once,
-# in this order, as numpy does in `core.sampling` (cfg_combine: v_u + scale * (v_c - v_u); ode: x + v * dt).
+# in this order, as numpy does in `core.sampling` and `runtime.sampling.step` (cfg_combine: v_u + scale * (v_c -
+# v_u); ode: x + v * dt; combine: zeros, then out += w_j * v_j oldest first). Which kernel a step runs, with which
+# arguments: `graphs.trt_update` (update_launch, state_ops); their numpy restatements: tests/kernel_restatements.py.
 KERNEL_SOURCE = rb"""
 extern "C" __global__ void cfg_euler(float* x, const float* v, int n, float scale, float dt, int cfg) {
     // x (B rows) += dt * v, v = v_u + scale * (v_c - v_u) with v = [v_u; v_c] when cfg, else v (B rows).
@@ -54,27 +62,43 @@ extern "C" __global__ void cfg_euler(float* x, const float* v, int n, float scal
     float vi = cfg ? v[i] + scale * (v[i + n] - v[i]) : v[i];
     x[i] = x[i] + vi * dt;
 }
+
+extern "C" __global__ void cfg_adams(float* x, const float* v, float* put, const float* h0, const float* h1,
+                                     const float* h2, int n, float scale, float dt, int cfg, int k, float c0,
+                                     float c1, float c2, float cn) {
+    // adams:K. vi: the guided velocity, as in cfg_euler, kept in the history slot `put`. Then x += u * dt with
+    // u = c0 h0 + ... + cn vi over the last k velocities oldest first (h0.. the k - 1 older ones), summed from
+    // zero; k = 1 (the first step) is u = vi itself, as core.sampling.combine returns a lone velocity.
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float vi = cfg ? v[i] + scale * (v[i + n] - v[i]) : v[i];
+    put[i] = vi;
+    float u = vi;
+    if (k > 1) {
+        u = 0.0f;
+        u = u + c0 * h0[i];
+        if (k > 2) u = u + c1 * h1[i];
+        if (k > 3) u = u + c2 * h2[i];
+        u = u + cn * vi;
+    }
+    x[i] = x[i] + u * dt;
+}
+
+extern "C" __global__ void forecast(float* s, const float* s0, const float* s1, const float* s2, int n, int k,
+                                    float w0, float w1, float w2) {
+    // One CFG half of the decoder's s: w0 s0 + w1 s1 (+ w2 s2 when k = 3) over the half's last k recomputed
+    // encoder states, oldest first, summed from zero.
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float u = 0.0f;
+    u = u + w0 * s0[i];
+    u = u + w1 * s1[i];
+    if (k > 2) u = u + w2 * s2[i];
+    s[i] = u;
+}
 """
-KERNELS = ("cfg_euler",)  # the entry points of KERNEL_SOURCE, looked up once per device
+KERNELS = ("cfg_euler", "cfg_adams", "forecast")  # the entry points of KERNEL_SOURCE, looked up once per device
 THREADS = 256
-
-
-@dataclass(frozen=True)
-class Launch:
-    """One kernel launch: the entry point, its arguments in parameter order (numpy scalars: their dtypes are the
-    parameters' C types) and the number of elements (one thread each)."""
-
-    kernel: str
-    args: tuple
-    n: int
-
-
-def update_launch(st, x: int, v: int, n: int) -> Launch:
-    """The update of step `st` (a `plan.Step`) as a launch over the n floats of x (device pointer) from the
-    decoder's velocities v: the CFG combine when the step is guided (v holds [v_u; v_c]), then x + v dt.
-    The one place that decides the device loop's arithmetic; its numpy twin is `step.update`."""
-    return Launch("cfg_euler", (np.uint64(x), np.uint64(v), np.int32(n), np.float32(st.scale), np.float32(st.dt),
-                                np.int32(int(st.dec_uncond))), n)
 
 
 def launch(kernels: dict, what: Launch, stream) -> None:
@@ -171,23 +195,40 @@ class DeviceSampler:
             gpu.set_device(self.device)
             self.memory = gpu.DeviceBuffer(total)
         self.times: gpu.DeviceBuffer | None = None  # the step-time table, grown on demand
+        self.history: gpu.DeviceBuffer | None = None  # the rings of the fast-sampling plans, grown on demand
+        self.history_size, self.history_offsets = (1, 0), {}  # the (order, forecast) they hold; their slots
 
     def ptr(self, region: str) -> int:
         return self.memory.ptr + self.offsets[region]
 
-    def layout(self, b: int, stride: int) -> LoopLayout:
+    def layout(self, b: int, stride: int, hist: History = History()) -> LoopLayout:
         bufs = {g: {n: (buf.ptr, buf.nbytes) for n, buf in r.buffers.items()} for g, r in
                 (("encoder", self.enc), ("decoder", self.dec))}
         return LoopLayout(b, self.row, self.ptr("x"), self.ptr("y_cfg"), self.ptr("y_cond"), self.times.ptr, stride,
-                          bufs["encoder"], bufs["decoder"], s_half(b, self.tokens, self.hidden))
+                          bufs["encoder"], bufs["decoder"], s_half(b, self.tokens, self.hidden), hist)
+
+    def rings(self, order: int, forecast: int) -> History:
+        """The history rings of a call with this solver order and forecast, for the engine set's largest batch:
+        allocated by the first call that needs them, reallocated larger (never smaller) when a call asks more
+        than any before (a bounded number of times: order <= 4, forecast <= 2), so later calls reuse them.
+        Called under the lock, after the previous call's stream was synchronized."""
+        have = self.history_size
+        want = (max(have[0], order), max(have[1], forecast))
+        if want != have:
+            if self.history is not None:  # freed first: an allocation that fails leaves none, and says so
+                self.history.free()
+                self.history, self.history_size = None, (1, 0)
+            offsets, total = pack(history_regions(self.samples, self.row, self.tokens * self.hidden * 4, *want))
+            self.history = gpu.DeviceBuffer(total)
+            self.history_size, self.history_offsets = want, offsets
+        if order <= 1 and not forecast:
+            return History()
+        return history_of(self.history.ptr, self.history_offsets, order, forecast)
 
     def sample(self, noise, labels, sampler, schedule: Sequence[int], *, cond_only_outside: bool = True,
                progress=None, cuda_graphs: bool = True) -> np.ndarray:
         if sampler.step_fn != "ode":
             raise InputError("sampler.step_fn for device sampling", "ode", sampler.step_fn, "use the host loop")
-        if sampler.order != 1 or sampler.forecast != 0:  # the kernel is CFG + Euler; the rest is the host loop's
-            raise InputError("solver and forecast for device sampling", "euler with forecast 0",
-                             f"{sampler.solver} with forecast {sampler.forecast}", "pass --no-device-loop")
         if self.enc is None:
             raise BackendError("device sampling", "open engines", "closed")
         x_host, labels = check_inputs(self.engines, noise, labels)
@@ -201,7 +242,7 @@ class DeviceSampler:
             gpu.set_device(self.device)  # this thread may be new
             stream = self.enc.stream
             try:
-                out = self._run(x_host, labels, steps, b, cuda_graphs, progress, sampler.num_steps)
+                out = self._run(x_host, labels, steps, b, cuda_graphs, progress, sampler)
             except BaseException:
                 gpu.drain(stream)  # the queued copies read host arrays of this frame
                 raise
@@ -211,7 +252,7 @@ class DeviceSampler:
             raise NumericsError("device sampling: final latents", "finite values", f"{bad} NaN/Inf")
         return out
 
-    def _run(self, x_host, labels, steps, b, cuda_graphs, progress, num_steps) -> np.ndarray:
+    def _run(self, x_host, labels, steps, b, cuda_graphs, progress, sampler) -> np.ndarray:
         kernels, _ = load_kernel(self.device)
         stream, runners = self.enc.stream, {"encoder": self.enc, "decoder": self.dec}
         table, stride = time_table([st.t for st in steps if st.recompute], 2 * b)
@@ -220,19 +261,20 @@ class DeviceSampler:
                 self.times.free()
                 self.times = None
             self.times = gpu.DeviceBuffer(table.nbytes)
-        lay = self.layout(b, stride)
+        lay = self.layout(b, stride, self.rings(sampler.order, sampler.forecast))
         y_cfg = np.concatenate([np.full(b, self.engines.config.model.null_class, np.int64), labels])
         for dst, src in ((lay.x, x_host), (lay.y_cfg, y_cfg), (lay.y_cond, labels), (lay.times, table)):
             gpu.copy(dst, src.ctypes.data, src.nbytes, "h2d", stream)  # host arrays live until the sync below
-        v = self.dec.buffers["v"].ptr
-        for st, calls in zip(steps, loop_calls(steps, lay)):
+        for st, calls, update in zip(steps, loop_calls(steps, lay), loop_updates(steps, lay)):
             for c in calls:
                 for dst, src, nbytes in c.copies:
                     gpu.copy(dst, src, nbytes, "d2d", stream)
+                for what in c.kernels:  # the forecast of s, into the decoder's own s buffer
+                    launch(kernels, what, stream)
                 runners[c.graph].enqueue(c.rows, c.bind, graphs=cuda_graphs)
-            launch(kernels, update_launch(st, lay.x, v, b * self.row // 4), stream)
+            launch(kernels, update, stream)  # the CFG combine and the update rule of x
             if progress is not None:
-                progress(st.i + 1, num_steps)
+                progress(st.i + 1, sampler.num_steps)
         out = np.empty_like(x_host)
         gpu.copy(out.ctypes.data, lay.x, out.nbytes, "d2h", stream)
         gpu.synchronize(stream)
@@ -246,10 +288,10 @@ class DeviceSampler:
         with self.enc.lock, self.dec.lock:
             gpu.set_device(self.device)
             gpu.drain(self.enc.stream)
-            for buf in (self.memory, self.times):
+            for buf in (self.memory, self.times, self.history):
                 if buf is not None:
                     buf.free()
-            self.times = None
+            self.times = self.history = None
         self.engines = self.enc = self.dec = None
 
 
