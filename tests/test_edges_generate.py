@@ -16,6 +16,7 @@ import time
 import tracemalloc
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import cli
@@ -228,6 +229,11 @@ def test_room_check_bounds(tmp_path):
     count = free // (2 * block)  # a block each: fits; at 1000 x the raw size each: might not
     run_folder.check_room(tmp_path, count, ("png",), run_folder.SampleSize(1000 * block, 0, 1), False, said.append)
     assert len(said) == 1 and said[0].startswith(f"warning: {count} samples (png) may not fit"), said
+    if free > 2 * 2 ** 30:  # a run that fits but is large says so before it starts
+        said.clear()
+        big = run_folder.SampleSize(image=2 ** 20 - 200, latent=0, side=1)  # at most 1 MiB a PNG
+        run_folder.check_room(tmp_path, 1024, ("png",), big, False, said.append)
+        assert len(said) == 1 and said[0].startswith(f"1024 samples (png): up to 1.0 GiB in {tmp_path}, "), said
 
 
 class _FirstChunk(Exception):
@@ -353,3 +359,37 @@ def test_calibrate_without_fp32_says_how_to_make_it(tmp_path):
     one_line_error(r, f"error: ArtifactError: --engines: expected an fp32 export folder (calibration runs the fp32 "
                       f"graphs), got {tmp_path / 'engines' / 'fp32'} does not exist (make it first: ddt-export "
                       f"export --out {tmp_path / 'engines' / 'fp32'})")
+
+
+# ------------------------------------------------------------------------------------ 19: FID of a few samples
+
+
+def _images(folder: Path, n: int) -> Path:
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(n)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(folder / f"{i:05d}.png")
+    return folder
+
+
+@pytest.mark.parametrize("n, warned", [(8, True), (319, True), (320, False)])
+def test_fid_says_what_it_compares_and_warns_below_five_samples_per_dimension(tmp_path, n, warned):
+    stats = ROOT / "ddt_export" / "assets" / "digits_stats.npz"
+    r = ddt("fid", _images(tmp_path / "imgs", n), stats)
+    assert r.returncode == 0, r.stderr
+    float(r.stdout.strip().splitlines()[-1])  # the distance alone is still the last line
+    assert "FID compares Gaussian fits (mean and covariance of 64-d digits features)" in r.stderr
+    warning = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
+    assert bool(warning) == warned, r.stderr
+    if warned:
+        assert warning[0].startswith(f"warning: FID of {n} samples") and "below 320 (5 per feature dimension)" in \
+            warning[0]
+        assert ("the covariance is singular" in warning[0]) == (n <= 64)
+
+
+def test_fid_of_stored_statistics_does_not_warn():
+    stats = ROOT / "ddt_export" / "assets" / "digits_stats.npz"
+    r = ddt("fid", stats, stats)
+    assert r.returncode == 0 and r.stdout.strip() == "0.000000" and "warning" not in r.stderr, r.stderr
