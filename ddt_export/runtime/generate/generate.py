@@ -167,6 +167,8 @@ WRITE_ERRNOS = {errno.EROFS: "a read-only file system", errno.ENOSPC: "no space 
 def write_error(e: OSError, options: RunOptions) -> ArtifactError:
     """An OSError of a write -> one line naming the file, what was expected and what the filesystem said."""
     where = e.filename or options.out_dir or options.latents_out
+    if e.errno in (errno.EACCES, errno.EPERM):  # reading the engines or writing the run: name the file only
+        return ArtifactError(str(where), "a file this user may read and write", WRITE_ERRNOS[e.errno])
     full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
     hint = ("free space, then the same command with --resume keeps the finished chunks" if full and
             options.out_dir is not None else "write elsewhere (--out)" if options.out_dir is not None else "")
