@@ -1,12 +1,16 @@
 """`ddt-export`: the command line. Thin: each command parses, calls one library function, prints.
 
 The command bodies live in `ddt_export/commands/`; this file is the app, the list of commands and the error
-boundary. Errors a user can cause are `DDTExportError`s: printed on one line, no traceback, exit code 2.
+boundary. Errors a user can cause are `DDTExportError`s: printed on one line, no traceback, exit code 2; so is a
+filesystem that refuses a write (read-only, full, no permission). Ctrl-C prints one line (what a command says
+it left, e.g. generate's finished samples and --resume) and exits 130.
 Heavy libraries (torch, onnx) are imported inside the commands that need them, so the production commands
 (generate, schedule, fid, serve) run on the base install with no PyTorch.
 """
 from __future__ import annotations
 
+import errno
+import functools
 import sys
 from typing import List, Optional
 
@@ -27,8 +31,27 @@ COMMANDS = {
     "evaluate": quality.evaluate,
     "serve": serving.serve,
 }
+FILESYSTEM_ERRNOS = (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EFBIG)
+INTERRUPTED = "nothing half-written was left under a final name"
+
+
+def interruptible(fn):
+    """A command that prints one line on Ctrl-C: the message the command raised KeyboardInterrupt with, else
+    INTERRUPTED (Typer then exits 130 without a word of its own)."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except KeyboardInterrupt as e:
+            say = str(e.args[0]) if e.args else INTERRUPTED
+            console.print(f"[bold red]interrupted[/]: {escape(say)}", highlight=False, soft_wrap=True)
+            raise
+
+    return run
+
+
 for _name, _fn in COMMANDS.items():
-    app.command(_name)(_fn)
+    app.command(_name)(interruptible(_fn))
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -38,9 +61,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     except DDTExportError as e:
         console.print(f"[bold red]error:[/] {type(e).__name__}: {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        console.print("[bold red]interrupted[/]: nothing half-written was left under a final name")
-        sys.exit(130)
+    except OSError as e:
+        if e.errno not in FILESYSTEM_ERRNOS:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        console.print(f"[bold red]error:[/] OSError: {escape(where)}expected a writable file system with room, "
+                      f"got {escape(e.strerror or str(e))}", highlight=False, soft_wrap=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

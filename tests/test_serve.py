@@ -279,7 +279,9 @@ def test_class_names_file(digits_engines, tmp_path):
     names.write_text("\n".join(f"| {i}        | {w}, digit {w} |" for i, w in enumerate(words)))
     with running(create_app(digits_engines, ServeSettings(class_names=names))) as url:
         assert httpx.get(url + "/v1/info").json()["classes"][7] == "seven, digit seven"
-        r = post(url, {"class": "Seven", "steps": 2})
+        r = post(url, {"class": "Seven", "steps": 2})  # one spelling: the label's case counts
+        assert r.status_code == 422 and "got 'Seven' (did you mean 'seven'?" in r.json()["message"], r.text
+        r = post(url, {"class": "seven", "steps": 2})
         assert r.status_code == 200 and r.json()["labels"] == [7] and r.json()["settings"]["class_name"] == (
             "seven, digit seven")
         assert post(url, {"class": "digit three", "steps": 2}).json()["labels"] == [3]

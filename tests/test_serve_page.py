@@ -1,6 +1,7 @@
 """The web page (GET /) in a real headless Chromium through Selenium: the form is built from /v1/info, the live
 progress bar moves while the request runs, the gallery shows the images the API gives for the same settings,
-and a refused request shows the server's message."""
+a refused request shows the server's message and no older images, an emptied field means the default (never
+0), and /docs renders Swagger UI. The browser resolves no host but 127.0.0.1 (no internet, no CDN)."""
 from __future__ import annotations
 
 import io
@@ -26,7 +27,8 @@ pytestmark = [pytest.mark.timeout(240),
                   reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")]
 CHROME_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                 "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-dev-shm-usage",
-                "--window-size=1180,820")
+                "--window-size=1180,820",
+                "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1")  # offline: a CDN would not load
 
 
 def chrome(profile: Path):
@@ -120,3 +122,43 @@ def test_page_shows_the_servers_message(digits_engines, browser):
         browser.find_element(By.ID, "generate").click()
         msg = wait(browser, lambda: browser.find_element(By.ID, "error").text, what="the error")
         assert msg == "422: schedule: expected dp:K with K <= 5 (the steps), got dp:9"
+
+
+def test_emptied_cfg_means_the_default_and_an_error_clears_the_gallery(digits_engines, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    def gallery() -> int:
+        return len(browser.find_elements(By.CSS_SELECTOR, "#gallery img"))
+
+    with running(create_app(digits_engines)) as url:
+        browser.get(url + "/")
+        wait(browser, lambda: len(browser.find_elements(By.CSS_SELECTOR, "#class option")) == 10, what="classes")
+        assert browser.find_element(By.ID, "cfg").get_attribute("placeholder") == "default 1.5"
+        set_value(browser, "cfg", "")  # the user clears the field: not cfg 0 (no guidance)
+        set_value(browser, "steps", 4)
+        set_value(browser, "num", 2)
+        browser.find_element(By.ID, "generate").click()
+        wait(browser, lambda: gallery() == 2, what="the gallery")
+        status = browser.find_element(By.ID, "status").text
+        assert status.startswith("2 images of 0 (cfg 1.5, 4 steps, seed 0)"), status  # the manifest's cfg ran
+        set_value(browser, "cfg", 0)  # an explicit 0 is sent as 0
+        browser.find_element(By.ID, "generate").click()
+        wait(browser, lambda: "(cfg 0," in browser.find_element(By.ID, "status").text, what="cfg 0")
+        Select(browser.find_element(By.ID, "schedule-kind")).select_by_value("dp")
+        set_value(browser, "schedule-value", 9)  # refused: dp:9 > 4 steps
+        browser.find_element(By.ID, "generate").click()
+        msg = wait(browser, lambda: browser.find_element(By.ID, "error").text, what="the error")
+        assert msg == "422: schedule: expected dp:K with K <= 4 (the steps), got dp:9"
+        assert gallery() == 0  # the last answer's images are not left under the message
+
+
+def test_docs_render_with_no_internet(digits_engines, browser):
+    from selenium.webdriver.common.by import By
+
+    with running(create_app(digits_engines)) as url:
+        browser.get(url + "/docs")
+        paths = wait(browser, lambda: [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")
+                                       if e.text], what="Swagger UI's operations")
+        assert "/v1/generate" in paths and "/health" in paths, paths
+        assert browser.execute_script("return typeof SwaggerUIBundle") == "function"

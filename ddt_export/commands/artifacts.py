@@ -73,7 +73,12 @@ def calibrate(
     import dataclasses
 
     from ..builder.calibrate import capture, read_classes
+    from ..core.errors import ArtifactError
     from ..runtime.sampling.request import CLI, RequestInput
+
+    if not Path(engines).is_dir():  # the fresh set-up builds fp16 only: say how to make the fp32 graphs
+        raise ArtifactError("--engines", "an fp32 export folder (calibration runs the fp32 graphs)",
+                            f"{engines} does not exist", f"make it first: ddt-export export --out {engines}")
 
     given = RequestInput(classes=tuple(read_classes(classes)) if classes else None, num=num, seed=seed, steps=steps,
                          schedule=schedule, solver=solver, forecast=forecast)

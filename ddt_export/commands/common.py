@@ -1,6 +1,8 @@
 """What every command shares: the stderr console, one-line messages, progress bars."""
 from __future__ import annotations
 
+import math
+
 from rich.console import Console
 
 from ..core.config import MAX_ADAMS_ORDER
@@ -30,6 +32,15 @@ def step_progress(label: str, unit: str = ""):
     return bar, lambda done, total: bar.update(task, completed=done, total=total)
 
 
+def duration(seconds: float) -> str:
+    """HH:MM:SS, with the days in front past 24 h ("412d 03:00:00"): a clock format would wrap at a day."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "-:--:--"
+    days, rest = divmod(int(round(seconds)), 86400)
+    hours, rest = divmod(rest, 3600)
+    return (f"{days}d " if days else "") + f"{hours:02d}:{rest // 60:02d}:{rest % 60:02d}"
+
+
 def image_progress(label: str):
     """A rich bar over images with the rate (images/s) and the ETA of this run: samples already there when it
     starts (a resumed run) count as done but not in the rate. Returns (context manager, callback(done, total)).
@@ -49,7 +60,7 @@ def image_progress(label: str):
         def render(self, task) -> Text:
             r = rate(int(task.completed))
             left = (task.total - task.completed) / r if r > 0 and task.total else None
-            eta = "-:--:--" if left is None else time.strftime("%H:%M:%S", time.gmtime(left))
+            eta = "-:--:--" if left is None else duration(left)
             return Text(f"{r:.2f} images/s  ETA {eta}")
 
     bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), Rate(), TimeElapsedColumn(),
@@ -64,7 +75,7 @@ def image_progress(label: str):
         if not console.is_terminal and tenth > state["logged"] and done > state["start"]:
             state["logged"] = tenth
             r = rate(done)
-            eta = f", ETA {time.strftime('%H:%M:%S', time.gmtime((total - done) / r))}" if r > 0 else ""
+            eta = f", ETA {duration((total - done) / r)}" if r > 0 else ""
             say(f"{label}: {done}/{total} images, {r:.2f} images/s{eta}")
 
     return bar, update

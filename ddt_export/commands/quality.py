@@ -31,6 +31,9 @@ def fid(
                          from_images=from_images)
     for s in (res.a, res.b):
         console.print(s.describe(), highlight=False, soft_wrap=True)
+    console.print(res.compares(), highlight=False, soft_wrap=True)
+    if res.warning() is not None:
+        console.print(res.warning(), style="yellow", highlight=False, soft_wrap=True)
     if res.features == "inception" and any(s.n is None for s in (res.a, res.b)):
         console.print("note: stored statistics are used as they are; ADM's were made with the TF graph, whose "
                       "preprocessing differs from pytorch-fid's (use --from-images for one convention)",

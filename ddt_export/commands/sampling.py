@@ -21,7 +21,8 @@ SCHEDULE_HELP = "encoder schedule: " + " | ".join(SCHEDULE_KINDS)
 
 def generate(
     engines: Path = typer.Option(DEFAULT_ENGINES, help="engine folder written by `export` or `build`"),
-    class_: Optional[List[int]] = typer.Option(None, "--class", help="class id; repeat for several (cycled to --num)"),
+    class_: Optional[List[str]] = typer.Option(None, "--class", help="class id in ASCII digits as written by str(id) "
+                                               "(3, not 03); repeat for several (cycled to --num)"),
     labels: Optional[Path] = typer.Option(None, help="class ids as a 1-D integer .npy (instead of --class)"),
     num: Optional[int] = typer.Option(None, help="number of images (default: the classes given, or 8)"),
     seed: int = typer.Option(0, help=SEED_HELP),
@@ -36,7 +37,8 @@ def generate(
     plan: Optional[str] = typer.Option(None, help=PLAN_HELP),
     noise: Optional[Path] = typer.Option(None, help="initial noise (B, C, H, W) .npy, for exact reproduction"),
     latents_out: Optional[Path] = typer.Option(None, help="write the final latents (before the VAE) as .npy"),
-    out: Path = typer.Option(Path("samples"), help="run folder: PNGs, samples.npz, preview/grid.png, run.json"),
+    out: str = typer.Option("samples", help="run folder: PNGs, samples.npz, preview/grid.png, run.json (a new or "
+                                          "empty folder, or an earlier run's)"),
     format_: str = typer.Option("png", "--format", help="png (one file per sample) | npz (ADM-style samples.npz: "
                                                        "arr_0 uint8 NHWC, arr_1 labels) | png,npz"),
     resume: bool = typer.Option(False, help="keep the finished chunks of the run in --out (same settings), "
@@ -62,18 +64,46 @@ def generate(
                          noise_file=noise, backend=backend, device_loop=device_loop)
     executor = executor_for(ray, ray_address, workers, say)
     bar, progress = image_progress("sampling")
+    seen = [0, 0]  # (done, total) as last reported: what an interrupt has written
+
+    def count(done: int, total: int) -> None:
+        seen[:] = done, total
+        progress(done, total)
+
     t0 = time.perf_counter()
-    with bar:
-        res = run_generate(engines, given, options, executor=executor, progress=progress, say=say)
+    try:
+        with bar:
+            res = run_generate(engines, given, options, executor=executor, progress=count, say=say)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(interrupted_message(out, *seen, resume)) from None
+    report(res, time.perf_counter() - t0)
+
+
+def interrupted_message(out: str, done: int, total: int, resumed: bool) -> str:
+    """What Ctrl-C left in the run folder, and how to go on."""
+    if total == 0:
+        return f"stopped before the first chunk finished: {out} holds no new samples"
+    again = "the same command" + ("" if resumed else " with --resume")
+    return (f"{done} of {total} samples are in {out} (whole chunks; nothing half-written under a final name); "
+            f"{again} samples the other {total - done}")
+
+
+def report(res, seconds: float) -> None:
+    """The lines a finished run prints on stdout."""
+    if res.was_complete:
+        print(f"nothing to sample: the run is complete ({res.num} samples, all files there)")
+        for kind, path in res.files.items():
+            print(f"kept {path}" + (f" ({res.num} PNGs)" if kind == "png" else ""))
+        return
     r, n = res.rows, res.sampler.num_steps
     how = (f"plan {res.request.plan}, " if res.request.plan else "") + f"{res.sampler.solver}" + (
         f", forecast {res.sampler.forecast}" if res.sampler.forecast else "")
     print(f"{res.num} samples, {n} steps ({how}), cfg {res.sampler.guidance}, schedule {res.schedule_spec}: "
-          f"encoder {r['encoder_calls']}/{n} steps, backend {res.backend} ({res.loop} loop), "
-          f"{time.perf_counter() - t0:.1f} s")
+          f"encoder {r['encoder_calls']}/{n} steps, backend {res.backend} ({res.loop} loop), {seconds:.1f} s")
     print(f"cond-only outside the guidance interval: encoder rows {r['encoder_rows']}/{r['encoder_rows_full']}, "
           f"decoder rows {r['decoder_rows']}/{r['decoder_rows_full']}, {100 * res.saved:.1f}% of the work saved")
-    print(f"sampled {res.new} in {res.chunks} chunks of {res.chunk}, {res.seconds:.1f} s, "
+    of_run = f" of the run's {res.chunks}" if res.chunks_run != res.chunks else ""
+    print(f"sampled {res.new} in {res.chunks_run}{of_run} chunks of {res.chunk}, {res.seconds:.1f} s, "
           f"{res.images_per_s:.2f} images/s" + (f"; {res.resumed} were already there" if res.resumed else ""))
     for kind, path in res.files.items():
         print(f"wrote {path}" + (f" ({res.num} PNGs)" if kind == "png" else ""))

@@ -9,14 +9,15 @@ import typer
 from ..runtime.batching.scheduler import POLICIES
 from ..runtime.graphs.backends import CHOICES as BACKENDS
 from ..runtime.graphs.engines import DEFAULT_ENGINES
-from ..serve.settings import BATCHING, LOOPBACK, MAX_DELAY_MS, MAX_QUEUE, MAX_STEPS, PORT, ServeSettings
+from ..serve.settings import (BATCHING, LOG_LEVEL, LOG_LEVELS, LOOPBACK, MAX_DELAY_MS, MAX_QUEUE, MAX_STEPS, PORT,
+                              ServeSettings, check_listener)
 from .common import say
 
 
 def serve(
     engines: Path = typer.Option(DEFAULT_ENGINES, help="engine folder written by `export` or `build`"),
     host: str = typer.Option(LOOPBACK, help="address to bind (loopback unless told otherwise)"),
-    port: int = typer.Option(PORT, help="TCP port"),
+    port: int = typer.Option(PORT, help="TCP port (0: any free port; the line 'serving ... at URL' names it)"),
     max_queue: int = typer.Option(MAX_QUEUE, help="waiting requests before new ones get 503 (Retry-After)"),
     max_images_per_request: Optional[int] = typer.Option(
         None, help="largest num per request (default: batch.max / 2, a guided image takes 2 rows)"),
@@ -32,7 +33,8 @@ def serve(
     backend: str = typer.Option("auto", help=" | ".join(BACKENDS)),
     lifetime: Optional[float] = typer.Option(None, help="seconds after which the server drains and exits 0 "
                                              "(tests, benchmarks)"),
-    log_level: str = typer.Option("warning", help="uvicorn log level (info shows the access log)"),
+    log_level: str = typer.Option(LOG_LEVEL, help=" | ".join(LOG_LEVELS) + ": uvicorn's log level (info shows "
+                                  "the access log)"),
     trace: Optional[Path] = typer.Option(None, help="append one JSON line per iteration (start, seconds, "
                                          "requests, rows) to this file"),
     ray: bool = typer.Option(False, "--ray", help="run the app as a Ray Serve deployment (the [ray] extra)"),
@@ -40,9 +42,11 @@ def serve(
     replicas: Optional[int] = typer.Option(None, help="--ray: replicas, each with its own batcher (default: one "
                                            "per GPU, else 1)"),
 ):
-    """Serve the engines over HTTP: POST /v1/generate (JSON or SSE), /health, /metrics, a web page at /."""
+    """Serve the engines over HTTP: POST /v1/generate (JSON or SSE), /health, /metrics, a web page at /.
+    SIGTERM or Ctrl-C drains (exit 0); a second one stops at once (exit 128 + the signal)."""
     from ..serve.server import serve as run_server
 
+    check_listener(host, port, lifetime, log_level)  # every flag checked before anything binds
     settings = ServeSettings(batching=batching, max_delay_ms=max_delay_ms, max_queue=max_queue,
                              max_images_per_request=max_images_per_request, max_steps=max_steps,
                              class_names=class_names, backend=backend, trace=trace)
@@ -52,4 +56,6 @@ def serve(
         serve_on_ray(engines, settings, host, port, replicas=replicas, address=ray_address, lifetime_s=lifetime,
                      say=say)
     else:
-        run_server(engines, settings, host, port, lifetime_s=lifetime, log_level=log_level, say=say)
+        code = run_server(engines, settings, host, port, lifetime_s=lifetime, log_level=log_level, say=say)
+        if code:
+            raise typer.Exit(code)

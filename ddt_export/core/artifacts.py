@@ -10,9 +10,10 @@ export) does it through `artifact_folder`:
     # out/manifest.json is written last, on success only; the scratch folder is removed either way
 
 so a folder is finished exactly when its manifest exists, and an interrupted run never leaves one that looks
-finished. The lock (`fcntl.flock` on `.<name>.lock` beside the folder, so the folder holds its artifacts only)
-makes a second process writing the same folder fail with one line instead of interleaving; nested stages of one
-process (a build writing its export stages into its own folder) share it. Torch-free.
+finished. The lock (`fcntl.flock` on `.ddt-export.lock` inside the folder, there only while a process holds
+it: nothing is left beside or inside the folder afterwards) makes a second process writing the same folder fail
+with one line instead of interleaving; nested stages of one process (a build writing its export stages into its
+own folder) share it. Torch-free.
 """
 from __future__ import annotations
 
@@ -122,22 +123,57 @@ def library_versions(names=("ddt-export", "numpy", "onnx", "onnxruntime", "onnxs
 
 # ------------------------------------------------------------------------------------------ the folder lock
 
+LOCK_FILE = ".ddt-export.lock"  # inside the folder while a process writes it; removed when it lets go
+
 
 def lock_path(folder: Path) -> Path:
-    """The lock file of an artifact folder: `.<name>.lock` beside it."""
-    folder = Path(folder).resolve()
-    return folder.parent / f".{folder.name}.lock"
+    """The lock file of an artifact folder: `.ddt-export.lock` inside it (hidden, and there only while held)."""
+    return Path(folder).resolve() / LOCK_FILE
 
-_HELD: dict[str, list] = {}  # resolved folder -> [open lock file, depth]: this process's locks
+
+_HELD: dict[str, list] = {}  # resolved folder -> [lock file descriptor, depth]: this process's locks
 _HELD_GUARD = threading.Lock()
+
+
+def _acquire(path: Path, folder: Path) -> int:
+    """An exclusive flock on the file at `path`, created if missing; ArtifactError naming the holder's pid.
+
+    The holder removes the file when it lets go, so a process that opened the file before the removal may get
+    the flock on a file no longer at `path` (and a third may create and lock a new one): after the flock, the
+    descriptor's inode must still be the one at `path`, else it opens again. So at most one process holds the
+    lock of the file at `path`, and the file exists only while someone holds it (or after a SIGKILL, until the
+    next run takes and removes it)."""
+    import fcntl
+
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ArtifactError(f"output folder {folder}", "no other ddt-export run writing it",
+                                f"locked by {owner}", "wait for that run to finish, or write elsewhere") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        held = os.fstat(fd)
+        try:
+            now = os.stat(path)
+        except FileNotFoundError:
+            now = None
+        if now is not None and (now.st_ino, now.st_dev) == (held.st_ino, held.st_dev):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
+            return fd
+        os.close(fd)  # the holder we waited for removed it: take the file at `path` now
 
 
 @contextlib.contextmanager
 def folder_lock(folder: Path) -> Iterator[None]:
     """Exclusive lock on `folder` for this process (re-entrant within it); another process holding it is an
-    ArtifactError naming its pid."""
-    import fcntl
-
+    ArtifactError naming its pid. The folder is created; the lock file inside it is removed when the lock is
+    let go, so a finished run leaves nothing but its outputs."""
     folder = Path(folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     key = str(folder)
@@ -146,21 +182,9 @@ def folder_lock(folder: Path) -> Iterator[None]:
         if held is not None:
             held[1] += 1
     if held is None:
-        f = open(lock_path(folder), "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            owner = f.read().strip() or "another process"
-            f.close()
-            raise ArtifactError(f"output folder {folder}", "no other ddt-export run writing it",
-                                f"locked by {owner}", "wait for that run to finish, or write elsewhere") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()}\n")
-        f.flush()
+        fd = _acquire(lock_path(folder), folder)
         with _HELD_GUARD:
-            _HELD[key] = held = [f, 1]
+            _HELD[key] = held = [fd, 1]
     try:
         yield
     finally:
@@ -170,7 +194,11 @@ def folder_lock(folder: Path) -> Iterator[None]:
             if last:
                 del _HELD[key]
         if last:
-            held[0].close()  # closing the file releases the flock
+            try:
+                lock_path(folder).unlink(missing_ok=True)  # while still holding it (see `_acquire`)
+            except OSError:  # a read-only or vanished folder: the lock goes with the descriptor anyway
+                pass
+            os.close(held[0])  # closing the descriptor releases the flock
 
 
 class Staging:

@@ -6,19 +6,31 @@ names are its digits "0".."9". ImageNet models take the official DDT repo's `ima
 
     | 0        | tench, Tinca tinca                 |
 
-(the first cell must equal the line's index), or as a bare label (`tench, Tinca tinca`). A class is found by
-its full label (first: ImageNet's 517 is "crane", its 134 "crane, bird") or by any one of its comma-separated
-synonyms that no other class shares (a shared one is refused, naming the candidates), case-insensitively.
+(the first cell must equal the line's index), or as a bare label (`tench, Tinca tinca`).
+
+One canonical spelling: a request names its class
+- by id: a JSON integer, or the id as text in ASCII decimal digits as `str(id)` writes it ("3"; not "03", " 3 ",
+  "+3", "3.0" or "٣", the Arabic-Indic three, which Python's int() would all read as 3); the CLI's --class is
+  that text;
+- or by name: its full label exactly as the names file writes it (first: ImageNet's 517 is "crane", its 134
+  "crane, bird"), or exactly one of its comma-separated synonyms that no other class shares (a shared one is
+  refused, naming the candidates). Case, spaces and quotes count: "TENCH" and " tench" are refused, and the
+  error names the spelling meant ("did you mean 'tench'?").
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError, InputError
 
 
+CANONICAL_ID = re.compile(r"0|[1-9][0-9]*")  # ASCII only: re's [0-9] is not \d
+
+
 def _key(name: str) -> str:
+    """A loose form of a name (case, spaces, quotes dropped): only to say which spelling was meant."""
     return " ".join(name.strip().strip("'\",").split()).casefold()
 
 
@@ -55,11 +67,15 @@ class ClassNames:
     _by_label: dict[str, list[int]] = field(default_factory=dict, repr=False)
     _by_synonym: dict[str, list[int]] = field(default_factory=dict, repr=False)
 
+    _near: dict[str, str] = field(default_factory=dict, repr=False)  # loose form -> the canonical spelling
+
     def __post_init__(self):
         for i, label in enumerate(self.labels):
-            self._by_label.setdefault(_key(label), []).append(i)
-            for k in {_key(p) for p in label.split(",") if _key(p)}:
-                self._by_synonym.setdefault(k, []).append(i)
+            self._by_label.setdefault(label, []).append(i)
+            self._near.setdefault(_key(label), label)
+            for p in {p.strip() for p in label.split(",") if p.strip()}:
+                self._by_synonym.setdefault(p, []).append(i)
+                self._near.setdefault(_key(p), p)
 
     @staticmethod
     def ids(num_classes: int) -> "ClassNames":
@@ -82,22 +98,29 @@ class ClassNames:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def resolve(self, value: int | str) -> int:
-        """A class id in [0, N) from an id or a name; InputError naming the class otherwise."""
+    def resolve(self, value: int | str, field: str = "class") -> int:
+        """A class id in [0, N) from an id or a name in its one canonical spelling (the module doc); InputError
+        naming `field` (`class` in a JSON body, `--class` on the command line) otherwise."""
         n = len(self.labels)
         if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise InputError("class", f"a class id in [0, {n}) or a class name", repr(value))
+            raise InputError(field, f"a class id in [0, {n}) or a class name", repr(value))
         if isinstance(value, int):
             if not 0 <= value < n:
-                raise InputError("class", f"a class id in [0, {n})", value)
+                raise InputError(field, f"a class id in [0, {n})", value)
             return value
-        hits = self._by_label.get(_key(value)) or self._by_synonym.get(_key(value), [])
+        hits = self._by_label.get(value) or self._by_synonym.get(value, [])
         if len(hits) == 1:
             return hits[0]
         if len(hits) > 1:
-            raise InputError("class", "a name of one class (this one names several: use the full label or the id)",
+            raise InputError(field, "a name of one class (this one names several: use the full label or the id)",
                              f"{value!r} ({'; '.join(f'{i}: {self.labels[i]}' for i in hits)})")
-        if value.strip().isdigit():  # "7" where the names are not the ids: the id
-            return self.resolve(int(value))
+        if CANONICAL_ID.fullmatch(value):  # "7" where the names are not the ids: the id
+            return self.resolve(int(value), field)
         where = f" from {self.source}" if self.source else ""
-        raise InputError("class", f"a class id in [0, {n}) or a class name{where}", repr(value)[:120])
+        meant = self._near.get(_key(value))
+        if meant is None and value.strip().isdigit():  # "03", " 3 ", "٣": the id they read as, if any
+            k = int(value.strip())
+            meant = str(k) if 0 <= k < n else None
+        raise InputError(field, f"a class id in [0, {n}) or a class name{where}", repr(value)[:120],
+                         f"did you mean {meant!r}? one spelling: ids in ASCII digits, names exactly as listed"
+                         if meant else "")

@@ -36,6 +36,10 @@ from .features import DEFAULT_BATCH, FEATURES, FeatureExtractor, make_extractor
 FID_EPS = 1e-6  # diagonal offset added to both sigmas when sqrtm(sigma1 sigma2) is not finite
 IMAG_ATOL = 1e-3  # largest |imag| on sqrtm's diagonal dropped as rounding (pytorch-fid, ADM)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+# FID's bias grows like d / n (the covariance of d-d features estimated from n samples): below this many samples
+# per dimension (320 for the 64-d digits features, 10240 for Inception's 2048) `fid` warns that the number means
+# little. validate's default (500 digits samples) is above it.
+MIN_SAMPLES_PER_DIM = 5
 
 
 # --------------------------------------------------------------------------------------- distance
@@ -225,6 +229,23 @@ class FidResult:
     a: Stats
     b: Stats
     features: str
+
+    def compares(self) -> str:
+        """What the number is, in one line."""
+        return (f"FID compares Gaussian fits (mean and covariance of {self.a.dim}-d {self.features} features) of "
+                f"{self.a.source} and {self.b.source}: 0 for equal fits, larger is farther; it compares only with "
+                f"FIDs of the same features at the same sample counts")
+
+    def warning(self) -> str | None:
+        """Set when a side's sample count is too small for the number to mean much (`MIN_SAMPLES_PER_DIM`)."""
+        small = [s for s in (self.a, self.b) if s.n is not None and s.n < MIN_SAMPLES_PER_DIM * s.dim]
+        if not small:
+            return None
+        s = min(small, key=lambda x: x.n)
+        singular = f"; with n <= {s.dim} the covariance is singular" if s.n <= s.dim else ""
+        return (f"warning: FID of {s.n} samples ({s.source}) means little: below {MIN_SAMPLES_PER_DIM * s.dim} "
+                f"({MIN_SAMPLES_PER_DIM} per feature dimension) its small-sample bias dominates{singular}; use "
+                "thousands of samples (ADM: 50000) and the same count on both runs you compare")
 
 
 def lazy_extractor(features: str, inception_onnx: Path | None, batch: int) -> Callable[[], FeatureExtractor]:

@@ -16,12 +16,22 @@ driver's manifest.
 
 Resources are stated where the actor is declared: ACTOR_CPUS (not 1: on a small machine actors holding every CPU
 starve Ray Data's own tasks and the pipeline hangs) and one GPU per actor when the cluster has GPUs.
+
+Ray Data hands every actor of a pool its function through the object store and runs its pools with
+max_restarts=-1, so the driver's core worker logs, at error level and once per process, that such an actor's
+restart would fail if those arguments were lost (ray-project/ray#53727). The dataset holds them until the run
+ends, so it is not this run's error; a successful run printing an error line is, and `max_restarts=0` would
+silence it by losing the restarts. So while the pool runs, the driver's stderr descriptor passes through a
+filter that drops that one line (`dropping_lines`) and forwards everything else.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
+import sys
+import threading
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -79,6 +89,55 @@ def _schedule_on_worker(engines_dir: str, backend: str, sampler: SamplerConfig, 
     in the folder there)."""
     with load_engines(engines_dir, backend, device_loop=device_loop) as engines:
         return computed_schedule(engines, sampler, k, silent)
+
+
+# Ray Data's own error-level line about its actor pools (module doc); nothing else matches
+RESTART_WARNING = re.compile(rb"core_worker\.cc:\d+: Actor with class name: 'MapWorker\(MapBatches\(ChunkActor\)\)'"
+                             rb".* has constructor arguments in the object store and max_restarts > 0")
+
+
+@contextlib.contextmanager
+def dropping_lines(pattern: re.Pattern) -> Iterator[None]:
+    """While inside: what is written to file descriptor 2 (the C++ core worker's log, and Python's stderr) goes
+    through a thread that drops the lines matching `pattern` and forwards the rest. `sys.stderr`, when it is
+    the real stderr, is pointed at the original descriptor meanwhile, so a terminal stays a terminal (the
+    progress bar) and its lines never wait in the pipe."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    read, write = os.pipe()
+    os.dup2(write, 2)
+    os.close(write)
+
+    def pump() -> None:
+        rest = b""
+        while chunk := os.read(read, 1 << 16):
+            *lines, rest = (rest + chunk).split(b"\n")
+            for line in lines:
+                if not pattern.search(line):
+                    os.write(saved, line + b"\n")
+        if rest and not pattern.search(rest):
+            os.write(saved, rest)
+        os.close(read)
+
+    thread = threading.Thread(target=pump, name="ddt-stderr-filter", daemon=True)
+    thread.start()
+    old = sys.stderr
+    try:
+        real = old.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # a test's StringIO: leave it where it is
+        real = False
+    if real:
+        sys.stderr = open(os.dup(saved), "w", buffering=1, encoding=old.encoding, errors=old.errors)
+    try:
+        yield
+    finally:
+        if real:
+            mine, sys.stderr = sys.stderr, old
+            mine.close()
+        os.dup2(saved, 2)  # the pipe's last write end closes: the pump reads to the end and stops
+        thread.join(5)
+        if not thread.is_alive():
+            os.close(saved)
 
 
 # the line a worker's traceback ends its DDTExportError with (Ray hands the driver the traceback as text: the
@@ -191,9 +250,10 @@ class RayExecutor:
             num_cpus=ACTOR_CPUS, num_gpus=self.num_gpus or None)
         batches = ds.iter_batches(batch_size=None, batch_format="numpy")
         try:
-            for res in split_results(batches, {c.number: c.size for c in chunks}):
-                self.backend_name, self.loop = str(res.pop("backend")[0]), str(res.pop("loop")[0])
-                yield res
+            with dropping_lines(RESTART_WARNING):
+                for res in split_results(batches, {c.number: c.size for c in chunks}):
+                    self.backend_name, self.loop = str(res.pop("backend")[0]), str(res.pop("loop")[0])
+                    yield res
         except DDTExportError:
             raise
         except Exception as e:  # a worker's typed error arrives wrapped; anything else is the cluster's

@@ -7,11 +7,15 @@ uvicorn server (`ddt-export serve`) or a Ray Serve deployment wraps.
     GET  /health        200 once the engines are loaded and the loop runs; 503 while shutting down
     GET  /metrics       Prometheus text
     GET  /              the web page
+    GET  /docs, /redoc  the OpenAPI schema (/openapi.json) in Swagger UI / ReDoc, their assets served from the
+                        package (fastapi-offline, in the [serve] extra): no CDN, so they work with no internet
 
 The engines are opened and closed in the lifespan; one background task runs the batch loop (`Service`);
-handlers validate, resolve, enqueue and await. Errors: 422 (InputError/ConfigError/validation: field, expected,
-actual), 503 with Retry-After (queue full, shutting down), 500 (a request's tensors went non-finite, an engine
-call failed). The process imports no torch.
+handlers validate, resolve, enqueue and await. Every error is the JSON `{"error", "message"}`: 422
+(InputError/ConfigError/validation, and bodies that cannot be parsed: not UTF-8, nested too deep; field,
+expected, actual), 503 with Retry-After (queue full, shutting down), 500 (a request's tensors went non-finite, an
+engine call failed), and the HTTP errors of the framework (404, 405) in the same shape. The process imports no
+torch.
 """
 import asyncio
 import base64
@@ -19,6 +23,7 @@ import json
 import logging
 import threading
 from contextlib import asynccontextmanager
+from http import HTTPStatus
 from importlib import resources
 from pathlib import Path
 from typing import Callable, Optional
@@ -26,6 +31,7 @@ from typing import Callable, Optional
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from ..core.classes import ClassNames
 from ..core.errors import ConfigError, DDTExportError, InputError
@@ -48,17 +54,60 @@ log = logging.getLogger("ddt_export.serve")
 
 def _limits(manifest, settings: ServeSettings) -> S.Limits:
     top = manifest.batch.max
-    images = settings.max_images_per_request or max(1, top // CFG_ROWS)
+    given = settings.max_images_per_request
+    images = max(1, top // CFG_ROWS) if given is None else given  # 0 is refused, never the default
     if not 1 <= images <= top:
         raise ConfigError("--max-images-per-request", f"1..{top} (the engines' batch.max; a guided image takes "
                           f"{CFG_ROWS} rows)", images)
-    if settings.max_steps < 1:
-        raise ConfigError("--max-steps", ">= 1", settings.max_steps)
     return S.Limits(manifest.config.model.num_classes, images, settings.max_steps)
 
 
 def _error(status: int, e: Exception, headers: Optional[dict] = None) -> JSONResponse:
     return JSONResponse({"error": type(e).__name__, "message": str(e)}, status_code=status, headers=headers)
+
+
+def _failed(outcome) -> JSONResponse:
+    """A request that ended without images: 503 (Retry-After) when the server stopped it, else 500."""
+    if isinstance(outcome.error, ShuttingDown):
+        return _error(503, outcome.error, {"Retry-After": str(RETRY_AFTER_S)})
+    return _error(500, outcome.error)
+
+
+def unparsable_body(exc: HTTPException) -> Optional[InputError]:
+    """The body errors FastAPI answers with a bare 400 ('There was an error parsing the body'), named."""
+    cause = exc.__cause__
+    if isinstance(cause, UnicodeDecodeError):
+        return InputError("body", "JSON in UTF-8", f"bytes that are not UTF-8 (byte {cause.start}: "
+                          f"{cause.object[cause.start:cause.start + 1]!r})")
+    if isinstance(cause, RecursionError):
+        return InputError("body", "a JSON object of the request's fields (nested a few levels)",
+                          "JSON nested too deep to parse")
+    if isinstance(cause, (ValueError, TypeError)):
+        return InputError("body", "a JSON object of the request's fields", f"{type(cause).__name__}: "
+                          f"{str(cause)[:120]}")
+    return None
+
+
+def _make_app(**kwargs) -> FastAPI:
+    """The FastAPI object: /docs and /redoc with their assets served from the package (fastapi-offline); without
+    it, /docs is a plain page pointing at /openapi.json (never a CDN that needs the internet)."""
+    try:
+        from fastapi_offline import FastAPIOffline
+    except ImportError:
+        app = FastAPI(docs_url=None, redoc_url=None, **kwargs)
+
+        @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+        async def docs():
+            return HTMLResponse(NO_VIEWER)
+
+        return app
+    return FastAPIOffline(**kwargs)
+
+
+NO_VIEWER = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>ddt-export API</title></head>
+<body><h1>ddt-export API</h1><p>The OpenAPI schema is <a href="/openapi.json">/openapi.json</a>. The interactive
+viewer needs the fastapi-offline package (part of <code>pip install 'ddt-export[serve]'</code>), which serves
+Swagger UI from the package, with no internet.</p></body></html>"""
 
 
 def _sse(event: str, data) -> bytes:
@@ -112,8 +161,8 @@ def create_app(engines_dir: Path, settings: ServeSettings = ServeSettings(), *,
             if trace_file is not None:
                 trace_file.close()
 
-    app = FastAPI(title="ddt-export serve", version="0.1.0", lifespan=lifespan,
-                  description=f"DDT ({cfg.name}) sampling with step-level continuous batching. " + words["class"])
+    app = _make_app(title="ddt-export serve", version="0.1.0", lifespan=lifespan,
+                    description=f"DDT ({cfg.name}) sampling with step-level continuous batching. " + words["class"])
     app.state.metrics, app.state.classes, app.state.limits = metrics, classes, lim
 
     @app.exception_handler(RequestValidationError)
@@ -121,6 +170,17 @@ def create_app(engines_dir: Path, settings: ServeSettings = ServeSettings(), *,
         metrics.requests.labels("invalid").inc()
         return JSONResponse({"error": "InputError", "message": S.validation_message(exc.errors(), words,
                                                                                      field_names)}, 422)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        """The framework's own errors in the API's shape; a body it could not parse is the request's 422."""
+        named = unparsable_body(exc) if exc.status_code == 400 else None
+        if named is not None:
+            metrics.requests.labels("invalid").inc()
+            return _error(422, named)
+        name = "".join(w.capitalize() for w in str(HTTPStatus(exc.status_code).phrase).split())
+        return JSONResponse({"error": name, "message": f"{request.method} {request.url.path}: {exc.detail}"},
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(DDTExportError)
     async def refused(request: Request, exc: DDTExportError):
@@ -137,9 +197,9 @@ def create_app(engines_dir: Path, settings: ServeSettings = ServeSettings(), *,
 
     async def resolve_body(engines, body):
         """The body -> the one request record (its checks word their errors with the API's field names)."""
-        given = RequestInput(classes=(classes.resolve(body.class_),), num=body.num, seed=body.seed, steps=body.steps,
-                             cfg=body.cfg, schedule=body.schedule, interval=body.interval, timeshift=body.timeshift,
-                             solver=body.solver, forecast=body.forecast, plan=body.plan)
+        given = RequestInput(classes=(classes.resolve(body.class_, API.classes),), num=body.num, seed=body.seed,
+                             steps=body.steps, cfg=body.cfg, schedule=body.schedule, interval=body.interval,
+                             timeshift=body.timeshift, solver=body.solver, forecast=body.forecast, plan=body.plan)
         request = resolve(cfg, given, API, lookup(engines_dir, manifest, API.plan))
         if request.schedule.kind != "dp":
             return resolve_schedule(request, engines, log.info)
@@ -188,7 +248,8 @@ def create_app(engines_dir: Path, settings: ServeSettings = ServeSettings(), *,
                 if data.status is Status.DONE:
                     yield _sse("result", await asyncio.to_thread(payload, ticket, data))
                 elif data.error is not None:
-                    yield _sse("error", {"status": 500, "error": type(data.error).__name__,
+                    status = 503 if isinstance(data.error, ShuttingDown) else 500
+                    yield _sse("error", {"status": status, "error": type(data.error).__name__,
                                          "message": str(data.error)})
                 return
         finally:  # the client went away (the server cancels this generator) or the stream ended
@@ -213,7 +274,7 @@ def create_app(engines_dir: Path, settings: ServeSettings = ServeSettings(), *,
         if outcome is None:
             return Response(status_code=499)  # nobody is listening; for the access log
         if outcome.status is not Status.DONE:
-            return _error(500, outcome.error)
+            return _failed(outcome)
         return JSONResponse(await asyncio.to_thread(payload, ticket, outcome))
 
     @app.get("/v1/info", response_model=S.Info)

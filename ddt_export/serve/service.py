@@ -6,7 +6,8 @@ The engine serializes its scheduler calls under its own lock, so a handler's sub
 never races an iteration in the thread. After each step the loop tells each stepped request's stream its
 progress and answers every request the step finished (done, failed, cancelled). An engine failure fails that
 iteration's requests (the runner turns it into their BackendError, 500); a fault in the loop itself fails what
-is running and the loop goes on.
+is running and the loop goes on. `halt` (the server's immediate stop) answers every request still held with a
+ShuttingDown (503) at once, and the loop ends after the iteration in progress.
 """
 from __future__ import annotations
 
@@ -74,6 +75,8 @@ class Service:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._stop = False
+        self._halted = False
+        self._held: set[Ticket] = set()  # submitted, not answered yet
 
     # ----------------------------------------------------------------------------------------- handlers' side
 
@@ -86,6 +89,7 @@ class Service:
         ticket = Ticket(spec, loop.create_future(), asyncio.Queue() if stream else None)
         ticket.request = self.engine.submit(spec, context=ticket)
         ticket.id = f"req-{ticket.request.id}"
+        self._held.add(ticket)
         self.metrics.waiting.set(len(self.engine.scheduler.waiting))
         self._wake.set()
         return ticket
@@ -111,6 +115,17 @@ class Service:
         self.draining = True
         self._wake.set()
 
+    def halt(self, why: str) -> int:
+        """Stop at once: every request held (waiting or running) is answered ShuttingDown (503) now, and the
+        loop ends after the iteration in progress (its results are dropped). Returns how many were answered."""
+        self.draining = self._halted = True
+        held, self._held = list(self._held), set()
+        for ticket in held:
+            ticket.end(Outcome(Status.CANCELLED, error=ShuttingDown("server", "to finish the request", why)))
+        self.metrics.requests.labels("rejected").inc(len(held))
+        self._wake.set()
+        return len(held)
+
     # ----------------------------------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
@@ -127,7 +142,7 @@ class Service:
     # ----------------------------------------------------------------------------------------- the loop
 
     async def _loop(self) -> None:
-        while not (self._stop and self.engine.idle):
+        while not self._halted and not (self._stop and self.engine.idle):
             try:
                 it = await asyncio.to_thread(self.engine.step)
             except Exception as e:  # a bug, not a request's fault: fail what the engine held, keep serving
@@ -136,6 +151,8 @@ class Service:
                 for req in self.engine.abort(e):
                     self._answer(req)
                 continue
+            if self._halted:  # answered by `halt` already
+                return
             if it is not None:
                 self._report(it)
                 continue
@@ -174,6 +191,7 @@ class Service:
 
     def _answer(self, req: Request) -> None:
         ticket: Ticket = req.context
+        self._held.discard(ticket)
         end = req.ended if req.ended is not None else self.engine.clock()
         admitted = req.admitted if req.admitted is not None else end
         sampled = req.sampled if req.sampled is not None else end

@@ -1,8 +1,11 @@
-"""The server's settings and their defaults (what `ddt-export serve`'s flags set), checked once, here, when the
-settings are made: before any engine is opened or any port bound. Imports nothing of the [serve] extra, so the
-CLI reads these defaults without it installed."""
+"""The server's settings and their defaults (what `ddt-export serve`'s flags set), checked once, here: the app's
+when `ServeSettings` is made, the listener's (`check_listener`: host, port, lifetime, log level) before anything
+binds; the limits that depend on the engines (--max-images-per-request <= batch.max) when the app reads the
+manifest, still before the bind. Imports nothing of the [serve] extra, so the CLI reads these defaults without
+it installed."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -18,6 +21,8 @@ CFG_ROWS = 2  # rows per image while guidance is on
 BATCHING = "step"
 LOOPBACK = "127.0.0.1"
 PORT = 8000
+LOG_LEVEL = "warning"
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
 
 
 @dataclass(frozen=True)
@@ -37,7 +42,24 @@ class ServeSettings:
         check_policy(self.batching)
         if not self.max_queue >= 1:
             raise ConfigError("--max-queue", ">= 1", self.max_queue)
+        if self.max_images_per_request is not None and not self.max_images_per_request >= 1:
+            raise ConfigError("--max-images-per-request", ">= 1 (default: the engines' batch.max / 2)",
+                              self.max_images_per_request)
+        if not self.max_steps >= 1:
+            raise ConfigError("--max-steps", ">= 1", self.max_steps)
         if not self.max_delay_ms >= 0:  # NaN too
             raise ConfigError("--max-delay-ms", ">= 0", self.max_delay_ms)
         if self.backend not in BACKENDS:
             raise ConfigError("--backend", " | ".join(BACKENDS), self.backend)
+
+
+def check_listener(host: str, port: int, lifetime_s: float | None = None, log_level: str = LOG_LEVEL) -> None:
+    """The listener's flags, before anything binds: --host, --port (0: any free port), --lifetime, --log-level."""
+    if not isinstance(host, str) or not host.strip():
+        raise ConfigError("--host", "an address to bind (127.0.0.1, 0.0.0.0, ::1, a host name)", repr(host))
+    if not 0 <= port <= 65535:
+        raise ConfigError("--port", "0..65535 (0: any free port)", port)
+    if lifetime_s is not None and not (math.isfinite(lifetime_s) and lifetime_s > 0):
+        raise ConfigError("--lifetime", "a finite number of seconds > 0", lifetime_s)
+    if log_level not in LOG_LEVELS:
+        raise ConfigError("--log-level", " | ".join(LOG_LEVELS), log_level)

@@ -28,6 +28,7 @@ import numpy as np
 from ...core.config import SamplerConfig
 from ...core.errors import ArtifactError, InputError
 from ...core.images import images_from_samples
+from ...core.labels import Labels
 from ...core.log import Say
 from ...core.manifest import Manifest
 from ...core.noise import StepNoise, sample_noise
@@ -37,6 +38,7 @@ from ..sampling.request import SampleRequest
 from ..sampling.schedules import resolve_schedule
 
 Result = dict  # str -> np.ndarray, the columns in the module doc
+PENDING_BLOCK = 1 << 16  # chunks looked at a time when walking the pending ones
 
 
 @dataclass(frozen=True)
@@ -66,10 +68,52 @@ def check_chunk(chunk: int | None, manifest: Manifest) -> int:
     return int(chunk)
 
 
-def plan_chunks(num: int, size: int) -> list[Chunk]:
+class ChunkPlan(Sequence[Chunk]):
+    """[0, num) cut into chunks of `size` consecutive indices (the last one shorter), each made when asked for:
+    a run of 1e8 samples does not hold three million `Chunk`s (memory stays flat in --num)."""
+
+    def __init__(self, num: int, size: int):
+        assert num >= 1 and size >= 1, (num, size)
+        self.num, self.size = num, size
+
+    def __len__(self) -> int:
+        return -(-self.num // self.size)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        n = len(self)
+        k = k + n if k < 0 else k
+        if not 0 <= k < n:
+            raise IndexError(f"chunk {k} of {n}")
+        return Chunk(k, k * self.size, min((k + 1) * self.size, self.num))
+
+
+def plan_chunks(num: int, size: int) -> ChunkPlan:
     """[0, num) cut into chunks of `size` consecutive indices (the last one shorter)."""
-    assert num >= 1 and size >= 1, (num, size)
-    return [Chunk(k, lo, min(lo + size, num)) for k, lo in enumerate(range(0, num, size))]
+    return ChunkPlan(num, size)
+
+
+class Pending:
+    """The chunks of a plan still to run: `todo[k]` for chunk k (one byte per chunk, not a list of them)."""
+
+    def __init__(self, plan: ChunkPlan, todo: np.ndarray):
+        self.plan, self.todo = plan, np.asarray(todo, bool)
+
+    def __len__(self) -> int:
+        return int(self.todo.sum())
+
+    def __iter__(self) -> Iterator[Chunk]:
+        for lo in range(0, len(self.todo), PENDING_BLOCK):  # indices a block at a time: flat memory
+            for k in np.flatnonzero(self.todo[lo:lo + PENDING_BLOCK]):
+                yield self.plan[lo + int(k)]
+
+    @property
+    def samples(self) -> int:
+        """Samples in the pending chunks."""
+        n = len(self) * self.plan.size
+        last = len(self.plan) - 1
+        return n - (self.plan.size - self.plan[last].size if len(self.todo) and self.todo[last] else 0)
 
 
 def graph_identity(manifest: Manifest) -> tuple[tuple[str, str], ...]:
@@ -88,7 +132,7 @@ class RunSpec:
     recompute: tuple[int, ...]
     cond_only_outside: bool
     seed: int
-    labels: np.ndarray = field(repr=False)  # (N,) int64: the whole run's labels
+    labels: Labels = field(repr=False)  # (N,): the whole run's labels (slices are int64 arrays)
     noise_file: str | None = None  # (N, C, H, W) .npy instead of `core.noise`
     images: bool = True  # return uint8 images
     latents: bool = False  # return the final latents

@@ -13,6 +13,7 @@ from the chunks' shards in a stream. The chunks run on an executor: `chunks.Loca
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import time
 from dataclasses import dataclass
@@ -23,15 +24,16 @@ import numpy as np
 
 from ...core.artifacts import folder_lock, save_npy, sha256_file
 from ...core.config import SamplerConfig
-from ...core.errors import BackendError, InputError
+from ...core.errors import ArtifactError, BackendError, InputError
 from ...core.log import Progress, Say
 from ...core.manifest import Manifest
 from ...core.provenance import Provenance
 from ..sampling.plan import plan_steps, saved_fraction, work_rows
 from ..sampling.plans import lookup
 from ..sampling.request import CLI, RequestInput, SampleRequest, resolve
-from .chunks import Chunk, LocalExecutor, RunSpec, check_chunk, graph_identity, plan_chunks
+from .chunks import ChunkPlan, LocalExecutor, Pending, RunSpec, check_chunk, graph_identity, plan_chunks
 from .run_folder import FORMATS, GRID_MIN_SIDE, SAMPLE_FILE, SAMPLE_NAME, RunFolder  # noqa: F401 (re-exported)
+from .run_folder import SampleSize, check_out, check_room
 
 NOISE_CHECK_ROWS = 4096  # rows of a --noise file checked for NaN/Inf at a time (the file is memory-mapped)
 
@@ -40,7 +42,7 @@ NOISE_CHECK_ROWS = 4096  # rows of a --noise file checked for NaN/Inf at a time 
 class RunOptions:
     """How a run samples and where it writes (the request itself is a `RequestInput`)."""
 
-    out_dir: Path | None = None  # None: return the latents (library use)
+    out_dir: Path | str | None = None  # None: return the latents (library use); "" is refused
     formats: str | Sequence[str] = "png"  # png | npz | png,npz
     resume: bool = False
     chunk: int | None = None  # images per chunk (default: batch.max // 2)
@@ -82,12 +84,11 @@ def run_provenance(man: Manifest, job: RunSpec, spec: str, chunk: int, formats: 
                    latents: bool, plan: str | None = None) -> Provenance:
     """What made a run's files: the engines' provenance with the run's sampler; the build's options (`build.*`)
     and the run's settings in `options`. `RunFolder` refuses a resume when any of it differs."""
-    labels = np.ascontiguousarray(job.labels, np.int64)
     options = {f"build.{k}": v for k, v in man.provenance.options}
     options.update({
         "engines": hashlib.sha256(repr(job.graphs).encode()).hexdigest()[:16],
-        "backend": man.backend, "num": len(labels), "seed": job.seed,
-        "labels": hashlib.sha256(labels.tobytes()).hexdigest()[:16],
+        "backend": man.backend, "num": len(job.labels), "seed": job.seed,
+        "labels": job.labels.digest()[:16],  # = sha256 of the int64 array's bytes, computed in blocks
         "noise": sha256_file(Path(job.noise_file))[:16] if job.noise_file else "core.noise (seed, index)",
         "schedule": f"{spec} {list(job.recompute)}", "cond_only_outside": job.cond_only_outside, "plan": plan,
         "chunk": chunk, "formats": ",".join(formats), "latents": latents})
@@ -102,6 +103,8 @@ class GenerateResult:
     chunks: int  # chunks of the run (images per chunk: `chunk`)
     chunk: int
     new: int = 0  # sampled by this call (num minus those a resumed run found finished)
+    chunks_run: int = 0  # chunks sampled by this call
+    was_complete: bool = False  # a resumed run found complete: nothing sampled, nothing written
     backend: str = ""
     workers: int = 1
     seconds: float = 0.0  # sampling wall time of this call (first chunk dispatched to last chunk written)
@@ -147,13 +150,45 @@ class GenerateResult:
 def generate(engines_dir: Path, given: RequestInput = RequestInput(), options: RunOptions = RunOptions(), *,
              executor=None, progress: Progress | None = None, say: Say = print) -> GenerateResult:
     """Sample the request's images in chunks; with `options.out_dir`, stream them to files (resumable), else
-    return the latents. progress(done, total) counts samples (those a resumed run found finished included)."""
+    return the latents. progress(done, total) counts samples (those a resumed run found finished included).
+    A filesystem that refuses the writes (read-only, full, no permission) is an ArtifactError naming the file."""
+    try:
+        return _generate(engines_dir, given, options, executor, progress, say)
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        raise write_error(e, options) from None
+
+
+WRITE_ERRNOS = {errno.EROFS: "a read-only file system", errno.ENOSPC: "no space left on the device",
+                errno.EDQUOT: "the disk quota exceeded", errno.EACCES: "permission denied",
+                errno.EPERM: "permission denied", errno.EFBIG: "a file larger than the limit"}
+
+
+def write_error(e: OSError, options: RunOptions) -> ArtifactError:
+    """An OSError of a write -> one line naming the file, what was expected and what the filesystem said."""
+    where = e.filename or options.out_dir or options.latents_out
+    if e.errno in (errno.EACCES, errno.EPERM):  # reading the engines or writing the run: name the file only
+        return ArtifactError(str(where), "a file this user may read and write", WRITE_ERRNOS[e.errno])
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    hint = ("free space, then the same command with --resume keeps the finished chunks" if full and
+            options.out_dir is not None else "write elsewhere (--out)" if options.out_dir is not None else "")
+    return ArtifactError(f"writing {where}", "a writable folder with room for the run" if full else
+                         "a writable folder", WRITE_ERRNOS[e.errno], hint)
+
+
+def _generate(engines_dir: Path, given: RequestInput, options: RunOptions, executor, progress: Progress | None,
+              say: Say) -> GenerateResult:
     o = options
     formats = parse_formats(o.formats)
+    if o.out_dir is not None and not str(o.out_dir).strip():
+        raise InputError("--out", "a folder path for the run", repr(str(o.out_dir)))
     if o.out_dir is not None and Path(o.out_dir).exists() and not Path(o.out_dir).is_dir():
         raise InputError("--out", "a folder for the run's outputs", f"{o.out_dir} is a file")
     if o.out_dir is None and o.resume:
         raise InputError("--resume", "an output folder (--out)", "none")
+    if o.out_dir is not None and not o.resume:
+        check_out(Path(o.out_dir))  # a folder of other files: refused before anything is opened or written
     executor = executor or LocalExecutor()
     with executor.open(Path(engines_dir), o.backend, say, device_loop=o.device_loop) as man:
         m = man.config.model
@@ -164,7 +199,7 @@ def generate(engines_dir: Path, given: RequestInput = RequestInput(), options: R
         request = executor.resolve_schedule(request, say)
         chunks = plan_chunks(request.num, size)
         job = RunSpec(str(Path(engines_dir).absolute()), o.backend, graph_identity(man), request.sampler,
-                      request.recompute, o.cond_only_outside, request.seed, request.labels,
+                      request.recompute, o.cond_only_outside, request.seed, request.label_seq,
                       # absolute paths: a Ray worker's cwd is not the driver's
                       str(Path(o.noise_file).absolute()) if o.noise_file is not None else None,
                       images=o.out_dir is not None, latents=o.out_dir is None or o.latents_out is not None,
@@ -179,46 +214,55 @@ def generate(engines_dir: Path, given: RequestInput = RequestInput(), options: R
         else:
             record = run_provenance(man, job, str(request.schedule), size, formats, o.latents_out is not None,
                                     request.plan)
+            side, channels = man.dims.image
+            room = SampleSize(image=side * side * channels, latent=4 * int(np.prod(m.latent_shape)), side=side)
+            if not o.resume:  # before the lock makes the folder: a run that cannot fit writes nothing
+                check_room(Path(o.out_dir), request.num, formats, room, o.latents_out is not None, say)
             with folder_lock(Path(o.out_dir)):
-                run = RunFolder(Path(o.out_dir), record, request.labels, chunks, formats, o.latents_out, say)
-                pending = run.prepare(o.resume)
-                _stream(executor, job, chunks, pending, run, result, progress, say)
+                run = RunFolder(Path(o.out_dir), record, request.label_seq, chunks, formats, o.latents_out, say)
+                pending = run.prepare(o.resume, room if o.resume else None)  # a resume: the samples it owes
+                result.was_complete = run.complete
+                _stream(executor, job, pending, run, result, progress, say)
                 result.files = run.finish()
         result.backend, result.workers, result.loop = executor.describe(), executor.workers, executor.loop
         return result
 
 
-def _stream(executor, job: RunSpec, chunks: list[Chunk], pending: list[Chunk], run: RunFolder, result: GenerateResult,
+def _stream(executor, job: RunSpec, pending: Pending, run: RunFolder, result: GenerateResult,
             progress: Progress | None, say: Say) -> None:
-    """Run the pending chunks on the executor, writing each as it arrives; counts what this call sampled."""
+    """Run the pending chunks on the executor, writing each as it arrives; counts what this call sampled. The
+    chunks still owed are one flag each (`left`), so memory does not grow with the run."""
     total = len(job.labels)
-    done = total - sum(c.size for c in pending)
-    if done:
+    done = total - pending.samples
+    if done and not run.complete:
         say(f"resuming {run.out}: {done} of {total} samples already there, {len(pending)} chunks to run")
     if progress is not None:
         progress(done, total)
-    waiting = {c.number: c for c in pending}
+    left = pending.todo.copy()
     t0 = time.perf_counter()
-    if pending:
+    if len(pending):
         for res in executor.map(job, pending):
-            c = waiting.pop(int(res["chunk"][0]), None)
-            if c is None:  # delivered twice: the first copy is written already (and equal)
+            k = int(res["chunk"][0])
+            if not left[k]:  # delivered twice: the first copy is written already (and equal)
                 result.duplicates += 1
                 continue
+            c = pending.plan[k]
             run.write(c, res)
+            left[k] = False
             pid = int(res["worker"][0])
             result.chunks_by_worker[pid] = result.chunks_by_worker.get(pid, 0) + 1
             done += c.size
             result.new += c.size
+            result.chunks_run += 1
             if progress is not None:
                 progress(done, total)
     result.seconds = time.perf_counter() - t0
-    if waiting:
+    if left.any():
         raise BackendError(f"executor {executor.describe()}", f"all {len(pending)} chunks",
-                           f"{len(waiting)} never delivered", "run again with --resume")
+                           f"{int(left.sum())} never delivered", "run again with --resume")
 
 
-def _in_memory(executor, job: RunSpec, chunks: list[Chunk], result: GenerateResult, progress: Progress | None) -> None:
+def _in_memory(executor, job: RunSpec, chunks: ChunkPlan, result: GenerateResult, progress: Progress | None) -> None:
     """Library use without an output folder: the latents of every chunk, held (the caller asked for them)."""
     total = len(job.labels)
     lat: list[np.ndarray | None] = [None] * len(chunks)
@@ -230,6 +274,7 @@ def _in_memory(executor, job: RunSpec, chunks: list[Chunk], result: GenerateResu
             continue
         lat[k] = res["latent"]
         result.new += len(res["latent"])
+        result.chunks_run += 1
         if progress is not None:
             progress(result.new, total)
     result.seconds = time.perf_counter() - t0

@@ -17,26 +17,35 @@ uninterrupted run. At the end the npz and the latents are assembled from the sha
 
 A resume is refused (ArtifactError naming each difference, `Provenance.diff`) when the run there was made with
 other settings or other engines. A run without --resume first removes what an earlier run left (its samples,
-npz, shards, preview, record); other files are left alone. The folder is locked (`core.artifacts.folder_lock`)
-while a run writes it.
+npz, shards, preview, record); other files are left alone. It writes only into a new or empty folder or one an
+earlier run wrote (with its run.json): `--out .`, `--out /` or any folder of other files is refused before
+anything is written, so a file of the user's that happens to be called `run.json` or `00000-class0.png` is
+never removed. The folder is locked (`core.artifacts.folder_lock`) while a run writes it.
+
+Before it writes, a run checks the room it needs (`check_room`): a run that cannot fit on the disk (at least a
+filesystem block per PNG, the npz's exact bytes twice, shards then the archive; an inode per file) is refused;
+one that might not (PNGs as large as their raw pixels) gets a warning.
 """
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from ...core.artifacts import atomic_path, write_json
+from ...core.artifacts import LOCK_FILE, atomic_path, write_json
 from ...core.errors import ArtifactError
 from ...core.images import save_png, tile
+from ...core.labels import Labels
 from ...core.log import Say
 from ...core.provenance import Provenance
-from .chunks import Chunk, Result
+from .chunks import Chunk, ChunkPlan, Pending, Result
 
 RUN_RECORD = "run.json"
 RECORD_VERSION = 1
@@ -50,6 +59,86 @@ SAMPLE_NAME = re.compile(r"\d{5,}-class\d+\.png")  # ... and the pattern that fi
 FORMATS = ("png", "npz")
 # what `atomic_path` names our files while they are written (`.<final name>.<random>.partial`)
 PARTIAL = re.compile(r"\.(\d{5,}-class\d+\.png|run\.json|samples\.npz|chunk-\d+\.npz|grid\.png)\..+\.partial")
+PNG_MAX_OVERHEAD = 128  # bytes a PNG adds to its raw pixels at most (signature, IHDR, IDAT/zlib framing, IEND)
+WARN_BYTES = 1 << 30  # runs that need more than this say so before they start
+
+
+@dataclass(frozen=True)
+class SampleSize:
+    """Bytes of one sample's outputs: its uint8 image (IH * IH * IC) and its float32 latent (C * H * W * 4)."""
+
+    image: int
+    latent: int
+    side: int  # image rows (a PNG row has a filter byte)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def _existing(path: Path) -> Path:
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_room(out: Path, count: int, formats: Sequence[str], size: SampleSize, latents: bool, say: Say) -> None:
+    """Refuse (ArtifactError, nothing written) a run of `count` more samples that cannot fit on the filesystem of
+    `out`; warn when it might not. Lower bound: a block per PNG file (its smallest size on disk), the npz's and the
+    latents' exact bytes twice (chunk shards, then the archive assembled from them), an inode per file. Upper
+    bound: each PNG as large as its raw pixels plus PNG_MAX_OVERHEAD, rounded up to blocks."""
+    where = _existing(out)
+    st = os.statvfs(where)
+    block, free = max(1, st.f_frsize), st.f_bavail * st.f_frsize
+    exact = 2 * count * ((size.image if "npz" in formats else 0) + (size.latent if latents else 0))
+    pngs = count if "png" in formats else 0
+    png_max = -(-(size.image + size.side + PNG_MAX_OVERHEAD) // block) * block
+    low, high = exact + pngs * block, exact + pngs * png_max
+    what = f"{count} samples ({', '.join(formats)}{', latents' if latents else ''})"
+    if low > free:
+        raise ArtifactError(f"--out {out}", f"room for {what}: at least {_human(low)}",
+                            f"{_human(free)} free on {where}", "free space, write elsewhere, or sample fewer")
+    if pngs and st.f_files > 0 and pngs > st.f_favail:  # f_files == 0: the filesystem does not count inodes
+        raise ArtifactError(f"--out {out}", f"{pngs} free inodes (one per PNG)", f"{st.f_favail} on {where}",
+                            "--format npz writes one file")
+    if high > free:
+        say(f"warning: {what} may not fit in {out}: up to {_human(high)}, {_human(free)} free (if the disk fills, "
+            "free space and run the same command with --resume)")
+    elif high >= WARN_BYTES:
+        say(f"{what}: up to {_human(high)} in {out}, {_human(free)} free")
+
+
+def is_run_record(path: Path) -> bool:
+    """Whether `path` is a run.json that `generate` wrote."""
+    try:
+        rec = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(rec, dict) and "format_version" in rec and "provenance" in rec
+
+
+def check_out(out: Path) -> None:
+    """--out must be a new or empty folder, or one a generate run wrote (its run.json): refused otherwise, before
+    anything is written (`--out .` in a project, `--out /`, a folder of the user's files)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ArtifactError("--out", "a folder for the run's outputs", f"{out} is a file")
+    if not out.is_dir() or is_run_record(out / RUN_RECORD):
+        return
+    try:
+        others = sorted(f.name for f in out.iterdir() if f.name != LOCK_FILE)
+    except OSError as e:
+        raise ArtifactError("--out", "a readable folder", f"{out}: {e.strerror}") from None
+    if others:
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise ArtifactError("--out", f"a new or empty folder, or one an earlier generate run wrote ({RUN_RECORD})",
+                            f"{out.absolute()} holding {len(others)} other entries ({shown})",
+                            "name a folder for this run, e.g. --out samples/")
 
 
 def shard_name(chunk: Chunk) -> str:
@@ -63,33 +152,38 @@ def png_path(out: Path, index: int, label: int) -> Path:
 class RunFolder:
     """One run's output folder: `prepare(resume)` -> the chunks to run -> `write()` each -> `finish()`.
 
-    `record`: the run's provenance; `labels`: (N,) int64; `formats`: a subset of FORMATS; `latents_out`: the
+    `record`: the run's provenance; `labels`: the (N,) labels; `formats`: a subset of FORMATS; `latents_out`: the
     --latents-out .npy or None."""
 
-    def __init__(self, out: Path, record: Provenance, labels: np.ndarray, chunks: Sequence[Chunk],
+    def __init__(self, out: Path, record: Provenance, labels: Labels, chunks: ChunkPlan,
                  formats: Sequence[str], latents_out: Path | None, say: Say):
-        self.out, self.record, self.labels, self.chunks = Path(out), record, labels, list(chunks)
+        self.out, self.record, self.labels, self.chunks = Path(out), record, labels, chunks
         self.formats, self.latents_out, self.say = tuple(formats), latents_out, say
         self.parts = self.out / PARTS
         self.complete = False  # a resumed run found finished, every file there
 
     # ----------------------------------------------------------------------------------- start, resume
 
-    def prepare(self, resume: bool) -> list[Chunk]:
-        """Clean up (fresh) or check the record (resume); write the unfinished record; return the chunks to run.
-        Resuming a complete run whose files are all there changes nothing and returns no chunks."""
-        if self.out.exists() and not self.out.is_dir():
-            raise ArtifactError("--out", "a folder for the run's outputs", f"{self.out} is a file")
+    def prepare(self, resume: bool, size: SampleSize | None = None) -> Pending:
+        """Check the folder (`check_out`) and, with `size`, the room (`check_room`); clean up (fresh) or check the
+        record (resume); write the unfinished record; return the chunks to run. Resuming a complete run whose
+        files are all there changes nothing and returns no chunks."""
+        finished = self._check_resume() if resume and self.out.is_dir() else np.zeros(len(self.chunks), bool)
+        check_out(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self._remove_partials()
-        finished = self._check_resume() if resume else self._start_fresh()
+        pending = Pending(self.chunks, ~finished)
         if self.complete:
-            return []
+            return Pending(self.chunks, np.zeros(len(self.chunks), bool))
+        if size is not None:
+            check_room(self.out, pending.samples, self.formats, size, self.latents_out is not None, self.say)
+        self._remove_partials()
+        if not resume:
+            self._start_fresh()
         self._write_record(complete=False)
         self.parts.mkdir(exist_ok=True)
-        return [c for c in self.chunks if c.number not in finished]
+        return pending
 
-    def _start_fresh(self) -> set[int]:
+    def _start_fresh(self) -> None:
         stale = [f for f in self.out.iterdir() if SAMPLE_NAME.fullmatch(f.name)]
         for f in stale:
             f.unlink()
@@ -98,9 +192,8 @@ class RunFolder:
         for f in (self.out / NPZ_FILE, self.out / PREVIEW, self.out / RUN_RECORD):
             f.unlink(missing_ok=True)
         shutil.rmtree(self.parts, ignore_errors=True)
-        return set()
 
-    def _check_resume(self) -> set[int]:
+    def _check_resume(self) -> np.ndarray:
         path = self.out / RUN_RECORD
         if not path.is_file():
             leftovers = [f for f in self.out.iterdir() if SAMPLE_NAME.fullmatch(f.name) or f.name == NPZ_FILE]
@@ -108,7 +201,7 @@ class RunFolder:
                 raise ArtifactError(f"--resume {self.out}", f"a folder written by generate (with {RUN_RECORD})",
                                     f"{len(leftovers)} sample files and no run record",
                                     "run without --resume to start over")
-            return self._start_fresh()  # nothing to resume: a fresh run
+            return np.zeros(len(self.chunks), bool)  # nothing to resume: a fresh run
         try:
             rec = json.loads(path.read_text())
             made = Provenance.from_dict(rec["provenance"], str(path))
@@ -122,24 +215,26 @@ class RunFolder:
         self.complete = bool(rec.get("complete")) and self._final_files_exist()
         return self._finished_chunks()
 
-    def _finished_chunks(self) -> set[int]:
-        """Chunks whose shard exists (and, for png, all of whose PNGs exist)."""
-        done = set()
+    def _finished_chunks(self) -> np.ndarray:
+        """done[k]: chunk k's shard exists (and, for png, all of its PNGs exist)."""
+        done = np.zeros(len(self.chunks), bool)
         for c in self.chunks:
             if not (self.parts / shard_name(c)).is_file():
                 continue
-            if "png" in self.formats and not all(png_path(self.out, i, self.labels[i]).is_file()
-                                                 for i in range(c.start, c.stop)):
+            if "png" in self.formats and not all(png_path(self.out, i, y).is_file()
+                                                 for i, y in zip(range(c.start, c.stop), self.labels[c.start:c.stop])):
                 continue
-            done.add(c.number)
+            done[c.number] = True
         return done
 
     def _final_files_exist(self) -> bool:
         need = [self.out / PREVIEW] + ([self.out / NPZ_FILE] if "npz" in self.formats else []) + \
             ([self.latents_out] if self.latents_out is not None else [])
-        if "png" in self.formats:
-            need += [png_path(self.out, i, y) for i, y in enumerate(self.labels)]
-        return all(Path(p).is_file() for p in need)
+        if not all(Path(p).is_file() for p in need):
+            return False
+        return "png" not in self.formats or all(
+            png_path(self.out, c.start + j, y).is_file() for c in self.chunks
+            for j, y in enumerate(self.labels[c.start:c.stop]))
 
     def _remove_partials(self) -> None:
         """Temporary files a killed run left (`atomic_path` names): never taken for anything, removed."""
@@ -168,7 +263,7 @@ class RunFolder:
         if idx.tolist() != list(range(chunk.start, chunk.stop)):
             raise AssertionError(f"chunk {chunk.number}: got indices {idx[:3]}..., expected {chunk.start}..")
         labels = np.asarray(res["label"], np.int64)
-        if not np.array_equal(labels, self.labels[chunk.start:chunk.stop]):
+        if not np.array_equal(labels, self.labels[chunk.start:chunk.stop]):  # the run's, sliced
             raise AssertionError(f"chunk {chunk.number}: labels differ from the run's")
         if "png" in self.formats:
             for i, y, img in zip(idx, labels, res["image"]):
@@ -228,7 +323,7 @@ class RunFolder:
         with atomic_path(final) as tmp:
             with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
                 _write_npy_entry(zf, "arr_0.npy", np.uint8, shape, self._shards("image"))
-                _write_npy_entry(zf, "arr_1.npy", np.int64, (len(self.labels),), [self.labels])
+                _write_npy_entry(zf, "arr_1.npy", np.int64, (len(self.labels),), self.labels.blocks())
         return final
 
     def _assemble_latents(self, final: Path) -> Path:
@@ -247,8 +342,9 @@ class RunFolder:
                 with np.load(self.parts / shard_name(c)) as z:
                     part = z["image"][: n - got]
             else:
-                part = np.stack([_read_png(png_path(self.out, i, self.labels[i]))
-                                 for i in range(c.start, min(c.stop, c.start + n - got))])
+                stop = min(c.stop, c.start + n - got)
+                part = np.stack([_read_png(png_path(self.out, i, y))
+                                 for i, y in zip(range(c.start, stop), self.labels[c.start:stop])])
             imgs.append(part)
             got += len(part)
         u8 = np.concatenate(imgs)

@@ -14,14 +14,16 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-from ...core.artifacts import load_npy
+from ...core.classes import ClassNames
 from ...core.config import FORECAST_ORDERS, MAX_ADAMS_ORDER, Config, SamplerConfig, solver_order
 from ...core.errors import ConfigError, InputError
+from ...core.labels import Labels
 from .grammar import ScheduleSpec, default_schedule, parse_schedule
 from .plans import PLAN_FIELDS, Plan
 
@@ -72,7 +74,8 @@ API = FieldNames("class", "labels", "num", "seed", "steps", "cfg", "schedule", "
 class RequestInput:
     """A request as given; None means the default (the manifest's sampler, `default_schedule`, ...)."""
 
-    classes: tuple[int, ...] | None = None  # cycled to num; default 0, 1, 2, ... cycled
+    classes: tuple[int | str, ...] | None = None  # ids (or ids as text, `ClassNames.resolve`) cycled to num;
+    # default 0, 1, 2, ... cycled
     labels_file: Path | None = None  # a 1-D integer .npy instead of classes
     num: int | None = None  # default: the labels given, or DEFAULT_NUM
     seed: int = 0
@@ -90,18 +93,30 @@ class RequestInput:
 @dataclass(frozen=True, eq=False)
 class SampleRequest:
     """A resolved request: what every later stage reads. `recompute` is None until the schedule is resolved
-    against the engines (`schedules.resolve_schedule`; every kind but dp:K resolves without them)."""
+    against the engines (`schedules.resolve_schedule`; every kind but dp:K resolves without them).
 
-    labels: np.ndarray  # (num,) int64, in [0, num_classes)
+    `label_seq` states the labels without holding them (`core.labels.Labels`: a batch run of 1e8 samples does not
+    hold 800 MB of them); `labels` is the (num,) int64 array, made on first use (small requests)."""
+
+    label_seq: Labels  # (num,) labels in [0, num_classes); an array is accepted and wrapped
     seed: int
     sampler: SamplerConfig
     schedule: ScheduleSpec
     recompute: tuple[int, ...] | None = None
     plan: str | None = None  # the plan that set the sampler and schedule, if any
 
+    def __post_init__(self):
+        if not isinstance(self.label_seq, Labels):
+            object.__setattr__(self, "label_seq", Labels.of(np.asarray(self.label_seq, np.int64)))
+
+    @cached_property
+    def labels(self) -> np.ndarray:
+        """(num,) int64."""
+        return self.label_seq.array()
+
     @property
     def num(self) -> int:
-        return len(self.labels)
+        return len(self.label_seq)
 
     def with_steps(self, recompute: Sequence[int]) -> "SampleRequest":
         return dataclasses.replace(self, recompute=tuple(int(s) for s in recompute))
@@ -113,25 +128,38 @@ def _int(value, field: str, expected: str) -> int:
     return int(value)
 
 
-def make_labels(num_classes: int, given: RequestInput, names: FieldNames = CLI) -> np.ndarray:
-    """(B,) int64: the labels file, else the classes cycled to num, else 0, 1, 2, ... cycled to num (or 8)."""
+def label_seq(num_classes: int, given: RequestInput, names: FieldNames = CLI) -> Labels:
+    """The labels file (memory-mapped), else the classes cycled to num, else 0, 1, 2, ... cycled to num (or 8).
+    Class ids given as text are read by `ClassNames.resolve` (one canonical spelling: core/classes.py), so the
+    CLI's --class and the API's class accept and refuse the same values with the same sentence."""
     num = given.num
     if given.labels_file is not None:
         if given.classes:
             raise InputError(names.labels_file, f"either {names.classes} or {names.labels_file}", "both")
-        labels = load_npy(given.labels_file, names.labels_file)
-        if labels.ndim != 1 or labels.dtype.kind not in "iu" or labels.size == 0:
-            raise InputError(names.labels_file, "a non-empty 1-D integer .npy", f"{labels.dtype} {labels.shape}")
-        if num is not None and labels.shape[0] != num:
-            raise InputError(names.num, f"{labels.shape[0]} (the number of labels in {given.labels_file})", num)
+        try:
+            rows = np.load(Path(given.labels_file), mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise InputError(names.labels_file, "a readable .npy file", f"{given.labels_file}: {e}")
+        if rows.ndim != 1 or rows.dtype.kind not in "iu" or rows.size == 0:
+            raise InputError(names.labels_file, "a non-empty 1-D integer .npy", f"{rows.dtype} {rows.shape}")
+        if num is not None and rows.shape[0] != num:
+            raise InputError(names.num, f"{rows.shape[0]} (the number of labels in {given.labels_file})", num)
+        labels = Labels(rows, int(rows.shape[0]))
     else:
-        classes = [_int(c, names.classes, "class ids (integers)") for c in given.classes or ()]
+        ids = ClassNames.ids(num_classes)
+        classes = [ids.resolve(c, names.classes) if isinstance(c, str) else
+                   _int(c, names.classes, "class ids (integers)") for c in given.classes or ()]
         base = np.asarray(classes or range(num_classes), np.int64)
-        labels = np.resize(base, num if num is not None else (len(base) if classes else DEFAULT_NUM))
-    bad = labels[(labels < 0) | (labels >= num_classes)]
-    if bad.size:
-        raise InputError(names.classes, f"a class id in [0, {num_classes})", int(bad[0]))
-    return labels.astype(np.int64)
+        labels = Labels(base, num if num is not None else (len(base) if classes else DEFAULT_NUM))
+    bad = labels.bad(num_classes)
+    if bad is not None:
+        raise InputError(names.classes, f"a class id in [0, {num_classes})", bad)
+    return labels
+
+
+def make_labels(num_classes: int, given: RequestInput, names: FieldNames = CLI) -> np.ndarray:
+    """(B,) int64: `label_seq`, materialized."""
+    return label_seq(num_classes, given, names).array()
 
 
 def _finite(value, field: str, expected: str, lo: float, hi: float, lo_open: bool = False) -> float:
@@ -205,7 +233,7 @@ def resolve(config: Config, given: RequestInput, names: FieldNames = CLI,
     if not 0 <= seed <= MAX_SEED:
         raise InputError(names.seed, EXPECTED["seed"], seed)
     sampler = resolve_sampler(config.sampler, given, names)
-    labels = make_labels(config.model.num_classes, given, names)
+    labels = label_seq(config.model.num_classes, given, names)
     text = given.schedule if given.schedule is not None else default_schedule(sampler)
     schedule = parse_schedule(text, names.schedule, names.files)
     if schedule.kind == "dp" and schedule.value > sampler.num_steps:
