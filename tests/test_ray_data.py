@@ -18,11 +18,16 @@ import cli
 from ddt_export.core.errors import BackendError, InputError, NumericsError
 from runs import run_generate as generate
 
-ray = pytest.importorskip("ray", reason="the [ray] extra is not installed")
-pytest.importorskip("ray.data", reason="the [ray] extra is not installed")
+from ddt_export.scale import executor_for  # Ray itself is imported lazily, by the functions that start it
+from ddt_export.scale.ray_data import ACTOR_CPUS, RayExecutor, typed_error
 
-from ddt_export.scale import executor_for  # noqa: E402
-from ddt_export.scale.ray_data import ACTOR_CPUS, RayExecutor, typed_error  # noqa: E402
+
+def need_ray():
+    """Ray Data, or a skip (the tests that need no cluster run without the [ray] extra)."""
+    pytest.importorskip("ray.data", reason="the [ray] extra is not installed")
+    import ray
+
+    return ray
 
 ROOT = Path(cli.__file__).parent
 RUN = dict(num=48, steps=6, chunk=4, seed=3, formats="png,npz")  # 12 chunks
@@ -59,6 +64,7 @@ def test_ray_extra_brings_no_torch():
     assert [Requirement(r).name for r in extra] == ["ray"] and "data" in Requirement(extra[0]).extras
     base = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     assert not [r for r in base if Requirement(r).name == "ray"]
+    need_ray()  # what it installs: the installed metadata
     seen, todo = set(), [(Requirement(r).name, frozenset(Requirement(r).extras)) for r in extra]
     while todo:
         name, extras = todo.pop()
@@ -116,6 +122,7 @@ def test_pool_sizing_and_flags():
 def test_cli_ray_starts_a_local_cluster(tiny_engines, single, tmp_path):
     """`generate --ray --workers 2` with no address: its own local cluster; the summary of a local run (the same
     lines, the backend named with its workers) and the same files."""
+    need_ray()
     argv = ["generate", "--engines", tiny_engines[0], "--num", RUN["num"], "--steps", RUN["steps"], "--chunk",
             RUN["chunk"], "--seed", RUN["seed"], "--format", RUN["formats"]]
     local = subprocess.run([sys.executable, "-m", "cli", *map(str, argv), "--out", tmp_path / "local"], cwd=ROOT,
@@ -138,6 +145,7 @@ def test_cli_ray_starts_a_local_cluster(tiny_engines, single, tmp_path):
 
 @pytest.fixture(scope="module")
 def cluster():
+    ray = need_ray()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PYTHONPATH", dev_env()["PYTHONPATH"])
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)

@@ -54,6 +54,36 @@ def cli_run(argv, **kw) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, **kw)
 
 
+# `ddt-export ARGV` held at a known point, so a test kills it there rather than after a guessed delay: with
+# AFTER < 0 before the run folder is touched, else right after the AFTER-th chunk of this call is written. It
+# writes MARKER when held.
+HELD = """
+import pathlib, sys, time
+import cli
+from ddt_export.runtime.generate import run_folder
+marker, after = pathlib.Path(sys.argv[1]), int(sys.argv[2])
+def hold():
+    marker.write_text("held")
+    time.sleep(3600)
+if after < 0:
+    run_folder.RunFolder.prepare = lambda self, *args: hold()
+else:
+    write, n = run_folder.RunFolder.write, [0]
+    def gated(self, chunk, res):
+        write(self, chunk, res)
+        n[0] += 1
+        if n[0] == after:
+            hold()
+    run_folder.RunFolder.write = gated
+cli.main(sys.argv[3:])
+"""
+
+
+def held_run(argv, marker: Path, after: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", HELD, str(marker), str(after), *map(str, argv)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 # ------------------------------------------------------------------------------------------ pure logic
 
 
@@ -103,16 +133,19 @@ def test_resume_after_sigkill_equals_uninterrupted(wide_engines, tmp_path):
         return len(list((out / PARTS).glob("chunk-*.npz"))) if (out / PARTS).is_dir() else 0
 
     kills = []
-    for more in (0, 2, 4):  # 0: a tenth of a second in (still importing); then after 2 and 4 more chunks
-        start = shards()
-        p = cli_run(args + ["--out", out, "--latents-out", tmp_path / "run.npy"] + (["--resume"] if kills else []))
-        deadline = time.monotonic() + (0.1 if more == 0 else 120)
-        while p.poll() is None and time.monotonic() < deadline and (more == 0 or shards() < start + more):
+    for k, more in enumerate((-1, 2, 4)):  # before the folder is touched; then after 2 and 4 more chunks
+        marker = tmp_path / f"held-{k}"
+        p = held_run(args + ["--out", out, "--latents-out", tmp_path / "run.npy"] + (["--resume"] if kills else []),
+                     marker, more)
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert p.poll() is None, p.stderr.read()
+            assert time.monotonic() < deadline, "the run never reached the point it is killed at"
             time.sleep(0.02)
-        assert p.poll() is None, "the run finished before it could be killed: make it longer"
         p.send_signal(signal.SIGKILL)
         p.wait(timeout=30)
         kills.append(shards())
+    assert kills == [0, 2, 6]  # killed exactly where held: no shard before the folder, then 2 and 4 more
     (out / ".00001-class1.png.zzzz.partial").write_bytes(b"\x89PNG half")  # what a kill mid-write leaves
     assert not json.loads((out / RUN_RECORD).read_text())["complete"]
     p = cli_run(args + ["--out", out, "--latents-out", tmp_path / "run.npy", "--resume"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -68,11 +69,39 @@ def wait(browser, cond, timeout=60.0, poll=0.03, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+class Gate:
+    """The real engines, except that decoder call number `at` waits until `release` is set (a test holds a
+    request halfway to look at it, instead of betting on timing)."""
+
+    def __init__(self, engines, at: int):
+        self.engines, self.at, self.calls = engines, at, 0
+        self.held, self.release = threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.engines, name)
+
+    def run(self, graph, feeds):
+        if graph == "decoder":
+            self.calls += 1
+            if self.calls == self.at:
+                self.held.set()
+                assert self.release.wait(60), "the test never released the gate"
+        return self.engines.run(graph, feeds)
+
+
 def test_page_generates_with_live_progress(digits_engines, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
-    with running(create_app(digits_engines)) as url:
+    from ddt_export.runtime import load_engines
+
+    gate = {}
+
+    def open_engines(folder):
+        gate["g"] = Gate(load_engines(folder), at=76)  # steps 1..75 done, the 76th held
+        return gate["g"]
+
+    with running(create_app(digits_engines, open_engines=open_engines)) as url:
         browser.get(url + "/")
         wait(browser, lambda: len(browser.find_elements(By.CSS_SELECTOR, "#class option")) == 10, what="classes")
         assert "ddt-tiny-digits" in browser.find_element(By.ID, "model").text
@@ -85,14 +114,11 @@ def test_page_generates_with_live_progress(digits_engines, browser, tmp_path):
         set_value(browser, "schedule-value", 2)
         assert browser.find_element(By.ID, "steps-out").text == "150"
         browser.find_element(By.ID, "generate").click()
-        seen = set()
-
-        def done():
-            seen.add(int(browser.execute_script("return document.getElementById('progress').value")))
-            return len(browser.find_elements(By.CSS_SELECTOR, "#gallery img")) == 3
-
-        wait(browser, done, what="the gallery")
-        assert any(0 < v < 150 for v in seen), seen  # the bar moved while the request ran
+        progress = "return document.getElementById('progress').value"
+        wait(browser, lambda: gate["g"].held.is_set() and browser.execute_script(progress) == 75,
+             what="the bar at step 75 of 150, while the request is held there")
+        gate["g"].release.set()
+        wait(browser, lambda: len(browser.find_elements(By.CSS_SELECTOR, "#gallery img")) == 3, what="the gallery")
         assert browser.execute_script("const p = document.getElementById('progress'); return [p.value, p.max]") == [
             150, 150]
         assert "3 images of 7" in browser.find_element(By.ID, "status").text

@@ -34,7 +34,7 @@ def test_plan_from_the_row_budget():
 
 
 @pytest.mark.timeout(600)
-def test_two_replicas_serve_and_equal_generate(tiny_engines, tmp_path):
+def test_two_replicas_serve_and_equal_generate(tiny_engines, tmp_path, monkeypatch):
     ray = pytest.importorskip("ray")
     pytest.importorskip("ray.serve")
     httpx = pytest.importorskip("httpx")
@@ -42,27 +42,36 @@ def test_two_replicas_serve_and_equal_generate(tiny_engines, tmp_path):
 
     from runs import run_generate as generate
     from ddt_export.scale.ray_serve import deploy, shutdown
-    from serve_helpers import free_port
+    from serve_helpers import free_port, sse_events
 
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    # the replicas import ddt_export from this tree (the editable install may point elsewhere); restored after
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
+    url = f"http://127.0.0.1:{port}/v1/generate"
     try:
         p = deploy(tiny_engines[0], ServeSettings(), port=port, replicas=2, say=lambda m: None)
         assert p.replicas == 2
 
         def post(i):
             body = {"class": i % 10, "num": 2, "seed": 100 + i, "steps": 6}
-            r = httpx.post(f"http://127.0.0.1:{port}/v1/generate", json=body, timeout=240)
-            return body, r
+            return body, httpx.post(url, json=body, timeout=240)
 
-        with cf.ThreadPoolExecutor(8) as ex:
-            answers = list(ex.map(post, range(12)))
+        # One replica busy with a long streamed request (held at a progress event), then short ones: the router
+        # compares both replicas' ongoing requests (power of two choices, two replicas) and sends each to the
+        # idle one. A gate, not a bet on load balancing.
+        with httpx.stream("POST", url, json={"class": 1, "steps": 400, "stream": True}, timeout=240) as busy:
+            events = sse_events(busy)
+            assert next(events)[0] == "queued" and next(events)[0] == "progress"
+            answers = [post(i) for i in range(4)]
+            busy_replica = busy.headers[REPLICA_HEADER]
+        with cf.ThreadPoolExecutor(8) as ex:  # and a burst of concurrent ones, all answered
+            answers += list(ex.map(post, range(4, 12)))
     finally:
         shutdown()
     assert all(r.status_code == 200 for _, r in answers), [r.text for _, r in answers if r.status_code != 200]
-    replicas = {r.headers[REPLICA_HEADER] for _, r in answers}
-    assert len(replicas) == 2, replicas  # both replicas served
+    idle = {r.headers[REPLICA_HEADER] for _, r in answers[:4]}
+    assert busy_replica not in idle and len(idle) == 1, (busy_replica, idle)  # both replicas served
     for body, r in answers[:4]:
         out = tmp_path / str(body["seed"])
         res = generate(tiny_engines[0], classes=[body["class"]], num=2, seed=body["seed"], steps=6,
