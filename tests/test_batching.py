@@ -235,6 +235,9 @@ def test_simulator_adds_the_per_request_and_vae_costs():
     assert res.latency[0] == pytest.approx(2 * (0.02 + 0.1 + 0.01) + 0.5 + 1.0)
     assert curve.call("encoder", 4) == pytest.approx(0.04)  # extrapolated from the last two points
     assert res.iterations == 2 and res.requests_per_iteration == 1
+    # the encoder on every other step: 0.5 encoder rows and 1 decoder row per iteration
+    res = simulate([Arrival(0.0, spec(num=1, steps=4, schedule=(0, 2), cfg=1.0), 0)], curve, 8)
+    assert res.rows_per_iteration == {"encoder": 0.5, "decoder": 1.0}
 
 
 def test_simulated_runner_reports_what_it_charged():
