@@ -291,3 +291,22 @@ def test_auto_chooses_fair_on_a_linear_curve_and_step_on_a_sublinear_one():
     on_gpu = choose_policy(gpu, 64, policy_workload(xl.sampler, 32))
     assert on_gpu.policy == "step", on_gpu.scores
     assert on_gpu.scores["step"]["slo_attainment"] > on_gpu.scores["fair"]["slo_attainment"]
+
+
+def test_read_curve_takes_its_own_json_and_gpu_checks(tmp_path):
+    import json
+
+    from ddt_export.runtime.batching.costs import read_curve
+
+    own = tmp_path / "curve.json"
+    own.write_text(json.dumps({"curve": LINEAR.to_dict(), "budget": 64}))  # as the load benchmark nests it
+    assert read_curve(own) == LINEAR
+    check = tmp_path / "gpu_check.json"  # scripts/gpu_check.py's results.cost-curve: seconds by rows, as text keys
+    check.write_text(json.dumps({"results": {"cost-curve": {"gpu": "H200", "encoder": {"1": 0.002, "8": 0.003},
+                                                            "decoder": {"8": 0.004, "1": 0.003}}}}))
+    c = read_curve(check)
+    assert c.encoder == ((1, 0.002), (8, 0.003)) and c.decoder == ((1, 0.003), (8, 0.004)) and "H200" in c.note
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=r"^--cost-curve: expected a cost-curve JSON"):
+        read_curve(bad)
