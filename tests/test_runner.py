@@ -221,8 +221,8 @@ def test_a_request_moved_mid_trajectory_equals_the_plan_it_ran(engines):
 def test_the_start_up_measurement_times_every_graph_at_every_row_count(engines):
     """`measure_curve`'s plumbing with a stand-in clock (each reading one second later than the last, so every
     timed call takes 1 s): each graph is called at 1, 2, 4, ..., batch.max rows, largest first after a 1-row
-    warm-up, once per point (1 s is over the 0.2 s a point may spend); the host time of a step (1 s) less its
-    two graph calls (2 s) is clipped to 0."""
+    warm-up, twice per point (the first call of a shape is not counted; 1 s is over the 0.2 s a point may
+    spend); a step's host time is its 5 clock readings' span less its two graph calls (1 s each): 3 s."""
     from ddt_export.runtime.batching.costs import curve_rows, measure_curve
 
     log = CallLog(engines)
@@ -231,7 +231,7 @@ def test_the_start_up_measurement_times_every_graph_at_every_row_count(engines):
     rows = curve_rows(engines.max_batch)
     assert rows[0] == 1 and rows[-1] == engines.max_batch and all(b == 2 * a for a, b in zip(rows, rows[1:-1]))
     assert curve.encoder == tuple((r, 1.0) for r in rows) and curve.decoder == curve.encoder
-    assert curve.vae_decoder == ((1, 0.0), (2, 0.0)) and curve.request_step_s == 0.0  # no VAE graph here
-    timed = [(g, n) for g, n, _ in log.calls if g in ("encoder", "decoder")]
-    sizes = [1, 1] + [n for r in sorted(rows, reverse=True) for n in (r, r)]  # warm-up, then largest first
-    assert timed[:len(sizes)] == [(g, n) for n, g in zip(sizes, ["encoder", "decoder"] * len(rows + [1]))]
+    assert curve.vae_decoder == ((1, 0.0), (2, 0.0)) and curve.request_step_s == 3.0  # no VAE graph here
+    calls = [(g, n) for g, n, _ in log.calls]
+    want = [(g, r) for r in [1, *sorted(rows, reverse=True)] for g in ("encoder", "encoder", "decoder", "decoder")]
+    assert calls[:len(want)] == want and calls[len(want):] == [("encoder", 1), ("decoder", 1)] * 4  # + 4 steps

@@ -270,12 +270,23 @@ def test_solo_latency_by_hand():
     assert solo_seconds(curve, steps, 2) == pytest.approx(3 * 0.04 + 7 * 0.08 + 10 * 0.001 + 0.6)
 
 
-def test_fit_curve_takes_medians_and_never_falls_with_rows():
-    c = fit_curve({"encoder": {1: [0.03, 0.01, 0.02], 4: [0.05], 8: [0.04, 0.04]},
-                   "decoder": {1: [0.01], 2: [0.02]}}, request_step_s=-0.001)
-    assert c.encoder == ((1, 0.02), (4, 0.05), (8, 0.05))  # 0.04 at 8 rows is noise below 0.05 at 4
-    assert c.decoder == ((1, 0.01), (2, 0.02)) and c.vae_decoder == ((1, 0.0), (2, 0.0)) and c.request_step_s == 0
-    assert c.call("encoder", 2) == pytest.approx(0.02 + 0.03 / 3) and c.call("decoder", 4) == pytest.approx(0.04)
+def test_fit_curve_is_a_robust_line_through_the_medians():
+    c = fit_curve({"encoder": {1: [0.03], 2: [0.05, 0.9, 0.05], 4: [0.09, 0.08, 0.1]},  # 0.9: a burst of other work
+                   "decoder": {1: [0.01], 3: [0.01]},  # flat: a fixed cost per call
+                   "vae_decoder": {1: [0.0], 2: [0.03]}}, request_step_s=-0.001)  # free line: 0.03 r - 0.03
+
+    def flat(pts):
+        return [v for p in pts for v in p]
+
+    assert flat(c.encoder) == pytest.approx([1, 0.03, 2, 0.05, 4, 0.09, 8, 0.17])  # 0.01 + 0.02 r
+    assert flat(c.decoder) == pytest.approx([1, 0.01, 3, 0.01, 6, 0.01])
+    # a < 0: the line through 0, b = the median of 0 / 1 and 0.03 / 2 = 0.0075
+    assert flat(c.vae_decoder) == pytest.approx([1, 0.0075, 2, 0.015, 4, 0.03]) and c.request_step_s == 0
+    # one point spoiled by other work (8 rows: 0.5 s; the line says 0.17) moves nothing: 6 of the 10 slopes are
+    # 0.02, the other four are split around it (-0.021 below, 0.067, 0.075, 0.1025 above)
+    spoiled = fit_curve({"encoder": {1: [0.03], 2: [0.05], 4: [0.09], 8: [0.5], 16: [0.33]}, "decoder": {1: [0.01]}})
+    assert flat(spoiled.encoder)[:4] == pytest.approx([1, 0.03, 2, 0.05])
+    assert c.call("encoder", 3) == pytest.approx(0.07) and c.call("encoder", 16) == pytest.approx(0.33)
     with pytest.raises(ConfigError, match="timed calls of the decoder"):
         fit_curve({"encoder": {1: [0.1]}})
 
