@@ -230,7 +230,8 @@ def test_the_start_up_measurement_times_every_graph_at_every_row_count(engines):
     curve = measure_curve(log, clock=lambda: float(next(ticks)))
     rows = curve_rows(engines.max_batch)
     assert rows[0] == 1 and rows[-1] == engines.max_batch and all(b == 2 * a for a, b in zip(rows, rows[1:-1]))
-    assert curve.encoder == tuple((r, 1.0) for r in rows) and curve.decoder == curve.encoder
+    assert curve.encoder == tuple((r, 1.0) for r in [*rows, 2 * rows[-1]])  # the line, to twice batch.max
+    assert curve.decoder == curve.encoder
     assert curve.vae_decoder == ((1, 0.0), (2, 0.0)) and curve.request_step_s == 3.0  # no VAE graph here
     calls = [(g, n) for g, n, _ in log.calls]
     want = [(g, r) for r in [1, *sorted(rows, reverse=True)] for g in ("encoder", "encoder", "decoder", "decoder")]

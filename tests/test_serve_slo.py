@@ -84,6 +84,7 @@ def test_info_lists_the_frontier_and_auto_chooses_for_the_curve(url):
     info = httpx.get(url + "/v1/info").json()
     assert [(p["name"], p["dfid"]) for p in info["frontier"]] == [("mid", 0.5), ("fast", 2.0)]
     assert info["adaptive_budget"] == 2.0 and info["frontier_note"] is None and info["slo_scale"] == 3.0
+    assert info["adapt"] == "cheapest"
     assert info["priorities"] == ["low", "normal", "high"] and info["cost_curve"]["encoder"][0] == [1, 0.01]
     # the stated curve is linear in rows: auto takes fair, and says why
     assert (info["batching_asked"], info["batching"]) == ("auto", "fair")
@@ -92,8 +93,9 @@ def test_info_lists_the_frontier_and_auto_chooses_for_the_curve(url):
 
 
 def test_a_moved_request_equals_generate_for_the_plan_it_ran(url, planned, tmp_path):
-    # deadline 1 s: its own plan (3.36 s) misses, mid (0.68 s) meets: moved before its first step
-    r = post(url, {"class": 3, "num": 2, "seed": 7, "deadline_ms": 1000, "quality": "adaptive"})
+    # deadline 1 s: its own plan (3.36 s) misses; within a budget of 0.5, mid (0.68 s) is the cheapest: moved
+    # before its first step
+    r = post(url, {"class": 3, "num": 2, "seed": 7, "deadline_ms": 1000, "max_fid_delta": 0.5})
     assert r.status_code == 200, r.text
     body = GenerateResponse.model_validate(r.json())
     s = body.served
@@ -102,8 +104,9 @@ def test_a_moved_request_equals_generate_for_the_plan_it_ran(url, planned, tmp_p
     assert (body.settings.plan, body.settings.steps) == ("mid", 10)
     want = generated(planned, tmp_path, "mid", 3, 2, 7)
     assert all(np.array_equal(png_pixels(g), w) for g, w in zip(body.images, want))
-    # deadline 0.5 s needs fast (0.28 s); its SLO is judged by the server's clock (not asserted: timing)
-    r = post(url, {"class": 3, "num": 2, "seed": 7, "deadline_ms": 500, "max_fid_delta": 2.0})
+    # within the fast plan's budget the cheapest is fast (0.28 s); its SLO is judged by the server's clock (not
+    # asserted: timing)
+    r = post(url, {"class": 3, "num": 2, "seed": 7, "deadline_ms": 1000, "quality": "adaptive"})
     assert r.json()["served"]["plan"] == "fast" and r.json()["settings"]["steps"] == 4
     want = generated(planned, tmp_path, "fast", 3, 2, 7)
     assert all(np.array_equal(png_pixels(g), w) for g, w in zip(r.json()["images"], want))
@@ -113,11 +116,11 @@ def test_the_stream_reports_the_plan_it_runs(url):
     with httpx.stream("POST", url + "/v1/generate", json={"class": 5, "num": 2, "deadline_ms": 1000,
                                                          "quality": "adaptive", "stream": True}, timeout=60) as r:
         events = list(sse_events(r))
-    assert events[0][0] == "queued" and (events[0][1]["plan"], events[0][1]["fid_delta"]) == ("mid", 0.5)
+    assert events[0][0] == "queued" and (events[0][1]["plan"], events[0][1]["fid_delta"]) == ("fast", 2.0)
     progress = [d for e, d in events if e == "progress"]
-    assert [d["step"] for d in progress] == list(range(1, 11)) and {d["steps"] for d in progress} == {10}
-    assert {(d["plan"], d["fid_delta"]) for d in progress} == {("mid", 0.5)}
-    assert events[-1][0] == "result" and events[-1][1]["served"]["plan"] == "mid"
+    assert [d["step"] for d in progress] == list(range(1, 5)) and {d["steps"] for d in progress} == {4}
+    assert {(d["plan"], d["fid_delta"]) for d in progress} == {("fast", 2.0)}
+    assert events[-1][0] == "result" and events[-1][1]["served"]["plan"] == "fast"
 
 
 def test_503_only_when_no_plan_within_the_budget_fits(url):
@@ -150,9 +153,9 @@ def test_metrics_count_slo_met_and_missed_and_the_fid_served(url):
     assert metric(url, "ddt_slo_met_total") == before["ddt_slo_met_total"] + met
     assert metric(url, "ddt_slo_missed_total") == before["ddt_slo_missed_total"] + 3 - met
     assert metric(url, "ddt_degraded_total") == before["ddt_degraded_total"] + 1
-    # dFIDs known: the folder's own sampler (0.0) and mid (0.5); steps 3 is no stored plan (unknown)
+    # dFIDs known: the folder's own sampler (0.0) and fast (2.0); steps 3 is no stored plan (unknown)
     assert metric(url, "ddt_served_fid_delta_count") == before["ddt_served_fid_delta_count"] + 2
-    assert metric(url, "ddt_served_fid_delta_sum") == pytest.approx(before["ddt_served_fid_delta_sum"] + 0.5)
+    assert metric(url, "ddt_served_fid_delta_sum") == pytest.approx(before["ddt_served_fid_delta_sum"] + 2.0)
     assert metric(url, "ddt_goodput") > 0
 
 
@@ -202,6 +205,7 @@ def test_flags_checked_before_binding(digits_engines, tmp_path):
     for kw, message in (({"batching": "fifo"}, "--batching: expected auto | step | fair | request | single"),
                         ({"slo_scale": 0.5}, "--slo-scale: expected a finite number >= 1"),
                         ({"slo_scale": float("nan")}, "--slo-scale: expected a finite number >= 1"),
+                        ({"adapt": "best"}, "--adapt: expected cheapest | least-dfid, got best"),
                         ({"cost_curve": tmp_path / "none.json"}, "--cost-curve: expected a cost-curve JSON file")):
         with pytest.raises(ConfigError, match="^" + message.replace("|", r"\|")):
             ServeSettings(**kw)
@@ -237,3 +241,36 @@ def test_measured_run_reports_as_the_simulator(url, planned):
     errors = compare(sim, got)
     assert set(errors) == {"throughput", "goodput", "slo_attainment", "p50", "p99"}
     assert all(e is None or e >= 0 for e in errors.values())
+
+
+def test_adapt_least_dfid_takes_the_least_dfid_plan_that_meets(planned, curve_file):
+    # deadline 1 s, budget 2.0: mid (0.68 s) meets, so it is taken rather than the cheapest, fast
+    with running(create_app(planned, ServeSettings(cost_curve=curve_file, adapt="least-dfid"))) as url:
+        assert httpx.get(url + "/v1/info").json()["adapt"] == "least-dfid"
+        r = post(url, {"class": 3, "num": 2, "deadline_ms": 1000, "quality": "adaptive"})
+        assert (r.json()["served"]["plan"], r.json()["served"]["fid_delta"]) == ("mid", 0.5)
+
+
+def test_body_terms_budget_and_frontier():
+    from types import SimpleNamespace
+
+    from ddt_export.core.errors import InputError
+    from ddt_export.serve.levels import body_terms, frontier_plans
+
+    plans = {"mid": Plan("mid", 10, measured={"dfid": 0.5}), "fast": Plan("fast", 4, measured={"dfid": 2.0}),
+             "odd": Plan("odd", 6, measured={"dfid": float("nan")}), "none": Plan("none", 8)}
+    front = frontier_plans(plans)
+    assert sorted(front) == ["fast", "mid"]  # a dFID that is no finite number is no measurement
+
+    def body(**kw):
+        return SimpleNamespace(**{"priority": None, "deadline_ms": None, "max_fid_delta": None, "quality": None,
+                                  **kw})
+
+    assert body_terms(body(quality="adaptive"), front)[1] == ["mid", "fast"]  # up to fast's 2.0, least first
+    assert body_terms(body(max_fid_delta=1.0), front)[1] == ["mid"]
+    assert body_terms(body(max_fid_delta=0.1), front) == ({"priority": 1, "deadline_s": None, "budget": 0.1}, [])
+    assert body_terms(body(priority="high", deadline_ms=50), front) == (
+        {"priority": 2, "deadline_s": 0.05, "budget": None}, [])
+    with pytest.raises(InputError, match=r"^quality: expected adaptive only where the engines store a 'fast' plan "
+                                         r"with a measured dFID \(stored: mid\), got 'adaptive'"):
+        body_terms(body(quality="adaptive"), {"mid": front["mid"]})

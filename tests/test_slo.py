@@ -40,9 +40,10 @@ def spec(num=1, steps=10, cfg=1.0, interval=(0.3, 1.0), plan=None) -> SampleRequ
     return SampleRequest(np.zeros(num, np.int64), 0, s, ScheduleSpec("all"), tuple(range(steps)), plan)
 
 
-def engine(policy="step", budget=8, curve=LINEAR, scale=3.0):
+def engine(policy="step", budget=8, curve=LINEAR, scale=3.0, adapt="cheapest"):
     clock = VirtualClock()
-    return Engine(Scheduler(budget, policy, slo=SloModel(curve, scale)), SimulatedRunner(curve, clock), clock), clock
+    return Engine(Scheduler(budget, policy, slo=SloModel(curve, scale, adapt)), SimulatedRunner(curve, clock),
+                  clock), clock
 
 
 def run(eng):
@@ -101,10 +102,10 @@ def test_summary_counts_refusals_as_misses():
 # ------------------------------------------------------------------------------------------------ adaptive plans
 
 
-def heavy_then(q_terms, q=None):
+def heavy_then(q_terms, q=None, adapt="cheapest"):
     """r0 (4 images x 10 steps, 0.08 s a step, allows no trade) and then q: 1 image x 10 steps (own plan: 0.2 s
     alone, due 0.6), with the options p5 (5 steps, dFID 1.0) and p2 (2 steps, dFID 3.0)."""
-    eng, clock = engine()
+    eng, clock = engine(adapt=adapt)
     r0 = eng.submit(spec(4))
     q = eng.submit(q or spec(1), terms=q_terms)
     return eng, r0, q
@@ -113,17 +114,21 @@ def heavy_then(q_terms, q=None):
 P5, P2 = spec(1, 5, plan="p5"), spec(1, 2, plan="p2")
 
 
-def test_a_late_request_moves_to_the_least_dfid_plan_that_meets_its_slo():
-    # with r0 each iteration costs 0.08 + 0.02: its own plan ends at 1.0 > 0.6; p5 at 0.5 (meets); p2 would too
-    eng, r0, q = heavy_then(adaptive((P5, 1.0), (P2, 3.0)))
+def test_a_late_request_moves_to_its_cheapest_plan_or_the_least_dfid_that_meets_its_slo():
+    # with r0 each iteration costs 0.08 + 0.02: its own plan ends at 1.0 > 0.6; p5 at 0.5 (meets); p2 at 0.2
+    eng, r0, q = heavy_then(adaptive((P5, 1.0), (P2, 3.0)))  # cheapest (the default): p2
+    assert (q.plan, q.dfid, q.degraded, q.switched_at, q.total_steps) == ("p2", 3.0, True, 0, 2)
+    run(eng)
+    assert q.ended == pytest.approx(0.2) and q.slo_met and r0.plan is None and not r0.degraded
+    eng, r0, q = heavy_then(adaptive((P5, 1.0), (P2, 3.0)), adapt="least-dfid")  # the least dFID that meets: p5
     assert (q.plan, q.dfid, q.degraded, q.switched_at, q.total_steps) == ("p5", 1.0, True, 0, 5)
     run(eng)
-    assert q.ended == pytest.approx(0.5) and q.slo_met and r0.plan is None and not r0.degraded
-    # a tighter deadline (0.3) needs p2: 2 x 0.1 = 0.2
-    eng, r0, q = heavy_then(adaptive((P5, 1.0), (P2, 3.0), deadline=0.3))
+    assert q.ended == pytest.approx(0.5) and q.slo_met
+    # a tighter deadline (0.3) needs p2 (2 x 0.1 = 0.2) under either rule; with room to spare, its own plan
+    eng, r0, q = heavy_then(adaptive((P5, 1.0), (P2, 3.0), deadline=0.3), adapt="least-dfid")
     assert q.plan == "p2" and q.dfid == 3.0
-    run(eng)
-    assert q.ended == pytest.approx(0.2) and q.slo_met
+    eng, r0, q = heavy_then(adaptive((P5, 1.0), (P2, 3.0), deadline=1.5))
+    assert q.plan is None and not q.degraded
 
 
 def test_the_budget_bounds_the_move_and_the_frontier_drops_what_is_not_worth_it():
@@ -182,7 +187,7 @@ def test_low_priority_degrades_first():
             assert (low.plan, h.plan) == ("l2", None)
             run(eng)
             assert h.ended == pytest.approx(0.68) and h.slo_met and low.slo_met
-        else:  # equal priorities: H is not worth more than L, so H moves itself (p5: 5 x 0.1 = 0.5)
+        else:  # equal priorities: H is not worth more than L, so H moves itself (its cheapest: p5, 0.5)
             assert (low.plan, h.plan) == (None, "p5")
 
 

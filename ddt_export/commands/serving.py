@@ -9,7 +9,7 @@ import typer
 from ..runtime.batching.scheduler import POLICIES
 from ..runtime.graphs.backends import CHOICES as BACKENDS
 from ..runtime.graphs.engines import DEFAULT_ENGINES
-from ..runtime.batching.slo import SLO_SCALE
+from ..runtime.batching.slo import ADAPT, CHEAPEST, SLO_SCALE
 from ..serve.settings import BATCHING, LOOPBACK, MAX_DELAY_MS, MAX_QUEUE, MAX_STEPS, PORT, ServeSettings
 from .common import say
 
@@ -31,6 +31,9 @@ def serve(
                                     "(or its deadline_ms); /metrics counts met and missed"),
     cost_curve: Optional[Path] = typer.Option(None, help="a stored cost curve (JSON: CostCurve fields, or a "
                                               "gpu_check.json) instead of the timed calls at start-up"),
+    adapt: str = typer.Option(CHEAPEST, help=" | ".join(ADAPT) + ": where a request that allows a quality trade "
+                              "goes when it would miss its SLO: its cheapest plan within budget, or the plan of "
+                              "least dFID that meets it"),
     max_delay_ms: float = typer.Option(MAX_DELAY_MS, help="--batching request: how long the oldest waiting "
                                        "request waits for others to join its group"),
     class_names: Optional[Path] = typer.Option(None, help="class labels, one per line in id order (the official "
@@ -52,7 +55,7 @@ def serve(
     settings = ServeSettings(batching=batching, max_delay_ms=max_delay_ms, max_queue=max_queue,
                              max_images_per_request=max_images_per_request, max_steps=max_steps,
                              class_names=class_names, backend=backend, trace=trace, slo_scale=slo_scale,
-                             cost_curve=cost_curve)
+                             cost_curve=cost_curve, adapt=adapt)
     if ray:
         from ..scale.ray_serve import serve_on_ray
 

@@ -102,7 +102,7 @@ def create_app(engines_dir: Path, settings: ServeSettings = ServeSettings(), *,
         levels = await asyncio.to_thread(decide, engines, settings.batching, curve, lim.max_images, frontier,
                                          "measured at start-up" if curve is None else str(settings.cost_curve))
         scheduler = Scheduler(engines.max_batch, levels.policy, settings.max_delay_ms / 1000.0, settings.max_queue,
-                              SloModel(levels.curve, settings.slo_scale))
+                              SloModel(levels.curve, settings.slo_scale, settings.adapt))
         trace_file = open(settings.trace, "a", buffering=1) if settings.trace is not None else None
         trace = (lambda rec: trace_file.write(json.dumps(rec) + "\n")) if trace_file is not None else None
         service = Service(Engine(scheduler, ModelRunner(engines)), metrics, trace=trace)
@@ -241,7 +241,8 @@ def create_app(engines_dir: Path, settings: ServeSettings = ServeSettings(), *,
         side, channels = manifest.dims.image
         levels = request.app.state.levels
         return {"model": cfg.name, "precision": manifest.precision, "backend": engines.backend_name,
-                "batching": levels.policy, **levels.info(settings.slo_scale), "row_budget": engines.max_batch,
+                "batching": levels.policy, **levels.info(settings.slo_scale), "adapt": settings.adapt,
+                "row_budget": engines.max_batch,
                 "image": {"side": side, "channels": channels}, "classes": classes.labels, "defaults": defaults,
                 "limits": {"max_images": lim.max_images, "max_steps": lim.max_steps,
                            "num_classes": lim.num_classes},

@@ -167,6 +167,7 @@ class Info(BaseModel):
     batching_choice: Optional[dict[str, Any]] = Field(description="auto: each step-level policy's simulated SLO "
                                                       "attainment and p99 slowdown on the cost curve")
     slo_scale: float
+    adapt: str = Field(description="where a late request that allows a trade goes: cheapest | least-dfid (--adapt)")
     cost_curve: dict[str, Any] = Field(description="seconds per graph call by rows, fitted at start-up or read")
     frontier: list[dict[str, Any]] = Field(description="the plans a request may be moved to under load (measured "
                                            "dFID), least dFID first")

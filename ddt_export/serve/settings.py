@@ -10,7 +10,7 @@ from typing import Optional
 
 from ..core.errors import ConfigError
 from ..runtime.batching.scheduler import POLICIES
-from ..runtime.batching.slo import SLO_SCALE
+from ..runtime.batching.slo import ADAPT, CHEAPEST, SLO_SCALE
 from ..runtime.graphs.backends import CHOICES as BACKENDS
 
 MAX_QUEUE = 64  # waiting requests before 503
@@ -38,6 +38,7 @@ class ServeSettings:
     trace: Optional[Path] = None  # a JSON line per iteration: start, seconds, requests, rows (load benchmark)
     slo_scale: float = SLO_SCALE  # a request's SLO: this many times its predicted solo latency
     cost_curve: Optional[Path] = None  # a stored cost curve instead of the timed calls at start-up
+    adapt: str = CHEAPEST  # where a late request that allows a trade goes: cheapest | least-dfid
 
     def __post_init__(self):
         if self.batching not in BATCHINGS:
@@ -46,6 +47,8 @@ class ServeSettings:
                 math.isfinite(self.slo_scale) and self.slo_scale >= 1):
             raise ConfigError("--slo-scale", "a finite number >= 1 (the SLO: latency <= this x the predicted solo "
                               "latency)", self.slo_scale)
+        if self.adapt not in ADAPT:
+            raise ConfigError("--adapt", " | ".join(ADAPT), self.adapt)
         if self.cost_curve is not None and not Path(self.cost_curve).is_file():
             raise ConfigError("--cost-curve", "a cost-curve JSON file", str(self.cost_curve))
         if not self.max_queue >= 1:

@@ -34,11 +34,11 @@ Service levels (`slo.py`; with an `SloModel`: the cost curve and --slo-scale). A
 its SLO (`due`: --slo-scale x its predicted solo latency, or its deadline). A request that allows a quality
 trade carries options (the frontier of stored plans within its dFID budget); the scheduler projects when it
 will finish (`project`: this scheduler's own policy run forward on the cost curve with no further arrivals,
-the simulator's model) and, when it would miss, moves it to the option with the least dFID that meets its
-SLO (`_plan`), lowest priority first. It does so at submission (none meets: `SloUnreachable`, a 503), at
-admission, and for a running request at a step boundary where the move is sound
-(`sampling.step.switch_point`: the plans share every step so far, so its images are exactly the new plan's).
-A request that allows no trade is never moved.
+the simulator's model) and, when it would miss, moves it to its cheapest option (or, `SloModel.adapt`
+least-dfid, the one of least dFID that meets its SLO) (`_plan`), lowest priority first. It does so at
+submission (none meets: `SloUnreachable`, a 503), at admission, and for a running request at a step boundary
+where the move is sound (`sampling.step.switch_point`: the plans share every step so far, so its images are
+exactly the new plan's). A request that allows no trade is never moved.
 
 A request reserves its peak rows while it runs: num x 2 if any of its steps needs the unconditional half
 (a guided step, or a recompute step whose state a guided step reuses), else num. The budget is the engines'
@@ -60,7 +60,7 @@ from ..sampling.step import switch_point
 from .costs import CostCurve, solo_seconds
 from .requests import (TRANSITIONS, QueueFull, Request, RunnerOutput, SchedulerOutput, SloUnreachable,  # noqa: F401
                        Status)
-from .slo import SLO_SCALE, Option, Terms, frontier
+from .slo import CHEAPEST, SLO_SCALE, Option, Terms, frontier
 
 POLICIES = ("step", "fair", "request", "single")
 STEP_LEVEL = ("step", "fair")  # policies that admit at every step boundary
@@ -86,11 +86,13 @@ def check_policy(policy: str, field: str = "--batching") -> str:
 
 @dataclass(frozen=True)
 class SloModel:
-    """What the scheduler needs for service levels: the per-call cost curve (the server fits it at start-up)
-    and the SLO's multiple of the solo latency."""
+    """What the scheduler needs for service levels: the per-call cost curve (the server fits it at start-up),
+    the SLO's multiple of the solo latency, and where a late request goes (`slo.ADAPT`): `cheapest`, the cheapest
+    option within its budget (the issue's rule); `least-dfid`, the option of least dFID that meets its SLO."""
 
     curve: CostCurve
     scale: float = SLO_SCALE
+    adapt: str = CHEAPEST
 
 
 class Scheduler:
@@ -169,7 +171,7 @@ class Scheduler:
             met, finish = self._plan(req, now)
             if not met:
                 self.waiting.remove(req)
-                for r in moved:  # the room was for nothing: each back to the least dFID that meets its own SLO
+                for r in moved:  # the room was for nothing: each planned for its own SLO again
                     self._plan(r, now)
                 raise SloUnreachable("latency", f"<= {req.due - req.arrival:.3f} s (its SLO) on a plan within its "
                                      "budget", f"{finish - req.arrival:.3f} s projected on the fastest "
@@ -276,10 +278,11 @@ class Scheduler:
                 if req.plans[k][1] <= free and req.done_steps <= self._shared(req, k)]
 
     def _plan(self, req: Request, now: float) -> tuple[bool, float]:
-        """Give req the option with the least dFID (the plan asked for first) whose projected completion meets
-        its SLO without making a request of a higher priority miss one it meets when req runs its fastest option,
-        among those req can move to now (waiting: any; running: where the move is sound and its rows fit); none:
-        the fastest of them. (met, its projected completion)."""
+        """Among the options req can move to now (waiting: any; running: where the move is sound and its rows
+        fit), give it the first whose projected completion meets its SLO without making a request of a higher
+        priority miss one it meets when req runs its fastest option: its own plan (the least dFID) if that does,
+        else the cheapest (`adapt` cheapest) or the next by dFID (`adapt` least-dfid); none: the fastest.
+        (met, its projected completion)."""
         movable = self._movable(req)
         start, fastest = req.option, movable[-1]
         above = [r for r in (*self.waiting, *self.running.values()) if r.priority > req.priority]
@@ -288,7 +291,8 @@ class Scheduler:
             at = self.finishes(now, above)
             above = [r for r in above if at[r.id] <= r.due]
         met, finish = False, float("inf")
-        for k in movable:
+        order = movable if self.slo.adapt != CHEAPEST else list(dict.fromkeys((movable[0], fastest)))
+        for k in order:
             self._try(req, k)
             at = self.finishes(now, [req, *above])
             finish = at[req.id]

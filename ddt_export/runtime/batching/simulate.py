@@ -24,7 +24,7 @@ from .costs import CostCurve  # noqa: F401  (where the benchmarks import it from
 from .engine import Engine
 from .report import Served, summarize
 from .scheduler import QueueFull, RunnerOutput, Scheduler, SchedulerOutput, SloModel
-from .slo import SLO_SCALE, Terms
+from .slo import CHEAPEST, SLO_SCALE, Terms
 
 
 class VirtualClock:
@@ -95,11 +95,12 @@ class SimResult:
 
 
 def simulate(arrivals: Sequence[Arrival], curve: CostCurve, row_budget: int, policy: str = "step",
-             max_delay: float = 0.0, max_queue: int = 64, slo_scale: float = SLO_SCALE) -> SimResult:
+             max_delay: float = 0.0, max_queue: int = 64, slo_scale: float = SLO_SCALE, adapt: str = CHEAPEST
+             ) -> SimResult:
     """Run the arrivals through the serving engine on a virtual clock, with the server's SLO accounting and
-    load-adaptive plans (`slo_scale`: --slo-scale)."""
+    load-adaptive plans (`slo_scale`: --slo-scale; `adapt`: --adapt)."""
     clock = VirtualClock()
-    scheduler = Scheduler(row_budget, policy, max_delay, max_queue, SloModel(curve, slo_scale))
+    scheduler = Scheduler(row_budget, policy, max_delay, max_queue, SloModel(curve, slo_scale, adapt))
     engine = Engine(scheduler, SimulatedRunner(curve, clock), clock)
     res, index, i = SimResult(), {}, 0
     n_req = enc = dec = 0

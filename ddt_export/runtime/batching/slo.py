@@ -6,7 +6,8 @@ for), or at most its own deadline where it gives one. A request that allows a qu
 or `quality: adaptive` = the folder's `fast` plan's measured dFID) carries the plans within that budget as
 `Option`s; the scheduler keeps those on the frontier (no other option is both cheaper and better) that cost
 less than the plan asked for (`frontier`), and when the request's projected completion misses its SLO it moves
-it to the option with the least dFID whose projected completion meets it (`Scheduler._plan`).
+it to the cheapest of them (`adapt` cheapest, the default) or to the one of least dFID whose projected completion
+meets it (`adapt` least-dfid) (`Scheduler._plan`).
 
     terms = Terms(priority=PRIORITY["low"], deadline_s=2.0, options=(Option("fast", fast_sample, 1.8),))
     engine.submit(sample, terms=terms)
@@ -25,6 +26,8 @@ PRIORITIES = ("low", "normal", "high")  # the priority field's words, lowest fir
 PRIORITY = {p: i for i, p in enumerate(PRIORITIES)}
 NORMAL = PRIORITY["normal"]
 QUALITY = ("exact", "adaptive")  # exact: the plan asked for, always; adaptive: the folder's fast budget
+CHEAPEST, LEAST_DFID = "cheapest", "least-dfid"
+ADAPT = (CHEAPEST, LEAST_DFID)  # where a late request goes: its cheapest option, or the least dFID that meets
 
 
 @dataclass(frozen=True)
