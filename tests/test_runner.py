@@ -13,12 +13,16 @@ from ddt_export.core.errors import InputError, NumericsError
 from ddt_export.core.images import images_from_samples
 from ddt_export.core.noise import StepNoise, sample_noise
 from ddt_export.runtime import load_engines, sample
+from ddt_export.runtime.batching.costs import CostCurve
 from ddt_export.runtime.batching.engine import Engine
 from ddt_export.runtime.batching.runner import ModelRunner
-from ddt_export.runtime.batching.scheduler import Scheduler, Status
+from ddt_export.runtime.batching.scheduler import Scheduler, SloModel, Status
 from ddt_export.runtime.batching.simulate import VirtualClock
+from ddt_export.runtime.batching.slo import Option, Terms
+from ddt_export.runtime.sampling.plan import plan_steps
 from ddt_export.runtime.sampling.request import API, RequestInput, SampleRequest, resolve
 from ddt_export.runtime.sampling.schedules import resolve_schedule
+from ddt_export.runtime.sampling.step import switch_point
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +187,52 @@ def test_requests_name_their_fields_the_way_the_api_does(engines):
         req(engines, label=0, num=1, schedule="x.json")  # no file names over HTTP
     s = req(engines, label=3, num=2)
     assert s.sampler == engines.config.sampler and str(s.schedule) == "all" and s.recompute == tuple(range(20))
+
+
+def test_a_request_moved_mid_trajectory_equals_the_plan_it_ran(engines):
+    """A request that allows a quality trade, moved at a sound step boundary to a cheaper plan (the guidance
+    interval (0.9, 1) instead of (0.3, 1): the two share steps 0-2), returns exactly what `generate` computes for
+    that plan: its images are the new plan's, to the uint8 pixel, and not the old one's. The scheduler's clock
+    stands still at 0 and its cost curve is 0.01 s per row (its decisions only: the graphs are real)."""
+    rows = (1, 2, 4, 8, 16, 32, 64)
+    curve = CostCurve(tuple((r, 0.01 * r) for r in rows), tuple((r, 0.01 * r) for r in rows))
+    a = req(engines, label=4, num=1, seed=6, steps=10, cfg=2.0, schedule="all")
+    b = dataclasses.replace(req(engines, label=4, num=1, seed=6, steps=10, cfg=2.0, schedule="all",
+                                interval=(0.9, 1.0)), plan="b")
+    assert switch_point(plan_steps(a.sampler, a.recompute), a.sampler, plan_steps(b.sampler, b.recompute),
+                        b.sampler) == 3
+    sch = Scheduler(engines.max_batch, "step", slo=SloModel(curve))
+    eng = Engine(sch, ModelRunner(engines), VirtualClock())
+    q = eng.submit(a, terms=Terms(deadline_s=0.36, options=(Option("b", b, 0.7),), adaptive=True, dfid=0.0))
+    assert q.plan is None and sch.project(0.0, q) == pytest.approx(0.34)  # alone, its own plan meets 0.36
+    eng.step()
+    eng.step()
+    other = eng.submit(req(engines, label=1, num=1, seed=2, steps=10, cfg=1.0, schedule="all"))
+    it = eng.step()  # with `other` beside it, plan a would end at 0.46; b at 0.34: moved at boundary 2
+    assert it.out.switched == ((q.id, b),) and (q.plan, q.switched_at) == ("b", 2)
+    while not eng.idle:
+        eng.step()
+    assert q.status is Status.DONE and other.status is Status.DONE
+    assert np.array_equal(q.images, images_from_samples(solo(engines, b)))  # what generate makes for plan b
+    assert not np.array_equal(q.images, images_from_samples(solo(engines, a)))
+    assert np.array_equal(other.images, images_from_samples(solo(engines, other.sample)))
+
+
+def test_the_start_up_measurement_times_every_graph_at_every_row_count(engines):
+    """`measure_curve`'s plumbing with a stand-in clock (each reading one second later than the last, so every
+    timed call takes 1 s): each graph is called at 1, 2, 4, ..., batch.max rows, largest first after a 1-row
+    warm-up, twice per point (the first call of a shape is not counted; 1 s is over the 0.2 s a point may
+    spend); a step's host time is its 5 clock readings' span less its two graph calls (1 s each): 3 s."""
+    from ddt_export.runtime.batching.costs import curve_rows, measure_curve
+
+    log = CallLog(engines)
+    ticks = iter(range(10 ** 6))
+    curve = measure_curve(log, clock=lambda: float(next(ticks)))
+    rows = curve_rows(engines.max_batch)
+    assert rows[0] == 1 and rows[-1] == engines.max_batch and all(b == 2 * a for a, b in zip(rows, rows[1:-1]))
+    assert curve.encoder == tuple((r, 1.0) for r in [*rows, 2 * rows[-1]])  # the line, to twice batch.max
+    assert curve.decoder == curve.encoder
+    assert curve.vae_decoder == ((1, 0.0), (2, 0.0)) and curve.request_step_s == 3.0  # no VAE graph here
+    calls = [(g, n) for g, n, _ in log.calls]
+    want = [(g, r) for r in [1, *sorted(rows, reverse=True)] for g in ("encoder", "encoder", "decoder", "decoder")]
+    assert calls[:len(want)] == want and calls[len(want):] == [("encoder", 1), ("decoder", 1)] * 4  # + 4 steps

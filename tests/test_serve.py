@@ -38,7 +38,8 @@ def test_generate_json_and_openapi(url):
     r = post(url, {"class": 3, "num": 2, "seed": 5, "steps": 8, "schedule": "uniform:2"})
     assert r.status_code == 200, r.text
     body = GenerateResponse.model_validate(r.json())  # the documented response model is what comes back
-    assert body.labels == [3, 3] and len(body.images) == 2 and body.batching == "step"
+    assert body.labels == [3, 3] and len(body.images) == 2
+    assert body.batching == httpx.get(url + "/v1/info").json()["batching"] in ("step", "fair")  # auto's choice
     s = body.settings
     assert (s.class_, s.class_name, s.num, s.seed, s.steps, s.schedule) == (3, "3", 2, 5, 8, "uniform:2")
     assert s.recompute_steps == [0, 2, 4, 6] and s.cfg == 1.5 and s.interval == [0.3, 1.0]  # manifest defaults
@@ -147,7 +148,8 @@ def test_full_queue_answers_503_with_retry_after(digits_engines):
             with httpx.stream("POST", url + "/v1/generate", json={"class": 2, "steps": 2, "stream": True},
                               timeout=120) as b:
                 eb = sse_events(b)
-                assert next(eb) == ("queued", {"id": "req-1", "waiting": 1})  # ... b waits: the queue is full
+                assert next(eb) == ("queued", {"id": "req-1", "waiting": 1, "plan": None,  # ... b waits: the
+                                               "fid_delta": None})  # queue is full
                 r = post(url, {"class": 3, "steps": 2})
                 assert r.status_code == 503 and r.headers["retry-after"] == "1"
                 assert r.json()["error"] == "QueueFull" and "fewer than 1 waiting requests (--max-queue)" in r.text

@@ -77,7 +77,7 @@ def test_bad_flags_fail_on_one_line_before_binding(digits_engines, tmp_path):
     code, text = run_cli(["serve", "--engines", tmp_path / "nowhere"])
     assert code == 2 and "engine folder: expected an existing folder" in text and "Traceback" not in text
     code, text = run_cli(["serve", "--engines", digits_engines, "--batching", "dynamic"])
-    assert code == 2 and "--batching: expected step | fair | request | single, got dynamic" in text
+    assert code == 2 and "--batching: expected auto | step | fair | request | single, got dynamic" in text
     code, text = run_cli(["serve", "--engines", digits_engines, "--max-images-per-request", "65"])
     assert code == 2 and "--max-images-per-request: expected 1..64" in text
     bad = tmp_path / "names.txt"

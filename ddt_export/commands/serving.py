@@ -9,6 +9,7 @@ import typer
 from ..runtime.batching.scheduler import POLICIES
 from ..runtime.graphs.backends import CHOICES as BACKENDS
 from ..runtime.graphs.engines import DEFAULT_ENGINES
+from ..runtime.batching.slo import ADAPT, CHEAPEST, SLO_SCALE
 from ..serve.settings import (BATCHING, LOG_LEVEL, LOG_LEVELS, LOOPBACK, MAX_DELAY_MS, MAX_QUEUE, MAX_STEPS, PORT,
                               ServeSettings, check_listener)
 from .common import say
@@ -22,10 +23,18 @@ def serve(
     max_images_per_request: Optional[int] = typer.Option(
         None, help="largest num per request (default: batch.max / 2, a guided image takes 2 rows)"),
     max_steps: int = typer.Option(MAX_STEPS, help="largest steps per request"),
-    batching: str = typer.Option(BATCHING, help=" | ".join(POLICIES) + ". step: requests join the batch at "
-                                 "every step boundary; fair: step-level, each request advancing in proportion to "
-                                 "1/its rows (cost-linear CPUs); request: Triton-style groups run to completion; "
-                                 "single: one at a time"),
+    batching: str = typer.Option(BATCHING, help="auto | " + " | ".join(POLICIES) + ". auto: the policy the "
+                                 "simulator predicts best for the cost curve fitted at start-up (fair on a CPU, "
+                                 "step on a GPU); step: requests join the batch at every step boundary; fair: "
+                                 "step-level, each request advancing in proportion to 1/its rows (cost-linear "
+                                 "CPUs); request: Triton-style groups run to completion; single: one at a time"),
+    slo_scale: float = typer.Option(SLO_SCALE, help="a request's SLO: latency <= this x its predicted solo latency "
+                                    "(or its deadline_ms); /metrics counts met and missed"),
+    cost_curve: Optional[Path] = typer.Option(None, help="a stored cost curve (JSON: CostCurve fields, or a "
+                                              "gpu_check.json) instead of the timed calls at start-up"),
+    adapt: str = typer.Option(CHEAPEST, help=" | ".join(ADAPT) + ": where a request that allows a quality trade "
+                              "goes when it would miss its SLO: its cheapest plan within budget, or the plan of "
+                              "least dFID that meets it"),
     max_delay_ms: float = typer.Option(MAX_DELAY_MS, help="--batching request: how long the oldest waiting "
                                        "request waits for others to join its group"),
     class_names: Optional[Path] = typer.Option(None, help="class labels, one per line in id order (the official "
@@ -49,7 +58,8 @@ def serve(
     check_listener(host, port, lifetime, log_level)  # every flag checked before anything binds
     settings = ServeSettings(batching=batching, max_delay_ms=max_delay_ms, max_queue=max_queue,
                              max_images_per_request=max_images_per_request, max_steps=max_steps,
-                             class_names=class_names, backend=backend, trace=trace)
+                             class_names=class_names, backend=backend, trace=trace, slo_scale=slo_scale,
+                             cost_curve=cost_curve, adapt=adapt)
     if ray:
         from ..scale.ray_serve import serve_on_ray
 

@@ -39,13 +39,14 @@ from ..core.images import png_bytes
 from ..core.manifest import read_manifest
 from ..runtime.batching.engine import Engine
 from ..runtime.batching.runner import ModelRunner
-from ..runtime.batching.scheduler import QueueFull, Scheduler, Status
+from ..runtime.batching.scheduler import QueueFull, Scheduler, SloModel, Status
 from ..runtime.graphs.engines import NO_ENGINES_HINT, load_engines
 from ..runtime.sampling.grammar import default_schedule
 from ..runtime.sampling.plans import lookup, read_plans
 from ..runtime.sampling.request import API, RequestInput, resolve
 from ..runtime.sampling.schedules import resolve_schedule
 from . import schemas as S
+from .levels import body_terms, decide, frontier_plans, option_input, served, start_curve, terms_for
 from .metrics import CONTENT_TYPE, Metrics
 from .service import RETRY_AFTER_S, Outcome, Service, ShuttingDown, Ticket
 from .settings import CFG_ROWS, ServeSettings
@@ -136,6 +137,8 @@ def create_app(engines_dir: Path, settings: ServeSettings = ServeSettings(), *,
                 "interval": list(sampler.guidance_interval), "timeshift": sampler.timeshift, "num": 1, "seed": 0,
                 "solver": sampler.solver, "forecast": sampler.forecast}
     plans, refused_plans = read_plans(engines_dir, manifest)  # what /v1/info lists; a request reads its plan again
+    frontier = frontier_plans(plans)  # the plans a request may be moved to under load (a measured dFID)
+    curve = start_curve(settings.cost_curve)  # None: measured in the lifespan
     words = S.expectations(lim)
     Req = S.request_model(lim, defaults)
     field_names = [f.alias or n for n, f in Req.model_fields.items()]
@@ -145,14 +148,16 @@ def create_app(engines_dir: Path, settings: ServeSettings = ServeSettings(), *,
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engines = await asyncio.to_thread(opener, engines_dir)
-        scheduler = Scheduler(engines.max_batch, settings.batching, settings.max_delay_ms / 1000.0,
-                              settings.max_queue)
+        levels = await asyncio.to_thread(decide, engines, settings.batching, curve, lim.max_images, frontier,
+                                         "measured at start-up" if curve is None else str(settings.cost_curve))
+        scheduler = Scheduler(engines.max_batch, levels.policy, settings.max_delay_ms / 1000.0, settings.max_queue,
+                              SloModel(levels.curve, settings.slo_scale, settings.adapt))
         trace_file = open(settings.trace, "a", buffering=1) if settings.trace is not None else None
         trace = (lambda rec: trace_file.write(json.dumps(rec) + "\n")) if trace_file is not None else None
         service = Service(Engine(scheduler, ModelRunner(engines)), metrics, trace=trace)
         service.start()
-        app.state.service, app.state.engines = service, engines
-        log.info("serving %s (%s, %s), batching %s", engines_dir, cfg.name, engines.backend_name, settings.batching)
+        app.state.service, app.state.engines, app.state.levels = service, engines, levels
+        log.info("serving %s (%s, %s), batching %s", engines_dir, cfg.name, engines.backend_name, levels.policy)
         try:
             yield
         finally:
@@ -186,6 +191,7 @@ def create_app(engines_dir: Path, settings: ServeSettings = ServeSettings(), *,
     async def refused(request: Request, exc: DDTExportError):
         if isinstance(exc, (QueueFull, ShuttingDown)):
             metrics.requests.labels("rejected").inc()
+            metrics.slo_missed.inc()  # refused: its SLO is missed
             return _error(503, exc, {"Retry-After": str(RETRY_AFTER_S)})
         if isinstance(exc, (InputError, ConfigError)):
             metrics.requests.labels("invalid").inc()
@@ -195,11 +201,7 @@ def create_app(engines_dir: Path, settings: ServeSettings = ServeSettings(), *,
 
     schedule_lock = threading.Lock()  # one dp:K template trajectory at a time
 
-    async def resolve_body(engines, body):
-        """The body -> the one request record (its checks word their errors with the API's field names)."""
-        given = RequestInput(classes=(classes.resolve(body.class_, API.classes),), num=body.num, seed=body.seed,
-                             steps=body.steps, cfg=body.cfg, schedule=body.schedule, interval=body.interval,
-                             timeshift=body.timeshift, solver=body.solver, forecast=body.forecast, plan=body.plan)
+    async def resolve_one(engines, given: RequestInput):
         request = resolve(cfg, given, API, lookup(engines_dir, manifest, API.plan))
         if request.schedule.kind != "dp":
             return resolve_schedule(request, engines, log.info)
@@ -210,11 +212,25 @@ def create_app(engines_dir: Path, settings: ServeSettings = ServeSettings(), *,
 
         return await asyncio.to_thread(locked)
 
+    async def resolve_body(engines, body):
+        """The body -> the one request record (its checks word their errors with the API's field names) and its
+        serving terms: priority, deadline, and the frontier plans within its dFID budget, resolved with its class,
+        num, seed and cfg."""
+        t, names = body_terms(body, frontier)
+        label = (classes.resolve(body.class_, API.classes),)
+        given = RequestInput(classes=label, num=body.num, seed=body.seed, steps=body.steps,
+                             cfg=body.cfg, schedule=body.schedule, interval=body.interval, timeshift=body.timeshift,
+                             solver=body.solver, forecast=body.forecast, plan=body.plan)
+        request = await resolve_one(engines, given)
+        options = [(n, await resolve_one(engines, option_input(body, label, n))) for n in names]
+        return request, terms_for(t, body, request, options, plans)
+
     def payload(ticket: Ticket, outcome: Outcome) -> dict:
-        spec = ticket.spec
+        spec = ticket.request.sample  # what it ran: the plan it was moved to, if it was
         s, label = spec.sampler, int(spec.labels[0])
         return {"id": ticket.id, "images": [base64.b64encode(png_bytes(im)).decode() for im in outcome.images],
-                "labels": spec.labels.tolist(), "batching": settings.batching, "timings": outcome.timings,
+                "labels": spec.labels.tolist(), "batching": app.state.levels.policy, "timings": outcome.timings,
+                "served": served(ticket.request),
                 "settings": {"class": label, "class_name": classes.labels[label], "num": spec.num,
                              "seed": spec.seed, "steps": s.num_steps, "cfg": s.guidance,
                              "schedule": str(spec.schedule), "recompute_steps": list(spec.recompute),
@@ -239,7 +255,9 @@ def create_app(engines_dir: Path, settings: ServeSettings = ServeSettings(), *,
 
     async def stream(ticket: Ticket, service: Service):
         try:
-            yield _sse("queued", {"id": ticket.id, "waiting": len(service.engine.scheduler.waiting)})
+            req = ticket.request
+            yield _sse("queued", {"id": ticket.id, "waiting": len(service.engine.scheduler.waiting), "plan": req.plan,
+                                  "fid_delta": req.dfid})
             while True:
                 kind, data = await ticket.events.get()
                 if kind == "progress":
@@ -265,8 +283,8 @@ def create_app(engines_dir: Path, settings: ServeSettings = ServeSettings(), *,
         service: Service = request.app.state.service
         if service.draining:
             raise ShuttingDown("server", "accepting requests", "shutting down (SIGTERM)")
-        spec = await resolve_body(request.app.state.engines, body)
-        ticket = service.submit(spec, stream=body.stream)
+        spec, terms = await resolve_body(request.app.state.engines, body)
+        ticket = service.submit(spec, stream=body.stream, terms=terms)
         if body.stream:
             return StreamingResponse(stream(ticket, service), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
@@ -282,8 +300,10 @@ def create_app(engines_dir: Path, settings: ServeSettings = ServeSettings(), *,
         """The model, its class names in id order, the request defaults and limits, the batching policy."""
         engines = request.app.state.engines
         side, channels = manifest.dims.image
+        levels = request.app.state.levels
         return {"model": cfg.name, "precision": manifest.precision, "backend": engines.backend_name,
-                "batching": settings.batching, "row_budget": engines.max_batch,
+                "batching": levels.policy, **levels.info(settings.slo_scale), "adapt": settings.adapt,
+                "row_budget": engines.max_batch,
                 "image": {"side": side, "channels": channels}, "classes": classes.labels, "defaults": defaults,
                 "limits": {"max_images": lim.max_images, "max_steps": lim.max_steps,
                            "num_classes": lim.num_classes},

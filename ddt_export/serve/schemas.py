@@ -45,6 +45,11 @@ def expectations(lim: Limits) -> dict[str, str]:
         "plan": "the name of a plan stored with the engines (GET /v1/info lists them); fixes steps, solver, "
                 "forecast, schedule, timeshift and interval",
         "stream": "true or false (true: Server-Sent Events, progress per step, then the result)",
+        "deadline_ms": EXPECTED["deadline_ms"],
+        "max_fid_delta": EXPECTED["max_fid_delta"],
+        "quality": EXPECTED["quality"],
+        "priority": EXPECTED["priority"] + " (admission order; under load, low ones are moved to cheaper plans "
+                                           "first)",
     }
 
 
@@ -76,6 +81,10 @@ def request_model(lim: Limits, defaults: dict) -> type[BaseModel]:
         "forecast": (Optional[int], Field(None, ge=0, le=2, description=say["forecast"])),
         "plan": (Optional[str], Field(None, max_length=MAX_NAME, description=say["plan"], examples=["fast"])),
         "stream": (bool, Field(False, description=say["stream"])),
+        "deadline_ms": (Optional[float], Field(None, gt=0.0, description=say["deadline_ms"], examples=[2000])),
+        "max_fid_delta": (Optional[float], Field(None, ge=0.0, description=say["max_fid_delta"], examples=[2.0])),
+        "quality": (Optional[Literal["exact", "adaptive"]], Field(None, description=say["quality"])),
+        "priority": (Optional[Literal["low", "normal", "high"]], Field(None, description=say["priority"])),
     }
     model = create_model("GenerateRequest", __config__=ConfigDict(**STRICT, populate_by_name=False,
                                                                   title="GenerateRequest"), **fields)
@@ -109,13 +118,31 @@ class Timings(BaseModel):
     total_s: float = Field(description="arrival to answer, inside the server")
 
 
+class Slo(BaseModel):
+    target_s: Optional[float] = Field(description="its SLO: deadline_ms, else --slo-scale x its solo latency")
+    solo_s: Optional[float] = Field(description="the predicted solo latency of the plan asked for (the cost curve)")
+    met: Optional[bool] = Field(description="answered within target_s (arrival to images ready, in the server)")
+    priority: str
+
+
+class Served(BaseModel):
+    plan: Optional[str] = Field(description="the stored plan it ran (null: the settings it gave)")
+    fid_delta: Optional[float] = Field(description="that plan's measured dFID (0 for the model's own sampler; "
+                                       "null: unknown)")
+    degraded: bool = Field(description="moved to a cheaper plan within its budget, to meet its SLO under load")
+    asked_plan: Optional[str] = Field(description="the plan it asked for")
+    switched_at_step: Optional[int] = Field(description="the step boundary of the move (0: before its first step)")
+    slo: Slo
+
+
 class GenerateResponse(BaseModel):
     id: str
     images: list[str] = Field(description="base64 PNGs, one per image, at the model's resolution")
     labels: list[int]
-    settings: Settings
+    settings: Settings = Field(description="what it ran (the plan it was moved to, if moved)")
     timings: Timings
-    batching: str = Field(description="the server's policy: step | request | single")
+    served: Served
+    batching: str = Field(description="the server's policy: step | fair | request | single (auto: the one chosen)")
 
 
 class ErrorResponse(BaseModel):
@@ -136,6 +163,17 @@ class Info(BaseModel):
     plans: list[dict[str, Any]] = Field(description="the plans stored with the engines (`ddt-export tune`): name, "
                                         "settings, what they were measured to cost")
     plans_refused: dict[str, str] = Field(description="plans in the folder that cannot be used here, and why")
+    batching_asked: str = Field(description="--batching as given (auto: `batching` is the simulator's choice)")
+    batching_choice: Optional[dict[str, Any]] = Field(description="auto: each step-level policy's simulated SLO "
+                                                      "attainment and p99 slowdown on the cost curve")
+    slo_scale: float
+    adapt: str = Field(description="where a late request that allows a trade goes: cheapest | least-dfid (--adapt)")
+    cost_curve: dict[str, Any] = Field(description="seconds per graph call by rows, fitted at start-up or read")
+    frontier: list[dict[str, Any]] = Field(description="the plans a request may be moved to under load (measured "
+                                           "dFID), least dFID first")
+    adaptive_budget: Optional[float] = Field(description="quality: adaptive = max_fid_delta of the fast plan's dFID")
+    frontier_note: Optional[str] = Field(description="why there is no frontier, when there is none")
+    priorities: list[str]
 
 
 class Health(BaseModel):

@@ -21,6 +21,7 @@ import numpy as np
 from ..core.errors import DDTExportError
 from ..runtime.batching.engine import Engine, Iteration
 from ..runtime.batching.scheduler import Request, Status
+from ..runtime.batching.slo import Terms
 from ..runtime.sampling.request import SampleRequest
 from .metrics import Metrics
 
@@ -53,9 +54,11 @@ class Ticket:
     request: Request | None = None
     id: str = ""
 
-    def progress(self, step: int, total: int) -> None:
+    def progress(self, step: int, req: Request) -> None:
+        """A step done: the step, the steps of the plan it runs (a move to another plan changes them), the plan."""
         if self.events is not None:
-            self.events.put_nowait(("progress", {"step": step, "steps": total}))
+            self.events.put_nowait(("progress", {"step": step, "steps": req.total_steps, "plan": req.plan,
+                                                 "fid_delta": req.dfid}))
 
     def end(self, outcome: Outcome) -> None:
         if not self.future.done():
@@ -80,14 +83,15 @@ class Service:
 
     # ----------------------------------------------------------------------------------------- handlers' side
 
-    def submit(self, spec: SampleRequest, stream: bool = False) -> Ticket:
-        """Queue a resolved request (QueueFull, ShuttingDown, InputError raise here, before anything is held)."""
+    def submit(self, spec: SampleRequest, stream: bool = False, terms: Terms = Terms()) -> Ticket:
+        """Queue a resolved request with its service terms (QueueFull and SloUnreachable, ShuttingDown,
+        InputError raise here, before anything is held)."""
         if self.draining:
             raise ShuttingDown("server", "accepting requests", "shutting down (SIGTERM): finishing the requests "
                                "it holds")
         loop = asyncio.get_running_loop()
         ticket = Ticket(spec, loop.create_future(), asyncio.Queue() if stream else None)
-        ticket.request = self.engine.submit(spec, context=ticket)
+        ticket.request = self.engine.submit(spec, context=ticket, terms=terms)
         ticket.id = f"req-{ticket.request.id}"
         self._held.add(ticket)
         self.metrics.waiting.set(len(self.engine.scheduler.waiting))
@@ -179,7 +183,7 @@ class Service:
             m.iteration_rows.labels("vae_decoder").observe(res.vae_rows)
         for req in it.stepped:
             if req.status in (Status.RUNNING, Status.DONE):
-                req.context.progress(req.done_steps, req.total_steps)
+                req.context.progress(req.done_steps, req)
         for req in it.finished:
             self._answer(req)
         m.waiting.set(len(self.engine.scheduler.waiting))
@@ -203,4 +207,12 @@ class Service:
         if req.status is Status.DONE:
             self.metrics.request_seconds.observe(timings["total_s"])
             self.metrics.images.inc(req.num)
+            if req.dfid is not None:
+                self.metrics.served_fid_delta.observe(req.dfid)
+            if req.degraded:
+                self.metrics.degraded.inc()
+        if req.slo_met:
+            self.metrics.met()
+        elif req.slo_met is False:
+            self.metrics.slo_missed.inc()
         ticket.end(Outcome(req.status, images, req.error, timings))

@@ -11,14 +11,17 @@ from pathlib import Path
 from typing import Optional
 
 from ..core.errors import ConfigError
-from ..runtime.batching.scheduler import check_policy
+from ..runtime.batching.scheduler import POLICIES
+from ..runtime.batching.slo import ADAPT, CHEAPEST, SLO_SCALE
 from ..runtime.graphs.backends import CHOICES as BACKENDS
 
 MAX_QUEUE = 64  # waiting requests before 503
 MAX_STEPS = 1000  # steps per request
 MAX_DELAY_MS = 10.0  # --batching request: how long the oldest waiting request waits for company
 CFG_ROWS = 2  # rows per image while guidance is on
-BATCHING = "step"
+AUTO = "auto"  # --batching auto: the policy the simulator predicts best for the cost curve fitted at start-up
+BATCHING = AUTO
+BATCHINGS = (AUTO, *POLICIES)
 LOOPBACK = "127.0.0.1"
 PORT = 8000
 LOG_LEVEL = "warning"
@@ -29,7 +32,7 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvico
 class ServeSettings:
     """What the app needs besides the engine folder."""
 
-    batching: str = BATCHING  # step | fair | request | single (runtime.batching.POLICIES)
+    batching: str = BATCHING  # auto | step | fair | request | single (runtime.batching.POLICIES)
     max_delay_ms: float = MAX_DELAY_MS
     max_queue: int = MAX_QUEUE
     max_images_per_request: Optional[int] = None  # None: batch.max / CFG_ROWS
@@ -37,9 +40,21 @@ class ServeSettings:
     class_names: Optional[Path] = None  # None: the classes are named by their ids
     backend: str = "auto"
     trace: Optional[Path] = None  # a JSON line per iteration: start, seconds, requests, rows (load benchmark)
+    slo_scale: float = SLO_SCALE  # a request's SLO: this many times its predicted solo latency
+    cost_curve: Optional[Path] = None  # a stored cost curve instead of the timed calls at start-up
+    adapt: str = CHEAPEST  # where a late request that allows a trade goes: cheapest | least-dfid
 
     def __post_init__(self):
-        check_policy(self.batching)
+        if self.batching not in BATCHINGS:
+            raise ConfigError("--batching", " | ".join(BATCHINGS), self.batching)
+        if isinstance(self.slo_scale, bool) or not isinstance(self.slo_scale, (int, float)) or not (
+                math.isfinite(self.slo_scale) and self.slo_scale >= 1):
+            raise ConfigError("--slo-scale", "a finite number >= 1 (the SLO: latency <= this x the predicted solo "
+                              "latency)", self.slo_scale)
+        if self.adapt not in ADAPT:
+            raise ConfigError("--adapt", " | ".join(ADAPT), self.adapt)
+        if self.cost_curve is not None and not Path(self.cost_curve).is_file():
+            raise ConfigError("--cost-curve", "a cost-curve JSON file", str(self.cost_curve))
         if not self.max_queue >= 1:
             raise ConfigError("--max-queue", ">= 1", self.max_queue)
         if self.max_images_per_request is not None and not self.max_images_per_request >= 1:

@@ -20,6 +20,7 @@ from typing import Any, Callable, Protocol
 
 from ..sampling.request import SampleRequest
 from .scheduler import Request, RunnerOutput, Scheduler, SchedulerOutput
+from .slo import Terms
 
 
 class Executor(Protocol):
@@ -47,10 +48,12 @@ class Engine:
         self.scheduler, self.executor, self.clock = scheduler, executor, clock
         self._lock = threading.Lock()
 
-    def submit(self, sample: SampleRequest, context: Any = None, arrival: float | None = None) -> Request:
-        """Queue a resolved request (`arrival`: default now). Raises QueueFull / InputError before holding it."""
+    def submit(self, sample: SampleRequest, context: Any = None, arrival: float | None = None,
+               terms: Terms = Terms()) -> Request:
+        """Queue a resolved request (`arrival`: default now) with its service terms (priority, deadline, the
+        plans it may be moved to). Raises QueueFull (SloUnreachable) / InputError before holding it."""
         with self._lock:
-            return self.scheduler.submit(sample, self.clock() if arrival is None else arrival, context)
+            return self.scheduler.submit(sample, self.clock() if arrival is None else arrival, context, terms)
 
     def cancel(self, req: Request) -> bool:
         """True when the request is finished now (it was waiting); else it leaves at the next step boundary."""

@@ -4,6 +4,8 @@ It holds the numerics of every running request (a `sampling.step.Rows` per reque
 last encoder state, the step noise) and nothing else; statuses are the scheduler's. Per iteration:
 1. drop the rows of the requests that left (`out.freed`), start the rows of the admitted (`out.new`): the
    initial latents and step noise of samples 0..num-1 of the request's seed, from the one noise function;
+   a request moved to another plan (`out.switched`, at a boundary where the two plans share every step so far)
+   keeps its state and goes on under the new plan's sampler;
 2. one step of every request of the batch, each at its own step, with the one step function
    (`sampling.step.run_step`: one encoder call, one decoder call, the CFG combine and update rule per request);
 3. one batched VAE call over the requests that took their last step (the latents themselves where the folder
@@ -48,6 +50,8 @@ class ModelRunner:
         shape = self.engines.config.model.latent_shape
         for rid, req in out.new:
             self.rows[rid] = start_rows(req.sampler, req.labels, req.seed, range(req.num), shape)
+        for rid, req in out.switched:  # moved to another plan at a sound boundary: same state, the new sampler
+            self.rows[rid].sampler = req.sampler
         if not out.batch:
             return RunnerOutput()
         t0 = self.clock()

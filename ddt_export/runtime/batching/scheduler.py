@@ -27,46 +27,54 @@ Policies (`POLICIES`):
   admitting anyone else; a member that finishes early still answers at once (the stronger baseline).
 - `single`: one request at a time (the official demo's behaviour).
 
+Every policy admits in priority order (high, normal, low; first come first served within one), so a waiting
+request never passes one of a higher priority.
+
+Service levels (`slo.py`; with an `SloModel`: the cost curve and --slo-scale). At submission each request gets
+its SLO (`due`: --slo-scale x its predicted solo latency, or its deadline). A request that allows a quality
+trade carries options (the frontier of stored plans within its dFID budget); the scheduler projects when it
+will finish (`project`: this scheduler's own policy run forward on the cost curve with no further arrivals,
+the simulator's model) and, when it would miss, moves it to its cheapest option (or, `SloModel.adapt`
+least-dfid, the one of least dFID that meets its SLO) (`_plan`), lowest priority first. It does so at
+submission (none meets: `SloUnreachable`, a 503), at admission, and for a running request at a step boundary
+where the move is sound (`sampling.step.switch_point`: the plans share every step so far, so its images are
+exactly the new plan's). A request that allows no trade is never moved.
+
 A request reserves its peak rows while it runs: num x 2 if any of its steps needs the unconditional half
 (a guided step, or a recompute step whose state a guided step reuses), else num. The budget is the engines'
 batch.max, so no graph call is ever split.
 """
 from __future__ import annotations
 
-import enum
+import dataclasses
+import functools
 import itertools
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Sequence
 
-import numpy as np
-
-from ...core.errors import DDTExportError, InputError
+from ...core.errors import InputError
 from ..sampling.plan import Step, peak_rows, plan_steps, step_rows
 from ..sampling.request import SampleRequest
+from ..sampling.step import switch_point
+from .costs import CostCurve, solo_seconds
+from .requests import (TRANSITIONS, QueueFull, Request, RunnerOutput, SchedulerOutput, SloUnreachable,  # noqa: F401
+                       Status)
+from .slo import CHEAPEST, SLO_SCALE, Option, Terms, frontier
 
 POLICIES = ("step", "fair", "request", "single")
 STEP_LEVEL = ("step", "fair")  # policies that admit at every step boundary
 
 
-class Status(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def finished(self) -> bool:
-        return self in (Status.DONE, Status.FAILED, Status.CANCELLED)
+@functools.lru_cache(maxsize=512)
+def _steps(sampler, recompute: tuple[int, ...]) -> tuple[Step, ...]:
+    return tuple(plan_steps(sampler, recompute))
 
 
-TRANSITIONS = {Status.WAITING: {Status.RUNNING, Status.CANCELLED},
-               Status.RUNNING: {Status.DONE, Status.FAILED, Status.CANCELLED}}
-
-
-class QueueFull(DDTExportError):
-    """The waiting queue holds `max_queue` requests: come back later (HTTP 503 with Retry-After)."""
+def planned(sample: SampleRequest) -> Sequence[Step]:
+    """The request's plan (`sampling.plan.plan_steps`), computed once per sampler and schedule: the simulator
+    and the plan options submit the same few over and over."""
+    return _steps(sample.sampler, tuple(sample.recompute))
 
 
 def check_policy(policy: str, field: str = "--batching") -> str:
@@ -76,79 +84,33 @@ def check_policy(policy: str, field: str = "--batching") -> str:
     return policy
 
 
-@dataclass(eq=False)
-class Request:
-    """One request in the scheduler. Only the scheduler changes it; `context` is whatever the caller attaches
-    (the server's ticket), `images` the result once done ((num, H, W, C) uint8; None in simulation)."""
-
-    id: int
-    sample: SampleRequest  # resolved: labels, seed, sampler, recompute steps
-    steps: list[Step]  # its plan, one entry per sampling step
-    rows: int  # peak rows, reserved while running
-    arrival: float
-    admitted: float | None = None
-    sampled: float | None = None  # when its last step finished (before the VAE call)
-    ended: float | None = None  # when it finished (done, failed or cancelled)
-    done_steps: int = 0
-    status: Status = Status.WAITING
-    error: Exception | None = None
-    cancel_requested: bool = False
-    credit: int = 0  # the `fair` policy's deficit counter, in rows
-    images: np.ndarray | None = None
-    context: Any = None
-
-    @property
-    def num(self) -> int:
-        return self.sample.num
-
-    @property
-    def total_steps(self) -> int:
-        return len(self.steps)
-
-    @property
-    def current(self) -> Step:
-        return self.steps[self.done_steps]
-
-
 @dataclass(frozen=True)
-class SchedulerOutput:
-    """One iteration, as plain data: what the model runner needs and nothing it could change."""
+class SloModel:
+    """What the scheduler needs for service levels: the per-call cost curve (the server fits it at start-up),
+    the SLO's multiple of the solo latency, and where a late request goes (`slo.ADAPT`): `cheapest`, the cheapest
+    option within its budget (the issue's rule); `least-dfid`, the option of least dFID that meets its SLO."""
 
-    new: tuple[tuple[int, SampleRequest], ...] = ()  # admitted at this boundary: the runner starts their rows
-    batch: tuple[tuple[int, Step], ...] = ()  # who steps this iteration, and at which step
-    freed: tuple[int, ...] = ()  # left without finishing their steps (cancelled): the runner drops their rows
-    encoder_rows: int = 0
-    decoder_rows: int = 0
-
-    @property
-    def empty(self) -> bool:
-        return not (self.batch or self.freed or self.new)
-
-
-@dataclass(frozen=True)
-class RunnerOutput:
-    """What one iteration's model step did: the requests that failed (by id), the images of those that finished
-    their last step, and how long the graph calls took (measured by the runner, modelled by the simulator)."""
-
-    failed: dict[int, Exception] = field(default_factory=dict)
-    images: dict[int, Any] = field(default_factory=dict)  # id -> (num, H, W, C) uint8 (None in simulation)
-    step_s: float = 0.0
-    vae_s: float = 0.0
-    vae_rows: int = 0
+    curve: CostCurve
+    scale: float = SLO_SCALE
+    adapt: str = CHEAPEST
 
 
 class Scheduler:
     """The waiting queue and the running set; decides each iteration's batch and applies its result. Not
     thread-safe: its one caller (`engine.Engine`) serializes the calls."""
 
-    def __init__(self, row_budget: int, policy: str = "step", max_delay: float = 0.0, max_queue: int = 64):
+    def __init__(self, row_budget: int, policy: str = "step", max_delay: float = 0.0, max_queue: int = 64,
+                 slo: SloModel | None = None):
         assert row_budget >= 1 and max_queue >= 1 and max_delay >= 0, (row_budget, max_queue, max_delay)
         self.row_budget, self.policy, self.max_delay, self.max_queue = row_budget, check_policy(policy), \
             max_delay, max_queue
-        self.waiting: deque[Request] = deque()
+        self.slo = slo
+        self.waiting: deque[Request] = deque()  # in admission order: priority, then arrival
         self.running: dict[int, Request] = {}  # in admission order
         self._leaving: list[Request] = []  # retired by `schedule`, reported by the next `update`
+        self._switched: list[Request] = []  # running requests moved to another plan since the last `schedule`
         self._ids = itertools.count()
+        self._epoch = 0  # counts submissions and finishes: a running request's SLO is checked again after one
 
     def _move(self, req: Request, status: Status, now: float, error: Exception | None = None) -> None:
         """The one place a status changes."""
@@ -157,15 +119,34 @@ class Scheduler:
         req.status = status
         if status is Status.RUNNING:
             req.admitted = now
-        else:
-            req.ended, req.error = now, error
+            return
+        req.ended, req.error = now, error
+        if req.due is not None and status is not Status.CANCELLED:
+            req.slo_met = status is Status.DONE and now <= req.due
+        self._epoch += 1
+
+    def _switch(self, req: Request, k: int) -> None:
+        """The one place a request's plan changes: to option k (`_plan` decides; sound where it runs)."""
+        if k == req.option:
+            return
+        if req.status is Status.RUNNING:
+            assert req.done_steps <= self._shared(req, k), f"request {req.id}: unsound switch"
+            self._switched.append(req)
+        self._try(req, k)
+        req.switched_at = req.done_steps if k != 0 else None
+
+    def _try(self, req: Request, k: int) -> None:
+        """req on option k for a projection only (`_plan` then records the move that stays through `_switch`)."""
+        steps, rows = req.plans[k]
+        req.option, req.sample, req.steps, req.rows = k, req.options[k].sample, steps, rows
 
     # ------------------------------------------------------------------------------------------- admission
 
-    def submit(self, sample: SampleRequest, now: float, context: Any = None) -> Request:
-        """Queue a resolved request; QueueFull when `max_queue` are waiting, InputError when it can never fit."""
+    def submit(self, sample: SampleRequest, now: float, context: Any = None, terms: Terms = Terms()) -> Request:
+        """Queue a resolved request; QueueFull when `max_queue` are waiting, InputError when it can never fit,
+        SloUnreachable when it allows a trade and no plan within its budget meets its SLO."""
         assert sample.recompute is not None, "resolve the request's schedule first"
-        steps = plan_steps(sample.sampler, sample.recompute)
+        steps = planned(sample)
         rows = peak_rows(steps, sample.num)
         if rows > self.row_budget:
             per = rows // sample.num
@@ -174,9 +155,57 @@ class Scheduler:
         if len(self.waiting) >= self.max_queue:
             raise QueueFull("queue", f"fewer than {self.max_queue} waiting requests (--max-queue)",
                             f"{len(self.waiting)} waiting")
-        req = Request(next(self._ids), sample, steps, rows, now, context=context)
-        self.waiting.append(req)
+        asked = Option(sample.plan, sample, terms.dfid)
+        req = Request(next(self._ids), sample, steps, rows, now, terms.priority, asked, context=context)
+        if self.slo is not None:
+            req.solo_s = solo_seconds(self.slo.curve, steps, sample.num)
+            req.due = now + (terms.deadline_s if terms.deadline_s is not None else self.slo.scale * req.solo_s)
+            if terms.adaptive:
+                req.adaptive = True
+                req.options, req.plans = self._options(asked, (steps, rows), req.solo_s, terms.options)
+        at = next((i for i, r in enumerate(self.waiting) if r.priority < req.priority), len(self.waiting))
+        self.waiting.insert(at, req)
+        self._epoch += 1
+        moved = self._make_room(req, now) if self.slo is not None else []
+        if req.adaptive:
+            met, finish = self._plan(req, now)
+            if not met:
+                self.waiting.remove(req)
+                for r in moved:  # the room was for nothing: each planned for its own SLO again
+                    self._plan(r, now)
+                raise SloUnreachable("latency", f"<= {req.due - req.arrival:.3f} s (its SLO) on a plan within its "
+                                     "budget", f"{finish - req.arrival:.3f} s projected on the fastest "
+                                     f"({req.plan or 'as asked'})")
         return req
+
+    def _make_room(self, req: Request, now: float) -> list[Request]:
+        """Low degrades first: while a newcomer is projected to miss its SLO on the plan it asked for, move the
+        requests of a lower priority that allow a trade (lowest first, the latest first) to their fastest option.
+        Returns those moved."""
+        lower = [r for r in (*self.waiting, *self.running.values())
+                 if r.priority < req.priority and len(r.options) > 1 and not r.cancel_requested]
+        if not lower or self.project(now, req) <= req.due:
+            return []
+        moved = []
+        for r in sorted(lower, key=lambda r: (r.priority, -r.arrival)):
+            k = self._movable(r)[-1]
+            if k != r.option:
+                self._switch(r, k)
+                moved.append(r)
+                if self.project(now, req) <= req.due:
+                    break
+        return moved
+
+    def _options(self, asked: Option, plan, asked_s: float, given: tuple[Option, ...]):
+        """(options, their (steps, rows)): the plan asked for, then the frontier of the given ones that fit."""
+        plans, cost = [], []
+        for o in given:
+            steps = planned(o.sample)
+            plans.append((steps, peak_rows(steps, o.sample.num)))
+            cost.append(solo_seconds(self.slo.curve, steps, o.sample.num) if plans[-1][1] <= self.row_budget
+                        else float("inf"))
+        keep = frontier(given, cost, asked_s)
+        return (asked, *(given[i] for i in keep)), (plan, *(plans[i] for i in keep))
 
     def cancel(self, req: Request, now: float) -> bool:
         """A waiting request leaves the queue now (True: it is finished); a running one leaves the batch at the
@@ -194,7 +223,7 @@ class Scheduler:
         return sum(r.rows for r in self.running.values())
 
     def _group(self) -> list[Request]:
-        """The longest first-come-first-served prefix of the queue that fits the free rows."""
+        """The longest prefix of the queue (in admission order) that fits the free rows."""
         free, group = self.row_budget - self.used_rows, []
         limit = 1 if self.policy == "single" else len(self.waiting)
         for req in itertools.islice(self.waiting, limit):
@@ -205,7 +234,8 @@ class Scheduler:
         return group
 
     def _admit(self, now: float) -> list[Request]:
-        """Move waiting requests into the running set, as the policy allows at this step boundary."""
+        """Move waiting requests into the running set, as the policy allows at this step boundary; those that
+        allow a trade get their plan for the load of this moment first, lowest priority first."""
         if not self.waiting or (self.policy not in STEP_LEVEL and self.running):
             return []
         group = self._group()
@@ -213,6 +243,11 @@ class Scheduler:
             full = len(group) < len(self.waiting) or sum(r.rows for r in group) == self.row_budget
             if not full and now < self.waiting[0].arrival + self.max_delay:
                 return []  # the window is open: wait for more (see `wakeup`)
+        movable = [r for r in group if len(r.options) > 1] if self.slo is not None else []
+        if movable:
+            for req in sorted(movable, key=lambda r: (r.priority, -r.arrival)):
+                self._plan(req, now)
+            group = self._group()  # their plans may take other rows
         for req in group:
             self.waiting.popleft()
             self._move(req, Status.RUNNING, now)
@@ -225,17 +260,109 @@ class Scheduler:
             return self.waiting[0].arrival + self.max_delay
         return None
 
+    # ------------------------------------------------------------------------------------------- service levels
+
+    def _shared(self, req: Request, k: int) -> int:
+        """The last step boundary at which req can move from the plan it runs to option k."""
+        if k == req.option:
+            return len(req.steps)
+        return switch_point(req.steps, req.sample.sampler, req.plans[k][0], req.options[k].sample.sampler)
+
+    def _movable(self, req: Request) -> list[int]:
+        """The options req can run from now on (its own included): any while waiting; while running, those
+        whose move is sound at this boundary and whose rows fit beside the others'."""
+        if req.status is Status.WAITING:
+            return list(range(len(req.options)))
+        free = self.row_budget - self.used_rows + req.rows
+        return [k for k in range(len(req.options))
+                if req.plans[k][1] <= free and req.done_steps <= self._shared(req, k)]
+
+    def _plan(self, req: Request, now: float) -> tuple[bool, float]:
+        """Among the options req can move to now (waiting: any; running: where the move is sound and its rows
+        fit), give it the first whose projected completion meets its SLO without making a request of a higher
+        priority miss one it meets when req runs its fastest option: its own plan (the least dFID) if that does,
+        else the cheapest (`adapt` cheapest) or the next by dFID (`adapt` least-dfid); none: the fastest.
+        (met, its projected completion)."""
+        movable = self._movable(req)
+        start, fastest = req.option, movable[-1]
+        above = [r for r in (*self.waiting, *self.running.values()) if r.priority > req.priority]
+        if above:  # those it must not push past their SLO
+            self._try(req, fastest)
+            at = self.finishes(now, above)
+            above = [r for r in above if at[r.id] <= r.due]
+        met, finish = False, float("inf")
+        order = movable if self.slo.adapt != CHEAPEST else list(dict.fromkeys((movable[0], fastest)))
+        for k in order:
+            self._try(req, k)
+            at = self.finishes(now, [req, *above])
+            finish = at[req.id]
+            if finish <= req.due and all(at[r.id] <= r.due for r in above):
+                met = True
+                break
+        self._try(req, start)  # back to where it was: the move that stays is recorded once
+        self._switch(req, k if met else fastest)
+        return met, finish
+
+    def _check_running(self, now: float) -> None:
+        """Running requests that allow a trade, projected to miss their SLO, with a sound move at this boundary:
+        re-planned, lowest priority first (checked again only after a submission or a finish)."""
+        due = []
+        for req in self.running.values():
+            if len(req.options) < 2 or req.checked == self._epoch or req.cancel_requested:
+                continue
+            req.checked = self._epoch
+            if any(k != req.option and req.done_steps <= self._shared(req, k) for k in range(len(req.options))):
+                due.append(req)
+        for req in sorted(due, key=lambda r: (r.priority, -r.arrival)):
+            if self.project(now, req) > req.due:
+                self._plan(req, now)
+
+    def project(self, now: float, req: Request) -> float:
+        """When req finishes if nothing else arrives (`finishes`)."""
+        return self.finishes(now, [req])[req.id]
+
+    def finishes(self, now: float, reqs: Sequence[Request]) -> dict[int, float]:
+        """When each of reqs finishes if nothing else arrives: a copy of this scheduler (its policy, queue, running
+        set, credits) run forward on the cost curve, iteration by iteration, as the simulator runs the engine,
+        until they are all done (inf for one not in the system)."""
+        twin = Scheduler(self.row_budget, self.policy, self.max_delay, 1 << 30)
+        copy = {r.id: dataclasses.replace(r, context=None, images=None) for r in (*self.waiting,
+                                                                                 *self.running.values())}
+        twin.waiting = deque(copy[r.id] for r in self.waiting)
+        twin.running = {rid: copy[rid] for rid in self.running}
+        curve, t = self.slo.curve, now
+        out_at = {r.id: float("inf") for r in reqs}
+        left = {r.id for r in reqs if r.id in copy}
+        while left:
+            out = twin.schedule(t)
+            if out.empty:
+                wake = twin.wakeup()
+                assert wake is not None and wake > t, "a projection that cannot advance"
+                t = wake
+                continue
+            if out.batch:  # as `simulate.SimulatedRunner`: the iteration, then the VAE call of those finishing
+                t += curve.iteration(len(out.batch), out.encoder_rows, out.decoder_rows)
+                t += curve.call("vae_decoder", sum(twin.running[rid].num for rid, st in out.batch if st.last))
+            for r in twin.update(out, RunnerOutput(), t):
+                if r.id in left:
+                    out_at[r.id] = t
+                    left.discard(r.id)
+        return out_at
+
     # ------------------------------------------------------------------------------------------- the iteration
 
     def schedule(self, now: float) -> SchedulerOutput:
-        """This iteration: retire the cancelled, admit, then every running request at its current step (`fair`:
-        those whose credit covers their rows; calling it spends the credits)."""
+        """This iteration: retire the cancelled, re-plan the running that would miss their SLO where a move is
+        sound, admit, then every running request at its current step (`fair`: those whose credit covers their
+        rows; calling it spends the credits)."""
         freed = []
         for req in [r for r in self.running.values() if r.cancel_requested]:
             del self.running[req.id]
             self._move(req, Status.CANCELLED, now)
             self._leaving.append(req)
             freed.append(req.id)
+        if self.slo is not None:
+            self._check_running(now)
         new = self._admit(now)
         quantum = min((r.rows for r in self.running.values()), default=0)
         batch, enc_rows, dec_rows = [], 0, 0
@@ -249,7 +376,10 @@ class Scheduler:
             enc, dec = step_rows(st, req.num)
             batch.append((req.id, st))
             enc_rows, dec_rows = enc_rows + enc, dec_rows + dec
-        return SchedulerOutput(tuple((r.id, r.sample) for r in new), tuple(batch), tuple(freed), enc_rows, dec_rows)
+        switched = tuple((r.id, r.sample) for r in dict.fromkeys(self._switched) if r.status is Status.RUNNING)
+        self._switched = []
+        return SchedulerOutput(tuple((r.id, r.sample) for r in new), tuple(batch), tuple(freed), enc_rows, dec_rows,
+                               switched)
 
     def update(self, out: SchedulerOutput, res: RunnerOutput, now: float) -> list[Request]:
         """Apply the model step's result: each request of the batch did its step, or failed; a request whose

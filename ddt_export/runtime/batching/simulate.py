@@ -5,55 +5,26 @@ vLLM-style schedulers.)
 An iteration costs encoder(rows) + decoder(rows) + the host's per-iteration and per-request overheads; the
 requests that take their last step pay one vae_decoder(rows) call; each answered request adds a fixed
 `request_s` (HTTP, PNG encoding) to its latency. Arrivals during an iteration join at the next step boundary,
-as in the server.
+as in the server. Each arrival carries its service terms (priority, deadline, the plans it may be moved to:
+`slo.Terms`), so the simulator runs SLO accounting and load-adaptive plans exactly as the server does, and
+reports what the load benchmark measures (`report.summarize`: throughput, goodput, SLO attainment, p50/p99,
+503s, mean dFID served). The curve can be any: fitted on this machine, `gpu_like_curve`, or read from a
+gpu_check.json (`costs.read_curve`).
+
+    res = simulate([Arrival(0.0, spec, 0, Terms(options=...))], curve, 64, "fair")
+    res.summary()
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Sequence
 
-import numpy as np
-
 from ..sampling.request import SampleRequest
+from .costs import CostCurve  # noqa: F401  (where the benchmarks import it from)
 from .engine import Engine
-from .scheduler import QueueFull, RunnerOutput, Scheduler, SchedulerOutput
-
-
-@dataclass(frozen=True)
-class CostCurve:
-    """Seconds per graph call by rows: piecewise linear between the (rows, seconds) points, extrapolated
-    linearly past the last two; plus the host's overheads."""
-
-    encoder: tuple[tuple[int, float], ...]
-    decoder: tuple[tuple[int, float], ...]
-    vae_decoder: tuple[tuple[int, float], ...] = ((1, 0.0), (2, 0.0))
-    iteration_s: float = 0.0  # per iteration: the loop, the thread hand-off
-    request_step_s: float = 0.0  # per request per iteration: CFG combine, Euler step, slicing
-    request_s: float = 0.0  # per answered request, outside the loop: HTTP, JSON, PNGs
-    note: str = ""
-
-    def call(self, graph: str, rows: int) -> float:
-        if rows <= 0:
-            return 0.0
-        pts = np.array(getattr(self, graph), np.float64)  # (n, 2)
-        r, s = pts[:, 0], pts[:, 1]
-        if rows <= r[-1]:
-            return float(np.interp(rows, r, s))
-        slope = (s[-1] - s[-2]) / (r[-1] - r[-2])
-        return float(s[-1] + slope * (rows - r[-1]))
-
-    def iteration(self, requests: int, encoder_rows: int, decoder_rows: int) -> float:
-        return (self.call("encoder", encoder_rows) + self.call("decoder", decoder_rows) + self.iteration_s
-                + self.request_step_s * requests)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @staticmethod
-    def from_dict(d: dict) -> "CostCurve":
-        pts = {k: tuple(tuple(p) for p in d[k]) for k in ("encoder", "decoder", "vae_decoder") if k in d}
-        rest = {k: d[k] for k in ("iteration_s", "request_s", "request_step_s", "note") if k in d}
-        return CostCurve(**pts, **rest)
+from .report import Served, summarize
+from .scheduler import QueueFull, RunnerOutput, Scheduler, SchedulerOutput, SloModel
+from .slo import CHEAPEST, SLO_SCALE, Terms
 
 
 class VirtualClock:
@@ -101,31 +72,45 @@ class Arrival:
     t: float  # seconds from the start
     spec: SampleRequest  # resolved, with its recompute steps
     kind: int  # which request of the catalog (its solo latency is the slowdown's denominator)
+    terms: Terms = Terms()  # priority, deadline, the plans it may be moved to
 
 
 @dataclass
 class SimResult:
     latency: dict[int, float] = field(default_factory=dict)  # arrival index -> seconds (answered ones)
     queue: dict[int, float] = field(default_factory=dict)
-    rejected: list[int] = field(default_factory=list)  # 503: the queue was full
+    rejected: list[int] = field(default_factory=list)  # 503: the queue was full, or no plan met the SLO
+    served: dict[int, Served] = field(default_factory=dict)  # arrival index -> what it ran and its SLO
     iterations: int = 0
     requests_per_iteration: float = 0.0
     rows_per_iteration: dict[str, float] = field(default_factory=dict)
+    start: float = 0.0  # the first arrival
     end: float = 0.0  # virtual time of the last answer
+
+    def summary(self) -> dict:
+        """`report.summarize` of the run: what the load benchmark reports for a measured one."""
+        offered = len(self.served) + len(self.rejected)
+        return summarize([self.served[k] for k in sorted(self.served)], offered, len(self.rejected),
+                         self.end - self.start)
 
 
 def simulate(arrivals: Sequence[Arrival], curve: CostCurve, row_budget: int, policy: str = "step",
-             max_delay: float = 0.0, max_queue: int = 64) -> SimResult:
-    """Run the arrivals through the serving engine on a virtual clock."""
+             max_delay: float = 0.0, max_queue: int = 64, slo_scale: float = SLO_SCALE, adapt: str = CHEAPEST
+             ) -> SimResult:
+    """Run the arrivals through the serving engine on a virtual clock, with the server's SLO accounting and
+    load-adaptive plans (`slo_scale`: --slo-scale; `adapt`: --adapt)."""
     clock = VirtualClock()
-    engine = Engine(Scheduler(row_budget, policy, max_delay, max_queue), SimulatedRunner(curve, clock), clock)
+    scheduler = Scheduler(row_budget, policy, max_delay, max_queue, SloModel(curve, slo_scale, adapt))
+    engine = Engine(scheduler, SimulatedRunner(curve, clock), clock)
     res, index, i = SimResult(), {}, 0
     n_req = enc = dec = 0
     arrivals = sorted(arrivals, key=lambda a: a.t)
+    res.start = res.end = arrivals[0].t if arrivals else 0.0
     while i < len(arrivals) or not engine.idle:
         while i < len(arrivals) and arrivals[i].t <= clock():
+            a = arrivals[i]
             try:
-                index[engine.submit(arrivals[i].spec, arrival=arrivals[i].t).id] = i
+                index[engine.submit(a.spec, arrival=a.t, terms=a.terms).id] = i
             except QueueFull:
                 res.rejected.append(i)
             i += 1
@@ -140,6 +125,8 @@ def simulate(arrivals: Sequence[Arrival], curve: CostCurve, row_budget: int, pol
             k = index[req.id]
             res.latency[k] = req.ended - req.arrival + curve.request_s
             res.queue[k] = req.admitted - req.arrival
+            res.served[k] = Served(res.latency[k], req.slo_met, req.dfid, req.plan, req.degraded, req.adaptive,
+                                   req.priority)
         res.end = clock()
     if res.iterations:
         res.requests_per_iteration = n_req / res.iterations

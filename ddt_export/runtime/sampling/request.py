@@ -42,6 +42,12 @@ EXPECTED = {
     "timeshift": f"a finite number in (0, {MAX_TIMESHIFT:g}] (the official timestep shift)",
     "solver": f"euler | adams:K with K in 1..{MAX_ADAMS_ORDER} (the official AdamLMSampler of order K)",
     "forecast": " | ".join(map(str, FORECAST_ORDERS)) + " (0 reuses the encoder state; 1, 2 extrapolate it)",
+    # the serving terms (runtime.batching.slo checks them; the API's schema says the same)
+    "deadline_ms": "a finite number > 0 (milliseconds from arrival to the images; default --slo-scale x the "
+                   "predicted solo latency)",
+    "max_fid_delta": "a finite number >= 0 (the most dFID of a cheaper stored plan the request accepts under load)",
+    "quality": "exact | adaptive (adaptive: under load, any stored plan up to the fast plan's dFID)",
+    "priority": "low | normal | high",
 }
 
 

@@ -168,3 +168,23 @@ def run_step(graphs: Graphs, items: Sequence[tuple[Rows, Step]], observer: Obser
                 if failed[k] is None:
                     rows.x = x
     return {k: e for k, e in failed.items() if e is not None}
+
+
+def switch_point(ran: Sequence[Step], old: SamplerConfig, target: Sequence[Step], new: SamplerConfig) -> int:
+    """The last step boundary at which samples that took `ran` (under `old`) can go on with `target` (under `new`)
+    and end exactly as `target` run from the start would: the number of leading steps the two plans share.
+
+    Sound at boundary k exactly when the first k steps of both plans are equal (times, increments, CFG scales,
+    recompute steps and halves, solver and forecast weights), the step function is the same (its noise draws
+    then match), and the state carried holds what `target` reads next: at most `old.forecast + 1` encoder states
+    per half and `old.order` velocities are kept (`Rows`), so `new` may need no more. Boundary 0 (nothing run
+    yet) is always sound. Two plans with another step count or timeshift differ from step 0 (its increment),
+    so for them only 0 is."""
+    if new.step_fn != old.step_fn or new.forecast > old.forecast or (new.order > 1 and new.order > old.order):
+        return 0
+    k = 0
+    for a, b in zip(ran, target[:-1]):  # the target's last step is never skipped: it makes the image
+        if a != b:
+            break
+        k += 1
+    return k
