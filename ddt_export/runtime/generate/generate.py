@@ -32,7 +32,7 @@ from ..sampling.plan import plan_steps, saved_fraction, work_rows
 from ..sampling.plans import lookup
 from ..sampling.request import CLI, RequestInput, SampleRequest, resolve
 from .chunks import ChunkPlan, LocalExecutor, Pending, RunSpec, check_chunk, graph_identity, plan_chunks
-from .run_folder import FORMATS, GRID_MIN_SIDE, SAMPLE_FILE, SAMPLE_NAME, RunFolder  # noqa: F401 (re-exported)
+from .run_folder import FORMATS, RunFolder
 from .run_folder import SampleSize, check_out, check_room
 
 NOISE_CHECK_ROWS = 4096  # rows of a --noise file checked for NaN/Inf at a time (the file is memory-mapped)
