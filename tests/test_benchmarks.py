@@ -45,7 +45,12 @@ def test_every_script_is_found():
 
 @pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: str(p.relative_to(BENCH)))
 def test_script_imports_and_its_names_exist(path):
-    mod = importlib.import_module(module_of(path))
+    try:
+        mod = importlib.import_module(module_of(path))
+    except ModuleNotFoundError as e:  # the production install: a study that needs torch says so and skips
+        if e.name not in ("torch", "torchvision", "diffusers", "huggingface_hub", "modelopt", "ray"):
+            raise
+        pytest.skip(f"{path.relative_to(BENCH)} needs {e.name} (not installed)")
     missing = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module.split(".")[0] in OURS:

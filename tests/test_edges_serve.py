@@ -91,8 +91,8 @@ def test_serving_line_comes_once_bound_and_loaded(digits_engines):
                             text=True)
     try:
         line = proc.stdout.readline()
-        m = re.fullmatch(r"serving \S+ at (http://127\.0\.0\.1:(\d+)) \(batching step; page /, API /docs, metrics "
-                         r"/metrics\)\n", line)
+        m = re.fullmatch(r"serving \S+ at (http://127\.0\.0\.1:(\d+)) \(batching auto: (fair|step); page /, API /docs, "
+                         r"metrics /metrics\)\n", line)  # the policy auto chose for the measured cost curve
         assert m and int(m.group(2)) != 0, line
         assert httpx.get(m.group(1) + "/health", timeout=5).json()["status"] == "ok"  # no wait: up already
         proc.send_signal(signal.SIGTERM)
@@ -141,7 +141,7 @@ BAD_FLAGS = [
     (["--max-delay-ms", "nan"], "--max-delay-ms: expected >= 0, got nan"),
     (["--lifetime", 0], "--lifetime: expected a finite number of seconds > 0, got 0.0"),
     (["--lifetime", "inf"], "--lifetime: expected a finite number of seconds > 0, got inf"),
-    (["--batching", "dynamic"], "--batching: expected step | fair | request | single, got dynamic"),
+    (["--batching", "dynamic"], "--batching: expected auto | step | fair | request | single, got dynamic"),
     (["--host", "nonexistent.invalid"], "--host: expected an address of this machine"),
 ]
 

@@ -134,6 +134,9 @@ def test_rules_cover_what_cannot_run():
 
 @pytest.mark.timeout(2400)
 def test_readme_setup_and_tour_on_a_fresh_clone(tmp_path):
+    from conftest import need_torch
+
+    need_torch("the set-up's build")  # the production install (no torch) runs the other tests
     clone = fresh_copy(tmp_path / "clone")
     log: list[str] = []
     for cmd in bash_block("## Set-up"):

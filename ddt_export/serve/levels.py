@@ -73,7 +73,7 @@ def decide(engines, asked: str, curve: Optional[CostCurve], max_images: int, fro
     choice = None
     if asked == "auto":
         choice = choose_policy(curve, engines.max_batch, policy_workload(engines.config.sampler, max_images))
-        log.warning("batching auto: %s (simulated SLO attainment %s on the cost curve %s)", choice.policy,
+        log.info("batching auto: %s (simulated SLO attainment %s on the cost curve %s)", choice.policy,
                     {p: round(s["slo_attainment"], 3) for p, s in choice.scores.items()}, source)
     return Levels(curve, choice.policy if choice else asked, asked, choice, source, frontier)
 

@@ -118,8 +118,11 @@ def serve(engines_dir: Path, settings, host: str = LOOPBACK, port: int = PORT, *
     app = create_app(engines_dir, settings)  # bad folders and flags fail here, before a port is bound
     sock = bind(host, port)
 
-    def announce(bound: int) -> None:
-        say(f"serving {engines_dir} at http://{host}:{bound} (batching {settings.batching}; page /, API /docs, "
+    def announce(bound: int) -> None:  # once bound and loaded: the policy auto chose is known
+        levels = getattr(app.state, "levels", None)
+        policy = settings.batching if levels is None or levels.policy == settings.batching else \
+            f"{settings.batching}: {levels.policy}"
+        say(f"serving {engines_dir} at http://{host}:{bound} (batching {policy}; page /, API /docs, "
             f"metrics /metrics)")
 
     server = make_server(app, host, port, lifetime_s=lifetime_s, log_level=log_level, announce=announce)
