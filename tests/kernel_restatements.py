@@ -109,3 +109,16 @@ class FlatMemory:
 
     def copy(self, dst: int, src: int, nbytes: int) -> None:
         self.view(dst, nbytes // 4)[:] = self.view(src, nbytes // 4).copy()
+
+
+def nvrtc_reason() -> str:
+    """'' when NVRTC compiles here; else why not (the tests that compile the kernels skip with it)."""
+    try:
+        from cuda.bindings import nvrtc
+
+        nvrtc.nvrtcVersion()
+    except ImportError as e:
+        return f"cuda-python is not installed (the [cuda-check] extra): {e}"
+    except (OSError, RuntimeError) as e:
+        return f"libnvrtc is not loadable (the [cuda-check] extra): {e}"
+    return ""

@@ -19,6 +19,7 @@ from runs import run_build as build
 from ddt_export.builder.tensorrt import profile_shapes, tensorrt_status
 from ddt_export.core.errors import InputError
 from ddt_export.core.specs import BatchProfile
+from kernel_restatements import nvrtc_reason
 
 usable, why = tensorrt_status()
 
@@ -31,22 +32,7 @@ def needs_gpu(fn):
     return fn
 
 
-def _nvrtc_reason() -> str:
-    try:
-        from cuda.bindings import nvrtc
-
-        nvrtc.nvrtcVersion()
-    except ImportError as e:
-        return f"cuda-python (the [tensorrt-cu12] / [tensorrt-cu13] extra) is not installed: {e}"
-    except (OSError, RuntimeError) as e:
-        return f"libnvrtc is not loadable: {e}"
-    return ""
-
-
-# ---------------------------------------------------------------- no GPU needed: cuda-python + libnvrtc only
-
-
-@pytest.mark.skipif(bool(_nvrtc_reason()), reason=_nvrtc_reason() or "ok")
+@pytest.mark.skipif(bool(nvrtc_reason()), reason=nvrtc_reason() or "ok")
 def test_check_raises_on_real_cuda_status():
     from cuda.bindings import nvrtc
 

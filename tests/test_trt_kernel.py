@@ -23,22 +23,10 @@ from ddt_export.runtime.graphs.trt_update import state_ops, update_launch
 from ddt_export.runtime.sampling.plan import Step
 from ddt_export.runtime.sampling.step import Rows, decoder_feeds, update
 from ddt_export.runtime.sampling.trt_loop import KERNEL_SOURCE, KERNELS
-from kernel_restatements import FlatMemory, cfg_adams_reference, cfg_euler_reference, run_launch
+from kernel_restatements import FlatMemory, cfg_adams_reference, cfg_euler_reference, nvrtc_reason, run_launch
 
 
-def _nvrtc_reason() -> str:
-    try:
-        from cuda.bindings import nvrtc
-
-        nvrtc.nvrtcVersion()
-    except ImportError as e:
-        return f"cuda-python is not installed (the [cuda-check] extra): {e}"
-    except (OSError, RuntimeError) as e:
-        return f"libnvrtc is not loadable (the [cuda-check] extra): {e}"
-    return ""
-
-
-WHY = _nvrtc_reason()
+WHY = nvrtc_reason()
 needs_nvrtc = pytest.mark.skipif(bool(WHY) and not os.environ.get("CI"), reason=WHY or "ok")
 
 
