@@ -24,7 +24,7 @@ COMMANDS = {
     "convert": artifacts.convert, "export": artifacts.export, "calibrate": artifacts.calibrate,
     "build": artifacts.build, "generate": sampling.generate, "schedule": sampling.schedule,
     "fid": quality.fid, "fid-inception": quality.fid_inception, "validate": quality.validate, "bench": quality.bench,
-    "evaluate": quality.evaluate,
+    "evaluate": quality.evaluate, "tune": quality.tune,
     "serve": serving.serve,
 }
 for _name, _fn in COMMANDS.items():
