@@ -235,7 +235,7 @@ def tune(
     timeshifts: Optional[str] = typer.Option(None, help="comma-separated timeshifts (default 1,1.5)"),
     rates: Optional[str] = typer.Option(None, help="comma-separated R of uniform:R schedules (default 2,3)"),
     dp_fractions: Optional[str] = typer.Option(None, help="comma-separated fractions f of dp:K schedules, K = f x "
-                                                          "steps (default 0.5,0.333)"),
+                                                          "steps (default 0.5,0.333,0.25)"),
     forecasts: Optional[str] = typer.Option(None, help="comma-separated forecast orders (default 0,1,2)"),
     interval: List[str] = typer.Option([], help="LO,HI: a guidance interval to try besides the reference's "
                                                 "(repeat; default: the reference's with LO + 0.1)"),

@@ -69,7 +69,7 @@ class SearchSpace:
     steps: tuple[int, ...] = ()
     timeshifts: tuple[float, ...] = (1.0, 1.5)
     rates: tuple[int, ...] = (2, 3)  # uniform:R
-    dp_fractions: tuple[float, ...] = (1 / 2, 1 / 3)  # dp:K, K = round(fraction x steps)
+    dp_fractions: tuple[float, ...] = (1 / 2, 1 / 3, 1 / 4)  # dp:K, K = round(fraction x steps)
     forecasts: tuple[int, ...] = FORECAST_ORDERS
     intervals: tuple[tuple[float, float], ...] | None = None
     keep: int = 1  # per step count, the best solver/timeshift pairs of stage (a) that go on to stage (b)

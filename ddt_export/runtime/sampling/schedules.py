@@ -6,7 +6,10 @@ on the engines themselves; it is stored in the engine folder (`schedule-N-K.json
 heatmap) with the provenance it was computed under, and reused only when that provenance's weights, model and
 sampler equal the engines' (`Provenance.diff`), else computed again (the caller is told which). One resolver
 (`schedule_steps`) serves every caller; how a missing dp:K is computed is the caller's (here, on the engines;
-`generate --ray`, on a worker).
+`generate --ray`, on a worker). Under encoder forecasting (`SamplerConfig.forecast` 1 or 2) the DP chooses the
+steps on the error of the state the forecast gives (`dp.solve_forecast_dp`, order 1) instead of the reuse error
+(`DP_ON_FORECAST`, the measured choice: docs/sampling.md); the sampler, forecast included, is in the stored
+schedule's provenance, so the two never mix.
 """
 from __future__ import annotations
 
