@@ -155,7 +155,7 @@ def test_schedule_commands_and_dp_generate(engines_dir, tmp_path, capsys):
     assert code == 0 and "encoder 4/10" in out
 
 
-def test_dp_under_forecasting_minimizes_the_forecast_error(engines_dir, capsys):
+def test_dp_under_forecasting_minimizes_the_forecast_error(engines_dir, tmp_path, capsys):
     """`schedule --forecast 1`: the DP over the forecast's error of the template states (recorded here again),
     stored apart from the reuse DP's schedule by its provenance; `generate --forecast 1 --schedule dp:K` uses it."""
     import dataclasses
@@ -180,10 +180,11 @@ def test_dp_under_forecasting_minimizes_the_forecast_error(engines_dir, capsys):
     steps, cost = solve_forecast_dp(forecast_errors(states, step_times(sampler)[0], 1), 4)
     assert rec["recompute_steps"] == steps and rec["cost"] == pytest.approx(cost, rel=1e-9)
     code, out, err = run_cli(["generate", "--engines", engines_dir, "--steps", 12, "--solver", "adams:2",
-                              "--forecast", 1, "--schedule", "dp:4", "--num", 1], capsys)
+                              "--forecast", 1, "--schedule", "dp:4", "--num", 1, "--out", tmp_path / "a"], capsys)
     assert code == 0 and "using" in err and "encoder 4/12" in out
     code, out, err = run_cli(["generate", "--engines", engines_dir, "--steps", 12, "--solver", "adams:2",
-                              "--schedule", "dp:4", "--num", 1], capsys)  # forecast 0: the official DP, computed
+                              "--schedule", "dp:4", "--num", 1, "--out", tmp_path / "b"], capsys)  # forecast 0: the
+    # official DP, computed again
     assert code == 0 and "computed under other settings" in err
 
 

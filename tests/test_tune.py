@@ -210,10 +210,11 @@ def test_bad_flags_one_line(args, flag, tiny_engines):
     assert code == 2 and len(errors) == 1 and flag in errors[0] and "Traceback" not in text, text
 
 
-def test_no_feature_extractor_and_reserved_name(tiny_engines):
+def test_no_feature_extractor_and_reserved_name(tiny_engines, tmp_path):
     with pytest.raises(ConfigError, match="feature extractor"):
         T.tune(tiny_engines[0], T.TuneOptions(max_fid_delta=0.1, space=SPACE), say=lambda m: None)
-    code, text = run_cli(["generate", "--engines", tiny_engines[0], "--plan", "frontier", "--num", 1])
+    code, text = run_cli(["generate", "--engines", tiny_engines[0], "--plan", "frontier", "--num", 1, "--out",
+                          tmp_path / "o"])
     assert code == 2 and "--plan" in text and "not frontier" in text
     with pytest.raises(InputError, match="--plan"):
         read_plan(tiny_engines[0], read_manifest(tiny_engines[0]), "nosuch")
