@@ -110,6 +110,33 @@ def test_fid_large_imaginary_part_is_an_error():
         F.frechet_distance(np.zeros(4), np.eye(4), np.zeros(4), -np.eye(4))  # not a covariance
 
 
+def test_fid_slope_predicts_paired_deltas_to_first_order():
+    """The predicted FID(P, D) - FID(R, D) against the exact difference (the distance computed twice) for P a
+    small perturbation of R image by image (a shift and a linear map of size eps): the error falls as eps^2
+    while the difference itself falls as eps; the mean term is exact (a pure shift: equal to rounding)."""
+    rng = np.random.default_rng(4)
+    d, n = 6, 3000
+    mix = rng.standard_normal((d, d)) / np.sqrt(d)
+    r = rng.standard_normal((n, d)) @ mix
+    data = F.stats_from_features(rng.standard_normal((n, d)) @ (mix + 0.3 * np.eye(d)) + 0.2)
+    ref = F.stats_from_features(r)
+    slope = F.fid_slope(ref, data)
+    a, b = rng.standard_normal((d, d)), rng.standard_normal(d)
+    errors = []
+    for eps in (1e-2, 1e-3):
+        p = r + eps * (r @ a + b)
+        exact = F.fid(F.stats_from_features(p), data) - F.fid(ref, data)
+        got = slope.delta(r, p)
+        assert got == pytest.approx(exact, rel=20 * eps)
+        errors.append(abs(got - exact))
+    assert errors[1] < errors[0] / 30  # second order
+    shifted = r + 0.05 * b
+    assert slope.delta(r, shifted) == pytest.approx(F.fid(F.stats_from_features(shifted), data) - F.fid(ref, data),
+                                                    abs=1e-9)
+    with pytest.raises(InputError, match="paired features"):
+        slope.delta(r[:5], p[:4])
+
+
 def test_fid_dimension_mismatch_names_both_shapes():
     with pytest.raises(InputError, match=r"\(3,\).*\(4,\)"):
         F.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))

@@ -89,7 +89,19 @@ def test_search_covers_the_space_and_reports_progress(tuned):
     assert {(c["solver"], c["steps"]) for c in solver_stage} == {(s, n) for s in SPACE.solvers for n in (5, 10)}
     enc = {(c["schedule"], c["forecast"]) for c in rec["candidates"] if c["stage"] == "encoder" and c["steps"] == 10}
     assert enc == {(s, f) for s in ("uniform:2", "dp:5") for f in (0, 1)}
-    assert all(c["interval"] == [0.4, 1.0] for c in rec["candidates"] if c["stage"] == "interval")
+    assert {tuple(c["interval"]) for c in rec["candidates"] if c["stage"] == "interval"} == {
+        (0.25, 1.0), (0.35, 1.0), (0.4, 1.0)}  # the reference's (0.3, 1) with its lower edge -0.05, +0.05, +0.1
+    # the probe ranks by |predicted dFID| (data statistics given); the probe frontier is Pareto in it
+    probed = [c for c in rec["candidates"] if c["stage"] != "reference"]
+    assert all(c["metric"] == pytest.approx(abs(c["predicted_dfid"])) for c in probed)
+    front = [c for c in rec["candidates"] if c["frontier"]]
+    for c in probed:  # on the frontier: nothing else is as good on both axes; off it: something on it is
+        if c["frontier"]:
+            assert not any(o is not c and o["gflop"] <= c["gflop"] and o["metric"] <= c["metric"]
+                           for o in rec["candidates"] if o["frontier"] or (o["gflop"], o["metric"]) != (
+                               c["gflop"], c["metric"])), c["name"]
+        else:
+            assert any(o["gflop"] <= c["gflop"] and o["metric"] <= c["metric"] for o in front), c["name"]
     ref = rec["candidates"][0]
     assert ref["name"] == "reference" and ref["steps"] == 20 and ref["trajectory_error"] == 0.0
     assert 1 <= len(rec["confirmed"]) - 1 <= 4  # at most `confirm`, the reference aside
@@ -196,7 +208,8 @@ def test_nothing_within_the_budget(tiny_engines, features, data, tmp_path):
 
 @pytest.mark.parametrize("args, flag", [
     (["--max-fid-delta", "-1"], "--max-fid-delta"), (["--max-fid-delta", "nan"], "--max-fid-delta"),
-    (["--num", "1"], "--num"), (["--probe", "0"], "--probe"), (["--confirm", "0"], "--confirm"),
+    (["--num", "1"], "--num"), (["--probe", "1"], "--probe"), (["--probe", "600"], "--probe"),
+    (["--confirm", "0"], "--confirm"),
     (["--solvers", "euler,adams:5"], "--solvers"), (["--solvers", "rk4"], "--solvers"),
     (["--forecasts", "3"], "--forecasts"), (["--steps", "0,5"], "--steps"), (["--steps", "five"], "--steps"),
     (["--timeshifts", "0"], "--timeshifts"), (["--rates", "1"], "--rates"), (["--dp-fractions", "1.5"], "--dp-fractions"),

@@ -126,6 +126,51 @@ def stats_from_features(features: np.ndarray, source: str = "") -> Stats:
     return Stats(f.mean(axis=0), np.cov(f, rowvar=False), n=f.shape[0], source=source)
 
 
+# --------------------------------------------------------------------------------------- paired deltas
+
+
+@dataclass(frozen=True)
+class FidSlope:
+    """FID against the data D around a reference sample set R, for a set P paired with R (P's image i made from
+    R's noise i), so that a small batch predicts FID(P, D) - FID(R, D):
+
+        FID(P, D) - FID(R, D) = 2 (mu_R - mu_D).dm + |dm|^2 + <G, Sigma_P - Sigma_R> + O(|Sigma_P - Sigma_R|^2)
+
+    The mean term is exact; G = I - Sd^1/2 (Sd^1/2 Sigma_R Sd^1/2)^-1/2 Sd^1/2 is the gradient of the trace term
+    Tr(Sigma + Sigma_D - 2 (Sigma^1/2 Sigma_D Sigma^1/2)^1/2) at Sigma_R (d Tr(M^1/2) = Tr(M^-1/2 dM) / 2).
+    dm and Sigma_P - Sigma_R are taken on the same paired images of both sets, so what the two share cancels:
+    a few dozen images tell what hundreds would (docs/sampling.md, tune). Eigenvalues below `floor` times the
+    largest are floored (fewer images than features)."""
+
+    mu_r: np.ndarray
+    mu_d: np.ndarray
+    g: np.ndarray  # (d, d)
+
+    def delta(self, ref_features: np.ndarray, features: np.ndarray) -> float:
+        """Predicted FID(P, D) - FID(R, D) from features (n, d) of n paired images of R and of P."""
+        r, p = np.asarray(ref_features, np.float64), np.asarray(features, np.float64)
+        if r.shape != p.shape or r.ndim != 2 or len(r) < 2 or r.shape[1] != len(self.mu_r):
+            raise InputError("paired features", f"two (n, {len(self.mu_r)}) arrays, n >= 2", f"{r.shape}, {p.shape}")
+        dm = p.mean(axis=0) - r.mean(axis=0)
+        d_sigma = np.cov(p, rowvar=False) - np.cov(r, rowvar=False)
+        return float(2.0 * (self.mu_r - self.mu_d) @ dm + dm @ dm + np.sum(self.g * d_sigma))
+
+
+def _sym_power(a: np.ndarray, power: float, floor: float) -> np.ndarray:
+    w, v = np.linalg.eigh((a + a.T) / 2.0)
+    w = np.maximum(w, floor * max(w.max(), 0.0) + np.finfo(np.float64).tiny)
+    return (v * w ** power) @ v.T
+
+
+def fid_slope(ref: Stats, data: Stats, floor: float = 1e-10) -> FidSlope:
+    """The `FidSlope` of FID against `data` at the reference statistics `ref` (same features)."""
+    if ref.dim != data.dim:
+        raise InputError("FID statistics", f"the same dimension on both sides ({ref.dim})", data.dim)
+    sd = _sym_power(data.sigma, 0.5, floor)
+    m_inv_sqrt = _sym_power(sd @ ref.sigma @ sd, -0.5, floor)
+    return FidSlope(ref.mu, data.mu, np.eye(ref.dim) - sd @ m_inv_sqrt @ sd)
+
+
 # --------------------------------------------------------------------------------------- loaders
 
 

@@ -53,10 +53,11 @@ def plan_name(solver: str, steps: int, schedule: str, forecast: int, timeshift: 
     return "-".join(parts)
 
 
-def plot_frontier(probed: list[dict], confirmed: list[dict], budget: float, path: Path, title: str) -> Path:
-    """plans/frontier.png: the trajectory error of every probed candidate and |dFID| of the confirmed ones against
-    network GFLOP per image, each stage's frontier drawn, the budget and `fast` marked. Rows are tune's records
-    (`gflop`, `trajectory_error`, `dfid`, `name`, `frontier`)."""
+def plot_frontier(probed: list[dict], confirmed: list[dict], budget: float, path: Path, metric: str,
+                  title: str) -> Path:
+    """plans/frontier.png: the probe's metric (named `metric`) of every probed candidate and |dFID| of the
+    confirmed ones against network GFLOP per image, each stage's frontier drawn, the budget and `fast` marked.
+    Rows are tune's records (`gflop`, `metric`, `dfid`, `name`, `frontier`)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -64,20 +65,20 @@ def plot_frontier(probed: list[dict], confirmed: list[dict], budget: float, path
     FigureCanvasAgg(fig)
     ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     ref = next(r for r in probed if r["name"] == REFERENCE)
-    floor = min([r["trajectory_error"] for r in probed if r["trajectory_error"] > 0] or [1e-6]) / 2
+    pts = [r for r in probed if r["name"] != REFERENCE and r["metric"] is not None]
+    floor = min([r["metric"] for r in pts if r["metric"] > 0] or [1e-6]) / 2
     for ax in (ax1, ax2):
         ax.axvline(ref["gflop"], color="grey", lw=0.8, ls=":")
         ax.axvline(ref["gflop"] / 5, color="tab:green", lw=0.8, ls=":", label="5x (20% of the reference)")
         ax.set_xscale("log")
         ax.set_xlabel("network GFLOP per image")
-    pts = [r for r in probed if r["name"] != REFERENCE]
-    ax1.scatter([r["gflop"] for r in pts], [max(r["trajectory_error"], floor) for r in pts], s=10, c="lightgrey",
+    ax1.scatter([r["gflop"] for r in pts], [max(r["metric"], floor) for r in pts], s=10, c="lightgrey",
                 label="probed")
-    front = sorted((r for r in probed if r.get("frontier")), key=lambda r: r["gflop"])
-    ax1.plot([r["gflop"] for r in front], [max(r["trajectory_error"], floor) for r in front], "o-", ms=4,
-             c="tab:blue", label="frontier (trajectory error)")
+    front = sorted((r for r in pts if r.get("frontier")), key=lambda r: r["gflop"])
+    ax1.plot([r["gflop"] for r in front], [max(r["metric"], floor) for r in front], "o-", ms=4,
+             c="tab:blue", label="probe frontier")
     ax1.set_yscale("log")
-    ax1.set_ylabel("final-latent error vs the reference (probe)")
+    ax1.set_ylabel(metric)
     ax1.legend(fontsize=7)
     ax2.axhline(budget, color="tab:red", lw=0.8, ls="--", label=f"budget |dFID| <= {budget:g}")
     ax2.scatter([r["gflop"] for r in confirmed], [abs(r["dfid"]) for r in confirmed], s=16, c="tab:blue",

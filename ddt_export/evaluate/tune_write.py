@@ -38,7 +38,8 @@ def candidate_record(row: dict, reference_interval) -> dict:
     rec = {"name": name, "stage": row["stage"], "solver": c.solver, "steps": c.steps, "schedule": c.schedule,
            "forecast": c.forecast, "timeshift": c.timeshift, "interval": list(c.interval), "gflop": row["gflop"],
            "encoder_calls": row["encoder_calls"], "recompute_steps": row["recompute_steps"],
-           "trajectory_error": _finite(row["trajectory_error"]), "frontier": bool(row.get("frontier"))}
+           "trajectory_error": _finite(row["trajectory_error"]), "predicted_dfid": row.get("predicted_dfid"),
+           "metric": _finite(row["metric"]), "frontier": bool(row.get("frontier"))}
     if "failed" in row:
         rec["failed"] = row["failed"]
     if "seeds" in row:
@@ -53,7 +54,8 @@ def measured(rec: dict, ref: dict, protocol: dict) -> dict:
     return {"dfid": rec["dfid"], "dfid_per_seed": rec["dfid_per_seed"], "fid": rec["fid"], "fid_reference": ref["fid"],
             "dprecision": rec["dprecision"], "drecall": rec["drecall"], "precision": rec["precision"],
             "recall": rec["recall"], "precision_reference": ref["precision"], "recall_reference": ref["recall"],
-            "trajectory_error": rec["trajectory_error"], "gflop_per_image": rec["gflop"],
+            "trajectory_error": rec["trajectory_error"], "predicted_dfid": rec["predicted_dfid"],
+            "gflop_per_image": rec["gflop"],
             "reference_gflop_per_image": ref["gflop"], "speedup": ref["gflop"] / rec["gflop"],
             "encoder_calls": rec["encoder_calls"], "recompute_steps": rec["recompute_steps"],
             "within_budget": rec["within_budget"], "structure": rec["name"], "protocol": protocol}
@@ -91,7 +93,8 @@ def write_frontier(engines: Engines, o, rows: dict, confirmed: list[dict], proto
         for name, plan in plans.items():
             written[name] = write_plan(folder, plan, engines.manifest.provenance)
         write_json(json_path, record)
-        plot_frontier(probed, done, o.max_fid_delta, png_path,
+        plot_frontier(probed, done, o.max_fid_delta, png_path, "|predicted dFID| (probe)" if ref.get(
+                      "predicted_dfid") is not None else "final-latent error vs the reference (probe)",
                       f"{engines.config.name}: plans against its {ref['steps']}-step {ref['solver']} reference "
                       f"({protocol['samples']} samples x {len(protocol['seeds'])} seeds)")
         for name in plan_names(folder):
