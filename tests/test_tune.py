@@ -212,7 +212,8 @@ def test_nothing_within_the_budget(tiny_engines, features, data, tmp_path):
     (["--confirm", "0"], "--confirm"),
     (["--solvers", "euler,adams:5"], "--solvers"), (["--solvers", "rk4"], "--solvers"),
     (["--forecasts", "3"], "--forecasts"), (["--steps", "0,5"], "--steps"), (["--steps", "five"], "--steps"),
-    (["--timeshifts", "0"], "--timeshifts"), (["--rates", "1"], "--rates"), (["--dp-fractions", "1.5"], "--dp-fractions"),
+    (["--timeshifts", "0"], "--timeshifts"), (["--rates", "1"], "--rates"),
+    (["--dp-fractions", "1.5"], "--dp-fractions"),
     (["--interval", "0.5"], "--interval"), (["--interval", "0.8,0.2"], "--interval"), (["--seed", "-1"], "--seed"),
     (["--max-recall-delta", "-0.1"], "--max-recall-delta")])
 def test_bad_flags_one_line(args, flag, tiny_engines):

@@ -2,6 +2,7 @@
 
     python benchmarks/fast_sampling/fast_sampling.py tune       # ddt-export tune, budget |dFID| <= 0.1: the frontier
     python benchmarks/fast_sampling/fast_sampling.py families   # FID per solver x steps, then schedules x forecasts
+    python benchmarks/fast_sampling/fast_sampling.py probe      # does a 32-sample probe predict dFID?
     python benchmarks/fast_sampling/fast_sampling.py dp         # reuse-DP vs forecast-DP under forecast 1 and 2
     python benchmarks/fast_sampling/fast_sampling.py confirm    # `fast`: 3 seeds x 2000 samples, paired bootstrap
     python benchmarks/fast_sampling/fast_sampling.py xl         # the FLOP model at DDT-XL 256 and 512
@@ -26,6 +27,8 @@ REF = Structure()  # the digits model's own trajectory: 50 Euler steps, every st
 SOLVERS = ("euler", "adams:2", "adams:3", "adams:4")
 FAMILY_STEPS = (8, 10, 12, 16, 20)
 ENCODER_STEPS = (12, 16)  # the encoder variants run on the best solver at these step counts
+PROBE_SIZES = (32, 64)
+PREDICTORS = ("linear", "plugin", "predict")  # fid.FidProbe's
 
 
 def fast_plan(folder: Path):
@@ -66,7 +69,8 @@ def step_tune(a) -> None:
 
 def step_families(a) -> None:
     """dFID (seed 0, 500 samples, paired with the reference) of each solver at each step count (every step
-    recomputed); then, on the solver with the least mean |dFID|, encoder schedules x forecast orders."""
+    recomputed); then, on the solver with the least mean |dFID| and on adams:2, encoder schedules x forecast
+    orders."""
     run, num, seeds = Runner(digits_engines()), a.num or 500, a.seeds or [0]
     done = load().get("families", {})
     for solver in SOLVERS:
@@ -76,6 +80,11 @@ def step_families(a) -> None:
     best = min(SOLVERS, key=lambda s: statistics.mean(abs(r["mean_dfid"]) for r in rows.values()
                                                      if r["structure"]["solver"] == s and r["structure"]["schedule"]
                                                      == "all"))
+    for solver in dict.fromkeys((best, "adams:2")):  # the least mean |dFID|, and the solver tune picks
+        _encoder_rows(run, solver, seeds, num, done)
+
+
+def _encoder_rows(run: Runner, best: str, seeds, num: int, done: dict) -> None:
     say(f"families: encoder variants on {best}")
     for n in ENCODER_STEPS:
         for spec in ["uniform:2", f"dp:{round(n / 3)}", f"dp:{round(n / 4)}"]:
@@ -93,6 +102,39 @@ def _row(run: Runner, section: str, s: Structure, seeds, num: int, done: dict, d
         say(f"{section} {s.key}: {row['gflop']:.3f} GFLOP, dFID {', '.join(f'{d:+.3f}' for d in row['dfid'])}, "
             f"d recall {row['mean_drecall']:+.4f}")
     return done[key]
+
+
+def step_probe(a) -> None:
+    """How well a small paired batch predicts dFID: over the `families` plans (seed 0), the final-latent error and
+    the three predictions of `fid.FidProbe` (linear, plug-in, their mean) from their first 32 and 64 samples,
+    against the dFID of all 500."""
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    from ddt_export.core.numerics import relative_errors
+    from ddt_export.evaluate.fid import fid_probe, stats_from_features
+
+    run = Runner(digits_engines())
+    ref = run.chunk(REF, 0, 0)
+    probe = fid_probe(stats_from_features(ref["features"]), run.data.stats)
+    rows = []
+    for r in load().get("families", {}).values():
+        z = run.chunk(Structure(**dict(r["structure"], interval=tuple(r["structure"]["interval"]))), 0, 0)
+        row = {"key": r["key"], "dfid": r["dfid"][0]}
+        for n in PROBE_SIZES:
+            row[f"trajectory_error_{n}"] = float(relative_errors(z["latents"][:n], ref["latents"][:n]).mean())
+            for what in PREDICTORS:
+                row[f"{what}_{n}"] = getattr(probe, what)(ref["features"][:n], z["features"][:n])
+        rows.append(row)
+    out = {"rows": rows, "n_plans": len(rows)}
+    truth = [abs(r["dfid"]) for r in rows]
+    for n in PROBE_SIZES:
+        for what in ("trajectory_error", *PREDICTORS):
+            x = [abs(r[f"{what}_{n}"]) for r in rows]
+            out[f"{what}_{n}"] = {"pearson": float(np.corrcoef(x, truth)[0, 1]),
+                                  "spearman": float(spearmanr(x, truth).correlation)}
+    save("probe", "families", out)
+    say("probe: " + "; ".join(f"{k} {v}" for k, v in out.items() if isinstance(v, dict)))
 
 
 def step_dp(a) -> None:
@@ -159,8 +201,8 @@ def step_report(a) -> None:
     report(load())
 
 
-STEPS = {"tune": step_tune, "families": step_families, "dp": step_dp, "confirm": step_confirm, "xl": step_xl,
-         "wall": step_wall, "report": step_report}
+STEPS = {"tune": step_tune, "families": step_families, "probe": step_probe, "dp": step_dp,
+         "confirm": step_confirm, "xl": step_xl, "wall": step_wall, "report": step_report}
 
 
 def main(argv=None) -> int:

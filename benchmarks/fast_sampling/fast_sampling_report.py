@@ -50,6 +50,24 @@ def families_table(res: dict, ref_gflop: float) -> str:
     return "\n".join(lines)
 
 
+def probe_table(res: dict) -> str:
+    p = res.get("probe", {}).get("families")
+    if not p:
+        return ""
+    lines = ["| plan | dFID (500 samples) | final-latent error (64) | predicted dFID (64): linear | plug-in | mean "
+             "(tune's) | mean, 32 samples |", "|" + " --- |" * 7]
+    for r in sorted(p["rows"], key=lambda r: r["key"]):
+        lines.append(f"| {r['key']} | {r['dfid']:+.3f} | {r['trajectory_error_64']:.4f} | {r['linear_64']:+.3f} | "
+                     f"{r['plugin_64']:+.3f} | {r['predict_64']:+.3f} | {r['predict_32']:+.3f} |")
+    lines.append("")
+    corr = [f"{what.replace('_', ' ')} ({n}): Pearson {p[f'{what}_{n}']['pearson']:.2f}, Spearman "
+            f"{p[f'{what}_{n}']['spearman']:.2f}" for what in ("trajectory_error", "linear", "plugin", "predict")
+            for n in (32, 64)]
+    lines.append(f"Correlation with |dFID| over these {p['n_plans']} plans (absolute values; samples in brackets): "
+                 + "; ".join(corr) + ".")
+    return "\n".join(lines)
+
+
 def dp_table(res: dict) -> str:
     rows = [r for k, r in res.get("dp", {}).items() if k != "base"]
     by = {}
@@ -147,6 +165,7 @@ def plot(res: dict, ref_gflop: float) -> None:
 def report(res: dict) -> int:
     ref_gflop = res["tune"]["digits"]["confirmed"][0]["gflop"] if "tune" in res else 12.03
     blocks = {"tune": tune_table(res) if "tune" in res else "", "families": families_table(res, ref_gflop),
+              "probe": probe_table(res),
               "dp": dp_table(res), "confirm": confirm_table(res), "xl": xl_table(res), "wall": wall_table(res)}
     text = README.read_text() if README.is_file() else ""
     for name, body in blocks.items():

@@ -48,9 +48,15 @@ def load() -> dict:
 
 
 def save(section: str, key: str, value) -> None:
-    res = load()
-    res.setdefault(section, {})[key] = value
-    write_json(RESULTS, res)
+    """One result into results.json; a lock in WORK serializes the steps that run at the same time."""
+    import fcntl
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    with open(WORK / ".results.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # waits for the other step's read-modify-write
+        res = load()
+        res.setdefault(section, {})[key] = value
+        write_json(RESULTS, res)
 
 
 def limit_threads(n: int) -> None:

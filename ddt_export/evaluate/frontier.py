@@ -89,6 +89,7 @@ def plot_frontier(probed: list[dict], confirmed: list[dict], budget: float, path
         if r.get("plan") == FAST:
             ax2.scatter([r["gflop"]], [abs(r["dfid"])], s=120, marker="*", c="tab:orange", zorder=3,
                         label=f"{FAST}: {r['name']}")
+    ax2.set_yscale("symlog", linthresh=max(budget, 1e-3))  # linear up to the budget, logarithmic beyond
     ax2.set_ylabel("|FID(plan, data) - FID(reference, data)|")
     ax2.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)

@@ -5,12 +5,12 @@ A plan fixes solver, steps, timeshift, encoder schedule, forecast order and guid
 its default schedule) with the paired protocol: every candidate gets the same noise, labels and seeds as the
 reference (`core.noise`: sample i of seed S), so a difference is the plan's alone. It fits a CPU by pruning:
 
-0. the reference: `num` samples per seed, FID statistics, and the slope of FID at them (`fid.FidSlope`);
+0. the reference: `num` samples per seed, FID statistics, and FID's predictor around them (`fid.FidProbe`);
 1. probe (cheap): each candidate on the first `probe` samples of the first seed, paired with the reference's:
-   its predicted dFID (the exact mean term and the covariance term to first order, from the paired features:
-   on the digits model it tracks the measured dFID with correlation 0.96 from 32 samples, where the
-   final-latent error does not; docs/sampling.md), and the final-latent error ||x - x_ref|| / ||x_ref|| (the
-   ranking metric without data statistics). In three stages, each on the last one's best:
+   its predicted dFID (`FidProbe.predict`, from the paired features: on the digits model it tracks the measured
+   dFID, where the final-latent error does not; docs/sampling.md), and the final-latent error
+   ||x - x_ref|| / ||x_ref|| (the ranking metric without data statistics). In three stages, each on the last
+   one's best:
    a. solver x steps x timeshift (encoder every step, no forecast, the reference's interval);
    b. for each step count, the `keep` best of (a) x encoder schedules (uniform:R, dp:K) x forecast orders;
    c. the probe frontier x other guidance intervals;
@@ -51,7 +51,7 @@ from ..runtime.sampling.schedules import (TEMPLATE_SAMPLES, model_label, schedul
 from . import suite
 from .adm import precision_recall
 from .features import DIGITS_STATS, FeatureExtractor
-from .fid import FidSlope, fid, fid_slope, stats_from_features
+from .fid import FidProbe, fid, fid_probe, stats_from_features
 from .frontier import pareto, spread
 from .tune_write import TuneResult, write_frontier
 from .validate import choose_features, to_images
@@ -244,15 +244,15 @@ def _encoder_variants(o: TuneOptions, base: Candidate) -> list[Candidate]:
 @dataclass
 class _Probe:
     """What a candidate is probed against: the reference's first `probe` samples of the first seed (latents and
-    features) and the slope of FID at the reference's statistics (None without data: trajectory error only)."""
+    features) and the FID predictor at the reference's statistics (None without data: trajectory error only)."""
 
     latents: np.ndarray
     features: np.ndarray
-    slope: FidSlope | None
+    fid: FidProbe | None
 
     def metric(self, row: dict) -> float:
         """What the probe ranks by: |predicted dFID| with data statistics, else the trajectory error."""
-        return abs(row["predicted_dfid"]) if self.slope is not None else row["trajectory_error"]
+        return abs(row["predicted_dfid"]) if self.fid is not None else row["trajectory_error"]
 
 
 def _probe(search: _Search, extractor, cands: list[Candidate], probe: _Probe, rows: dict, stage: str) -> None:
@@ -266,8 +266,8 @@ def _probe(search: _Search, extractor, cands: list[Candidate], probe: _Probe, ro
         try:
             lat, feats = search.run(extractor, c, o.seeds[0], o.probe)
             row["trajectory_error"] = float(relative_errors(lat, probe.latents).mean())
-            if probe.slope is not None:
-                row["predicted_dfid"] = probe.slope.delta(probe.features, feats)
+            if probe.fid is not None:
+                row["predicted_dfid"] = probe.fid.predict(probe.features, feats)
             row["metric"] = probe.metric(row)
         except NumericsError as e:  # a candidate that diverges is recorded, never confirmed
             row["trajectory_error"] = row["metric"] = math.inf
@@ -306,7 +306,7 @@ def tune(engines_dir: Path, options: TuneOptions, *, progress: Progress | None =
         ref_runs = [search.run(extractor, ref, seed, o.num) for seed in o.seeds]
         ref_feats = [f for _, f in ref_runs]
         probe = _Probe(ref_runs[0][0][:o.probe], ref_feats[0][:o.probe],
-                       fid_slope(stats_from_features(ref_feats[0]), data.stats) if data is not None else None)
+                       fid_probe(stats_from_features(ref_feats[0]), data.stats) if data is not None else None)
         ref_sampler, ref_steps = search.resolve(ref, o.num, o.seeds[0])
         rows: dict[Candidate, dict] = {ref: {"candidate": ref, "stage": "reference", "trajectory_error": 0.0,
                                              "predicted_dfid": 0.0, "metric": 0.0,
@@ -328,7 +328,7 @@ def tune(engines_dir: Path, options: TuneOptions, *, progress: Progress | None =
             r["frontier"] = True
         rows[ref]["frontier"] = True
         say(f"probed {len(rows) - 1} candidates; {len(front)} on the frontier of "
-            + ("|predicted dFID|" if probe.slope is not None else "trajectory error") + " against GFLOP")
+            + ("|predicted dFID|" if probe.fid is not None else "trajectory error") + " against GFLOP")
         confirmed = _confirm(search, extractor, data, ref_feats, front, rows[ref])
         protocol = _protocol(o, engines, ref_req, extractor, data, stats)
         return write_frontier(engines, o, rows, confirmed, protocol, time.perf_counter() - t0, say)

@@ -108,7 +108,8 @@ def schedule_cost(sim: np.ndarray, steps: Sequence[int]) -> float:
 
 
 def _token_grams(states: np.ndarray, chunk_tokens: int):
-    """Per-token Gram matrices of the states (N, B, L, D), chunk by chunk: (t, N, N) float64, g[τ, i, j] = s_i(τ).s_j(τ)."""
+    """Per-token Gram matrices of the states (N, B, L, D), chunk by chunk: (t, N, N) float64,
+    g[τ, i, j] = s_i(τ).s_j(τ)."""
     n, d = states.shape[0], states.shape[-1]
     flat = states.reshape(n, -1, d)  # N T D
     for lo in range(0, flat.shape[1], chunk_tokens):
