@@ -46,7 +46,7 @@ def step_tune(a) -> None:
     folder = digits_engines()
     opts = TuneOptions(max_fid_delta=BUDGET, max_recall_delta=RECALL, num=a.num or 500, seeds=tuple(a.seeds or [0]),
                        confirm=12)
-    key = f"{opts.num}x{list(opts.seeds)}-confirm{opts.confirm}-probe{opts.probe}-predicted-dfid"
+    key = f"{opts.num}x{list(opts.seeds)}-confirm{opts.confirm}-probe{opts.probe}-fidprobe-mean"
     if load().get("tune", {}).get("digits", {}).get("key") == key and (folder / "plans" / "fast.json").is_file():
         return say("tune: done (results.json)")
     t0, last = time.time(), [0.0]
