@@ -28,7 +28,7 @@ COMMANDS = {
     "convert": artifacts.convert, "export": artifacts.export, "calibrate": artifacts.calibrate,
     "build": artifacts.build, "generate": sampling.generate, "schedule": sampling.schedule,
     "fid": quality.fid, "fid-inception": quality.fid_inception, "validate": quality.validate, "bench": quality.bench,
-    "evaluate": quality.evaluate,
+    "evaluate": quality.evaluate, "tune": quality.tune,
     "serve": serving.serve,
 }
 FILESYSTEM_ERRNOS = (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EFBIG)

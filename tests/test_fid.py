@@ -110,6 +110,40 @@ def test_fid_large_imaginary_part_is_an_error():
         F.frechet_distance(np.zeros(4), np.eye(4), np.zeros(4), -np.eye(4))  # not a covariance
 
 
+def test_fid_probe_against_the_distance_computed_twice():
+    """FidProbe against the exact FID(P, D) - FID(R, D) (the distance computed on each set) for P a perturbation of
+    R image by image (a shift and a linear map of size eps): the linear prediction's error falls as eps^2 while
+    the difference falls as eps; the mean term is exact (a pure shift); the plug-in is exact on the whole set;
+    `predict` is the mean of the two."""
+    rng = np.random.default_rng(4)
+    d, n = 6, 3000
+    mix = rng.standard_normal((d, d)) / np.sqrt(d)
+    r = rng.standard_normal((n, d)) @ mix
+    data = F.stats_from_features(rng.standard_normal((n, d)) @ (mix + 0.3 * np.eye(d)) + 0.2)
+    ref = F.stats_from_features(r)
+    probe = F.fid_probe(ref, data)
+    a, b = rng.standard_normal((d, d)), rng.standard_normal(d)
+
+    def exact(p):
+        return F.fid(F.stats_from_features(p), data) - F.fid(ref, data)
+
+    errors = []
+    for eps in (1e-2, 1e-3):
+        p = r + eps * (r @ a + b)
+        assert probe.linear(r, p) == pytest.approx(exact(p), rel=20 * eps)
+        errors.append(abs(probe.linear(r, p) - exact(p)))
+    assert errors[1] < errors[0] / 30  # second order
+    shifted = r + 0.05 * b
+    assert probe.linear(r, shifted) == pytest.approx(exact(shifted), abs=1e-9)
+    big = r + 0.5 * (r @ a + b)  # far outside the linear regime: the plug-in is still exact on the whole set
+    assert probe.plugin(r, big) == pytest.approx(exact(big), rel=1e-6)
+    assert abs(probe.linear(r, big) - exact(big)) > 0.05 * abs(exact(big))
+    assert probe.predict(r[:64], big[:64]) == pytest.approx(
+        (probe.linear(r[:64], big[:64]) + probe.plugin(r[:64], big[:64])) / 2)
+    with pytest.raises(InputError, match="paired features"):
+        probe.linear(r[:5], p[:4])
+
+
 def test_fid_dimension_mismatch_names_both_shapes():
     with pytest.raises(InputError, match=r"\(3,\).*\(4,\)"):
         F.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))

@@ -156,6 +156,39 @@ def test_schedule_commands_and_dp_generate(engines_dir, tmp_path, capsys):
     assert code == 0 and "encoder 4/10" in out
 
 
+def test_dp_under_forecasting_minimizes_the_forecast_error(engines_dir, tmp_path, capsys):
+    """`schedule --forecast 1`: the DP over the forecast's error of the template states (recorded here again),
+    stored apart from the reuse DP's schedule by its provenance; `generate --forecast 1 --schedule dp:K` uses it."""
+    import dataclasses
+
+    from ddt_export.core.sampling import step_times
+    from ddt_export.runtime import load_engines, record_states
+    from ddt_export.runtime.sampling.dp import forecast_errors, solve_forecast_dp
+
+    code, out, err = run_cli(["schedule", "--engines", engines_dir, "--steps", 12, "--recompute", 4, "--solver",
+                              "adams:2", "--forecast", 1], capsys)
+    assert code == 0, err
+    rec = json.loads((engines_dir / "schedule-12-4.json").read_text())
+    assert rec["method"] == "dp-forecast1" and rec["provenance"]["sampler"]["forecast"] == 1
+    assert "forecast error: dp" in out
+    with load_engines(engines_dir) as engines:
+        m = engines.config.model
+        sampler = dataclasses.replace(engines.config.sampler, num_steps=12, solver="adams:2", forecast=1)
+        noise = np.stack([np.random.default_rng([0, i]).standard_normal(m.latent_shape, dtype=np.float32)
+                          for i in range(8)])
+        labels = np.random.default_rng(0).integers(0, m.num_classes, 8, dtype=np.int64)
+        states = record_states(engines, noise, labels, sampler)
+    steps, cost = solve_forecast_dp(forecast_errors(states, step_times(sampler)[0], 1), 4)
+    assert rec["recompute_steps"] == steps and rec["cost"] == pytest.approx(cost, rel=1e-9)
+    code, out, err = run_cli(["generate", "--engines", engines_dir, "--steps", 12, "--solver", "adams:2",
+                              "--forecast", 1, "--schedule", "dp:4", "--num", 1, "--out", tmp_path / "a"], capsys)
+    assert code == 0 and "using" in err and "encoder 4/12" in out
+    code, out, err = run_cli(["generate", "--engines", engines_dir, "--steps", 12, "--solver", "adams:2",
+                              "--schedule", "dp:4", "--num", 1, "--out", tmp_path / "b"], capsys)  # forecast 0: the
+    # official DP, computed again
+    assert code == 0 and "computed under other settings" in err
+
+
 def _bad_cases(engines_dir, tmp_path):
     np.save(tmp_path / "noise3.npy", np.zeros((2, 3, 8, 8), np.float32))
     nan = np.zeros((2, 4, 8, 8), np.float32)

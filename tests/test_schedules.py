@@ -97,3 +97,73 @@ def test_heatmap_png(tmp_path):
     sim = _random_sim(np.random.default_rng(1), 10)
     p = dp.plot_heatmap(sim, [0, 4, 7], tmp_path / "h.png")
     assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------ the forecast-aware DP, against brute force
+
+
+def _brute_force(states, times, k, order):
+    """The least total error over every schedule of K steps starting at 0, each step's state computed directly:
+    the last recompute state (reuse, or only one so far), else the line through the last two at t_i; error
+    1 - mean over tokens of the cosine with the true state. Plain loops in float64."""
+    import itertools
+
+    n = len(states)
+    tok = states.reshape(n, -1, states.shape[-1]).astype(np.float64)
+
+    def cost(steps):
+        total, rec = 0.0, []
+        for i in range(n):
+            if i in steps:
+                rec.append(i)
+            if order == 0 or len(rec) == 1:
+                f = tok[rec[-1]]
+            else:
+                p, q = rec[-2], rec[-1]
+                f = tok[q] + (times[i] - times[q]) / (times[q] - times[p]) * (tok[q] - tok[p])
+            cos = (f * tok[i]).sum(-1) / np.linalg.norm(f, axis=-1) / np.linalg.norm(tok[i], axis=-1)
+            total += 1.0 - cos.mean()
+        return total
+
+    costs = {(0, *rest): cost([0, *rest]) for rest in itertools.combinations(range(1, n), k - 1)}
+    return min(costs.values()), cost
+
+
+@pytest.mark.parametrize("order", [0, 1])
+def test_forecast_dp_is_the_brute_force_optimum(order):
+    rng = np.random.default_rng(11 + order)
+    for n in (1, 2, 3, 5, 7, 8):
+        states = np.cumsum(rng.standard_normal((n, 2, 3, 4)), axis=0).astype(np.float32)  # N B L D, drifting
+        times = np.sort(rng.uniform(0, 1, n))
+        errors = dp.forecast_errors(states, times, order, chunk_tokens=4)
+        for k in range(1, n + 1):
+            best, cost = _brute_force(states, times, k, order)
+            steps, value = dp.solve_forecast_dp(errors, k)
+            assert len(steps) == k and steps[0] == 0
+            assert value == pytest.approx(best, abs=1e-9), (n, k)
+            assert cost(steps) == pytest.approx(value, abs=1e-9)  # the steps it returns cost what it says
+            assert dp.forecast_schedule_cost(errors, steps) == pytest.approx(value, abs=1e-9)
+            if order == 0:  # the reuse error is the official DP's objective
+                assert dp.solve_dp(dp.similarity(states), k)[1] == pytest.approx(value, abs=1e-9)
+
+
+def test_forecast_dp_follows_a_line_reuse_does_not():
+    """States moving along a straight line in t: the forecast is exact from two recompute steps on, so the
+    forecast DP recomputes step 1 at once and serves every later step exactly (total error 0); reusing step 0
+    would cost, and the reuse DP spreads its steps."""
+    n, t = 12, np.linspace(0.0, 1.0, 12)
+    a, b = np.ones((1, 2, 4)), np.arange(8.0).reshape(1, 2, 4) - 3.0
+    states = (a[None] + t[:, None, None, None] * b[None]).astype(np.float64)  # (N, 1, 2, 4)
+    e1 = dp.forecast_errors(states, t, 1)
+    steps, value = dp.solve_forecast_dp(e1, 3)
+    assert steps[:2] == [0, 1] and value == pytest.approx(0.0, abs=1e-9)
+    assert e1[0, 0, 1] > 1e-3 and dp.solve_dp(dp.similarity(states), 3)[0][1] > 1
+
+
+def test_forecast_dp_bad_input():
+    with pytest.raises(InputError, match="forecast order"):
+        dp.forecast_errors(np.zeros((3, 1, 2, 4)), [0, 0.5, 1], order=2)
+    with pytest.raises(InputError, match="step times"):
+        dp.forecast_errors(np.ones((3, 1, 2, 4)), [0, 0.5, 0.5])
+    with pytest.raises(InputError, match="K"):
+        dp.solve_forecast_dp(np.zeros((3, 3, 3)), 4)

@@ -41,10 +41,11 @@ def duration(seconds: float) -> str:
     return (f"{days}d " if days else "") + f"{hours:02d}:{rest // 60:02d}:{rest % 60:02d}"
 
 
-def image_progress(label: str):
-    """A rich bar over images with the rate (images/s) and the ETA of this run: samples already there when it
-    starts (a resumed run) count as done but not in the rate. Returns (context manager, callback(done, total)).
-    Without a terminal (logs, CI) it prints a line at every tenth of the run instead."""
+def image_progress(label: str, unit: str = "images"):
+    """A rich bar over `unit`s (images; tune: sample-steps) with the rate and the ETA of this run: units already
+    done when it starts (a resumed run) count as done but not in the rate; a total that grows (tune's estimate
+    of its later stages) moves the ETA. Returns (context manager, callback(done, total)). Without a terminal
+    (logs, CI) it prints a line at every tenth of the run instead."""
     import time
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
@@ -61,7 +62,7 @@ def image_progress(label: str):
             r = rate(int(task.completed))
             left = (task.total - task.completed) / r if r > 0 and task.total else None
             eta = "-:--:--" if left is None else duration(left)
-            return Text(f"{r:.2f} images/s  ETA {eta}")
+            return Text(f"{r:.2f} {unit}/s  ETA {eta}")
 
     bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), Rate(), TimeElapsedColumn(),
                    console=console, transient=True, disable=not console.is_terminal)
@@ -76,6 +77,6 @@ def image_progress(label: str):
             state["logged"] = tenth
             r = rate(done)
             eta = f", ETA {duration((total - done) / r)}" if r > 0 else ""
-            say(f"{label}: {done}/{total} images, {r:.2f} images/s{eta}")
+            say(f"{label}: {done}/{total} {unit}, {r:.2f} {unit}/s{eta}")
 
     return bar, update

@@ -1,4 +1,4 @@
-"""Commands that measure: fid, evaluate, fid-inception, validate, bench."""
+"""Commands that measure: fid, evaluate, fid-inception, validate, bench, tune."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,10 +10,12 @@ from rich.console import Console
 from ..evaluate.adm import IS_ORDER, IS_ORDERS, IS_SEED, IS_SPLIT
 from ..evaluate.bench import DEFAULT_BATCHES, DEFAULT_REPEATS, DEFAULT_SCHEDULES
 from ..evaluate.features import DEFAULT_BATCH as FEATURE_BATCH
+from ..evaluate.tune import DEFAULT_CONFIRM as TUNE_CONFIRM, DEFAULT_NUM as TUNE_NUM, \
+    DEFAULT_PROBE as TUNE_PROBE, DEFAULT_RECALL_DELTA as TUNE_RECALL_DELTA
 from ..evaluate.validate import DEFAULT_NUM as VALIDATE_NUM
 from ..runtime.graphs.engines import DEFAULT_ENGINES
-from .common import (DEVICE_LOOP_HELP, FORECAST_HELP, PLAN_HELP, SEED_HELP, SOLVER_HELP, console, say,
-                     step_progress)
+from .common import (DEVICE_LOOP_HELP, FORECAST_HELP, PLAN_HELP, SEED_HELP, SOLVER_HELP, console, image_progress,
+                     say, step_progress)
 
 
 def fid(
@@ -206,3 +208,71 @@ def bench(
                   f"{s['predicted']:.2f}x", f"{s['measured']:.2f}x")
     out.print(t)
     write_outputs(res, json_out, plot)
+
+
+def _csv(text: Optional[str], flag: str, kind, what: str) -> tuple:
+    """A comma-separated flag value as a tuple of `kind` (None: empty, the default)."""
+    from ..core.errors import InputError
+
+    if text is None:
+        return ()
+    try:
+        return tuple(kind(v.strip()) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise InputError(flag, f"comma-separated {what}", text)
+
+
+def tune(
+    engines: Path = typer.Option(DEFAULT_ENGINES, help="engine folder to tune; the plans go into its plans/"),
+    max_fid_delta: float = typer.Option(..., help="the budget: |FID(plan) - FID(reference)| at most this "
+                                                  "(mean over seeds); the cheapest plan within is `fast`"),
+    max_recall_delta: float = typer.Option(TUNE_RECALL_DELTA, help="... and |recall(plan) - recall(reference)| "
+                                                                   "at most this"),
+    num: int = typer.Option(TUNE_NUM, help="FID samples per seed for each confirmed candidate (and the reference)"),
+    seed: List[int] = typer.Option([0], help=SEED_HELP + "; repeat for more seeds (the probe uses the first)"),
+    probe: int = typer.Option(TUNE_PROBE, help="samples of the cheap trajectory-error stage"),
+    confirm: int = typer.Option(TUNE_CONFIRM, help="candidates confirmed with FID, at most"),
+    solvers: Optional[str] = typer.Option(None, help="comma-separated: euler,adams:2,adams:3,adams:4 (default)"),
+    steps: Optional[str] = typer.Option(None, help="comma-separated step counts (default: 1/8..1/2 of the "
+                                                   "reference's)"),
+    timeshifts: Optional[str] = typer.Option(None, help="comma-separated timeshifts (default 1,1.5)"),
+    rates: Optional[str] = typer.Option(None, help="comma-separated R of uniform:R schedules (default 2,3)"),
+    dp_fractions: Optional[str] = typer.Option(None, help="comma-separated fractions f of dp:K schedules, K = f x "
+                                                          "steps (default 0.5,0.333,0.25)"),
+    forecasts: Optional[str] = typer.Option(None, help="comma-separated forecast orders (default 0,1,2)"),
+    interval: List[str] = typer.Option([], help="LO,HI: a guidance interval to try besides the reference's "
+                                                "(repeat; default: the reference's with LO + 0.1)"),
+    features: Optional[str] = typer.Option(None, help="digits | inception (default: digits for the digits model)"),
+    inception_onnx: Optional[Path] = typer.Option(None, help="inception_fid.onnx from `ddt-export fid-inception`"),
+    stats: Optional[Path] = typer.Option(None, help="data .npz (arr_0 images for precision/recall; default for the "
+                                                    "digits model: the bundled digits_stats.npz)"),
+):
+    """Search solver x steps x timeshift x encoder schedule x forecast x guidance interval against the model's
+    reference trajectory (same noise and seeds for every candidate); write the frontier of |dFID| against
+    network GFLOP per image into ENGINES/plans/ (+ frontier.png), the cheapest plan within the budget as `fast`."""
+    from ..evaluate.tune import SearchSpace, TuneOptions, tune as run_tune
+
+    defaults = SearchSpace()
+    space = SearchSpace(
+        solvers=_csv(solvers, "--solvers", str, "solvers") or defaults.solvers,
+        steps=_csv(steps, "--steps", int, "integers"),
+        timeshifts=_csv(timeshifts, "--timeshifts", float, "numbers") or defaults.timeshifts,
+        rates=_csv(rates, "--rates", int, "integers") if rates is not None else defaults.rates,
+        dp_fractions=_csv(dp_fractions, "--dp-fractions", float, "numbers") if dp_fractions is not None
+        else defaults.dp_fractions,
+        forecasts=_csv(forecasts, "--forecasts", int, "integers") or defaults.forecasts,
+        intervals=tuple(_csv(iv, "--interval", float, "LO,HI numbers") for iv in interval) or None)
+    options = TuneOptions(max_fid_delta=max_fid_delta, max_recall_delta=max_recall_delta, num=num, seeds=tuple(seed),
+                          probe=probe, confirm=confirm, space=space, features=features,
+                          inception_onnx=inception_onnx, stats=stats)
+    bar, progress = image_progress("tuning", "sample-steps")
+    with bar:
+        res = run_tune(engines, options, progress=progress, say=say)
+    rec = res.record
+    print(f"{len(rec['candidates']) - 1} candidates probed, {len(rec['confirmed']) - 1} confirmed with FID "
+          f"({rec['protocol']['samples']} samples x {len(rec['protocol']['seeds'])} seeds)")
+    for c in rec["confirmed"]:
+        mark = " <- fast" if c.get("plan") == "fast" else (" (frontier)" if c["frontier"] else "")
+        print(f"{c['name']:<36} {c['gflop']:8.3f} GFLOP  {rec['confirmed'][0]['gflop'] / c['gflop']:5.2f}x  "
+              f"dFID {c['dfid']:+.4f}  d precision {c['dprecision']:+.4f}  d recall {c['drecall']:+.4f}{mark}")
+    print(f"fast = {res.fast}; wrote {', '.join(str(p) for p in res.plans.values())}")

@@ -114,6 +114,9 @@ def schedule(
     steps: Optional[int] = typer.Option(None, help="sampling steps N (default: the manifest's sampler)"),
     recompute: int = typer.Option(..., help="K: number of steps on which the encoder runs"),
     cfg: Optional[float] = typer.Option(None, help="CFG scale of the template trajectory (default: manifest)"),
+    solver: Optional[str] = typer.Option(None, help=SOLVER_HELP + " (the template trajectory's)"),
+    forecast: Optional[int] = typer.Option(None, help=FORECAST_HELP + "; 1 or 2: the DP minimizes the "
+                                                      "forecast's error"),
     seed: int = typer.Option(TEMPLATE_SEED, help=f"template seed ({TEMPLATE_SAMPLES} samples)"),
     from_similarity: Optional[Path] = typer.Option(None, help="solve from a saved similarity-N.npy instead"),
     out: Optional[Path] = typer.Option(None, help="with --from-similarity: the schedule JSON to write"),
@@ -124,10 +127,12 @@ def schedule(
     bar, progress = step_progress("template trajectory")
     with bar:
         rec, paths = make_schedule(recompute, engines_dir=engines, from_similarity=from_similarity, out=out,
-                                   given=RequestInput(steps=steps, cfg=cfg), seed=seed, progress=progress)
+                                   given=RequestInput(steps=steps, cfg=cfg, solver=solver, forecast=forecast),
+                                   seed=seed, progress=progress)
     print(f"recompute steps ({len(rec['recompute_steps'])} of {rec['num_steps']}): {rec['recompute_steps']}")
     if "uniform" in rec:
         u = rec["uniform"]
-        print(f"cumulative error: dp {rec['cost']:.4g}, uniform:{u['rate']} ({u['recompute']} steps) {u['cost']:.4g}")
+        what = "forecast error" if rec["method"] == "dp-forecast1" else "cumulative error"
+        print(f"{what}: dp {rec['cost']:.4g}, uniform:{u['rate']} ({u['recompute']} steps) {u['cost']:.4g}")
     for p in paths.values():
         print(f"wrote {p}")

@@ -130,6 +130,64 @@ def stats_from_features(features: np.ndarray, source: str = "") -> Stats:
     return Stats(f.mean(axis=0), np.cov(f, rowvar=False), n=f.shape[0], source=source)
 
 
+# --------------------------------------------------------------------------------------- paired deltas
+
+
+@dataclass(frozen=True)
+class FidProbe:
+    """FID(P, D) - FID(R, D) predicted from a few images of P paired with R's (image i of P made from R's noise i),
+    R the reference sample set with statistics `ref`, D the data. With dm and dS the differences of the paired
+    images' means and covariances (what both sets share cancels in them):
+
+    - `linear`: 2 (mu_R - mu_D).dm + |dm|^2 + <G, dS>: the mean term exact, the trace term
+      Tr(S + S_D - 2 (S^1/2 S_D S^1/2)^1/2) to first order, G = I - Sd^1/2 (Sd^1/2 S_R Sd^1/2)^-1/2 Sd^1/2 its
+      gradient at S_R (d Tr(M^1/2) = Tr(M^-1/2 dM) / 2). Unbiased for small changes, low for large ones (it
+      misses FID's curvature);
+    - `plugin`: FID(mu_R + dm, S_R + dS; D) - FID(R, D), exact on the whole set, high on a few images (dS carries
+      their sampling noise into the curvature);
+    - `predict`: their mean, what `tune` ranks by: on the digits model it tracks the measured dFID over 37 plans
+      from 64 images with Pearson 0.99 (the linear alone 0.74, the plug-in 0.97, the final-latent error 0.1;
+      docs/sampling.md).
+    Eigenvalues below `floor` times the largest are floored (fewer images than features)."""
+
+    ref: Stats
+    data: Stats
+    g: np.ndarray  # (d, d)
+
+    def _diffs(self, ref_features: np.ndarray, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        r, p = np.asarray(ref_features, np.float64), np.asarray(features, np.float64)
+        if r.shape != p.shape or r.ndim != 2 or len(r) < 2 or r.shape[1] != self.ref.dim:
+            raise InputError("paired features", f"two (n, {self.ref.dim}) arrays, n >= 2", f"{r.shape}, {p.shape}")
+        return p.mean(axis=0) - r.mean(axis=0), np.cov(p, rowvar=False) - np.cov(r, rowvar=False)
+
+    def linear(self, ref_features: np.ndarray, features: np.ndarray) -> float:
+        dm, ds = self._diffs(ref_features, features)
+        return float(2.0 * (self.ref.mu - self.data.mu) @ dm + dm @ dm + np.sum(self.g * ds))
+
+    def plugin(self, ref_features: np.ndarray, features: np.ndarray) -> float:
+        dm, ds = self._diffs(ref_features, features)
+        sigma = _sym_power(self.ref.sigma + ds, 1.0, 0.0)  # a PSD covariance: negative eigenvalues to 0
+        return frechet_distance(self.ref.mu + dm, sigma, self.data.mu, self.data.sigma) - fid(self.ref, self.data)
+
+    def predict(self, ref_features: np.ndarray, features: np.ndarray) -> float:
+        return 0.5 * (self.linear(ref_features, features) + self.plugin(ref_features, features))
+
+
+def _sym_power(a: np.ndarray, power: float, floor: float) -> np.ndarray:
+    w, v = np.linalg.eigh((a + a.T) / 2.0)
+    w = np.maximum(w, floor * max(w.max(), 0.0) + (np.finfo(np.float64).tiny if power < 0 else 0.0))
+    return (v * w ** power) @ v.T
+
+
+def fid_probe(ref: Stats, data: Stats, floor: float = 1e-10) -> FidProbe:
+    """The `FidProbe` of FID against `data` around the reference statistics `ref` (same features)."""
+    if ref.dim != data.dim:
+        raise InputError("FID statistics", f"the same dimension on both sides ({ref.dim})", data.dim)
+    sd = _sym_power(data.sigma, 0.5, floor)
+    m_inv_sqrt = _sym_power(sd @ ref.sigma @ sd, -0.5, floor)
+    return FidProbe(ref, data, np.eye(ref.dim) - sd @ m_inv_sqrt @ sd)
+
+
 # --------------------------------------------------------------------------------------- loaders
 
 

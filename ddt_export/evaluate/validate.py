@@ -140,7 +140,7 @@ def _ticker(progress: Progress | None, base: int, b: int, total: int):
     return lambda i, n: progress(base + i * b, total)
 
 
-def _to_images(engines: Engines, latents: np.ndarray, step: int) -> np.ndarray:
+def to_images(engines: Engines, latents: np.ndarray, step: int) -> np.ndarray:
     """Final latents (B, C, H, W) -> (B, H, W, C) uint8 images, through the VAE graph when there is one."""
     pixels = latents if engines.vae_decoder is None else call_graph(engines, "vae_decoder", {"latent": latents}, step)
     return images_from_samples(pixels)
@@ -213,7 +213,7 @@ def _sample_pairs(engines: Engines, ref, sides: tuple[SampleRequest, SampleReque
             show = png and sum(len(s) for s in shown[side]) < PNG_SAMPLES
             if extractor is None and not show:
                 continue
-            imgs = _to_images(eng, lat if extractor is not None else lat[:PNG_SAMPLES], sampler.num_steps)
+            imgs = to_images(eng, lat if extractor is not None else lat[:PNG_SAMPLES], sampler.num_steps)
             if extractor is not None:
                 feats[side].append(suite.activations_of(extractor, imgs))  # imgs (b, H, W, C) uint8
             if show:

@@ -6,6 +6,15 @@ template trajectory, sim[i][j] = mean over samples and tokens of cosine(s_i, s_j
 down each column (err[i][j] = cost of serving steps j..i from the state of step j); cost[k][i] = least total
 error covering steps 0..i-1 with k recompute steps, the first forced to 0. Vectorized in float64 with the same
 summation order and tie-breaking (the first minimum) as the official loops.
+
+The forecast-aware DP (`forecast_errors`, `solve_forecast_dp`) chooses the recompute steps on the error of the
+state a step actually gets under encoder forecasting (`SamplerConfig.forecast`): at a step k that does not
+recompute, the line in t through the states of the last two recompute steps p < q, evaluated at t_k (forecast 1;
+at the first recompute step alone, reuse). Same error measure as the official, 1 - the mean over tokens of the
+cosine similarity of the state used and the state the encoder would give, summed over every step; the cost of a
+segment now depends on the last two recompute steps, so the DP runs over (previous, current) pairs: O(K N^3).
+With forecast order 0 it is the official DP's objective (`tests/test_schedules.py` checks both against a
+brute-force search).
 """
 from __future__ import annotations
 
@@ -16,6 +25,9 @@ import numpy as np
 
 from ...core.artifacts import atomic_path
 from ...core.errors import InputError, NumericsError
+
+EPS = 1e-12  # F.normalize's eps: a norm below it counts as EPS
+FORECAST_DP_ORDERS = (0, 1)  # the state forecasts whose error `forecast_errors` states exactly
 
 def similarity(states: np.ndarray, chunk_tokens: int = 4096) -> np.ndarray:
     """states (N, B, L, D) -> sim (N, N) float64: mean over the B*L tokens of cosine(s_i, s_j).
@@ -93,6 +105,114 @@ def schedule_cost(sim: np.ndarray, steps: Sequence[int]) -> float:
     n = err.shape[0]
     ends = list(steps[1:]) + [n]
     return float(sum(err[end - 1][j] for j, end in zip(steps, ends)))
+
+
+def _token_grams(states: np.ndarray, chunk_tokens: int):
+    """Per-token Gram matrices of the states (N, B, L, D), chunk by chunk: (t, N, N) float64,
+    g[τ, i, j] = s_i(τ).s_j(τ)."""
+    n, d = states.shape[0], states.shape[-1]
+    flat = states.reshape(n, -1, d)  # N T D
+    for lo in range(0, flat.shape[1], chunk_tokens):
+        a = flat[:, lo:lo + chunk_tokens].astype(np.float64)  # N t D
+        yield np.einsum("itd,jtd->tij", a, a)
+
+
+def forecast_errors(states: np.ndarray, times: Sequence[float], order: int = 1,
+                    chunk_tokens: int | None = None) -> np.ndarray:
+    """e (N, N, N) float64: e[p, q, k] = 1 - mean over tokens of cos(state used at step k, s_k) when the last
+    recompute steps before or at k are p <= q (p == q: q alone). The state used: s_q (reuse: order 0, or p == q),
+    else (order 1) the line through (t_p, s_p), (t_q, s_q) evaluated at t_k, the forecast `plan.plan_steps`
+    feeds the decoder. Entries with not p <= q <= k are +inf.
+
+    states (N, B, L, D): the encoder's output at every step of a template trajectory; times (N,): each step's t.
+    Computed from per-token dot products (a chunk of tokens at a time), O(N^3) per token."""
+    if states.ndim != 4:
+        raise InputError("encoder states", "(N, B, L, D)", states.shape)
+    if order not in FORECAST_DP_ORDERS:
+        raise InputError("forecast order of the DP", " | ".join(map(str, FORECAST_DP_ORDERS)), order)
+    n = states.shape[0]
+    t = np.asarray(times, np.float64)
+    if t.shape != (n,) or not np.all(np.diff(t) > 0):
+        raise InputError("step times", f"({n},) increasing", t.shape)
+    chunk = chunk_tokens or max(1, 2 ** 22 // (n * n))
+    total = np.zeros((n, n, n))
+    tokens = 0
+    for g in _token_grams(states, chunk):  # g: t N N
+        tokens += len(g)
+        norm = np.maximum(np.sqrt(np.maximum(np.einsum("tii->ti", g), 0.0)), EPS)  # t N
+        for q in range(n):
+            ks = slice(q, n)
+            reuse = g[:, q, ks] / (norm[:, q, None] * norm[:, ks])  # t (N-q)
+            total[q, q, ks] += reuse.sum(0)
+            if q == 0:
+                continue
+            if order == 0:
+                total[:q, q, ks] += reuse.sum(0)[None, :]
+                continue
+            p = np.arange(q)
+            wp = (t[None, q:] - t[q]) / (t[p, None] - t[q])  # q (N-q): the line through p and q at t_k
+            wq = (t[None, q:] - t[p, None]) / (t[q] - t[p, None])
+            dot = wp * g[:, :q, ks] + wq * g[:, q, None, ks]  # t q (N-q)
+            sq = (wp ** 2 * g[:, p, p][:, :, None] + 2 * wp * wq * g[:, :q, q][:, :, None]
+                  + wq ** 2 * g[:, q, q][:, None, None])
+            fnorm = np.maximum(np.sqrt(np.maximum(sq, 0.0)), EPS)
+            total[:q, q, ks] += (dot / (fnorm * norm[:, None, ks])).sum(0)
+    err = 1.0 - total / tokens
+    p, q, k = np.ogrid[:n, :n, :n]
+    return np.where((p <= q) & (q <= k), err, np.inf)
+
+
+def _segment_costs(errors: np.ndarray) -> np.ndarray:
+    """C (N, N, N + 1): C[p, q, r] = sum_{k=q}^{r-1} e[p, q, k], the cost of serving steps q..r-1 from the
+    recompute steps p <= q (+inf unless p <= q < r)."""
+    n = errors.shape[0]
+    finite = np.where(np.isfinite(errors), errors, 0.0)
+    c = np.concatenate([np.zeros((n, n, 1)), np.cumsum(finite, axis=2)], axis=2)  # c[..., r] = sum_{k<r}
+    p, q, r = np.ogrid[:n, :n, :n + 1]
+    return np.where((p <= q) & (q < r), c, np.inf)
+
+
+def solve_forecast_dp(errors: np.ndarray, k: int) -> tuple[list[int], float]:
+    """K recompute steps (the first 0) with the least total error when each step gets the state the forecast
+    makes from the last two recompute steps (`forecast_errors`), and that total. A DP over (number of recompute
+    steps, the last two of them): O(K N^3) time, O(K N^2) memory; ties go to the first minimum in index order."""
+    errors = np.asarray(errors, np.float64)
+    n = errors.shape[0]
+    if errors.shape != (n, n, n) or n < 1:
+        raise InputError("forecast errors", "an (N, N, N) array", errors.shape)
+    if not 1 <= k <= n:
+        raise InputError("--recompute K", f"1 <= K <= N = {n}", k)
+    c = _segment_costs(errors)  # p q r
+    cost = np.full((n, n), np.inf)  # cost[q, p]: steps 0..q-1 covered, last recompute steps p <= q
+    cost[0, 0] = 0.0
+    parents = []
+    later = np.arange(n)[None, :] > np.arange(n)[:, None]  # (q, r): r after q
+    for _ in range(2, k + 1):
+        value = cost[:, :, None] + c.transpose(1, 0, 2)[:, :, :n]  # (q, p, r): then recompute at r
+        best = np.argmin(value, axis=1)  # (q, r)
+        new = np.where(later, np.take_along_axis(value, best[:, None, :], 1)[:, 0, :], np.inf)  # (q, r)
+        parents.append(best)
+        cost = new.T  # (r, q): the new last pair
+    total = cost + c[:, :, n].T  # (q, p): steps q..N-1 served last
+    q, p = np.unravel_index(int(np.argmin(total)), total.shape)
+    value = float(total[q, p])
+    assert np.isfinite(value), (n, k)
+    steps = [int(q)] if k == 1 else [int(q), int(p)]
+    for best in reversed(parents[1:]):  # layers K..3: the pair (p, q) came from (best[p, q], p)
+        q, p = p, best[p, q]
+        steps.append(int(p))
+    steps.reverse()
+    assert steps[0] == 0 and len(steps) == k and all(a < b for a, b in zip(steps, steps[1:])), steps
+    return steps, value
+
+
+def forecast_schedule_cost(errors: np.ndarray, steps: Sequence[int]) -> float:
+    """Total forecast error of any schedule (`solve_forecast_dp`'s objective)."""
+    n = errors.shape[0]
+    steps = list(steps)
+    prev = [steps[0]] + steps[:-1]  # the step before each recompute step (itself for the first)
+    ends = steps[1:] + [n]
+    return float(sum(errors[p, q, q:end].sum() for p, q, end in zip(prev, steps, ends)))
 
 
 def plot_heatmap(sim: np.ndarray, steps: Sequence[int], path: Path, title: str = "") -> Path:

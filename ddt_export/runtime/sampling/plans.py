@@ -30,6 +30,7 @@ PLANS_DIR = "plans"
 KIND = "ddt-export plan"
 FORMAT_VERSION = 1
 FAST = "fast"  # the cheapest plan within the tuning budget
+FRONTIER = "frontier"  # plans/frontier.json and .png: tune's search record and plot, not a plan
 NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 PLAN_FIELDS = ("steps", "solver", "forecast", "timeshift", "interval", "schedule")  # what a plan fixes
 PLAN_PROVENANCE = ("weights", "model")  # what a plan's measurements depend on
@@ -62,8 +63,9 @@ class Plan:
 
 
 def check_name(name: str, field: str = "--plan") -> str:
-    if not isinstance(name, str) or not NAME.fullmatch(name):
-        raise InputError(field, "a plan name: lower-case letters, digits, - and _ (at most 64)", repr(name))
+    if not isinstance(name, str) or not NAME.fullmatch(name) or name == FRONTIER:
+        raise InputError(field, f"a plan name: lower-case letters, digits, - and _ (at most 64), not {FRONTIER}",
+                         repr(name))
     return name
 
 
@@ -73,7 +75,8 @@ def plan_path(folder: Path, name: str) -> Path:
 
 def plan_names(folder: Path) -> list[str]:
     d = Path(folder) / PLANS_DIR
-    return sorted(p.stem for p in d.glob("*.json") if NAME.fullmatch(p.stem)) if d.is_dir() else []
+    return sorted(p.stem for p in d.glob("*.json") if NAME.fullmatch(p.stem) and p.stem != FRONTIER) \
+        if d.is_dir() else []
 
 
 def write_plan(folder: Path, plan: Plan, provenance: Provenance) -> Path:

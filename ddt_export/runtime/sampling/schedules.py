@@ -6,7 +6,10 @@ on the engines themselves; it is stored in the engine folder (`schedule-N-K.json
 heatmap) with the provenance it was computed under, and reused only when that provenance's weights, model and
 sampler equal the engines' (`Provenance.diff`), else computed again (the caller is told which). One resolver
 (`schedule_steps`) serves every caller; how a missing dp:K is computed is the caller's (here, on the engines;
-`generate --ray`, on a worker).
+`generate --ray`, on a worker). Under encoder forecasting (`SamplerConfig.forecast` 1 or 2) the DP chooses the
+steps on the error of the state the forecast gives (`dp.solve_forecast_dp`, order 1) instead of the reuse error
+(`DP_ON_FORECAST`, the measured choice: docs/sampling.md); the sampler, forecast included, is in the stored
+schedule's provenance, so the two never mix.
 """
 from __future__ import annotations
 
@@ -25,7 +28,9 @@ from ...core.manifest import Manifest
 from ...core.noise import sample_noise
 from ...core.provenance import Provenance
 from ..graphs.engines import Engines, load_engines
-from .dp import plot_heatmap, schedule_cost, similarity, solve_dp
+from ...core.sampling import step_times
+from .dp import (forecast_errors, forecast_schedule_cost, plot_heatmap, schedule_cost, similarity,
+                 solve_dp, solve_forecast_dp)
 from .grammar import ScheduleSpec, steps_for, uniform_steps, validate_steps
 from .host import record_states
 from .request import CLI, RequestInput, SampleRequest, resolve_sampler
@@ -33,6 +38,8 @@ from .request import CLI, RequestInput, SampleRequest, resolve_sampler
 TEMPLATE_SAMPLES = 8  # the official sharing_dp template batch
 TEMPLATE_SEED = 0
 SCHEDULE_FIELDS = ("weights", "model", "sampler")  # what a DP schedule depends on besides N and K
+DP_METHODS = ("reuse", "forecast")  # the error the DP minimizes (`dp_method`)
+DP_ON_FORECAST = True  # under forecasting, dp:K minimizes the forecast's error (measured: docs/sampling.md)
 
 
 def schedule_record(steps: list[int], num_steps: int, **settings) -> dict:
@@ -51,22 +58,59 @@ def schedule_provenance(manifest: Manifest, sampler: SamplerConfig, seed: int = 
         options={"template": f"{TEMPLATE_SAMPLES} samples, seed {seed}"})
 
 
-def compute_schedule(engines: Engines, sampler: SamplerConfig, recompute: int, *, seed: int = TEMPLATE_SEED,
-                     progress: Progress | None = None) -> tuple[dict, np.ndarray]:
-    """Template trajectory on the engines -> similarity (N, N) float64 -> DP. Returns (schedule record, sim)."""
-    n, m = sampler.num_steps, engines.config.model
-    if not 1 <= recompute <= n:
-        raise InputError("--recompute K", f"1 <= K <= --steps = {n}", recompute)
+def template_states(engines: Engines, sampler: SamplerConfig, seed: int = TEMPLATE_SEED,
+                    progress: Progress | None = None) -> np.ndarray:
+    """The encoder states (N, 2B, L, D) float32 of the template trajectory: TEMPLATE_SAMPLES samples of `seed`,
+    every step recomputed, the full CFG batch."""
+    m = engines.config.model
     noise = sample_noise(seed, range(TEMPLATE_SAMPLES), m.latent_shape)  # (8, C, H, W), per sample
     labels = np.random.default_rng(seed).integers(0, m.num_classes, TEMPLATE_SAMPLES, dtype=np.int64)
-    sim = similarity(record_states(engines, noise, labels, sampler, progress=progress))  # (N, N) float64
-    steps, cost = solve_dp(sim, recompute)
+    return record_states(engines, noise, labels, sampler, progress=progress)
+
+
+def dp_method(sampler: SamplerConfig, method: str | None = None) -> str:
+    """Which error the DP minimizes: `reuse` (the official: 1 - cos of the reused state) or `forecast` (of the
+    state the sampler's forecast gives, `dp.forecast_errors`). Default: DP_ON_FORECAST when the sampler
+    forecasts, else reuse."""
+    if method is None:
+        return "forecast" if sampler.forecast > 0 and DP_ON_FORECAST else "reuse"
+    if method not in DP_METHODS:
+        raise InputError("DP method", " | ".join(DP_METHODS), method)
+    return method
+
+
+def schedule_from_states(states: np.ndarray, sampler: SamplerConfig, recompute: int, provenance: Provenance,
+                         method: str | None = None) -> tuple[dict, np.ndarray]:
+    """The DP's K recompute steps from template states (N, B, L, D). Returns (schedule record, sim (N, N))."""
+    n = sampler.num_steps
+    if not 1 <= recompute <= n:
+        raise InputError("--recompute K", f"1 <= K <= --steps = {n}", recompute)
+    sim = similarity(states)  # (N, N) float64: the heatmap, and the reuse DP's input
     rate = math.ceil(n / recompute)  # the sparsest uniform schedule with no more steps than the DP's
     base = uniform_steps(n, rate)
-    uniform = {"rate": rate, "recompute": len(base), "cost": schedule_cost(sim, base)}
-    record = schedule_record(steps, n, method="dp", cost=cost, uniform=uniform,
-                             provenance=schedule_provenance(engines.manifest, sampler, seed).to_dict())
+    method = dp_method(sampler, method)
+    if method == "forecast":  # the state a step gets is the order-1 forecast from the last two recompute steps
+        errors = forecast_errors(states, step_times(sampler)[0], order=1)
+        steps, cost = solve_forecast_dp(errors, recompute)
+        base_cost = forecast_schedule_cost(errors, base)
+    else:
+        steps, cost = solve_dp(sim, recompute)
+        base_cost = schedule_cost(sim, base)
+    uniform = {"rate": rate, "recompute": len(base), "cost": base_cost}
+    record = schedule_record(steps, n, method="dp" if method == "reuse" else "dp-forecast1", cost=cost,
+                             uniform=uniform, provenance=provenance.to_dict())
     return record, sim
+
+
+def compute_schedule(engines: Engines, sampler: SamplerConfig, recompute: int, *, seed: int = TEMPLATE_SEED,
+                     progress: Progress | None = None, method: str | None = None) -> tuple[dict, np.ndarray]:
+    """Template trajectory on the engines -> similarity (N, N) float64 -> DP. Returns (schedule record, sim)."""
+    n = sampler.num_steps
+    if not 1 <= recompute <= n:
+        raise InputError("--recompute K", f"1 <= K <= --steps = {n}", recompute)
+    states = template_states(engines, sampler, seed, progress)
+    return schedule_from_states(states, sampler, recompute, schedule_provenance(engines.manifest, sampler, seed),
+                                method)
 
 
 def model_label(engines: Engines) -> str:

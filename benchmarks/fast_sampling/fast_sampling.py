@@ -1,0 +1,222 @@
+"""Fast sampling on the bundled digits model: plans against its own 50-step Euler reference (issue 21).
+
+    python benchmarks/fast_sampling/fast_sampling.py tune       # ddt-export tune, budget |dFID| <= 0.1: the frontier
+    python benchmarks/fast_sampling/fast_sampling.py families   # FID per solver x steps, then schedules x forecasts
+    python benchmarks/fast_sampling/fast_sampling.py probe      # does a 32-sample probe predict dFID?
+    python benchmarks/fast_sampling/fast_sampling.py dp         # reuse-DP vs forecast-DP under forecast 1 and 2
+    python benchmarks/fast_sampling/fast_sampling.py confirm    # `fast`: 3 seeds x 2000 samples, paired bootstrap
+    python benchmarks/fast_sampling/fast_sampling.py xl         # the FLOP model at DDT-XL 256 and 512
+    python benchmarks/fast_sampling/fast_sampling.py wall       # bench --plan fast: digits and ddt-xl-cpu
+    python benchmarks/fast_sampling/fast_sampling.py report     # the tables of README.md from results.json
+
+The protocol is in study.py. Every step writes results.json as it goes and reuses the cached samples.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+from pathlib import Path
+
+from study import (BUDGET, RECALL, ROOT, TARGET_SPEEDUP, WORK, Runner, Structure, compare, digits_engines,
+                   limit_threads, load, save, say)
+
+REF = Structure()  # the digits model's own trajectory: 50 Euler steps, every step, interval (0.3, 1)
+SOLVERS = ("euler", "adams:2", "adams:3", "adams:4")
+FAMILY_STEPS = (8, 10, 12, 16, 20)
+ENCODER_STEPS = (12, 16)  # the encoder variants run on the best solver at these step counts
+PROBE_SIZES = (32, 64)
+PREDICTORS = ("linear", "plugin", "predict")  # fid.FidProbe's
+
+
+def fast_plan(folder: Path):
+    from ddt_export.core.manifest import read_manifest
+    from ddt_export.runtime.sampling.plans import FAST, read_plan
+
+    return read_plan(folder, read_manifest(folder), FAST)
+
+
+def step_tune(a) -> None:
+    """The library's tune with the default search space, 500 samples of seed 0 per confirmed candidate."""
+    from ddt_export.core.errors import NumericsError
+    from ddt_export.evaluate.tune import TuneOptions, tune
+
+    folder = digits_engines()
+    opts = TuneOptions(max_fid_delta=BUDGET, max_recall_delta=RECALL, num=a.num or 500, seeds=tuple(a.seeds or [0]),
+                       confirm=12)
+    key = f"{opts.num}x{list(opts.seeds)}-confirm{opts.confirm}-probe{opts.probe}-fidprobe-mean"
+    if load().get("tune", {}).get("digits", {}).get("key") == key and (folder / "plans" / "fast.json").is_file():
+        return say("tune: done (results.json)")
+    t0, last = time.time(), [0.0]
+
+    def progress(done: int, total: int) -> None:
+        if done / max(total, 1) >= last[0] + 0.05:
+            last[0] = done / total
+            say(f"tune: {done}/{total} sample-steps ({time.time() - t0:.0f} s)")
+
+    try:
+        tune(folder, opts, progress=progress, say=say)
+    except NumericsError as e:  # nothing within the budget: the frontier is written all the same
+        say(f"tune: {e}")
+    rec = json.loads((folder / "plans" / "frontier.json").read_text())
+    save("tune", "digits", {"key": key, "command": f"ddt-export tune --engines {folder.relative_to(ROOT)} "
+                            f"--max-fid-delta {BUDGET} --confirm 12", "fast": rec["fast"],
+                            "probed": len(rec["candidates"]) - 1, "confirmed": rec["confirmed"],
+                            "seconds": rec["seconds"], "space": rec["protocol"]["space"]})
+
+
+def step_families(a) -> None:
+    """dFID (seed 0, 500 samples, paired with the reference) of each solver at each step count (every step
+    recomputed); then, on the solver with the least mean |dFID| and on adams:2, encoder schedules x forecast
+    orders."""
+    run, num, seeds = Runner(digits_engines()), a.num or 500, a.seeds or [0]
+    done = load().get("families", {})
+    for solver in SOLVERS:
+        for n in FAMILY_STEPS:
+            _row(run, "families", Structure(solver, n), seeds, num, done)
+    rows = load()["families"]
+    best = min(SOLVERS, key=lambda s: statistics.mean(abs(r["mean_dfid"]) for r in rows.values()
+                                                     if r["structure"]["solver"] == s and r["structure"]["schedule"]
+                                                     == "all"))
+    for solver in dict.fromkeys((best, "adams:2")):  # the least mean |dFID|, and the solver tune picks
+        _encoder_rows(run, solver, seeds, num, done)
+
+
+def _encoder_rows(run: Runner, best: str, seeds, num: int, done: dict) -> None:
+    say(f"families: encoder variants on {best}")
+    for n in ENCODER_STEPS:
+        for spec in ["uniform:2", f"dp:{round(n / 3)}", f"dp:{round(n / 4)}"]:
+            for f in (0, 1, 2):
+                _row(run, "families", Structure(best, n, spec, f), seeds, num, done)
+
+
+def _row(run: Runner, section: str, s: Structure, seeds, num: int, done: dict, draws: int = 0,
+         extra: dict | None = None) -> dict:
+    key = f"{s.key}-n{num}-s{''.join(map(str, seeds))}"
+    if key not in done:
+        row = dict(compare(run, s, REF, list(seeds), num, draws), **(extra or {}))
+        save(section, key, row)
+        done[key] = row
+        say(f"{section} {s.key}: {row['gflop']:.3f} GFLOP, dFID {', '.join(f'{d:+.3f}' for d in row['dfid'])}, "
+            f"d recall {row['mean_drecall']:+.4f}")
+    return done[key]
+
+
+def step_probe(a) -> None:
+    """How well a small paired batch predicts dFID: over the `families` plans (seed 0), the final-latent error and
+    the three predictions of `fid.FidProbe` (linear, plug-in, their mean) from their first 32 and 64 samples,
+    against the dFID of all 500."""
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    from ddt_export.core.numerics import relative_errors
+    from ddt_export.evaluate.fid import fid_probe, stats_from_features
+
+    run = Runner(digits_engines())
+    ref = run.chunk(REF, 0, 0)
+    probe = fid_probe(stats_from_features(ref["features"]), run.data.stats)
+    rows = []
+    for r in load().get("families", {}).values():
+        z = run.chunk(Structure(**dict(r["structure"], interval=tuple(r["structure"]["interval"]))), 0, 0)
+        row = {"key": r["key"], "dfid": r["dfid"][0]}
+        for n in PROBE_SIZES:
+            row[f"trajectory_error_{n}"] = float(relative_errors(z["latents"][:n], ref["latents"][:n]).mean())
+            for what in PREDICTORS:
+                row[f"{what}_{n}"] = getattr(probe, what)(ref["features"][:n], z["features"][:n])
+        rows.append(row)
+    out = {"rows": rows, "n_plans": len(rows)}
+    truth = [abs(r["dfid"]) for r in rows]
+    for n in PROBE_SIZES:
+        for what in ("trajectory_error", *PREDICTORS):
+            x = [abs(r[f"{what}_{n}"]) for r in rows]
+            out[f"{what}_{n}"] = {"pearson": float(np.corrcoef(x, truth)[0, 1]),
+                                  "spearman": float(spearmanr(x, truth).correlation)}
+    save("probe", "families", out)
+    say("probe: " + "; ".join(f"{k} {v}" for k, v in out.items() if isinstance(v, dict)))
+
+
+def step_dp(a) -> None:
+    """Forecast orders 1 and 2: dp:K chosen on the reuse error (the official) and on the forecast's error, the
+    same solver, steps and K; forecast 1 on 3 seeds x 500 samples, forecast 2 on the first seed: FID per
+    encoder call for both."""
+    folder = digits_engines()
+    run, num, seeds = Runner(folder), a.num or 500, a.seeds or [0, 1, 2]
+    try:
+        p = fast_plan(folder)
+        base = Structure(p.solver, p.steps, "all", 0, p.timeshift, tuple(p.interval))
+    except Exception as e:  # noqa: BLE001 - no tuned plan yet: a fixed base
+        say(f"dp: no fast plan ({e}); adams:2, 16 steps")
+        base = Structure("adams:2", 16)
+    done = load().get("dp", {})
+    ks = sorted({k for k in (round(base.steps / 3), round(base.steps / 4), round(base.steps / 6))
+                 if 2 <= k < base.steps})
+    for f, fseeds in ((1, seeds), (2, seeds[:1])):  # forecast 2 on the first seed: a screen
+        for k in ks:
+            for method in ("reuse", "forecast"):
+                s = dataclasses.replace(base, schedule=f"dp:{k}", forecast=f, dp=method)
+                _row(run, "dp", s, fseeds, num, done, draws=1000,
+                     extra={"recompute_steps": list(map(int, run.resolved(s)[1]))})
+    save("dp", "base", dataclasses.asdict(base))
+
+
+def step_confirm(a) -> None:
+    """`fast` against the reference, 3 seeds x 2000 samples, the paired bootstrap interval; the target check."""
+    folder = digits_engines()
+    run, num, seeds = Runner(folder), a.num or 2000, a.seeds or [0, 1, 2]
+    if a.reference_only:
+        for seed in seeds:
+            run.features(REF, seed, num)
+        return
+    s = Structure.of_plan(fast_plan(folder))
+    row = compare(run, s, REF, list(seeds), num, 1000)
+    ref_g = run.gflop(REF)
+    row.update(reference_gflop=ref_g, speedup=ref_g / row["gflop"], flop_fraction=row["gflop"] / ref_g,
+               meets_target=bool(row["mean_abs_dfid"] <= BUDGET and abs(row["mean_drecall"]) <= RECALL
+                                 and ref_g / row["gflop"] >= TARGET_SPEEDUP))
+    save("confirm", f"{s.key}-n{num}", row)
+    say(f"confirm {s.key}: dFID {row['dfid']}, mean |dFID| {row['mean_abs_dfid']:.3f}, 95% {row['ci95']}, "
+        f"d recall {row['drecall']}, {row['speedup']:.2f}x: target {'met' if row['meets_target'] else 'missed'}")
+
+
+def step_xl(a) -> None:
+    from fast_sampling_xl import xl_rows
+
+    folder = digits_engines()
+    save("xl", "rows", xl_rows(fast_plan(folder)))
+
+
+def step_wall(a) -> None:
+    from fast_sampling_xl import wall
+
+    folder = digits_engines()
+    for name, row in wall(folder, fast_plan(folder), WORK, say).items():
+        save("wall", name, row)
+
+
+def step_report(a) -> None:
+    from fast_sampling_report import report
+
+    report(load())
+
+
+STEPS = {"tune": step_tune, "families": step_families, "probe": step_probe, "dp": step_dp,
+         "confirm": step_confirm, "xl": step_xl, "wall": step_wall, "report": step_report}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("what", choices=list(STEPS))
+    p.add_argument("--num", type=int, default=None, help="samples per seed (confirm: 2000; others: 500)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None)
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads per onnxruntime session")
+    p.add_argument("--reference-only", action="store_true", help="confirm: sample the reference only (start early)")
+    a = p.parse_args(argv)
+    limit_threads(a.threads)
+    STEPS[a.what](a)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
