@@ -33,34 +33,22 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from ..core.classes import ClassNames
 from ..core.errors import ConfigError, DDTExportError, InputError
 from ..core.images import png_bytes
-from ..core.manifest import read_manifest
 from ..runtime.batching.engine import Engine
 from ..runtime.batching.runner import ModelRunner
 from ..runtime.batching.scheduler import QueueFull, Scheduler, SloModel, Status
-from ..runtime.graphs.engines import NO_ENGINES_HINT, load_engines
-from ..runtime.sampling.grammar import default_schedule
-from ..runtime.sampling.plans import lookup, read_plans
+from ..runtime.sampling.plans import lookup
 from ..runtime.sampling.request import API, RequestInput, resolve
 from ..runtime.sampling.schedules import resolve_schedule
 from . import schemas as S
-from .levels import body_terms, decide, frontier_plans, option_input, served, start_curve, terms_for
-from .metrics import CONTENT_TYPE, Metrics
+from .levels import body_terms, decide, option_input, served, terms_for
+from .metrics import CONTENT_TYPE
 from .service import RETRY_AFTER_S, Outcome, Service, ShuttingDown, Ticket
-from .settings import CFG_ROWS, ServeSettings
+from .settings import ServeSettings
+from .site import Site, read_site
 
 log = logging.getLogger("ddt_export.serve")
-
-def _limits(manifest, settings: ServeSettings) -> S.Limits:
-    top = manifest.batch.max
-    given = settings.max_images_per_request
-    images = max(1, top // CFG_ROWS) if given is None else given  # 0 is refused, never the default
-    if not 1 <= images <= top:
-        raise ConfigError("--max-images-per-request", f"1..{top} (the engines' batch.max; a guided image takes "
-                          f"{CFG_ROWS} rows)", images)
-    return S.Limits(manifest.config.model.num_classes, images, settings.max_steps)
 
 
 def _error(status: int, e: Exception, headers: Optional[dict] = None) -> JSONResponse:
@@ -124,40 +112,37 @@ def create_app(engines_dir: Path, settings: ServeSettings = ServeSettings(), *,
                open_engines: Optional[Callable] = None) -> FastAPI:
     """The app for one engine folder. The manifest is read now (bad folders and flags fail here, before any
     port is bound); the engines are opened in the lifespan (`open_engines(folder)`, default `load_engines`)."""
-    engines_dir = Path(engines_dir)
-    manifest = read_manifest(engines_dir, NO_ENGINES_HINT)
-    cfg = manifest.config
-    lim = _limits(manifest, settings)
-    if settings.trace is not None and not Path(settings.trace).parent.is_dir():
-        raise ConfigError("--trace", "a file in an existing folder", str(settings.trace))
-    classes = (ClassNames.load(settings.class_names, lim.num_classes) if settings.class_names is not None
-               else ClassNames.ids(lim.num_classes))
-    sampler = cfg.sampler
-    defaults = {"steps": sampler.num_steps, "cfg": sampler.guidance, "schedule": default_schedule(sampler),
-                "interval": list(sampler.guidance_interval), "timeshift": sampler.timeshift, "num": 1, "seed": 0,
-                "solver": sampler.solver, "forecast": sampler.forecast}
-    plans, refused_plans = read_plans(engines_dir, manifest)  # what /v1/info lists; a request reads its plan again
-    frontier = frontier_plans(plans)  # the plans a request may be moved to under load (a measured dFID)
-    curve = start_curve(settings.cost_curve)  # None: measured in the lifespan
-    words = S.expectations(lim)
-    Req = S.request_model(lim, defaults)
-    field_names = [f.alias or n for n, f in Req.model_fields.items()]
-    metrics = Metrics()
-    opener = open_engines or (lambda folder: load_engines(folder, settings.backend))
+    site = read_site(engines_dir, settings, open_engines)
+    app = _make_app(title="ddt-export serve", version="0.1.0", lifespan=_lifespan(site),
+                    description=f"DDT ({site.cfg.name}) sampling with step-level continuous batching. "
+                                + site.words["class"])
+    app.state.metrics, app.state.classes, app.state.limits = site.metrics, site.classes, site.lim
+    _error_handlers(app, site)
+    _generate_route(app, site)
+    _info_routes(app, site)
+    return app
+
+
+def _lifespan(site: Site):
+    """Open the engines, choose the batching policy (`decide`: `auto` fits the cost curve), start the batch loop;
+    on the way out, drain it and close the engines."""
+    settings = site.settings
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        engines = await asyncio.to_thread(opener, engines_dir)
-        levels = await asyncio.to_thread(decide, engines, settings.batching, curve, lim.max_images, frontier,
-                                         "measured at start-up" if curve is None else str(settings.cost_curve))
+        engines = await asyncio.to_thread(site.opener, site.engines_dir)
+        levels = await asyncio.to_thread(decide, engines, settings.batching, site.curve, site.lim.max_images,
+                                         site.frontier, "measured at start-up" if site.curve is None
+                                         else str(settings.cost_curve))
         scheduler = Scheduler(engines.max_batch, levels.policy, settings.max_delay_ms / 1000.0, settings.max_queue,
                               SloModel(levels.curve, settings.slo_scale, settings.adapt))
         trace_file = open(settings.trace, "a", buffering=1) if settings.trace is not None else None
         trace = (lambda rec: trace_file.write(json.dumps(rec) + "\n")) if trace_file is not None else None
-        service = Service(Engine(scheduler, ModelRunner(engines)), metrics, trace=trace)
+        service = Service(Engine(scheduler, ModelRunner(engines)), site.metrics, trace=trace)
         service.start()
         app.state.service, app.state.engines, app.state.levels = service, engines, levels
-        log.info("serving %s (%s, %s), batching %s", engines_dir, cfg.name, engines.backend_name, levels.policy)
+        log.info("serving %s (%s, %s), batching %s", site.engines_dir, site.cfg.name, engines.backend_name,
+                 levels.policy)
         try:
             yield
         finally:
@@ -166,15 +151,19 @@ def create_app(engines_dir: Path, settings: ServeSettings = ServeSettings(), *,
             if trace_file is not None:
                 trace_file.close()
 
-    app = _make_app(title="ddt-export serve", version="0.1.0", lifespan=lifespan,
-                    description=f"DDT ({cfg.name}) sampling with step-level continuous batching. " + words["class"])
-    app.state.metrics, app.state.classes, app.state.limits = metrics, classes, lim
+    return lifespan
+
+
+def _error_handlers(app: FastAPI, site: Site) -> None:
+    """Every error in the API's shape {"error", "message"}: 422 for the request's faults, 503 with Retry-After for
+    a full queue or a drain, 500 for the server's; the framework's own (404, 405) the same way."""
+    metrics = site.metrics
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
         metrics.requests.labels("invalid").inc()
-        return JSONResponse({"error": "InputError", "message": S.validation_message(exc.errors(), words,
-                                                                                     field_names)}, 422)
+        return JSONResponse({"error": "InputError",
+                             "message": S.validation_message(exc.errors(), site.words, site.field_names)}, 422)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
@@ -199,44 +188,52 @@ def create_app(engines_dir: Path, settings: ServeSettings = ServeSettings(), *,
         metrics.requests.labels("failed").inc()
         return _error(500, exc)
 
-    schedule_lock = threading.Lock()  # one dp:K template trajectory at a time
 
-    async def resolve_one(engines, given: RequestInput):
-        request = resolve(cfg, given, API, lookup(engines_dir, manifest, API.plan))
+class Requests:
+    """A body -> the one request record and its serving terms; an outcome -> the answer (JSON or SSE)."""
+
+    def __init__(self, site: Site):
+        self.site = site
+        self.schedule_lock = threading.Lock()  # one dp:K template trajectory at a time
+
+    async def resolve_one(self, engines, given: RequestInput):
+        site = self.site
+        request = resolve(site.cfg, given, API, lookup(site.engines_dir, site.manifest, API.plan))
         if request.schedule.kind != "dp":
             return resolve_schedule(request, engines, log.info)
 
         def locked():  # may run the template trajectory: off the event loop, one at a time
-            with schedule_lock:
+            with self.schedule_lock:
                 return resolve_schedule(request, engines, log.info)
 
         return await asyncio.to_thread(locked)
 
-    async def resolve_body(engines, body):
+    async def resolve_body(self, engines, body):
         """The body -> the one request record (its checks word their errors with the API's field names) and its
         serving terms: priority, deadline, and the frontier plans within its dFID budget, resolved with its class,
         num, seed and cfg."""
-        t, names = body_terms(body, frontier)
-        label = (classes.resolve(body.class_, API.classes),)
+        t, names = body_terms(body, self.site.frontier)
+        label = (self.site.classes.resolve(body.class_, API.classes),)
         given = RequestInput(classes=label, num=body.num, seed=body.seed, steps=body.steps,
                              cfg=body.cfg, schedule=body.schedule, interval=body.interval, timeshift=body.timeshift,
                              solver=body.solver, forecast=body.forecast, plan=body.plan)
-        request = await resolve_one(engines, given)
-        options = [(n, await resolve_one(engines, option_input(body, label, n))) for n in names]
-        return request, terms_for(t, body, request, options, plans)
+        request = await self.resolve_one(engines, given)
+        options = [(n, await self.resolve_one(engines, option_input(body, label, n))) for n in names]
+        return request, terms_for(t, body, request, options, self.site.plans)
 
-    def payload(ticket: Ticket, outcome: Outcome) -> dict:
+    def payload(self, ticket: Ticket, outcome: Outcome, policy: str) -> dict:
         spec = ticket.request.sample  # what it ran: the plan it was moved to, if it was
         s, label = spec.sampler, int(spec.labels[0])
         return {"id": ticket.id, "images": [base64.b64encode(png_bytes(im)).decode() for im in outcome.images],
-                "labels": spec.labels.tolist(), "batching": app.state.levels.policy, "timings": outcome.timings,
+                "labels": spec.labels.tolist(), "batching": policy, "timings": outcome.timings,
                 "served": served(ticket.request),
-                "settings": {"class": label, "class_name": classes.labels[label], "num": spec.num,
+                "settings": {"class": label, "class_name": self.site.classes.labels[label], "num": spec.num,
                              "seed": spec.seed, "steps": s.num_steps, "cfg": s.guidance,
                              "schedule": str(spec.schedule), "recompute_steps": list(spec.recompute),
                              "interval": list(s.guidance_interval), "timeshift": s.timeshift, "solver": s.solver,
                              "forecast": s.forecast, "plan": spec.plan}}
 
+    @staticmethod
     async def answered(ticket: Ticket, request: Request) -> Optional[Outcome]:
         """The outcome, or None when the client disconnected first (the request is then cancelled)."""
         async def gone():
@@ -253,7 +250,7 @@ def create_app(engines_dir: Path, settings: ServeSettings = ServeSettings(), *,
         request.app.state.service.cancel(ticket)
         return None
 
-    async def stream(ticket: Ticket, service: Service):
+    async def stream(self, ticket: Ticket, service: Service, policy: str):
         try:
             req = ticket.request
             yield _sse("queued", {"id": ticket.id, "waiting": len(service.engine.scheduler.waiting), "plan": req.plan,
@@ -264,7 +261,7 @@ def create_app(engines_dir: Path, settings: ServeSettings = ServeSettings(), *,
                     yield _sse("progress", data)
                     continue
                 if data.status is Status.DONE:
-                    yield _sse("result", await asyncio.to_thread(payload, ticket, data))
+                    yield _sse("result", await asyncio.to_thread(self.payload, ticket, data, policy))
                 elif data.error is not None:
                     status = 503 if isinstance(data.error, ShuttingDown) else 500
                     yield _sse("error", {"status": status, "error": type(data.error).__name__,
@@ -272,6 +269,11 @@ def create_app(engines_dir: Path, settings: ServeSettings = ServeSettings(), *,
                 return
         finally:  # the client went away (the server cancels this generator) or the stream ended
             service.cancel(ticket)
+
+
+def _generate_route(app: FastAPI, site: Site) -> None:
+    handle = Requests(site)
+    Req = site.Req
 
     @app.post("/v1/generate", response_model=S.GenerateResponse, responses={
         **ERRORS, 200: {"description": "the images (JSON), or with stream: true an SSE stream of `queued`, "
@@ -281,34 +283,42 @@ def create_app(engines_dir: Path, settings: ServeSettings = ServeSettings(), *,
         """Sample `num` images of one class: equal, pixel for pixel, to `ddt-export generate` with the same
         class, num, seed, steps, cfg and schedule, whatever else shares the batch."""
         service: Service = request.app.state.service
+        policy = request.app.state.levels.policy
         if service.draining:
             raise ShuttingDown("server", "accepting requests", "shutting down (SIGTERM)")
-        spec, terms = await resolve_body(request.app.state.engines, body)
+        spec, terms = await handle.resolve_body(request.app.state.engines, body)
         ticket = service.submit(spec, stream=body.stream, terms=terms)
         if body.stream:
-            return StreamingResponse(stream(ticket, service), media_type="text/event-stream",
+            return StreamingResponse(handle.stream(ticket, service, policy), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
-        outcome = await answered(ticket, request)
+        outcome = await handle.answered(ticket, request)
         if outcome is None:
             return Response(status_code=499)  # nobody is listening; for the access log
         if outcome.status is not Status.DONE:
             return _failed(outcome)
-        return JSONResponse(await asyncio.to_thread(payload, ticket, outcome))
+        return JSONResponse(await asyncio.to_thread(handle.payload, ticket, outcome, policy))
+
+
+def _info_routes(app: FastAPI, site: Site) -> None:
+    """/v1/info, /health, /metrics and the page."""
+    cfg, lim = site.cfg, site.lim
 
     @app.get("/v1/info", response_model=S.Info)
     async def info(request: Request):
         """The model, its class names in id order, the request defaults and limits, the batching policy."""
         engines = request.app.state.engines
-        side, channels = manifest.dims.image
+        side, channels = site.manifest.dims.image
         levels = request.app.state.levels
-        return {"model": cfg.name, "precision": manifest.precision, "backend": engines.backend_name,
-                "batching": levels.policy, **levels.info(settings.slo_scale), "adapt": settings.adapt,
+        return {"model": cfg.name, "precision": site.manifest.precision, "backend": engines.backend_name,
+                "batching": levels.policy, **levels.info(site.settings.slo_scale), "adapt": site.settings.adapt,
                 "row_budget": engines.max_batch,
-                "image": {"side": side, "channels": channels}, "classes": classes.labels, "defaults": defaults,
+                "image": {"side": side, "channels": channels}, "classes": site.classes.labels,
+                "defaults": site.defaults,
                 "limits": {"max_images": lim.max_images, "max_steps": lim.max_steps,
                            "num_classes": lim.num_classes},
-                "plans": [{"name": p.name, "settings": p.label(), "measured": p.measured} for p in plans.values()],
-                "plans_refused": refused_plans}
+                "plans": [{"name": p.name, "settings": p.label(), "measured": p.measured}
+                          for p in site.plans.values()],
+                "plans_refused": site.refused_plans}
 
     @app.get("/health", response_model=S.Health, responses={503: {"model": S.ErrorResponse}})
     async def health(request: Request):
@@ -324,7 +334,7 @@ def create_app(engines_dir: Path, settings: ServeSettings = ServeSettings(), *,
     async def prometheus():
         """Prometheus metrics: ddt_requests_total{status}, ddt_request_seconds, ddt_queue_seconds,
         ddt_active_requests, ddt_waiting_requests, ddt_iteration_requests, ddt_iteration_rows{graph}, ..."""
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
+        return Response(site.metrics.render(), media_type=CONTENT_TYPE)
 
     page = resources.files("ddt_export.serve").joinpath("static/index.html").read_text(encoding="utf-8")
 
@@ -332,5 +342,3 @@ def create_app(engines_dir: Path, settings: ServeSettings = ServeSettings(), *,
     async def index():
         """The web page: class picker, steps, CFG, images, seed, schedule, live progress, gallery."""
         return HTMLResponse(page)
-
-    return app
