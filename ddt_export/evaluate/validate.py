@@ -307,17 +307,7 @@ def validate(engines_dir: Path, given: RequestInput = RequestInput(), options: V
         errors, feats, shown, timing = _sample_pairs(engines, ref, (request, refreq), noise, extractor, capture, o,
                                                      progress)
         report = {
-            "engines": {"path": str(engines_dir), "precision": engines.manifest.precision,
-                        "backend": engines.backend_name, "loop": engines.loop},
-            "reference": ref.record,
-            "model": {"name": engines.config.name, "sha256": engines.manifest.provenance.weights,
-                      "weights": engines.manifest.provenance.weights_kind},
-            "num": request.num, "seed": request.seed, "labels": f"0..{engines.config.model.num_classes - 1} cycled",
-            "noise": f"per sample i: numpy default_rng([{request.seed}, i]) (core.noise)",
-            "sampler": dataclasses.asdict(request.sampler), "plan": request.plan,
-            "schedule": {"spec": str(request.schedule), "recompute_steps": list(request.recompute)},
-            "reference_sampler": {"sampler": dataclasses.asdict(refreq.sampler), "schedule": str(refreq.schedule),
-                                  "recompute_steps": list(refreq.recompute)},
+            **_header(engines_dir, engines, ref, request, refreq),
             "images": "vae_decoder graph" if engines.vae_decoder is not None else "latents (pixel space)",
             "latent_rel_err": dict(summarize(errors), per_sample=errors.tolist()),
             "parity": _parity(engines, ref, capture),
@@ -337,6 +327,24 @@ def validate(engines_dir: Path, given: RequestInput = RequestInput(), options: V
             write_json(out / REPORT, report)
         _gate(report, o)
         return report
+
+
+def _header(engines_dir: Path, engines: Engines, ref, request, refreq) -> dict:
+    """The report's record of what was compared: the engines, the reference, the model, the samples and both
+    samplers (the engines' request as run; the reference's)."""
+    return {
+        "engines": {"path": str(engines_dir), "precision": engines.manifest.precision,
+                    "backend": engines.backend_name, "loop": engines.loop},
+        "reference": ref.record,
+        "model": {"name": engines.config.name, "sha256": engines.manifest.provenance.weights,
+                  "weights": engines.manifest.provenance.weights_kind},
+        "num": request.num, "seed": request.seed, "labels": f"0..{engines.config.model.num_classes - 1} cycled",
+        "noise": f"per sample i: numpy default_rng([{request.seed}, i]) (core.noise)",
+        "sampler": dataclasses.asdict(request.sampler), "plan": request.plan,
+        "schedule": {"spec": str(request.schedule), "recompute_steps": list(request.recompute)},
+        "reference_sampler": {"sampler": dataclasses.asdict(refreq.sampler), "schedule": str(refreq.schedule),
+                              "recompute_steps": list(refreq.recompute)},
+    }
 
 
 def _parity(engines: Engines, ref, capture: _Capture) -> dict:
