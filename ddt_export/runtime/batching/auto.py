@@ -23,7 +23,7 @@ from ...core.config import SamplerConfig
 from ..sampling.grammar import ScheduleSpec, uniform_steps
 from ..sampling.request import SampleRequest
 from .costs import CostCurve, solo_seconds
-from .scheduler import STEP_LEVEL, planned
+from .scheduler import STEP_LEVEL, SloModel, planned
 from .simulate import Arrival, simulate
 
 LOAD = 0.8  # of request-level saturation
@@ -81,7 +81,7 @@ def choose_policy(curve: CostCurve, row_budget: int, workload: list[SampleReques
     arrivals = [Arrival(t, workload[k], k) for t, k in poisson(len(workload), rate, REQUESTS, SEED + 1)]
     scores = {}
     for policy in STEP_LEVEL:
-        res = simulate(arrivals, curve, row_budget, policy, max_queue=REQUESTS, slo_scale=slo_scale)
+        res = simulate(arrivals, curve, row_budget, policy, max_queue=REQUESTS, slo=SloModel(curve, slo_scale))
         slow = [res.latency[i] / solo[arrivals[i].kind] for i in res.latency]
         scores[policy] = {"slo_attainment": res.summary()["slo_attainment"],
                           "p99_slowdown": float(np.percentile(slow, 99))}
