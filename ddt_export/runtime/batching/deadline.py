@@ -27,7 +27,7 @@ from .costs import CostCurve
 
 JOIN = 0.5  # a request joins an iteration when its rows add at most this fraction of its own step's cost
 HOLD = 4  # `slo` holds up to HOLD x the row budget of started requests; each iteration's calls stay in the budget
-CUMULATIVE = True  # `in_order`: late also when the requests before it leave it no time
+CUMULATIVE = True  # `in_order`: late also when the requests before it leave it no time (where `serial`)
 
 
 def rest_seconds(curve: CostCurve, steps: Sequence[Step], num: int) -> tuple[float, ...]:
@@ -65,6 +65,13 @@ def in_order(reqs: Sequence, now: float, cumulative: bool = True) -> list:
         t += sum(r.rest[r.done_steps] for r in behind if r.rest)
         out += keep + behind
     return out
+
+
+def serial(curve: CostCurve) -> bool:
+    """Whether the curve runs requests one after the other under `pick` (a one-row request does not join another:
+    a linear CPU curve), so that the requests before one in the order delay it by their whole cost. Where they
+    join (a GPU-like curve), they share the calls and only `late` alone applies."""
+    return added(curve, 1, 1, 1, 1) > JOIN * curve.iteration(1, 1, 1)
 
 
 def added(curve: CostCurve, enc: int, dec: int, enc_rows: int, dec_rows: int) -> float:

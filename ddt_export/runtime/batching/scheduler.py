@@ -35,8 +35,8 @@ Policies (`POLICIES`):
 Every policy admits in priority order (high, normal, low; first come first served within one), so a waiting
 request never passes one of a higher priority.
 
-Service levels (`slo.py`; with an `SloModel`: the cost curve and --slo-scale). At submission each request gets
-its SLO (`due`: --slo-scale x its predicted solo latency, or its deadline). A request that allows a quality
+Service levels (`slo.py`; the scheduler's half in `levels.py`, the `ServiceLevels` mixin; with an `SloModel`:
+the cost curve and --slo-scale). At submission each request gets its SLO (`due`: --slo-scale x its predicted solo latency, or its deadline). A request that allows a quality
 trade carries options (the frontier of stored plans within its dFID budget); the scheduler projects when it
 will finish (`project`: this scheduler's own policy run forward on the cost curve with no further arrivals,
 the simulator's model) and, when it would miss, moves it to its cheapest option (or, `SloModel.adapt`
@@ -59,7 +59,7 @@ from ...core.errors import ConfigError, InputError
 from ..sampling.plan import peak_rows, step_rows
 from ..sampling.request import SampleRequest
 from .costs import solo_seconds
-from .deadline import CUMULATIVE, HOLD, in_order, pick, rest_seconds
+from .deadline import CUMULATIVE, HOLD, in_order, pick, rest_seconds, serial
 from .levels import ServiceLevels, SloModel, planned  # noqa: F401  (SloModel, planned: imported from here too)
 from .requests import (TRANSITIONS, QueueFull, Request, RunnerOutput, SchedulerOutput, SloUnreachable,  # noqa: F401
                        Status)
@@ -89,7 +89,7 @@ class Scheduler(ServiceLevels):
             raise ConfigError("--batching slo", "a cost curve and an SLO scale (an SloModel)", "none")
         self.slo = slo
         self.hold = row_budget * (HOLD if policy == "slo" else 1)  # rows of started requests held at once
-        self.cumulative = CUMULATIVE
+        self.cumulative = CUMULATIVE and slo is not None and serial(slo.curve)  # `deadline.in_order`
         self.fixed = False  # a projection's twin: plans stay as they are (no service-level moves)
         self.waiting: deque[Request] = deque()  # in admission order: priority, then arrival
         self.running: dict[int, Request] = {}  # in admission order

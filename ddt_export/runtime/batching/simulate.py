@@ -97,7 +97,7 @@ class SimResult:
 def simulate(arrivals: Sequence[Arrival], curve: CostCurve, row_budget: int, policy: str = "step",
              max_delay: float = 0.0, max_queue: int = 64, slo: SloModel | None = None) -> SimResult:
     """Run the arrivals through the serving engine on a virtual clock, with the server's SLO accounting and
-    load-adaptive plans (`slo`: --slo-scale, --adapt, --headroom; default SloModel(curve))."""
+    load-adaptive plans (`slo`: --slo-scale, --adapt, and the study's headroom; default SloModel(curve))."""
     clock = VirtualClock()
     scheduler = Scheduler(row_budget, policy, max_delay, max_queue, slo or SloModel(curve))
     engine = Engine(scheduler, SimulatedRunner(curve, clock), clock)
