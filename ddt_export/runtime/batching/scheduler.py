@@ -36,8 +36,8 @@ Every policy admits in priority order (high, normal, low; first come first serve
 request never passes one of a higher priority.
 
 Service levels (`slo.py`; the scheduler's half in `levels.py`, the `ServiceLevels` mixin; with an `SloModel`:
-the cost curve and --slo-scale). At submission each request gets its SLO (`due`: --slo-scale x its predicted solo latency, or its deadline). A request that allows a quality
-trade carries options (the frontier of stored plans within its dFID budget); the scheduler projects when it
+the cost curve and --slo-scale). At submission each request gets its SLO (`due`: --slo-scale x its predicted
+solo latency, or its deadline). A request that allows a quality trade carries options (the frontier of stored plans within its dFID budget); the scheduler projects when it
 will finish (`project`: this scheduler's own policy run forward on the cost curve with no further arrivals,
 the simulator's model) and, when it would miss, moves it to its cheapest option (or, `SloModel.adapt`
 least-dfid, the one of least dFID that meets its SLO) (`_plan`), lowest priority first. It does so at
