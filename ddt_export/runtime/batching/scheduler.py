@@ -35,15 +35,15 @@ Policies (`POLICIES`):
 Every policy admits in priority order (high, normal, low; first come first served within one), so a waiting
 request never passes one of a higher priority.
 
-Service levels (`slo.py`; the scheduler's half in `levels.py`, the `ServiceLevels` mixin; with an `SloModel`:
-the cost curve and --slo-scale). At submission each request gets its SLO (`due`: --slo-scale x its predicted
-solo latency, or its deadline). A request that allows a quality trade carries options (the frontier of stored plans within its dFID budget); the scheduler projects when it
-will finish (`project`: this scheduler's own policy run forward on the cost curve with no further arrivals,
-the simulator's model) and, when it would miss, moves it to its cheapest option (or, `SloModel.adapt`
-least-dfid, the one of least dFID that meets its SLO) (`_plan`), lowest priority first. It does so at
-submission (none meets: `SloUnreachable`, a 503), at admission, and for a running request at a step boundary
-where the move is sound (`sampling.step.switch_point`: the plans share every step so far, so its images are
-exactly the new plan's). A request that allows no trade is never moved.
+Service levels (`slo.py`; the scheduler's half in `levels.py`, the `ServiceLevels` mixin; with an `SloModel`: the
+cost curve and --slo-scale). At submission each request gets its SLO (`due`: --slo-scale x its predicted solo
+latency, or its deadline). A request that allows a quality trade carries options (the frontier of stored plans
+within its dFID budget); the scheduler projects when it will finish (`project`: this scheduler's own policy run
+forward on the cost curve with no further arrivals, the simulator's model) and, when it would miss, moves it to its
+cheapest option (or, `SloModel.adapt` least-dfid, the one of least dFID that meets its SLO) (`_plan`), lowest
+priority first. It does so at submission (none meets: `SloUnreachable`, a 503), at admission, and for a running
+request at a step boundary where the move is sound (`sampling.step.switch_point`: the plans share every step so
+far, so its images are exactly the new plan's). A request that allows no trade is never moved.
 
 A request reserves its peak rows while it runs: num x 2 if any of its steps needs the unconditional half
 (a guided step, or a recompute step whose state a guided step reuses), else num. The budget is the engines'
