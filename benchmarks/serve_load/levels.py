@@ -46,8 +46,10 @@ from ddt_export.serve.load import Shot, measured_run  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ENGINES = ROOT / "engines" / "digits-fp32-plans"
+# every kind at the model's own cfg: a plan option takes the request's cfg, and the folder stores one dp:K schedule
+# per step count, so a dp plan's options at two cfg values recompute the DP in turn (seconds each; docs/serve.md)
 KINDS = ({"num": 1}, {"num": 2}, {"num": 4}, {"num": 1, "steps": 20}, {"num": 3, "steps": 20},
-         {"num": 2, "plan": "adams4-25-all"}, {"num": 1, "plan": "adams3-12-all"}, {"num": 2, "steps": 30, "cfg": 1.0})
+         {"num": 2, "plan": "adams4-25-all"}, {"num": 1, "plan": "adams3-12-all"}, {"num": 2, "steps": 30})
 DEFAULT_KINDS = ({"num": 1}, {"num": 2}, {"num": 3}, {"num": 4})  # issue 21's line: the model's own sampler
 LOADS = (0.7, 1.0, 1.5)
 CELLS = (("request", False), ("step", False), ("fair", False), ("auto", False), ("auto", True))
@@ -247,7 +249,7 @@ def cmd_measure(args) -> None:
     fast_cat = Catalog(args.engines, DEFAULT_KINDS, plan="fast")
     policies = list(dict.fromkeys(p for p, _ in CELLS))
     procs, urls = {}, {}
-    out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "engines": str(args.engines),
+    out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "engines": str(args.engines), "seed": args.seed,
            "plans": sorted(cat.frontier), "fast_dfid": float(cat.frontier["fast"].measured["dfid"]),
            "kinds": list(KINDS), "requests": args.requests, "load_avg": [os.getloadavg()], "cells": []}
     try:

@@ -1,0 +1,176 @@
+"""The service-level study's report: the tables of `levels.py measure` (levels.json) and `levels.py simulate --curve
+gpu` (levels_gpu.json), the simulator's error against the measurement, written between the README's markers.
+
+    python benchmarks/serve_load/levels_report.py [--no-write]
+
+The simulator is checked twice on the measured traces (regenerated from their seeds): on each server's start-up
+curve, as `measure` ran it, and on that curve calibrated by one number, k = measured / simulated request-level
+saturation (the burst `measure` sends first, not any cell's result): every per-call and per-iteration cost x k.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT)]
+
+from benchmarks.serve_load.levels import DEFAULT_KINDS, KINDS, MAX_QUEUE, Catalog, budget_check, trace  # noqa: E402
+from ddt_export.runtime.batching.costs import CostCurve  # noqa: E402
+from ddt_export.runtime.batching.report import COMPARED, compare  # noqa: E402
+from ddt_export.runtime.batching.scheduler import SloModel  # noqa: E402
+from ddt_export.runtime.batching.simulate import simulate  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+BEGIN, END = "<!-- levels begin -->", "<!-- levels end -->"
+TARGET = 0.9  # SLO attainment at 150% load with adaptive plans, and no 503s
+
+
+def scaled(curve: CostCurve, k: float) -> CostCurve:
+    def pts(p):
+        return tuple((r, s * k) for r, s in p)
+
+    return dataclasses.replace(curve, encoder=pts(curve.encoder), decoder=pts(curve.decoder),
+                               vae_decoder=pts(curve.vae_decoder), iteration_s=curve.iteration_s * k,
+                               request_step_s=curve.request_step_s * k, note=f"{curve.note} x {k:.2f}")
+
+
+def calibrated(out: dict, cat: Catalog) -> None:
+    """Each cell simulated again on the calibrated curve (the auto server's start-up curve x k)."""
+    sat = out["saturation"]
+    k = sat["measured"] / sat["simulated"]
+    curve = scaled(CostCurve.from_dict(sat["curve"]), 1.0 / k)
+    loads = sorted({c["load"] for c in out["cells"]})
+    for c in out["cells"]:
+        li = loads.index(c["load"])
+        shots = trace(c["rate"], out["requests"], len(KINDS), out.get("seed", 0) + li)
+        arr = cat.arrivals(shots, c["adaptive"])
+        res = simulate(arr, curve, cat.max_batch, c["policy"], max_queue=MAX_QUEUE, slo=SloModel(curve))
+        c["calibrated"] = {**res.summary(), **budget_check(arr, res)}
+        c["calibrated_error"] = compare(c["calibrated"], c["measured"])
+    out["k"] = 1.0 / k
+
+
+def f(v, spec=".2f"):
+    return "-" if v is None else format(v, spec)
+
+
+def cell_name(c: dict) -> str:
+    return f"{c['asked']}{' + adaptive' if c['adaptive'] else ''}" + (f" ({c['policy']})" if c["asked"] == "auto"
+                                                                        else "")
+
+
+def section(out: dict, gpu: dict | None) -> list[str]:
+    sat = out["saturation"]
+    plans = sorted(Path(out["engines"]).glob("plans/*.json"))
+    sha = ", ".join(f"`{p.name}` {hashlib.sha256(p.read_bytes()).hexdigest()[:12]}" for p in plans
+                    if p.name != "frontier.json")
+    lines = [f"Service levels under load (issue 23), {out['date']} (`python benchmarks/serve_load/levels.py measure "
+             f"--requests {out['requests']}`, under `flock /work/cpu-measure.lock`; {out['minutes']:.1f} min).", "",
+             f"Engines: `{out['engines']}`, a copy of `/work/wt-tune/engines/fast_sampling/digits-fp32` (fp32, row "
+             f"budget 64) with its stored plans (sha256 prefixes: {sha}); `fast` = euler 17 steps, dp:4, forecast 2, "
+             f"timeshift 1.5, dFID {out['fast_dfid']:.4f} (the adaptive budget). One server per policy on 127.0.0.1, "
+             "each measuring its own cost curve at start-up, started one after the other; "
+             f"{out['requests']} Poisson arrivals per cell (the same trace for every cell of a load), drawn from "
+             f"{len(KINDS)} kinds: {', '.join(json.dumps(k) for k in KINDS)}; random class and seed. In the adaptive "
+             "cell half of the arrivals (the same ones at every policy) carry `\"quality\": \"adaptive\"`. "
+             f"Request-level saturation: {sat['measured']:.2f} req/s measured ({sat['burst']} requests sent at once "
+             f"to `--batching request`), {sat['simulated']:.2f} simulated on the start-up curve; loads are fractions "
+             "of the measured one. Latency at the client; SLO = 3 x the predicted solo latency (the server's "
+             "verdict).", "",
+             "| load | policy | throughput /s | goodput /s | SLO attainment | p50 s | p99 s | 503 | mean dFID served | "
+             "moved | dFID over budget | exact moved | sim attainment | sim p99 s | calibrated sim attainment |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for c in out["cells"]:
+        m, s, k = c["measured"], c["simulated"], c.get("calibrated", {})
+        lines.append(f"| {c['load']:.0%} | {cell_name(c)} | {f(m['throughput'])} | {f(m['goodput'])} | "
+                     f"{f(m['slo_attainment'])} | {f(m['p50'])} | {f(m['p99'])} | {m['rejected_503']} | "
+                     f"{f(m['mean_dfid_served'], '.4f')} | {m['degraded']} | {m['over_budget']} | {m['exact_moved']} | "
+                     f"{f(s['slo_attainment'])} | {f(s['p99'])} | {f(k.get('slo_attainment'))} |")
+    lines += ["", verdict(out), "", errors(out), ""]
+    if "line" in out:
+        d, q = out["line"]["default"]["measured"], out["line"]["fast"]["measured"]
+        lines.append(f"**Issue 21's serving line** (70% of the default workload's request-level saturation, "
+                     f"{out['line']['rate']:.2f} req/s, {out['line']['requests']} requests of num 1-4, `--batching "
+                     f"auto`): the model's own sampler (50 Euler steps) p50 {d['p50']:.2f} s, p99 {d['p99']:.2f} s; "
+                     f"the same trace with `\"plan\": \"fast\"` p50 {q['p50']:.2f} s, p99 {q['p99']:.2f} s "
+                     f"({d['p50'] / q['p50']:.1f}x and {d['p99'] / q['p99']:.1f}x lower).")
+        lines.append("")
+    if gpu:
+        lines += [f"The simulator on the GPU-like curve ({gpu['curve']['note']}; the same kinds and plans, "
+                  f"{gpu['requests']} arrivals per cell; request-level saturation {gpu['saturation']:.2f} req/s; "
+                  f"auto chose `{gpu['auto']}`):", "",
+                  "| load | policy | throughput /s | goodput /s | SLO attainment | p50 ms | p99 ms | 503 | mean dFID "
+                  "served | moved |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for c in gpu["cells"]:
+            s = c["simulated"]
+            lines.append(f"| {c['load']:.0%} | {cell_name(c)} | {f(s['throughput'])} | {f(s['goodput'])} | "
+                         f"{f(s['slo_attainment'])} | {f(1e3 * s['p50'], '.0f')} | {f(1e3 * s['p99'], '.0f')} | "
+                         f"{s['rejected_503']} | {f(s['mean_dfid_served'], '.4f')} | {s['degraded']} |")
+    return lines
+
+
+def verdict(out: dict) -> str:
+    top = max(c["load"] for c in out["cells"])
+    by = {(c["asked"], c["adaptive"]): c["measured"] for c in out["cells"] if c["load"] == top}
+    a, plain = by.get(("auto", True)), by.get(("auto", False))
+    if a is None:
+        return ""
+    ok = a["slo_attainment"] >= TARGET and a["rejected_503"] == 0
+    best = max((m["slo_attainment"], p) for (p, ad), m in by.items() if not ad)
+    return (f"**At {top:.0%} load, SLO attainment with adaptive plans {a['slo_attainment']:.2f} with "
+            f"{a['rejected_503']} 503s (target >= {TARGET} and none: {'met' if ok else 'NOT met'})**, against "
+            f"{plain['slo_attainment']:.2f} for `auto` without them (best plain policy: `{best[1]}` "
+            f"{best[0]:.2f}); dFID served {f(a['mean_dfid_served'], '.4f')} on average, {a['over_budget']} "
+            f"answers over their budget, {a['exact_moved']} requests that allowed no trade moved.")
+
+
+def errors(out: dict) -> str:
+    parts = []
+    for key, name in (("error", "start-up curve"), ("calibrated_error", "calibrated curve")):
+        if not all(key in c for c in out["cells"]):
+            continue
+        worst = {m: max((c[key][m] for c in out["cells"] if c[key].get(m) is not None), default=None)
+                 for m in COMPARED}
+        mid = {m: sorted(c[key][m] for c in out["cells"] if c[key].get(m) is not None) for m in COMPARED}
+        parts.append(f"{name}: " + ", ".join(f"{m} median {f(100 * v[len(v) // 2], '.0f')}% / worst "
+                                             f"{f(100 * worst[m], '.0f')}%" for m, v in mid.items() if v))
+    k = out.get("k")
+    return ("**Simulator error against the measurement** (|sim - measured| / measured over the cells; target "
+            f"within 25%): {'; '.join(parts)}." + (f" (Calibration k = {k:.2f}.)" if k else ""))
+
+
+def write_section(lines: list[str], readme: Path) -> None:
+    text = readme.read_text()
+    block = "\n".join([BEGIN, *lines, END])
+    if BEGIN in text:
+        i, j = text.index(BEGIN), text.index(END) + len(END)
+        text = text[:i] + block + text[j:]
+    else:
+        text = text.rstrip("\n") + "\n\n## Service levels under load (issue 23)\n\n" + block + "\n"
+    readme.write_text(text)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", type=Path, default=HERE / "levels.json")
+    ap.add_argument("--gpu", type=Path, default=HERE / "levels_gpu.json")
+    ap.add_argument("--readme", type=Path, default=HERE / "README.md")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args(argv)
+    out = json.loads(args.json.read_text())
+    calibrated(out, Catalog(Path(out["engines"])))
+    args.json.write_text(json.dumps(out, indent=1))
+    gpu = json.loads(args.gpu.read_text()) if args.gpu.exists() else None
+    lines = section(out, gpu)
+    print("\n".join(lines))
+    if not args.no_write:
+        write_section(lines, args.readme)
+
+
+if __name__ == "__main__":
+    main()
