@@ -193,7 +193,8 @@ def start(folder: Path, policy: str, log: Path):
     from benchmarks.serve_load.study import free_port
     port = free_port()
     argv = [sys.executable, "-m", "cli", "serve", "--engines", str(folder), "--port", str(port), "--batching", policy,
-            "--max-delay-ms", "10", "--max-queue", str(MAX_QUEUE), "--lifetime", "5400"]
+            "--max-delay-ms", "10", "--max-queue", str(MAX_QUEUE), "--lifetime", "5400", "--trace",
+            str(log.with_suffix(".trace.jsonl"))]
     proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log.open("w"),
                             stderr=subprocess.STDOUT)
     return proc, f"http://127.0.0.1:{port}"
@@ -232,6 +233,9 @@ def cell(url, cat, shots, kinds, adaptive, plan=None) -> dict:
     t0 = time.time()
     run = measured_run(url, shots_of(shots, kinds, adaptive, plan))
     got = {**run.summary(), **answer_check(run, i["adaptive_budget"] or 0.0), "wall_s": time.time() - t0}
+    gaps = [a.latency - a.payload["timings"]["total_s"] for a in run.answers if a.status == 200
+            and "total_s" in a.payload.get("timings", {})]
+    got["outside_s"] = float(np.median(gaps)) if gaps else None  # client latency less the server's own
     arr = cat.arrivals(shots, adaptive)
     res = simulate(arr, curve, cat.max_batch, i["batching"], max_queue=MAX_QUEUE,
                    slo=SloModel(curve, i["slo_scale"], i["adapt"]))
@@ -299,6 +303,15 @@ def cmd_measure(args) -> None:
                 proc.wait(60)
             except subprocess.TimeoutExpired:
                 proc.kill()
+    try:  # the simulator's third check: the curve fitted to the servers' own iterations (as `study.py` does)
+        from benchmarks.serve_load.simulation import fit_trace
+        recs = [json.loads(line) for p in policies for line in (work / f"{p}.trace.jsonl").read_text().splitlines()
+                if line]
+        gaps = [c["measured"]["outside_s"] for c in out["cells"] if c["measured"].get("outside_s") is not None]
+        fitted, fit = fit_trace(recs, float(np.median(gaps)) if gaps else 0.0)
+        out["fitted"] = {"curve": fitted.to_dict(), "fit": fit}
+    except (OSError, ValueError, KeyError) as e:
+        out["fitted"] = {"error": repr(e)}
     out["minutes"] = (time.time() - t_start) / 60
     args.json.write_text(json.dumps(out, indent=1))
     print(f"wrote {args.json} ({out['minutes']:.1f} min; server logs in {work})")
