@@ -4,8 +4,9 @@ gpu` (levels_gpu.json), the simulator's error against the measurement, written b
     python benchmarks/serve_load/levels_report.py [--no-write]
 
 The simulator is checked twice on the measured traces (regenerated from their seeds): on each server's start-up
-curve, as `measure` ran it, and on that curve calibrated by one number, k = measured / simulated request-level
-saturation (the burst `measure` sends first, not any cell's result): every per-call and per-iteration cost x k.
+curve, as `measure` ran it; on that curve calibrated by one number, k = simulated / measured request-level
+saturation (the burst `measure` sends first, not any cell's result): every per-call and per-iteration cost x k;
+and on the curve fitted to the servers' own iterations (`--trace`, all cells pooled, as `study.py` fits it).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT)]
 
-from benchmarks.serve_load.levels import DEFAULT_KINDS, KINDS, MAX_QUEUE, Catalog, budget_check, trace  # noqa: E402
+from benchmarks.serve_load.levels import KINDS, MAX_QUEUE, Catalog, budget_check, trace  # noqa: E402
 from ddt_export.runtime.batching.costs import CostCurve  # noqa: E402
 from ddt_export.runtime.batching.report import COMPARED, compare  # noqa: E402
 from ddt_export.runtime.batching.scheduler import SloModel  # noqa: E402
@@ -39,20 +40,22 @@ def scaled(curve: CostCurve, k: float) -> CostCurve:
                                request_step_s=curve.request_step_s * k, note=f"{curve.note} x {k:.2f}")
 
 
-def calibrated(out: dict, cat: Catalog) -> None:
-    """Each cell simulated again on the calibrated curve (the auto server's start-up curve x k)."""
+def resimulate(out: dict, cat: Catalog) -> None:
+    """Each cell simulated again on the calibrated curve (the auto server's start-up curve x k) and, where
+    `measure` fitted one, on the curve fitted to the servers' own iterations."""
     sat = out["saturation"]
-    k = sat["measured"] / sat["simulated"]
-    curve = scaled(CostCurve.from_dict(sat["curve"]), 1.0 / k)
+    out["k"] = sat["simulated"] / sat["measured"]
+    curves = {"calibrated": scaled(CostCurve.from_dict(sat["curve"]), out["k"])}
+    if "curve" in out.get("fitted", {}):
+        curves["fitted"] = CostCurve.from_dict(out["fitted"]["curve"])
     loads = sorted({c["load"] for c in out["cells"]})
     for c in out["cells"]:
-        li = loads.index(c["load"])
-        shots = trace(c["rate"], out["requests"], len(KINDS), out.get("seed", 0) + li)
+        shots = trace(c["rate"], out["requests"], len(KINDS), out.get("seed", 0) + loads.index(c["load"]))
         arr = cat.arrivals(shots, c["adaptive"])
-        res = simulate(arr, curve, cat.max_batch, c["policy"], max_queue=MAX_QUEUE, slo=SloModel(curve))
-        c["calibrated"] = {**res.summary(), **budget_check(arr, res)}
-        c["calibrated_error"] = compare(c["calibrated"], c["measured"])
-    out["k"] = 1.0 / k
+        for name, curve in curves.items():
+            res = simulate(arr, curve, cat.max_batch, c["policy"], max_queue=MAX_QUEUE, slo=SloModel(curve))
+            c[name] = {**res.summary(), **budget_check(arr, res)}
+            c[f"{name}_error"] = compare(c[name], c["measured"])
 
 
 def f(v, spec=".2f"):
@@ -83,14 +86,16 @@ def section(out: dict, gpu: dict | None) -> list[str]:
              "of the measured one. Latency at the client; SLO = 3 x the predicted solo latency (the server's "
              "verdict).", "",
              "| load | policy | throughput /s | goodput /s | SLO attainment | p50 s | p99 s | 503 | mean dFID served | "
-             "moved | dFID over budget | exact moved | sim attainment | sim p99 s | calibrated sim attainment |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "moved | dFID over budget | exact moved | sim attainment: start-up / calibrated / fitted curve | sim "
+             "p99 s (fitted) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for c in out["cells"]:
-        m, s, k = c["measured"], c["simulated"], c.get("calibrated", {})
+        m, s, k, t = c["measured"], c["simulated"], c.get("calibrated", {}), c.get("fitted", {})
         lines.append(f"| {c['load']:.0%} | {cell_name(c)} | {f(m['throughput'])} | {f(m['goodput'])} | "
                      f"{f(m['slo_attainment'])} | {f(m['p50'])} | {f(m['p99'])} | {m['rejected_503']} | "
                      f"{f(m['mean_dfid_served'], '.4f')} | {m['degraded']} | {m['over_budget']} | {m['exact_moved']} | "
-                     f"{f(s['slo_attainment'])} | {f(s['p99'])} | {f(k.get('slo_attainment'))} |")
+                     f"{f(s['slo_attainment'])} / {f(k.get('slo_attainment'))} / {f(t.get('slo_attainment'))} | "
+                     f"{f(t.get('p99'))} |")
     lines += ["", verdict(out), "", errors(out), ""]
     if "line" in out:
         d, q = out["line"]["default"]["measured"], out["line"]["fast"]["measured"]
@@ -131,7 +136,8 @@ def verdict(out: dict) -> str:
 
 def errors(out: dict) -> str:
     parts = []
-    for key, name in (("error", "start-up curve"), ("calibrated_error", "calibrated curve")):
+    for key, name in (("error", "start-up curve"), ("calibrated_error", "calibrated curve"),
+                      ("fitted_error", "curve fitted to the servers' iterations")):
         if not all(key in c for c in out["cells"]):
             continue
         worst = {m: max((c[key][m] for c in out["cells"] if c[key].get(m) is not None), default=None)
@@ -163,7 +169,7 @@ def main(argv=None) -> None:
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     out = json.loads(args.json.read_text())
-    calibrated(out, Catalog(Path(out["engines"])))
+    resimulate(out, Catalog(Path(out["engines"])))
     args.json.write_text(json.dumps(out, indent=1))
     gpu = json.loads(args.gpu.read_text()) if args.gpu.exists() else None
     lines = section(out, gpu)
