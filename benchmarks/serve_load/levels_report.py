@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT)]
 
-from benchmarks.serve_load.levels import KINDS, MAX_QUEUE, Catalog, budget_check, trace  # noqa: E402
+from benchmarks.serve_load.levels import MAX_QUEUE, Catalog, budget_check, trace  # noqa: E402
 from ddt_export.runtime.batching.costs import CostCurve  # noqa: E402
 from ddt_export.runtime.batching.report import COMPARED, compare  # noqa: E402
 from ddt_export.runtime.batching.scheduler import SloModel  # noqa: E402
@@ -50,7 +50,7 @@ def resimulate(out: dict, cat: Catalog) -> None:
         curves["fitted"] = CostCurve.from_dict(out["fitted"]["curve"])
     loads = sorted({c["load"] for c in out["cells"]})
     for c in out["cells"]:
-        shots = trace(c["rate"], out["requests"], len(KINDS), out.get("seed", 0) + loads.index(c["load"]))
+        shots = trace(c["rate"], out["requests"], len(cat.plain), out.get("seed", 0) + loads.index(c["load"]))
         arr = cat.arrivals(shots, c["adaptive"])
         for name, curve in curves.items():
             res = simulate(arr, curve, cat.max_batch, c["policy"], max_queue=MAX_QUEUE, slo=SloModel(curve))
@@ -79,7 +79,7 @@ def section(out: dict, gpu: dict | None) -> list[str]:
              f"timeshift 1.5, dFID {out['fast_dfid']:.4f} (the adaptive budget). One server per policy on 127.0.0.1, "
              "each measuring its own cost curve at start-up, started one after the other; "
              f"{out['requests']} Poisson arrivals per cell (the same trace for every cell of a load), drawn from "
-             f"{len(KINDS)} kinds: {', '.join(json.dumps(k) for k in KINDS)}; random class and seed. In the adaptive "
+             f"{len(out['kinds'])} kinds: {', '.join(json.dumps(k) for k in out['kinds'])}; random class and seed. In the adaptive "
              "cell half of the arrivals (the same ones at every policy) carry `\"quality\": \"adaptive\"`. "
              f"Request-level saturation: {sat['measured']:.2f} req/s measured ({sat['burst']} requests sent at once "
              f"to `--batching request`), {sat['simulated']:.2f} simulated on the start-up curve; loads are fractions "
@@ -169,7 +169,7 @@ def main(argv=None) -> None:
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     out = json.loads(args.json.read_text())
-    resimulate(out, Catalog(Path(out["engines"])))
+    resimulate(out, Catalog(Path(out["engines"]), tuple(out["kinds"])))
     args.json.write_text(json.dumps(out, indent=1))
     gpu = json.loads(args.gpu.read_text()) if args.gpu.exists() else None
     lines = section(out, gpu)
