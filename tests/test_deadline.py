@@ -18,7 +18,7 @@ from ddt_export.runtime.batching.simulate import Arrival, simulate
 from ddt_export.runtime.batching.slo import Terms
 from ddt_export.runtime.sampling.plan import plan_steps
 from ddt_export.serve.settings import ServeSettings
-from test_slo import LINEAR, engine, run, spec
+from test_slo import LINEAR, adaptive, engine, run, spec
 
 # a call's fixed part dominates (a GPU-like curve): 0.05 s + 0.001 s per row, for the encoder and the decoder
 FLAT = CostCurve(tuple((r, 0.05 + 0.001 * r) for r in range(1, 9)), tuple((r, 0.05 + 0.001 * r) for r in range(1, 9)))
@@ -117,6 +117,31 @@ def test_brute_force_edf_meets_every_slo_whenever_some_order_does(seed):
             t += solo[i]
             done[i] = t
     assert [res.latency[i] for i in range(4)] == pytest.approx([done[i] for i in range(4)])
+
+
+def test_a_trade_is_taken_when_it_would_miss_behind_everything_held():
+    # LINEAR, `slo`. h: 1 image x 30 steps (0.6 s alone, due 1.8). a asks 10 steps (0.2 s, due 0.6) and allows
+    # `fast` (4 steps, 0.08 s). By deadline a runs first and would finish at 0.2; but behind h (0.6 + 0.2 = 0.8)
+    # it would miss, and later arrivals can put it there: it takes fast (behind h: 0.68, still late, so the
+    # cheapest), and the projection (0.08) accepts it. Timeline: a at 0.08, h at 0.68.
+    fast = spec(1, 4, plan="fast")
+    eng, _ = engine("slo")
+    h = eng.submit(spec(1, 30), arrival=0.0)
+    a = eng.submit(spec(1, 10), arrival=0.0, terms=adaptive((fast, 2.0)))
+    assert (a.plan, a.degraded) == ("fast", True)
+    run(eng)
+    assert (a.ended, h.ended) == pytest.approx((0.08, 0.68))
+    # a short backlog: h2 1 x 5 steps (0.1 s, due 0.3); behind it a finishes at 0.3 <= 0.6: a keeps its plan
+    eng, _ = engine("slo")
+    h2 = eng.submit(spec(1, 5), arrival=0.0)
+    b = eng.submit(spec(1, 10), arrival=0.0, terms=adaptive((fast, 2.0)))
+    assert (b.plan, b.degraded) == (None, False)
+    run(eng)
+    assert (h2.ended, b.ended) == pytest.approx((0.1, 0.3))
+    # `step` keeps the first case's a on its plan: its projection (sharing every iteration with h) meets 0.6
+    eng, _ = engine("step")
+    eng.submit(spec(1, 30), arrival=0.0)
+    assert eng.submit(spec(1, 10), arrival=0.0, terms=adaptive((fast, 2.0))).degraded is False
 
 
 def test_slo_needs_its_model_and_is_a_server_policy():

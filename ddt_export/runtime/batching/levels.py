@@ -133,7 +133,7 @@ class ServiceLevels:
             self._try(req, k)
             at = self.finishes(now, [req, *above])
             finish = at[req.id]
-            if finish <= limit and all(at[r.id] <= r.due for r in above):
+            if finish <= limit and self._behind_all(req, now) <= req.due and all(at[r.id] <= r.due for r in above):
                 met = True
                 break
         self._try(req, start)  # back to where it was: the move that stays is recorded once
@@ -141,6 +141,16 @@ class ServiceLevels:
         if not met:  # on its fastest (the last one tried): does it meet its SLO itself?
             met = finish <= req.due and all(at[r.id] <= r.due for r in above)
         return met, finish
+
+    def _behind_all(self, req: Request, now: float) -> float:
+        """`slo` on a serial curve (`deadline.serial`): when req would finish behind every request held now, run
+        one after the other. Later arrivals with earlier dues can push it that far back (the projection foresees
+        no arrival), so a request that allows a trade stays on a plan only where this meets its SLO too (it is
+        refused only on the projection). Elsewhere: now (no constraint)."""
+        if self.policy != "slo" or not self.cumulative:
+            return now
+        held = (*self.waiting, *self.running.values())
+        return now + sum(r.rest[r.done_steps] for r in held if r is not req and r.rest) + req.rest[req.done_steps]
 
     def _limit(self, req: Request, now: float) -> float:
         """By when a plan's projected completion must come for req to stay on it: its due, or with
@@ -160,7 +170,7 @@ class ServiceLevels:
             if any(k != req.option and req.done_steps <= self._shared(req, k) for k in range(len(req.options))):
                 due.append(req)
         for req in sorted(due, key=lambda r: (r.priority, -r.arrival)):
-            if late(req, now) or self.project(now, req) > self._limit(req, now):
+            if late(req, now) or self._behind_all(req, now) > req.due or self.project(now, req) > self._limit(req, now):
                 self._plan(req, now)
 
     def project(self, now: float, req: Request) -> float:
