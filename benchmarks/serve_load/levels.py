@@ -269,6 +269,8 @@ def cmd_measure(args) -> None:
         b = measured_run(urls["request"], shots_of(burst, KINDS, False)).summary()
         sat = b["throughput"]
         out["saturation"] = {"measured": sat, "simulated": sim_sat, "burst": args.burst, "curve": curve.to_dict()}
+        if args.saturation:  # the loads from a given saturation (another run's burst): this run's is reported
+            sat = out["saturation"]["given"] = args.saturation
         print(f"request-level saturation: measured {sat:.3f} req/s ({args.burst} at once), simulated {sim_sat:.3f}",
               flush=True)
         for li, load in enumerate(args.loads):
@@ -335,6 +337,7 @@ def main(argv=None) -> None:
     m.add_argument("--line-requests", type=int, default=20, help="per cell of issue 21's 70%% line")
     m.add_argument("--burst", type=int, default=16, help="requests sent at once for the saturation")
     m.add_argument("--json", type=Path, default=HERE / "levels.json")
+    m.add_argument("--saturation", type=float, default=None, help="req/s to take the loads from (default: measured)")
     for p in (s, m):
         p.add_argument("--engines", type=Path, default=ENGINES)
         p.add_argument("--seed", type=int, default=0)

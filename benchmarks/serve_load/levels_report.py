@@ -72,8 +72,9 @@ def section(out: dict, gpu: dict | None) -> list[str]:
     plans = sorted(Path(out["engines"]).glob("plans/*.json"))
     sha = ", ".join(f"`{p.name}` {hashlib.sha256(p.read_bytes()).hexdigest()[:12]}" for p in plans
                     if p.name != "frontier.json")
+    given = f" --saturation {sat['given']:g}" if "given" in sat else ""
     lines = [f"Service levels under load (issue 23), {out['date']} (`python benchmarks/serve_load/levels.py measure "
-             f"--requests {out['requests']}`, under `flock /work/cpu-measure.lock`; {out['minutes']:.1f} min).", "",
+             f"--requests {out['requests']}{given}`, under `flock /work/cpu-measure.lock`; {out['minutes']:.1f} min).", "",
              f"Engines: `{out['engines']}`, a copy of `/work/wt-tune/engines/fast_sampling/digits-fp32` (fp32, row "
              f"budget 64) with its stored plans (sha256 prefixes: {sha}); `fast` = euler 17 steps, dp:4, forecast 2, "
              f"timeshift 1.5, dFID {out['fast_dfid']:.4f} (the adaptive budget). One server per policy on 127.0.0.1, "
@@ -82,9 +83,10 @@ def section(out: dict, gpu: dict | None) -> list[str]:
              f"{len(out['kinds'])} kinds: {', '.join(json.dumps(k) for k in out['kinds'])}; random class and seed. In the adaptive "
              "cell half of the arrivals (the same ones at every policy) carry `\"quality\": \"adaptive\"`. "
              f"Request-level saturation: {sat['measured']:.2f} req/s measured ({sat['burst']} requests sent at once "
-             f"to `--batching request`), {sat['simulated']:.2f} simulated on the start-up curve; loads are fractions "
-             "of the measured one. Latency at the client; SLO = 3 x the predicted solo latency (the server's "
-             "verdict).", "",
+             f"to `--batching request`), {sat['simulated']:.2f} simulated on the start-up curve; " +
+             (f"loads are fractions of {sat['given']:.2f} req/s (`--saturation`: an earlier run's burst, see the "
+              "notes). " if "given" in sat else "loads are fractions of the measured one. ") +
+             "Latency at the client; SLO = 3 x the predicted solo latency (the server's verdict).", "",
              "| load | policy | throughput /s | goodput /s | SLO attainment | p50 s | p99 s | 503 | mean dFID served | "
              "moved | dFID over budget | exact moved | sim attainment: start-up / calibrated / fitted curve | sim "
              "p99 s (fitted) |",
