@@ -74,14 +74,15 @@ def section(out: dict, gpu: dict | None) -> list[str]:
                     if p.name != "frontier.json")
     given = f" --saturation {sat['given']:g}" if "given" in sat else ""
     lines = [f"Service levels under load (issue 23), {out['date']} (`python benchmarks/serve_load/levels.py measure "
-             f"--requests {out['requests']}{given}`, under `flock /work/cpu-measure.lock`; {out['minutes']:.1f} min).", "",
+             f"--requests {out['requests']}{given}`, under `flock /work/cpu-measure.lock`; "
+             f"{out['minutes']:.1f} min).", "",
              f"Engines: `{out['engines']}`, a copy of `/work/wt-tune/engines/fast_sampling/digits-fp32` (fp32, row "
              f"budget 64) with its stored plans (sha256 prefixes: {sha}); `fast` = euler 17 steps, dp:4, forecast 2, "
              f"timeshift 1.5, dFID {out['fast_dfid']:.4f} (the adaptive budget). One server per policy on 127.0.0.1, "
              "each measuring its own cost curve at start-up, started one after the other; "
              f"{out['requests']} Poisson arrivals per cell (the same trace for every cell of a load), drawn from "
-             f"{len(out['kinds'])} kinds: {', '.join(json.dumps(k) for k in out['kinds'])}; random class and seed. In the adaptive "
-             "cell half of the arrivals (the same ones at every policy) carry `\"quality\": \"adaptive\"`. "
+             f"{len(out['kinds'])} kinds: {', '.join(json.dumps(k) for k in out['kinds'])}; random class and seed. "
+             "In the adaptive cell half of the arrivals (the same ones at every policy) carry `\"quality\": \"adaptive\"`. "
              f"Request-level saturation: {sat['measured']:.2f} req/s measured ({sat['burst']} requests sent at once "
              f"to `--batching request`), {sat['simulated']:.2f} simulated on the start-up curve; " +
              (f"loads are fractions of {sat['given']:.2f} req/s (`--saturation`: an earlier run's burst, see the "
