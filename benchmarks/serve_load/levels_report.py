@@ -83,7 +83,8 @@ def section(out: dict, gpu: dict | None) -> list[str]:
              f"{out['requests']} Poisson arrivals per cell (the same trace for every cell of a load), drawn from "
              f"{len(out['kinds'])} kinds: {', '.join(json.dumps(k) for k in out['kinds'])}; random class and seed. "
              "In the adaptive cell half of the arrivals (the same ones at every policy) carry `\"quality\": \"adaptive\"`. "
-             f"Request-level saturation: {sat['measured']:.2f} req/s measured ({sat['burst']} requests sent at once "
+             f"Request-level saturation: {sat['measured']:.2f} req/s measured ({sat['burst']} requests sent at "
+             "once "
              f"to `--batching request`), {sat['simulated']:.2f} simulated on the start-up curve; " +
              (f"loads are fractions of {sat['given']:.2f} req/s (`--saturation`: an earlier run's burst, see the "
               "notes). " if "given" in sat else "loads are fractions of the measured one. ") +
