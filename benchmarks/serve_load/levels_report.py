@@ -82,7 +82,8 @@ def section(out: dict, gpu: dict | None) -> list[str]:
              "each measuring its own cost curve at start-up, started one after the other; "
              f"{out['requests']} Poisson arrivals per cell (the same trace for every cell of a load), drawn from "
              f"{len(out['kinds'])} kinds: {', '.join(json.dumps(k) for k in out['kinds'])}; random class and seed. "
-             "In the adaptive cell half of the arrivals (the same ones at every policy) carry `\"quality\": \"adaptive\"`. "
+             "In the adaptive cell half of the arrivals (the same ones at every policy) carry "
+             "`\"quality\": \"adaptive\"`. "
              f"Request-level saturation: {sat['measured']:.2f} req/s measured ({sat['burst']} requests sent at "
              "once "
              f"to `--batching request`), {sat['simulated']:.2f} simulated on the start-up curve; " +
