@@ -67,7 +67,7 @@ def cell_name(c: dict) -> str:
                                                                         else "")
 
 
-def section(out: dict, gpu: dict | None) -> list[str]:
+def section(out: dict, gpu: dict | None, fitted: dict | None = None) -> list[str]:
     sat = out["saturation"]
     plans = sorted(Path(out["engines"]).glob("plans/*.json"))
     sha = ", ".join(f"`{p.name}` {hashlib.sha256(p.read_bytes()).hexdigest()[:12]}" for p in plans
@@ -101,7 +101,7 @@ def section(out: dict, gpu: dict | None) -> list[str]:
                      f"{f(m['mean_dfid_served'], '.4f')} | {m['degraded']} | {m['over_budget']} | {m['exact_moved']} | "
                      f"{f(s['slo_attainment'])} / {f(k.get('slo_attainment'))} / {f(t.get('slo_attainment'))} | "
                      f"{f(t.get('p99'))} |")
-    lines += ["", verdict(out), "", errors(out), ""]
+    lines += ["", verdict(out, fitted), "", errors(out), ""]
     if "line" in out:
         d, q = out["line"]["default"]["measured"], out["line"]["fast"]["measured"]
         lines.append(f"**Issue 21's serving line** (70% of the default workload's request-level saturation, "
@@ -110,21 +110,25 @@ def section(out: dict, gpu: dict | None) -> list[str]:
                      f"the same trace with `\"plan\": \"fast\"` p50 {q['p50']:.2f} s, p99 {q['p99']:.2f} s "
                      f"({d['p50'] / q['p50']:.1f}x and {d['p99'] / q['p99']:.1f}x lower).")
         lines.append("")
-    if gpu:
-        lines += [f"The simulator on the GPU-like curve ({gpu['curve']['note']}; the same kinds and plans, "
-                  f"{gpu['requests']} arrivals per cell; request-level saturation {gpu['saturation']:.2f} req/s; "
-                  f"auto chose `{gpu['auto']}`):", "",
+    for sim, what in ((fitted, "the curve fitted to this run's servers (the check above), at fractions of its own "
+                       "simulated request-level saturation"), (gpu, "the GPU-like curve")):
+        if not sim:
+            continue
+        lines += [f"The simulator on {what} ({sim['curve']['note']}; the same kinds and plans, {sim['requests']} "
+                  f"arrivals per cell; request-level saturation {sim['saturation']:.2f} req/s; auto chose "
+                  f"`{sim['auto']}`):", "",
                   "| load | policy | throughput /s | goodput /s | SLO attainment | p50 ms | p99 ms | 503 | mean dFID "
                   "served | moved |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for c in gpu["cells"]:
+        for c in sim["cells"]:
             s = c["simulated"]
             lines.append(f"| {c['load']:.0%} | {cell_name(c)} | {f(s['throughput'])} | {f(s['goodput'])} | "
                          f"{f(s['slo_attainment'])} | {f(1e3 * s['p50'], '.0f')} | {f(1e3 * s['p99'], '.0f')} | "
                          f"{s['rejected_503']} | {f(s['mean_dfid_served'], '.4f')} | {s['degraded']} |")
+        lines.append("")
     return lines
 
 
-def verdict(out: dict) -> str:
+def verdict(out: dict, fitted: dict | None = None) -> str:
     top = max(c["load"] for c in out["cells"])
     by = {(c["asked"], c["adaptive"]): c["measured"] for c in out["cells"] if c["load"] == top}
     a, plain = by.get(("auto", True)), by.get(("auto", False))
@@ -132,8 +136,12 @@ def verdict(out: dict) -> str:
         return ""
     ok = a["slo_attainment"] >= TARGET and a["rejected_503"] == 0
     best = max((m["slo_attainment"], p) for (p, ad), m in by.items() if not ad)
-    return (f"**At {top:.0%} load, SLO attainment with adaptive plans {a['slo_attainment']:.2f} with "
-            f"{a['rejected_503']} 503s (target >= {TARGET} and none: {'met' if ok else 'NOT met'})**, against "
+    rate = next(c["rate"] for c in out["cells"] if c["load"] == top)
+    true = (f"; {rate / fitted['saturation']:.0%} of the request-level saturation the curve fitted to the servers' "
+            f"iterations gives, {fitted['saturation']:.2f} req/s") if fitted else ""
+    return (f"**At {top:.0%} load ({rate:.2f} req/s offered{true}), SLO attainment with adaptive plans "
+            f"{a['slo_attainment']:.2f} with {a['rejected_503']} 503s (target >= {TARGET} and none: "
+            f"{'met' if ok else 'NOT met'} at this load)**, against "
             f"{plain['slo_attainment']:.2f} for `auto` without them (best plain policy: `{best[1]}` "
             f"{best[0]:.2f}); dFID served {f(a['mean_dfid_served'], '.4f')} on average, {a['over_budget']} "
             f"answers over their budget, {a['exact_moved']} requests that allowed no trade moved.")
@@ -170,6 +178,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", type=Path, default=HERE / "levels.json")
     ap.add_argument("--gpu", type=Path, default=HERE / "levels_gpu.json")
+    ap.add_argument("--fitted-sim", type=Path, default=HERE / "levels_fitted_sim.json",
+                    help="`levels.py simulate --curve` on the fitted curve of levels.json (`fitted.curve`)")
     ap.add_argument("--readme", type=Path, default=HERE / "README.md")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
@@ -177,7 +187,8 @@ def main(argv=None) -> None:
     resimulate(out, Catalog(Path(out["engines"]), tuple(out["kinds"])))
     args.json.write_text(json.dumps(out, indent=1))
     gpu = json.loads(args.gpu.read_text()) if args.gpu.exists() else None
-    lines = section(out, gpu)
+    fitted = json.loads(args.fitted_sim.read_text()) if args.fitted_sim.exists() else None
+    lines = section(out, gpu, fitted)
     print("\n".join(lines))
     if not args.no_write:
         write_section(lines, args.readme)
