@@ -163,11 +163,11 @@ def errors(out: dict) -> str:
             f"within 25%): {'; '.join(parts)}." + (f" (Calibration k = {k:.2f}.)" if k else ""))
 
 
-def write_section(lines: list[str], readme: Path) -> None:
+def write_section(lines: list[str], readme: Path, begin: str = BEGIN, end: str = END) -> None:
     text = readme.read_text()
-    block = "\n".join([BEGIN, *lines, END])
-    if BEGIN in text:
-        i, j = text.index(BEGIN), text.index(END) + len(END)
+    block = "\n".join([begin, *lines, end])
+    if begin in text:
+        i, j = text.index(begin), text.index(end) + len(end)
         text = text[:i] + block + text[j:]
     else:
         text = text.rstrip("\n") + "\n\n## Service levels under load (issue 23)\n\n" + block + "\n"
@@ -182,6 +182,7 @@ def main(argv=None) -> None:
                     help="`levels.py simulate --curve` on the fitted curve of levels.json (`fitted.curve`)")
     ap.add_argument("--readme", type=Path, default=HERE / "README.md")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--markers", default="levels", help="the README block: <!-- NAME begin/end -->")
     args = ap.parse_args(argv)
     out = json.loads(args.json.read_text())
     resimulate(out, Catalog(Path(out["engines"]), tuple(out["kinds"])))
@@ -191,7 +192,8 @@ def main(argv=None) -> None:
     lines = section(out, gpu, fitted)
     print("\n".join(lines))
     if not args.no_write:
-        write_section(lines, args.readme)
+        name = args.markers
+        write_section(lines, args.readme, f"<!-- {name} begin -->", f"<!-- {name} end -->")
 
 
 if __name__ == "__main__":
