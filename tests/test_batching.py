@@ -192,7 +192,7 @@ def test_queue_limit_and_requests_that_never_fit():
         eng.submit(spec())
     with pytest.raises(InputError, match=r"num: expected <= 4 images .* got 5"):
         engine()[0].submit(spec(num=5))
-    with pytest.raises(InputError, match=r"--batching: expected step \| fair \| request \| single, got fifo"):
+    with pytest.raises(InputError, match=r"--batching: expected step \| fair \| slo \| request \| single, got fifo"):
         check_policy("fifo")
 
 

@@ -59,7 +59,9 @@ def test_second_sigterm_stops_at_once_without_a_traceback(digits_engines):
         clients = [threading.Thread(target=f) for f in (json_client, stream_client)]
         for t in clients:
             t.start()
-        wait_for(lambda: metric(url, "ddt_active_requests") == 2, 60, "two requests in flight")
+        # held: running, or waiting for their first step (`slo`, auto's choice on a linear curve, may run one alone)
+        wait_for(lambda: metric(url, "ddt_active_requests") + metric(url, "ddt_waiting_requests") == 2
+                 and metric(url, "ddt_active_requests") >= 1, 60, "two requests in flight")
         proc.send_signal(signal.SIGTERM)
         wait_for(lambda: httpx.get(url + "/health").status_code == 503, 30, "the drain")
         proc.send_signal(signal.SIGTERM)
@@ -91,7 +93,7 @@ def test_serving_line_comes_once_bound_and_loaded(digits_engines):
                             text=True)
     try:
         line = proc.stdout.readline()
-        m = re.fullmatch(r"serving \S+ at (http://127\.0\.0\.1:(\d+)) \(batching auto: (fair|step); page /, API /docs, "
+        m = re.fullmatch(r"serving \S+ at (http://127\.0\.0\.1:(\d+)) \(batching auto: (fair|step|slo); page /, API /docs, "
                          r"metrics /metrics\)\n", line)  # the policy auto chose for the measured cost curve
         assert m and int(m.group(2)) != 0, line
         assert httpx.get(m.group(1) + "/health", timeout=5).json()["status"] == "ok"  # no wait: up already
@@ -141,7 +143,7 @@ BAD_FLAGS = [
     (["--max-delay-ms", "nan"], "--max-delay-ms: expected >= 0, got nan"),
     (["--lifetime", 0], "--lifetime: expected a finite number of seconds > 0, got 0.0"),
     (["--lifetime", "inf"], "--lifetime: expected a finite number of seconds > 0, got inf"),
-    (["--batching", "dynamic"], "--batching: expected auto | step | fair | request | single, got dynamic"),
+    (["--batching", "dynamic"], "--batching: expected auto | step | fair | slo | request | single, got dynamic"),
     (["--host", "nonexistent.invalid"], "--host: expected an address of this machine"),
 ]
 

@@ -26,7 +26,10 @@ def test_sigterm_finishes_in_flight_refuses_new_exits_0(digits_engines):
             url + "/v1/generate", json={"class": k, "num": 2, "steps": 60}, timeout=120))) for k in (3, 5)]
         for t in flights:
             t.start()
-        wait_for(lambda: metric(url, "ddt_active_requests") == 2, 30, "two requests in flight")
+        # held: running, or waiting for their first step (`slo`, auto's choice on a linear curve, admits a request
+        # when it first steps, so the second may wait behind the first)
+        wait_for(lambda: metric(url, "ddt_active_requests") + metric(url, "ddt_waiting_requests") == 2
+                 and metric(url, "ddt_active_requests") >= 1, 30, "two requests in flight")
         proc.send_signal(signal.SIGTERM)
         wait_for(lambda: httpx.get(url + "/health").status_code == 503, 10, "the drain")
         late = httpx.post(url + "/v1/generate", json={"class": 1, "steps": 2}, timeout=30)
@@ -77,7 +80,7 @@ def test_bad_flags_fail_on_one_line_before_binding(digits_engines, tmp_path):
     code, text = run_cli(["serve", "--engines", tmp_path / "nowhere"])
     assert code == 2 and "engine folder: expected an existing folder" in text and "Traceback" not in text
     code, text = run_cli(["serve", "--engines", digits_engines, "--batching", "dynamic"])
-    assert code == 2 and "--batching: expected auto | step | fair | request | single, got dynamic" in text
+    assert code == 2 and "--batching: expected auto | step | fair | slo | request | single, got dynamic" in text
     code, text = run_cli(["serve", "--engines", digits_engines, "--max-images-per-request", "65"])
     assert code == 2 and "--max-images-per-request: expected 1..64" in text
     bad = tmp_path / "names.txt"

@@ -86,9 +86,11 @@ def test_info_lists_the_frontier_and_auto_chooses_for_the_curve(url):
     assert info["adaptive_budget"] == 2.0 and info["frontier_note"] is None and info["slo_scale"] == 3.0
     assert info["adapt"] == "cheapest"
     assert info["priorities"] == ["low", "normal", "high"] and info["cost_curve"]["encoder"][0] == [1, 0.01]
-    # the stated curve is linear in rows: auto takes fair, and says why
-    assert (info["batching_asked"], info["batching"]) == ("auto", "fair")
+    # the stated curve is linear in rows: auto takes slo (deadline order), and says why: the best simulated
+    # attainment; among the processor-sharing policies fair beats step there
+    assert (info["batching_asked"], info["batching"]) == ("auto", "slo")
     scores = info["batching_choice"]["scores"]
+    assert scores["slo"]["slo_attainment"] == max(s["slo_attainment"] for s in scores.values())
     assert scores["fair"]["p99_slowdown"] < scores["step"]["p99_slowdown"]
 
 
@@ -202,7 +204,7 @@ def test_a_folder_with_no_frontier_serves_as_today_and_says_so(digits_engines, c
 
 
 def test_flags_checked_before_binding(digits_engines, tmp_path):
-    for kw, message in (({"batching": "fifo"}, "--batching: expected auto | step | fair | request | single"),
+    for kw, message in (({"batching": "fifo"}, "--batching: expected auto | step | fair | slo | request | single"),
                         ({"slo_scale": 0.5}, "--slo-scale: expected a finite number >= 1"),
                         ({"slo_scale": float("nan")}, "--slo-scale: expected a finite number >= 1"),
                         ({"adapt": "best"}, "--adapt: expected cheapest | least-dfid, got best"),

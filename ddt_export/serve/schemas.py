@@ -142,7 +142,7 @@ class GenerateResponse(BaseModel):
     settings: Settings = Field(description="what it ran (the plan it was moved to, if moved)")
     timings: Timings
     served: Served
-    batching: str = Field(description="the server's policy: step | fair | request | single (auto: the one chosen)")
+    batching: str = Field(description="the server's policy: step | fair | slo | request | single (auto: the one chosen)")
 
 
 class ErrorResponse(BaseModel):

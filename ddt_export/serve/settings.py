@@ -32,7 +32,7 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvico
 class ServeSettings:
     """What the app needs besides the engine folder."""
 
-    batching: str = BATCHING  # auto | step | fair | request | single (runtime.batching.POLICIES)
+    batching: str = BATCHING  # auto | step | fair | slo | request | single (runtime.batching.POLICIES)
     max_delay_ms: float = MAX_DELAY_MS
     max_queue: int = MAX_QUEUE
     max_images_per_request: Optional[int] = None  # None: batch.max / CFG_ROWS

@@ -22,6 +22,11 @@ Policies (`POLICIES`):
   a request advances at a rate inversely proportional to its rows. Where a step's cost is linear in rows (a
   CPU), every request then gets an equal share of the machine instead of a share proportional to its rows.
   Where rows are nearly free (a GPU), `step` keeps the batches fuller.
+- `slo`: scheduled for the SLO at every step boundary (`deadline.py`): running requests step in urgency order
+  (priority, then earliest due; a request that can no longer meet its SLO even alone after all that still
+  can), and only as many as the cost curve says are worth one call (a linear CPU curve: the most urgent alone;
+  a sublinear GPU curve: the batch filled). Needs an `SloModel`. Admission in the same order, first fit, up to
+  `deadline.HOLD` x the row budget held (each iteration's calls stay within the budget).
 - `request`: the Triton-style baseline: when the batch is empty, group what arrived within `max_delay` of
   the oldest waiting request (sooner when the group fills the budget) and run the group to completion before
   admitting anyone else; a member that finishes early still answers at once (the stronger baseline).
@@ -30,15 +35,15 @@ Policies (`POLICIES`):
 Every policy admits in priority order (high, normal, low; first come first served within one), so a waiting
 request never passes one of a higher priority.
 
-Service levels (`slo.py`; with an `SloModel`: the cost curve and --slo-scale). At submission each request gets
-its SLO (`due`: --slo-scale x its predicted solo latency, or its deadline). A request that allows a quality
-trade carries options (the frontier of stored plans within its dFID budget); the scheduler projects when it
-will finish (`project`: this scheduler's own policy run forward on the cost curve with no further arrivals,
-the simulator's model) and, when it would miss, moves it to its cheapest option (or, `SloModel.adapt`
-least-dfid, the one of least dFID that meets its SLO) (`_plan`), lowest priority first. It does so at
-submission (none meets: `SloUnreachable`, a 503), at admission, and for a running request at a step boundary
-where the move is sound (`sampling.step.switch_point`: the plans share every step so far, so its images are
-exactly the new plan's). A request that allows no trade is never moved.
+Service levels (`slo.py`; the scheduler's half in `levels.py`, the `ServiceLevels` mixin; with an `SloModel`: the
+cost curve and --slo-scale). At submission each request gets its SLO (`due`: --slo-scale x its predicted solo
+latency, or its deadline). A request that allows a quality trade carries options (the frontier of stored plans
+within its dFID budget); the scheduler projects when it will finish (`project`: this scheduler's own policy run
+forward on the cost curve with no further arrivals, the simulator's model) and, when it would miss, moves it to its
+cheapest option (or, `SloModel.adapt` least-dfid, the one of least dFID that meets its SLO) (`_plan`), lowest
+priority first. It does so at submission (none meets: `SloUnreachable`, a 503), at admission, and for a running
+request at a step boundary where the move is sound (`sampling.step.switch_point`: the plans share every step so
+far, so its images are exactly the new plan's). A request that allows no trade is never moved.
 
 A request reserves its peak rows while it runs: num x 2 if any of its steps needs the unconditional half
 (a guided step, or a recompute step whose state a guided step reuses), else num. The budget is the engines'
@@ -46,35 +51,22 @@ batch.max, so no graph call is ever split.
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
 import itertools
 from collections import deque
-from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
-from ...core.errors import InputError
-from ..sampling.plan import Step, peak_rows, plan_steps, step_rows
+from ...core.errors import ConfigError, InputError
+from ..sampling.plan import peak_rows, step_rows
 from ..sampling.request import SampleRequest
-from ..sampling.step import switch_point
-from .costs import CostCurve, solo_seconds
+from .costs import solo_seconds
+from .deadline import CUMULATIVE, HOLD, in_order, pick, rest_seconds, serial
+from .levels import ServiceLevels, SloModel, planned  # noqa: F401  (SloModel, planned: imported from here too)
 from .requests import (TRANSITIONS, QueueFull, Request, RunnerOutput, SchedulerOutput, SloUnreachable,  # noqa: F401
                        Status)
-from .slo import CHEAPEST, SLO_SCALE, Option, Terms, frontier
+from .slo import Option, Terms
 
-POLICIES = ("step", "fair", "request", "single")
-STEP_LEVEL = ("step", "fair")  # policies that admit at every step boundary
-
-
-@functools.lru_cache(maxsize=512)
-def _steps(sampler, recompute: tuple[int, ...]) -> tuple[Step, ...]:
-    return tuple(plan_steps(sampler, recompute))
-
-
-def planned(sample: SampleRequest) -> Sequence[Step]:
-    """The request's plan (`sampling.plan.plan_steps`), computed once per sampler and schedule: the simulator
-    and the plan options submit the same few over and over."""
-    return _steps(sample.sampler, tuple(sample.recompute))
+POLICIES = ("step", "fair", "slo", "request", "single")
+STEP_LEVEL = ("step", "fair", "slo")  # policies that admit at every step boundary
 
 
 def check_policy(policy: str, field: str = "--batching") -> str:
@@ -84,18 +76,7 @@ def check_policy(policy: str, field: str = "--batching") -> str:
     return policy
 
 
-@dataclass(frozen=True)
-class SloModel:
-    """What the scheduler needs for service levels: the per-call cost curve (the server fits it at start-up),
-    the SLO's multiple of the solo latency, and where a late request goes (`slo.ADAPT`): `cheapest`, the cheapest
-    option within its budget (the issue's rule); `least-dfid`, the option of least dFID that meets its SLO."""
-
-    curve: CostCurve
-    scale: float = SLO_SCALE
-    adapt: str = CHEAPEST
-
-
-class Scheduler:
+class Scheduler(ServiceLevels):
     """The waiting queue and the running set; decides each iteration's batch and applies its result. Not
     thread-safe: its one caller (`engine.Engine`) serializes the calls."""
 
@@ -104,7 +85,12 @@ class Scheduler:
         assert row_budget >= 1 and max_queue >= 1 and max_delay >= 0, (row_budget, max_queue, max_delay)
         self.row_budget, self.policy, self.max_delay, self.max_queue = row_budget, check_policy(policy), \
             max_delay, max_queue
+        if policy == "slo" and slo is None:
+            raise ConfigError("--batching slo", "a cost curve and an SLO scale (an SloModel)", "none")
         self.slo = slo
+        self.hold = row_budget * (HOLD if policy == "slo" else 1)  # rows of started requests held at once
+        self.cumulative = CUMULATIVE and slo is not None and serial(slo.curve)  # `deadline.in_order`
+        self.fixed = False  # a projection's twin: plans stay as they are (no service-level moves)
         self.waiting: deque[Request] = deque()  # in admission order: priority, then arrival
         self.running: dict[int, Request] = {}  # in admission order
         self._leaving: list[Request] = []  # retired by `schedule`, reported by the next `update`
@@ -123,22 +109,8 @@ class Scheduler:
         req.ended, req.error = now, error
         if req.due is not None and status is not Status.CANCELLED:
             req.slo_met = status is Status.DONE and now <= req.due
-        self._epoch += 1
-
-    def _switch(self, req: Request, k: int) -> None:
-        """The one place a request's plan changes: to option k (`_plan` decides; sound where it runs)."""
-        if k == req.option:
-            return
-        if req.status is Status.RUNNING:
-            assert req.done_steps <= self._shared(req, k), f"request {req.id}: unsound switch"
-            self._switched.append(req)
-        self._try(req, k)
-        req.switched_at = req.done_steps if k != 0 else None
-
-    def _try(self, req: Request, k: int) -> None:
-        """req on option k for a projection only (`_plan` then records the move that stays through `_switch`)."""
-        steps, rows = req.plans[k]
-        req.option, req.sample, req.steps, req.rows = k, req.options[k].sample, steps, rows
+        if self.policy != "slo":  # under `slo` a finish never delays another request's projection
+            self._epoch += 1
 
     # ------------------------------------------------------------------------------------------- admission
 
@@ -160,9 +132,10 @@ class Scheduler:
         if self.slo is not None:
             req.solo_s = solo_seconds(self.slo.curve, steps, sample.num)
             req.due = now + (terms.deadline_s if terms.deadline_s is not None else self.slo.scale * req.solo_s)
+            req.rest = rest_seconds(self.slo.curve, steps, sample.num)
             if terms.adaptive:
                 req.adaptive = True
-                req.options, req.plans = self._options(asked, (steps, rows), req.solo_s, terms.options)
+                req.options, req.plans, req.rests = self._options(asked, (steps, rows), req.rest, terms.options)
         at = next((i for i, r in enumerate(self.waiting) if r.priority < req.priority), len(self.waiting))
         self.waiting.insert(at, req)
         self._epoch += 1
@@ -177,35 +150,6 @@ class Scheduler:
                                      "budget", f"{finish - req.arrival:.3f} s projected on the fastest "
                                      f"({req.plan or 'as asked'})")
         return req
-
-    def _make_room(self, req: Request, now: float) -> list[Request]:
-        """Low degrades first: while a newcomer is projected to miss its SLO on the plan it asked for, move the
-        requests of a lower priority that allow a trade (lowest first, the latest first) to their fastest option.
-        Returns those moved."""
-        lower = [r for r in (*self.waiting, *self.running.values())
-                 if r.priority < req.priority and len(r.options) > 1 and not r.cancel_requested]
-        if not lower or self.project(now, req) <= req.due:
-            return []
-        moved = []
-        for r in sorted(lower, key=lambda r: (r.priority, -r.arrival)):
-            k = self._movable(r)[-1]
-            if k != r.option:
-                self._switch(r, k)
-                moved.append(r)
-                if self.project(now, req) <= req.due:
-                    break
-        return moved
-
-    def _options(self, asked: Option, plan, asked_s: float, given: tuple[Option, ...]):
-        """(options, their (steps, rows)): the plan asked for, then the frontier of the given ones that fit."""
-        plans, cost = [], []
-        for o in given:
-            steps = planned(o.sample)
-            plans.append((steps, peak_rows(steps, o.sample.num)))
-            cost.append(solo_seconds(self.slo.curve, steps, o.sample.num) if plans[-1][1] <= self.row_budget
-                        else float("inf"))
-        keep = frontier(given, cost, asked_s)
-        return (asked, *(given[i] for i in keep)), (plan, *(plans[i] for i in keep))
 
     def cancel(self, req: Request, now: float) -> bool:
         """A waiting request leaves the queue now (True: it is finished); a running one leaves the batch at the
@@ -222,8 +166,11 @@ class Scheduler:
     def used_rows(self) -> int:
         return sum(r.rows for r in self.running.values())
 
-    def _group(self) -> list[Request]:
-        """The longest prefix of the queue (in admission order) that fits the free rows."""
+    def _group(self, now: float) -> list[Request]:
+        """The longest prefix of the queue (in admission order) that fits the free rows; `slo`: the waiting
+        requests that its pick would step now (a request starts when it first steps)."""
+        if self.policy == "slo":
+            return [r for r, _, _ in self._pick(now) if r.status is Status.WAITING]
         free, group = self.row_budget - self.used_rows, []
         limit = 1 if self.policy == "single" else len(self.waiting)
         for req in itertools.islice(self.waiting, limit):
@@ -233,23 +180,35 @@ class Scheduler:
             free -= req.rows
         return group
 
+    def _pick(self, now: float) -> list[tuple[Request, int, int]]:
+        """`slo`: this iteration's batch (`deadline.pick`) from the waiting and running requests in urgency order
+        (`deadline.in_order`), a waiting one where its rows fit what is left of the rows held (`hold`)."""
+        free, order = self.hold - self.used_rows, []
+        for r in in_order([*self.waiting, *self.running.values()], now, self.cumulative):
+            if r.status is Status.WAITING:
+                if r.rows > free:
+                    continue
+                free -= r.rows
+            order.append(r)
+        return pick(order, self.slo.curve, self.row_budget)
+
     def _admit(self, now: float) -> list[Request]:
         """Move waiting requests into the running set, as the policy allows at this step boundary; those that
         allow a trade get their plan for the load of this moment first, lowest priority first."""
         if not self.waiting or (self.policy not in STEP_LEVEL and self.running):
             return []
-        group = self._group()
+        group = self._group(now)
         if self.policy == "request":
             full = len(group) < len(self.waiting) or sum(r.rows for r in group) == self.row_budget
             if not full and now < self.waiting[0].arrival + self.max_delay:
                 return []  # the window is open: wait for more (see `wakeup`)
-        movable = [r for r in group if len(r.options) > 1] if self.slo is not None else []
+        movable = [r for r in group if len(r.options) > 1] if self.slo is not None and not self.fixed else []
         if movable:
             for req in sorted(movable, key=lambda r: (r.priority, -r.arrival)):
                 self._plan(req, now)
-            group = self._group()  # their plans may take other rows
+            group = self._group(now)  # their plans may take other rows
         for req in group:
-            self.waiting.popleft()
+            self.waiting.remove(req)
             self._move(req, Status.RUNNING, now)
             self.running[req.id] = req
         return group
@@ -259,95 +218,6 @@ class Scheduler:
         if self.policy == "request" and self.waiting and not self.running:
             return self.waiting[0].arrival + self.max_delay
         return None
-
-    # ------------------------------------------------------------------------------------------- service levels
-
-    def _shared(self, req: Request, k: int) -> int:
-        """The last step boundary at which req can move from the plan it runs to option k."""
-        if k == req.option:
-            return len(req.steps)
-        return switch_point(req.steps, req.sample.sampler, req.plans[k][0], req.options[k].sample.sampler)
-
-    def _movable(self, req: Request) -> list[int]:
-        """The options req can run from now on (its own included): any while waiting; while running, those
-        whose move is sound at this boundary and whose rows fit beside the others'."""
-        if req.status is Status.WAITING:
-            return list(range(len(req.options)))
-        free = self.row_budget - self.used_rows + req.rows
-        return [k for k in range(len(req.options))
-                if req.plans[k][1] <= free and req.done_steps <= self._shared(req, k)]
-
-    def _plan(self, req: Request, now: float) -> tuple[bool, float]:
-        """Among the options req can move to now (waiting: any; running: where the move is sound and its rows
-        fit), give it the first whose projected completion meets its SLO without making a request of a higher
-        priority miss one it meets when req runs its fastest option: its own plan (the least dFID) if that does,
-        else the cheapest (`adapt` cheapest) or the next by dFID (`adapt` least-dfid); none: the fastest.
-        (met, its projected completion)."""
-        movable = self._movable(req)
-        start, fastest = req.option, movable[-1]
-        above = [r for r in (*self.waiting, *self.running.values()) if r.priority > req.priority]
-        if above:  # those it must not push past their SLO
-            self._try(req, fastest)
-            at = self.finishes(now, above)
-            above = [r for r in above if at[r.id] <= r.due]
-        met, finish = False, float("inf")
-        order = movable if self.slo.adapt != CHEAPEST else list(dict.fromkeys((movable[0], fastest)))
-        for k in order:
-            self._try(req, k)
-            at = self.finishes(now, [req, *above])
-            finish = at[req.id]
-            if finish <= req.due and all(at[r.id] <= r.due for r in above):
-                met = True
-                break
-        self._try(req, start)  # back to where it was: the move that stays is recorded once
-        self._switch(req, k if met else fastest)
-        return met, finish
-
-    def _check_running(self, now: float) -> None:
-        """Running requests that allow a trade, projected to miss their SLO, with a sound move at this boundary:
-        re-planned, lowest priority first (checked again only after a submission or a finish)."""
-        due = []
-        for req in self.running.values():
-            if len(req.options) < 2 or req.checked == self._epoch or req.cancel_requested:
-                continue
-            req.checked = self._epoch
-            if any(k != req.option and req.done_steps <= self._shared(req, k) for k in range(len(req.options))):
-                due.append(req)
-        for req in sorted(due, key=lambda r: (r.priority, -r.arrival)):
-            if self.project(now, req) > req.due:
-                self._plan(req, now)
-
-    def project(self, now: float, req: Request) -> float:
-        """When req finishes if nothing else arrives (`finishes`)."""
-        return self.finishes(now, [req])[req.id]
-
-    def finishes(self, now: float, reqs: Sequence[Request]) -> dict[int, float]:
-        """When each of reqs finishes if nothing else arrives: a copy of this scheduler (its policy, queue, running
-        set, credits) run forward on the cost curve, iteration by iteration, as the simulator runs the engine,
-        until they are all done (inf for one not in the system)."""
-        twin = Scheduler(self.row_budget, self.policy, self.max_delay, 1 << 30)
-        copy = {r.id: dataclasses.replace(r, context=None, images=None) for r in (*self.waiting,
-                                                                                 *self.running.values())}
-        twin.waiting = deque(copy[r.id] for r in self.waiting)
-        twin.running = {rid: copy[rid] for rid in self.running}
-        curve, t = self.slo.curve, now
-        out_at = {r.id: float("inf") for r in reqs}
-        left = {r.id for r in reqs if r.id in copy}
-        while left:
-            out = twin.schedule(t)
-            if out.empty:
-                wake = twin.wakeup()
-                assert wake is not None and wake > t, "a projection that cannot advance"
-                t = wake
-                continue
-            if out.batch:  # as `simulate.SimulatedRunner`: the iteration, then the VAE call of those finishing
-                t += curve.iteration(len(out.batch), out.encoder_rows, out.decoder_rows)
-                t += curve.call("vae_decoder", sum(twin.running[rid].num for rid, st in out.batch if st.last))
-            for r in twin.update(out, RunnerOutput(), t):
-                if r.id in left:
-                    out_at[r.id] = t
-                    left.discard(r.id)
-        return out_at
 
     # ------------------------------------------------------------------------------------------- the iteration
 
@@ -361,9 +231,14 @@ class Scheduler:
             self._move(req, Status.CANCELLED, now)
             self._leaving.append(req)
             freed.append(req.id)
-        if self.slo is not None:
+        if self.slo is not None and not self.fixed:
             self._check_running(now)
         new = self._admit(now)
+        if self.policy == "slo":
+            chosen = [c for c in self._pick(now) if c[0].status is Status.RUNNING]
+            batch = [(r.id, r.current) for r, _, _ in chosen]
+            enc_rows, dec_rows = sum(e for _, e, _ in chosen), sum(d for _, _, d in chosen)
+            return self._output(new, batch, freed, enc_rows, dec_rows)
         quantum = min((r.rows for r in self.running.values()), default=0)
         batch, enc_rows, dec_rows = [], 0, 0
         for req in self.running.values():
@@ -376,6 +251,9 @@ class Scheduler:
             enc, dec = step_rows(st, req.num)
             batch.append((req.id, st))
             enc_rows, dec_rows = enc_rows + enc, dec_rows + dec
+        return self._output(new, batch, freed, enc_rows, dec_rows)
+
+    def _output(self, new, batch, freed, enc_rows, dec_rows) -> SchedulerOutput:
         switched = tuple((r.id, r.sample) for r in dict.fromkeys(self._switched) if r.status is Status.RUNNING)
         self._switched = []
         return SchedulerOutput(tuple((r.id, r.sample) for r in new), tuple(batch), tuple(freed), enc_rows, dec_rows,

@@ -24,7 +24,7 @@ from .costs import CostCurve  # noqa: F401  (where the benchmarks import it from
 from .engine import Engine
 from .report import Served, summarize
 from .scheduler import QueueFull, RunnerOutput, Scheduler, SchedulerOutput, SloModel
-from .slo import CHEAPEST, SLO_SCALE, Terms
+from .slo import Terms
 
 
 class VirtualClock:
@@ -95,12 +95,11 @@ class SimResult:
 
 
 def simulate(arrivals: Sequence[Arrival], curve: CostCurve, row_budget: int, policy: str = "step",
-             max_delay: float = 0.0, max_queue: int = 64, slo_scale: float = SLO_SCALE, adapt: str = CHEAPEST
-             ) -> SimResult:
+             max_delay: float = 0.0, max_queue: int = 64, slo: SloModel | None = None) -> SimResult:
     """Run the arrivals through the serving engine on a virtual clock, with the server's SLO accounting and
-    load-adaptive plans (`slo_scale`: --slo-scale; `adapt`: --adapt)."""
+    load-adaptive plans (`slo`: --slo-scale, --adapt, and the study's headroom; default SloModel(curve))."""
     clock = VirtualClock()
-    scheduler = Scheduler(row_budget, policy, max_delay, max_queue, SloModel(curve, slo_scale, adapt))
+    scheduler = Scheduler(row_budget, policy, max_delay, max_queue, slo or SloModel(curve))
     engine = Engine(scheduler, SimulatedRunner(curve, clock), clock)
     res, index, i = SimResult(), {}, 0
     n_req = enc = dec = 0
