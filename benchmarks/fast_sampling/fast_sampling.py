@@ -41,7 +41,8 @@ def fast_plan(folder: Path):
 def step_tune(a) -> None:
     """The library's tune with the default search space, 500 samples of seed 0 per confirmed candidate."""
     from ddt_export.core.errors import NumericsError
-    from ddt_export.evaluate.tune import TuneOptions, tune
+    from ddt_export.evaluate.tune import tune
+    from ddt_export.evaluate.tune_space import TuneOptions
 
     folder = digits_engines()
     opts = TuneOptions(max_fid_delta=BUDGET, max_recall_delta=RECALL, num=a.num or 500, seeds=tuple(a.seeds or [0]),
@@ -169,7 +170,7 @@ def step_confirm(a) -> None:
         for seed in seeds:
             run.features(REF, seed, num)
         return
-    s = Structure.of_plan(fast_plan(folder))
+    s = _structure(a, folder)
     row = compare(run, s, REF, list(seeds), num, 1000)
     ref_g = run.gflop(REF)
     row.update(reference_gflop=ref_g, speedup=ref_g / row["gflop"], flop_fraction=row["gflop"] / ref_g,
@@ -178,6 +179,17 @@ def step_confirm(a) -> None:
     save("confirm", f"{s.key}-n{num}", row)
     say(f"confirm {s.key}: dFID {row['dfid']}, mean |dFID| {row['mean_abs_dfid']:.3f}, 95% {row['ci95']}, "
         f"d recall {row['drecall']}, {row['speedup']:.2f}x: target {'met' if row['meets_target'] else 'missed'}")
+
+
+def _structure(a, folder: Path) -> Structure:
+    """The structure a step measures: --solver/--steps/... when given, else the stored plan --plan (default
+    `fast`)."""
+    if a.steps is not None:
+        return Structure(a.solver, a.steps, a.schedule, a.forecast, a.timeshift)
+    from ddt_export.core.manifest import read_manifest
+    from ddt_export.runtime.sampling.plans import read_plan
+
+    return Structure.of_plan(read_plan(folder, read_manifest(folder), a.plan))
 
 
 def step_xl(a) -> None:
@@ -211,6 +223,12 @@ def main(argv=None) -> int:
     p.add_argument("--num", type=int, default=None, help="samples per seed (confirm: 2000; others: 500)")
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per onnxruntime session")
+    p.add_argument("--plan", default="fast", help="confirm: the stored plan to confirm (default fast)")
+    p.add_argument("--solver", default="euler", help="confirm: a structure instead of a stored plan (with --steps)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--schedule", default="all")
+    p.add_argument("--forecast", type=int, default=0)
+    p.add_argument("--timeshift", type=float, default=1.0)
     p.add_argument("--reference-only", action="store_true", help="confirm: sample the reference only (start early)")
     a = p.parse_args(argv)
     limit_threads(a.threads)
