@@ -19,11 +19,14 @@ import argparse
 import dataclasses
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
-from study import (BUDGET, RECALL, ROOT, TARGET_SPEEDUP, WORK, Runner, Structure, compare, digits_engines,
-                   limit_threads, load, save, say)
+sys.path[:0] = [str(Path(__file__).resolve().parents[2])]  # run as a script: this checkout's ddt_export, benchmarks
+
+from benchmarks.fast_sampling.study import (BUDGET, RECALL, ROOT, TARGET_SPEEDUP, WORK, Runner,  # noqa: E402
+                                            Structure, compare, digits_engines, limit_threads, load, save, say)
 
 REF = Structure()  # the digits model's own trajectory: 50 Euler steps, every step, interval (0.3, 1)
 SOLVERS = ("euler", "adams:2", "adams:3", "adams:4")
@@ -142,7 +145,7 @@ def step_probe(a) -> None:
 
 def step_dp(a) -> None:
     """dp:K chosen on the reuse error (the official) and on the forecast's error, the same solver, steps, shift,
-    interval and K, under forecast 1 and 2, 3 seeds x 500 samples: FID per encoder call for both. The base is the
+    interval and K, under --forecasts (2 1), 3 seeds x 500 samples: FID per encoder call for both. The base is the
     plan or structure given (default the stored `fast`); K: --k, else the base's own dp:K, else steps / 4."""
     folder = digits_engines()
     run, num, seeds = Runner(folder), a.num or 500, a.seeds or [0, 1, 2]
@@ -150,7 +153,7 @@ def step_dp(a) -> None:
     base = dataclasses.replace(s0, schedule="all", forecast=0)
     ks = a.k or ([int(s0.schedule[3:])] if s0.schedule.startswith("dp:") else [round(base.steps / 4)])
     done = load().get("dp", {})
-    for f in (2, 1):
+    for f in a.forecasts:
         for k in ks:
             for method in ("reuse", "forecast"):
                 s = dataclasses.replace(base, schedule=f"dp:{k}", forecast=f, dp=method)
@@ -247,14 +250,14 @@ def step_choose(a) -> None:
 
 
 def step_xl(a) -> None:
-    from fast_sampling_xl import xl_rows
+    from benchmarks.fast_sampling.fast_sampling_xl import xl_rows
 
     folder = digits_engines()
     save("xl", "rows", xl_rows(fast_plan(folder)))
 
 
 def step_wall(a) -> None:
-    from fast_sampling_xl import wall
+    from benchmarks.fast_sampling.fast_sampling_xl import wall
 
     folder = digits_engines()
     for name, row in wall(folder, fast_plan(folder), WORK, say).items():
@@ -262,7 +265,7 @@ def step_wall(a) -> None:
 
 
 def step_report(a) -> None:
-    from fast_sampling_report import report
+    from benchmarks.fast_sampling.fast_sampling_report import report
 
     report(load())
 
@@ -284,6 +287,7 @@ def main(argv=None) -> int:
     p.add_argument("--forecast", type=int, default=0)
     p.add_argument("--timeshift", type=float, default=1.0)
     p.add_argument("--spec", nargs="+", default=None, help="screen: SOLVER,STEPS,SCHEDULE,FORECAST,SHIFT,LO-HI")
+    p.add_argument("--forecasts", type=int, nargs="+", default=[2, 1], help="dp: the forecast orders")
     p.add_argument("--k", type=int, nargs="+", default=None, help="dp: the K of dp:K (default: the base's)")
     p.add_argument("--reference-only", action="store_true", help="confirm: sample the reference only (start early)")
     a = p.parse_args(argv)
