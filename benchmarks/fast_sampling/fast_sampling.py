@@ -197,7 +197,8 @@ def _structure(a, folder: Path) -> Structure:
     """The structure a step measures: --solver/--steps/... when given, else the stored plan --plan (default
     `fast`)."""
     if a.steps is not None:
-        return Structure(a.solver, a.steps, a.schedule, a.forecast, a.timeshift)
+        return Structure(a.solver, a.steps, a.schedule, a.forecast, a.timeshift,
+                         tuple(map(float, a.interval.split("-"))))
     from ddt_export.core.manifest import read_manifest
     from ddt_export.runtime.sampling.plans import read_plan
 
@@ -286,6 +287,7 @@ def main(argv=None) -> int:
     p.add_argument("--schedule", default="all")
     p.add_argument("--forecast", type=int, default=0)
     p.add_argument("--timeshift", type=float, default=1.0)
+    p.add_argument("--interval", default="0.3-1", help="the guidance interval LO-HI")
     p.add_argument("--spec", nargs="+", default=None, help="screen: SOLVER,STEPS,SCHEDULE,FORECAST,SHIFT,LO-HI")
     p.add_argument("--forecasts", type=int, nargs="+", default=[2, 1], help="dp: the forecast orders")
     p.add_argument("--k", type=int, nargs="+", default=None, help="dp: the K of dp:K (default: the base's)")

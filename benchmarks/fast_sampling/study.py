@@ -83,7 +83,7 @@ def digits_engines() -> Path:
             build("fp32", BuildOptions(backend="onnxruntime"), out=out, say=lambda m: None)
             return out
         except ArtifactError as e:
-            if "locked by pid" not in str(e) or attempt == 119:
+            if "locked by" not in str(e) or attempt == 119:
                 raise
             time.sleep(1.0)
     return out
