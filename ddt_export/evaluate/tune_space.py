@@ -118,6 +118,7 @@ def search_steps(o: TuneOptions, ref) -> tuple[list[int], list[tuple[float, floa
 
 
 def encoder_variants(o: TuneOptions, base: Candidate) -> list[Candidate]:
+    """Stage (b): a stage-(a) candidate under each encoder schedule (uniform:R, dp:K) and forecast order."""
     specs = [f"uniform:{r}" for r in o.space.rates if r < base.steps]
     specs += sorted({f"dp:{max(2, round(f * base.steps))}" for f in o.space.dp_fractions
                      if 2 <= round(f * base.steps) < base.steps}, key=lambda s: -int(s[3:]))
