@@ -156,17 +156,19 @@ def test_schedule_commands_and_dp_generate(engines_dir, tmp_path, capsys):
     assert code == 0 and "encoder 4/10" in out
 
 
-def test_dp_under_forecasting_minimizes_the_forecast_error(engines_dir, tmp_path, capsys):
-    """`schedule --forecast 1`: the DP over the forecast's error of the template states (recorded here again),
-    stored apart from the reuse DP's schedule by its provenance; `generate --forecast 1 --schedule dp:K` uses it."""
+def test_dp_on_the_forecast_error_on_request(engines_dir, tmp_path, capsys):
+    """`schedule --forecast 1 --dp-error forecast`: the DP over the forecast's error of the template states
+    (recorded here again). The default under forecasting is the reuse error (the measured choice), so
+    `generate --forecast 1 --schedule dp:K` does not take that schedule: it computes the reuse DP's, which a
+    second run then uses."""
     import dataclasses
 
     from ddt_export.core.sampling import step_times
     from ddt_export.runtime import load_engines, record_states
-    from ddt_export.runtime.sampling.dp import forecast_errors, solve_forecast_dp
+    from ddt_export.runtime.sampling.dp import forecast_errors, similarity, solve_dp, solve_forecast_dp
 
     code, out, err = run_cli(["schedule", "--engines", engines_dir, "--steps", 12, "--recompute", 4, "--solver",
-                              "adams:2", "--forecast", 1], capsys)
+                              "adams:2", "--forecast", 1, "--dp-error", "forecast"], capsys)
     assert code == 0, err
     rec = json.loads((engines_dir / "schedule-12-4.json").read_text())
     assert rec["method"] == "dp-forecast1" and rec["provenance"]["sampler"]["forecast"] == 1
@@ -180,9 +182,17 @@ def test_dp_under_forecasting_minimizes_the_forecast_error(engines_dir, tmp_path
         states = record_states(engines, noise, labels, sampler)
     steps, cost = solve_forecast_dp(forecast_errors(states, step_times(sampler)[0], 1), 4)
     assert rec["recompute_steps"] == steps and rec["cost"] == pytest.approx(cost, rel=1e-9)
-    code, out, err = run_cli(["generate", "--engines", engines_dir, "--steps", 12, "--solver", "adams:2",
-                              "--forecast", 1, "--schedule", "dp:4", "--num", 1, "--out", tmp_path / "a"], capsys)
+    gen = ["generate", "--engines", engines_dir, "--steps", 12, "--solver", "adams:2", "--forecast", 1,
+           "--schedule", "dp:4", "--num", 1]
+    code, out, err = run_cli(gen + ["--out", tmp_path / "a"], capsys)
+    assert code == 0 and "minimized another error" in err and "encoder 4/12" in out
+    rec = json.loads((engines_dir / "schedule-12-4.json").read_text())
+    assert rec["method"] == "dp" and rec["recompute_steps"] == solve_dp(similarity(states), 4)[0]
+    code, out, err = run_cli(gen + ["--out", tmp_path / "b"], capsys)
     assert code == 0 and "using" in err and "encoder 4/12" in out
+    code, out, err = run_cli(["schedule", "--engines", engines_dir, "--steps", 12, "--recompute", 4,
+                              "--dp-error", "both"], capsys)
+    assert code == 2 and "--dp-error" in err and "reuse | forecast" in err and "both" in err
     code, out, err = run_cli(["generate", "--engines", engines_dir, "--steps", 12, "--solver", "adams:2",
                               "--schedule", "dp:4", "--num", 1, "--out", tmp_path / "b"], capsys)  # forecast 0: the
     # official DP, computed again

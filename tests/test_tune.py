@@ -20,6 +20,7 @@ from ddt_export.core.flops import step_flops
 from ddt_export.core.images import images_from_samples
 from ddt_export.core.manifest import read_manifest
 from ddt_export.evaluate import tune as T
+from ddt_export.evaluate.tune_space import SearchSpace, TuneOptions
 from ddt_export.evaluate.features import OnnxFeatures
 from ddt_export.evaluate.fid import fid, stats_from_features
 from ddt_export.runtime.sampling.plans import FAST, plan_names, read_plan
@@ -27,7 +28,7 @@ from engines_cache import run_cli
 from runs import run_generate, run_validate
 
 NUM = 24  # FID samples (16-d features)
-SPACE = T.SearchSpace(solvers=("euler", "adams:2"), steps=(5, 10), timeshifts=(1.0,), rates=(2,),
+SPACE = SearchSpace(solvers=("euler", "adams:2"), steps=(5, 10), timeshifts=(1.0,), rates=(2,),
                       dp_fractions=(0.5,), forecasts=(0, 1))
 
 
@@ -68,7 +69,7 @@ def tuned(tiny_engines, features, data, tmp_path_factory):
     folder = tmp_path_factory.mktemp("tune") / "fp32"
     shutil.copytree(tiny_engines[0], folder)
     calls = []
-    res = T.tune(folder, T.TuneOptions(max_fid_delta=1e6, max_recall_delta=1.0, num=NUM, seeds=(0, 1), probe=4,
+    res = T.tune(folder, TuneOptions(max_fid_delta=1e6, max_recall_delta=1.0, num=NUM, seeds=(0, 1), probe=4,
                                        confirm=4, space=SPACE, features=features, stats=data),
                  progress=lambda d, t: calls.append((d, t)), say=lambda m: None)
     return folder, res, calls
@@ -197,10 +198,10 @@ def test_nothing_within_the_budget(tiny_engines, features, data, tmp_path):
     shutil.copytree(tiny_engines[0], folder)
     (folder / "plans").mkdir()
     (folder / "plans" / "fast.json").write_text("{}")  # an earlier run's
-    small = T.SearchSpace(solvers=("euler",), steps=(5,), timeshifts=(1.0,), rates=(), dp_fractions=(),
+    small = SearchSpace(solvers=("euler",), steps=(5,), timeshifts=(1.0,), rates=(), dp_fractions=(),
                           forecasts=(0,), intervals=())
     with pytest.raises(NumericsError, match="tune budget.*no `fast` plan written"):
-        T.tune(folder, T.TuneOptions(max_fid_delta=0.0, max_recall_delta=0.0, num=NUM, probe=2, confirm=1,
+        T.tune(folder, TuneOptions(max_fid_delta=0.0, max_recall_delta=0.0, num=NUM, probe=2, confirm=1,
                                      space=small, features=features, stats=data), say=lambda m: None)
     assert FAST not in plan_names(folder) and "reference" in plan_names(folder)
     assert json.loads((folder / "plans" / "frontier.json").read_text())["fast"] is None
@@ -226,7 +227,7 @@ def test_bad_flags_one_line(args, flag, tiny_engines):
 
 def test_no_feature_extractor_and_reserved_name(tiny_engines, tmp_path):
     with pytest.raises(ConfigError, match="feature extractor"):
-        T.tune(tiny_engines[0], T.TuneOptions(max_fid_delta=0.1, space=SPACE), say=lambda m: None)
+        T.tune(tiny_engines[0], TuneOptions(max_fid_delta=0.1, space=SPACE), say=lambda m: None)
     code, text = run_cli(["generate", "--engines", tiny_engines[0], "--plan", "frontier", "--num", 1, "--out",
                           tmp_path / "o"])
     assert code == 2 and "--plan" in text and "not frontier" in text

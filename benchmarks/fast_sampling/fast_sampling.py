@@ -4,7 +4,9 @@
     python benchmarks/fast_sampling/fast_sampling.py families   # FID per solver x steps, then schedules x forecasts
     python benchmarks/fast_sampling/fast_sampling.py probe      # does a 32-sample probe predict dFID?
     python benchmarks/fast_sampling/fast_sampling.py dp         # reuse-DP vs forecast-DP under forecast 1 and 2
+    python benchmarks/fast_sampling/fast_sampling.py screen --spec adams:2,14,uniform:2,2,1,0.3-1  # 3 x 500
     python benchmarks/fast_sampling/fast_sampling.py confirm    # `fast`: 3 seeds x 2000 samples, paired bootstrap
+    python benchmarks/fast_sampling/fast_sampling.py choose     # `fast` := the cheapest confirmed one meeting the target
     python benchmarks/fast_sampling/fast_sampling.py xl         # the FLOP model at DDT-XL 256 and 512
     python benchmarks/fast_sampling/fast_sampling.py wall       # bench --plan fast: digits and ddt-xl-cpu
     python benchmarks/fast_sampling/fast_sampling.py report     # the tables of README.md from results.json
@@ -17,11 +19,14 @@ import argparse
 import dataclasses
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
-from study import (BUDGET, RECALL, ROOT, TARGET_SPEEDUP, WORK, Runner, Structure, compare, digits_engines,
-                   limit_threads, load, save, say)
+sys.path[:0] = [str(Path(__file__).resolve().parents[2])]  # run as a script: this checkout's ddt_export, benchmarks
+
+from benchmarks.fast_sampling.study import (BUDGET, RECALL, ROOT, TARGET_SPEEDUP, WORK, Runner,  # noqa: E402
+                                            Structure, compare, digits_engines, limit_threads, load, save, say)
 
 REF = Structure()  # the digits model's own trajectory: 50 Euler steps, every step, interval (0.3, 1)
 SOLVERS = ("euler", "adams:2", "adams:3", "adams:4")
@@ -41,7 +46,8 @@ def fast_plan(folder: Path):
 def step_tune(a) -> None:
     """The library's tune with the default search space, 500 samples of seed 0 per confirmed candidate."""
     from ddt_export.core.errors import NumericsError
-    from ddt_export.evaluate.tune import TuneOptions, tune
+    from ddt_export.evaluate.tune import tune
+    from ddt_export.evaluate.tune_space import TuneOptions
 
     folder = digits_engines()
     opts = TuneOptions(max_fid_delta=BUDGET, max_recall_delta=RECALL, num=a.num or 500, seeds=tuple(a.seeds or [0]),
@@ -138,27 +144,34 @@ def step_probe(a) -> None:
 
 
 def step_dp(a) -> None:
-    """Forecast orders 1 and 2: dp:K chosen on the reuse error (the official) and on the forecast's error, the
-    same solver, steps and K; forecast 1 on 3 seeds x 500 samples, forecast 2 on the first seed: FID per
-    encoder call for both."""
+    """dp:K chosen on the reuse error (the official) and on the forecast's error, the same solver, steps, shift,
+    interval and K, under --forecasts (2 1), 3 seeds x 500 samples: FID per encoder call for both. The base is the
+    plan or structure given (default the stored `fast`); K: --k, else the base's own dp:K, else steps / 4."""
     folder = digits_engines()
     run, num, seeds = Runner(folder), a.num or 500, a.seeds or [0, 1, 2]
-    try:
-        p = fast_plan(folder)
-        base = Structure(p.solver, p.steps, "all", 0, p.timeshift, tuple(p.interval))
-    except Exception as e:  # noqa: BLE001 - no tuned plan yet: a fixed base
-        say(f"dp: no fast plan ({e}); adams:2, 16 steps")
-        base = Structure("adams:2", 16)
+    s0 = _structure(a, folder)
+    base = dataclasses.replace(s0, schedule="all", forecast=0)
+    ks = a.k or ([int(s0.schedule[3:])] if s0.schedule.startswith("dp:") else [round(base.steps / 4)])
     done = load().get("dp", {})
-    ks = sorted({k for k in (round(base.steps / 3), round(base.steps / 4), round(base.steps / 6))
-                 if 2 <= k < base.steps})
-    for f, fseeds in ((1, seeds), (2, seeds[:1])):  # forecast 2 on the first seed: a screen
+    for f in a.forecasts:
         for k in ks:
             for method in ("reuse", "forecast"):
                 s = dataclasses.replace(base, schedule=f"dp:{k}", forecast=f, dp=method)
-                _row(run, "dp", s, fseeds, num, done, draws=1000,
+                _row(run, "dp", s, seeds, num, done, draws=1000,
                      extra={"recompute_steps": list(map(int, run.resolved(s)[1]))})
     save("dp", "base", dataclasses.asdict(base))
+
+
+def step_screen(a) -> None:
+    """Structures given as --spec SOLVER,STEPS,SCHEDULE,FORECAST,SHIFT,LO-HI on 3 seeds x 500 samples (the first
+    chunk of what confirm samples): which one to confirm."""
+    run, num, seeds = Runner(digits_engines()), a.num or 500, a.seeds or [0, 1, 2]
+    done = load().get("screen", {})
+    for spec in a.spec or []:
+        solver, steps, schedule, forecast, shift, iv = spec.split(",")
+        lo, hi = map(float, iv.split("-"))
+        _row(run, "screen", Structure(solver, int(steps), schedule, int(forecast), float(shift), (lo, hi)), seeds,
+             num, done, draws=200)
 
 
 def step_confirm(a) -> None:
@@ -169,7 +182,7 @@ def step_confirm(a) -> None:
         for seed in seeds:
             run.features(REF, seed, num)
         return
-    s = Structure.of_plan(fast_plan(folder))
+    s = _structure(a, folder)
     row = compare(run, s, REF, list(seeds), num, 1000)
     ref_g = run.gflop(REF)
     row.update(reference_gflop=ref_g, speedup=ref_g / row["gflop"], flop_fraction=row["gflop"] / ref_g,
@@ -180,15 +193,72 @@ def step_confirm(a) -> None:
         f"d recall {row['drecall']}, {row['speedup']:.2f}x: target {'met' if row['meets_target'] else 'missed'}")
 
 
+def _structure(a, folder: Path) -> Structure:
+    """The structure a step measures: --solver/--steps/... when given, else the stored plan --plan (default
+    `fast`)."""
+    if a.steps is not None:
+        return Structure(a.solver, a.steps, a.schedule, a.forecast, a.timeshift,
+                         tuple(map(float, a.interval.split("-"))))
+    from ddt_export.core.manifest import read_manifest
+    from ddt_export.runtime.sampling.plans import read_plan
+
+    return Structure.of_plan(read_plan(folder, read_manifest(folder), a.plan))
+
+
+def step_choose(a) -> None:
+    """`fast` := the cheapest structure confirmed at 3 seeds x 2000 samples that meets the target (none meeting
+    it: the one least over it, max(mean |dFID| / 0.1, |mean d recall| / 0.01), among those at >= 5x); written to
+    the engine folder as plans/fast.json and under its own name, with the confirmation's numbers."""
+    from ddt_export.core.manifest import read_manifest
+    from ddt_export.evaluate.frontier import plan_name
+    from ddt_export.runtime.sampling.plans import FAST, Plan, write_plan
+
+    folder = digits_engines()
+    rows = [r for r in load().get("confirm", {}).values() if r["num"] == (a.num or 2000)]
+    met = [r for r in rows if r["meets_target"]]
+    over = lambda r: max(r["mean_abs_dfid"] / BUDGET, abs(r["mean_drecall"]) / RECALL)  # noqa: E731
+    pick = min(met, key=lambda r: (r["gflop"], r["mean_abs_dfid"])) if met else \
+        min((r for r in rows if r["speedup"] >= TARGET_SPEEDUP), key=over)
+    st = Structure(**dict(pick["structure"], interval=tuple(pick["structure"]["interval"])))
+    name = plan_name(st.solver, st.steps, st.schedule, st.forecast, st.timeshift, st.interval, REF.interval)
+    steps = list(map(int, Runner(folder).resolved(st)[1]))
+    tune = load().get("tune", {}).get("digits", {})
+    measured = {
+        "dfid": pick["mean_dfid"], "dfid_per_seed": pick["dfid"], "mean_abs_dfid": pick["mean_abs_dfid"],
+        "ci95": pick["ci95"], "fid": pick["fid"], "fid_reference": pick["fid_reference"],
+        "dprecision": pick["mean_dprecision"], "dprecision_per_seed": pick["dprecision"],
+        "drecall": pick["mean_drecall"], "drecall_per_seed": pick["drecall"],
+        "gflop_per_image": pick["gflop"], "reference_gflop_per_image": pick["reference_gflop"],
+        "speedup": pick["speedup"], "encoder_calls": len(steps), "recompute_steps": steps,
+        "within_budget": abs(pick["mean_dfid"]) <= BUDGET and abs(pick["mean_drecall"]) <= RECALL,
+        "meets_target": pick["meets_target"], "structure": name,
+        "protocol": {"samples": pick["num"], "seeds": pick["seeds"], "bootstrap": "paired, 1000 draws per seed",
+                     "reference": "euler, 50 steps, all, interval (0.3, 1)",
+                     "chosen_by": "benchmarks/fast_sampling/fast_sampling.py choose: the cheapest structure "
+                                  "confirmed at 3 seeds x 2000 samples that meets the target (issue 21)"
+                                  + ("" if met else "; none met it: the one least over it"),
+                     "target": {"mean_abs_dfid": BUDGET, "recall": RECALL, "speedup": TARGET_SPEEDUP},
+                     "candidates": sorted(r["key"] for r in rows),
+                     "tune": {"fast": tune.get("fast"), "command": tune.get("command"), "note": tune.get("note")}}}
+    man = read_manifest(folder)
+    for n in (FAST, name):
+        write_plan(folder, Plan(n, st.steps, st.solver, st.forecast, st.timeshift, tuple(st.interval), st.schedule,
+                                measured), man.provenance)
+    save("choice", "fast", {"structure": name, "key": pick["key"], "met": bool(met), "over": over(pick),
+                            "candidates": {r["key"]: r["meets_target"] for r in rows}})
+    say(f"fast := {name} ({pick['speedup']:.2f}x, mean |dFID| {pick['mean_abs_dfid']:.3f}, d recall "
+        f"{pick['mean_drecall']:+.4f}): target {'met' if met else 'missed by every candidate'}")
+
+
 def step_xl(a) -> None:
-    from fast_sampling_xl import xl_rows
+    from benchmarks.fast_sampling.fast_sampling_xl import xl_rows
 
     folder = digits_engines()
     save("xl", "rows", xl_rows(fast_plan(folder)))
 
 
 def step_wall(a) -> None:
-    from fast_sampling_xl import wall
+    from benchmarks.fast_sampling.fast_sampling_xl import wall
 
     folder = digits_engines()
     for name, row in wall(folder, fast_plan(folder), WORK, say).items():
@@ -196,13 +266,13 @@ def step_wall(a) -> None:
 
 
 def step_report(a) -> None:
-    from fast_sampling_report import report
+    from benchmarks.fast_sampling.fast_sampling_report import report
 
     report(load())
 
 
 STEPS = {"tune": step_tune, "families": step_families, "probe": step_probe, "dp": step_dp,
-         "confirm": step_confirm, "xl": step_xl, "wall": step_wall, "report": step_report}
+         "screen": step_screen, "confirm": step_confirm, "choose": step_choose, "xl": step_xl, "wall": step_wall, "report": step_report}
 
 
 def main(argv=None) -> int:
@@ -211,6 +281,16 @@ def main(argv=None) -> int:
     p.add_argument("--num", type=int, default=None, help="samples per seed (confirm: 2000; others: 500)")
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per onnxruntime session")
+    p.add_argument("--plan", default="fast", help="confirm, dp, choose: the stored plan (default fast)")
+    p.add_argument("--solver", default="euler", help="confirm, dp: a structure instead of a stored plan (with --steps)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--schedule", default="all")
+    p.add_argument("--forecast", type=int, default=0)
+    p.add_argument("--timeshift", type=float, default=1.0)
+    p.add_argument("--interval", default="0.3-1", help="the guidance interval LO-HI")
+    p.add_argument("--spec", nargs="+", default=None, help="screen: SOLVER,STEPS,SCHEDULE,FORECAST,SHIFT,LO-HI")
+    p.add_argument("--forecasts", type=int, nargs="+", default=[2, 1], help="dp: the forecast orders")
+    p.add_argument("--k", type=int, nargs="+", default=None, help="dp: the K of dp:K (default: the base's)")
     p.add_argument("--reference-only", action="store_true", help="confirm: sample the reference only (start early)")
     a = p.parse_args(argv)
     limit_threads(a.threads)

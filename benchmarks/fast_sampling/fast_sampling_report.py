@@ -27,7 +27,8 @@ def tune_table(res: dict) -> str:
     lines = ["| plan | solver | steps | schedule | forecast | shift | interval | encoder calls | GFLOP / image | "
              "speed-up | trajectory error | dFID | d precision | d recall | |", "|" + " --- |" * 15]
     for c in t["confirmed"]:
-        mark = "**fast**" if c.get("plan") == "fast" else ("frontier" if c["frontier"] else "")
+        mark = "tune's `fast` (superseded: 3 x 2000 below)" if c.get("plan") == "fast" else (
+            "frontier" if c["frontier"] else "")
         lines.append(f"| {c['name']} | {c['solver']} | {c['steps']} | {c['schedule']} | {c['forecast']} | "
                      f"{c['timeshift']:g} | {c['interval'][0]:g}-{c['interval'][1]:g} | {c['encoder_calls']} | "
                      f"{c['gflop']:.3f} | {ref['gflop'] / c['gflop']:.2f}x | {_s(c['trajectory_error'], '.4f')} | "
@@ -103,6 +104,20 @@ def confirm_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def screen_table(res: dict) -> str:
+    lines = ["| structure | samples x seeds | GFLOP / image | speed-up | dFID per seed | mean dFID | mean abs dFID | "
+             "paired 95% interval (200 draws) | mean d precision | d recall per seed | mean d recall |",
+             "|" + " --- |" * 11]
+    ref = 12.030713856
+    for r in sorted(res.get("screen", {}).values(), key=lambda r: r["gflop"]):
+        lines.append(f"| {r['key']} | {r['num']} x {len(r['seeds'])} | {r['gflop']:.3f} | {ref / r['gflop']:.2f}x | "
+                     f"{', '.join(f'{v:+.3f}' for v in r['dfid'])} | {r['mean_dfid']:+.3f} | "
+                     f"{r['mean_abs_dfid']:.3f} | [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}] | "
+                     f"{r['mean_dprecision']:+.4f} | {', '.join(f'{v:+.4f}' for v in r['drecall'])} | "
+                     f"{r['mean_drecall']:+.4f} |")
+    return "\n".join(lines)
+
+
 def xl_table(res: dict) -> str:
     lines = ["| model | structure | steps | encoder calls | GFLOP / image | official Euler (250, full CFG batch) | "
              "speed-up | official DP example (51 of 250) | speed-up | this runtime's `all` (cond-only rows) | "
@@ -147,16 +162,22 @@ def plot(res: dict, ref_gflop: float) -> None:
         pts = [(g, d) for g, d, ff in enc if ff == f]
         if pts:
             ax.scatter(*zip(*pts), marker=marker, s=18, label=f"shared encoder, forecast {f}")
+    fast = res.get("choice", {}).get("fast", {}).get("key")
     for r in res.get("confirm", {}).values():
-        ax.errorbar([r["gflop"]], [r["mean_abs_dfid"]], fmt="*", ms=12, c="tab:red",
-                    label=f"fast, {r['num']} x {len(r['seeds'])}: mean |dFID|")
+        ax.plot([r["gflop"]], [r["mean_abs_dfid"]], "*", ms=12 if r["key"] == fast else 8,
+                c="tab:red" if r["key"] == fast else "tab:gray",
+                label=f"{'fast: ' if r['key'] == fast else ''}{r['key'].split('-ts')[0]}, {r['num']} x "
+                      f"{len(r['seeds'])}: mean |dFID|, target {'met' if r['meets_target'] else 'missed'}")
     ax.axhline(0.1, c="grey", ls="--", lw=0.8)
     ax.axvline(ref_gflop / 5, c="tab:green", ls=":", lw=0.8, label="20% of the reference's FLOPs")
     ax.set_xscale("log")
+    ax.set_yscale("symlog", linthresh=0.1)  # linear up to the target, logarithmic beyond
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("network GFLOP per image (reference: %.1f)" % ref_gflop)
     ax.set_ylabel("|dFID| vs the 50-step Euler reference")
-    ax.set_title("digits model: plans against the reference trajectory (500 samples, seed 0)", fontsize=9)
-    ax.legend(fontsize=6)
+    ax.set_title("digits model: plans against the 50-step Euler reference (500 samples of seed 0; stars: 3 x 2000)",
+                 fontsize=9)
+    ax.legend(fontsize=6, loc="upper right")
     fig.tight_layout()
     PLOT.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(PLOT, dpi=120)
@@ -165,7 +186,7 @@ def plot(res: dict, ref_gflop: float) -> None:
 def report(res: dict) -> int:
     ref_gflop = res["tune"]["digits"]["confirmed"][0]["gflop"] if "tune" in res else 12.03
     blocks = {"tune": tune_table(res) if "tune" in res else "", "families": families_table(res, ref_gflop),
-              "probe": probe_table(res),
+              "probe": probe_table(res), "screen": screen_table(res),
               "dp": dp_table(res), "confirm": confirm_table(res), "xl": xl_table(res), "wall": wall_table(res)}
     text = README.read_text() if README.is_file() else ""
     for name, body in blocks.items():

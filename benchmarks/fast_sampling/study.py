@@ -11,7 +11,6 @@ go to results.json as each one is measured, so a rerun repeats nothing finished.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import statistics
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
+sys.path[:0] = [str(ROOT)]
 
 from ddt_export.core.artifacts import atomic_path, write_json  # noqa: E402
 from ddt_export.core.noise import StepNoise, sample_noise  # noqa: E402
@@ -73,10 +72,20 @@ def limit_threads(n: int) -> None:
 
 
 def digits_engines() -> Path:
+    """The fp32 engines (built once; reused while their provenance matches). Two steps started together wait
+    for each other's check of the folder."""
     from ddt_export.builder.engine import BuildOptions, build
+    from ddt_export.core.errors import ArtifactError
 
     out = WORK / "digits-fp32"
-    build("fp32", BuildOptions(backend="onnxruntime"), out=out, say=lambda m: None)
+    for attempt in range(120):
+        try:
+            build("fp32", BuildOptions(backend="onnxruntime"), out=out, say=lambda m: None)
+            return out
+        except ArtifactError as e:
+            if "locked by" not in str(e) or attempt == 119:
+                raise
+            time.sleep(1.0)
     return out
 
 

@@ -10,7 +10,7 @@ from rich.console import Console
 from ..evaluate.adm import IS_ORDER, IS_ORDERS, IS_SEED, IS_SPLIT
 from ..evaluate.bench import DEFAULT_BATCHES, DEFAULT_REPEATS, DEFAULT_SCHEDULES
 from ..evaluate.features import DEFAULT_BATCH as FEATURE_BATCH
-from ..evaluate.tune import DEFAULT_CONFIRM as TUNE_CONFIRM, DEFAULT_NUM as TUNE_NUM, \
+from ..evaluate.tune_space import DEFAULT_CONFIRM as TUNE_CONFIRM, DEFAULT_NUM as TUNE_NUM, \
     DEFAULT_PROBE as TUNE_PROBE, DEFAULT_RECALL_DELTA as TUNE_RECALL_DELTA
 from ..evaluate.validate import DEFAULT_NUM as VALIDATE_NUM
 from ..runtime.graphs.engines import DEFAULT_ENGINES
@@ -250,7 +250,8 @@ def tune(
     """Search solver x steps x timeshift x encoder schedule x forecast x guidance interval against the model's
     reference trajectory (same noise and seeds for every candidate); write the frontier of |dFID| against
     network GFLOP per image into ENGINES/plans/ (+ frontier.png), the cheapest plan within the budget as `fast`."""
-    from ..evaluate.tune import SearchSpace, TuneOptions, tune as run_tune
+    from ..evaluate.tune import tune as run_tune
+    from ..evaluate.tune_space import SearchSpace, TuneOptions
 
     defaults = SearchSpace()
     space = SearchSpace(

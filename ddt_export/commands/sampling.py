@@ -115,8 +115,9 @@ def schedule(
     recompute: int = typer.Option(..., help="K: number of steps on which the encoder runs"),
     cfg: Optional[float] = typer.Option(None, help="CFG scale of the template trajectory (default: manifest)"),
     solver: Optional[str] = typer.Option(None, help=SOLVER_HELP + " (the template trajectory's)"),
-    forecast: Optional[int] = typer.Option(None, help=FORECAST_HELP + "; 1 or 2: the DP minimizes the "
-                                                      "forecast's error"),
+    forecast: Optional[int] = typer.Option(None, help=FORECAST_HELP + " (the template trajectory's)"),
+    dp_error: Optional[str] = typer.Option(None, help="reuse | forecast: the error the DP minimizes (default reuse, "
+                                                      "the measured choice also under forecasting: docs/sampling.md)"),
     seed: int = typer.Option(TEMPLATE_SEED, help=f"template seed ({TEMPLATE_SAMPLES} samples)"),
     from_similarity: Optional[Path] = typer.Option(None, help="solve from a saved similarity-N.npy instead"),
     out: Optional[Path] = typer.Option(None, help="with --from-similarity: the schedule JSON to write"),
@@ -128,7 +129,7 @@ def schedule(
     with bar:
         rec, paths = make_schedule(recompute, engines_dir=engines, from_similarity=from_similarity, out=out,
                                    given=RequestInput(steps=steps, cfg=cfg, solver=solver, forecast=forecast),
-                                   seed=seed, progress=progress)
+                                   seed=seed, progress=progress, method=dp_error)
     print(f"recompute steps ({len(rec['recompute_steps'])} of {rec['num_steps']}): {rec['recompute_steps']}")
     if "uniform" in rec:
         u = rec["uniform"]

@@ -6,10 +6,10 @@ on the engines themselves; it is stored in the engine folder (`schedule-N-K.json
 heatmap) with the provenance it was computed under, and reused only when that provenance's weights, model and
 sampler equal the engines' (`Provenance.diff`), else computed again (the caller is told which). One resolver
 (`schedule_steps`) serves every caller; how a missing dp:K is computed is the caller's (here, on the engines;
-`generate --ray`, on a worker). Under encoder forecasting (`SamplerConfig.forecast` 1 or 2) the DP chooses the
-steps on the error of the state the forecast gives (`dp.solve_forecast_dp`, order 1) instead of the reuse error
-(`DP_ON_FORECAST`, the measured choice: docs/sampling.md); the sampler, forecast included, is in the stored
-schedule's provenance, so the two never mix.
+`generate --ray`, on a worker). The DP minimizes the reuse error (the official), also under encoder forecasting
+(`DP_ON_FORECAST` False, the measured choice: docs/sampling.md); the forecast's error (`dp.solve_forecast_dp`,
+order 1) is there on request (`schedule --dp-error forecast`). A stored schedule is reused only when it was
+computed on the error the default asks for (its `method`), so the two never mix.
 """
 from __future__ import annotations
 
@@ -39,7 +39,10 @@ TEMPLATE_SAMPLES = 8  # the official sharing_dp template batch
 TEMPLATE_SEED = 0
 SCHEDULE_FIELDS = ("weights", "model", "sampler")  # what a DP schedule depends on besides N and K
 DP_METHODS = ("reuse", "forecast")  # the error the DP minimizes (`dp_method`)
-DP_ON_FORECAST = True  # under forecasting, dp:K minimizes the forecast's error (measured: docs/sampling.md)
+METHOD_NAMES = {"reuse": "dp", "forecast": "dp-forecast1"}  # a stored schedule's `method`
+# Under forecasting, does dp:K minimize the forecast's error? Measured no (docs/sampling.md, benchmarks/fast_sampling:
+# adams:2, 12 steps, forecast 2, 3 seeds x 500: dFID +0.103 vs -0.004 at K = 6, +1.158 vs +0.246 at K = 4).
+DP_ON_FORECAST = False
 
 
 def schedule_record(steps: list[int], num_steps: int, **settings) -> dict:
@@ -75,7 +78,7 @@ def dp_method(sampler: SamplerConfig, method: str | None = None) -> str:
     if method is None:
         return "forecast" if sampler.forecast > 0 and DP_ON_FORECAST else "reuse"
     if method not in DP_METHODS:
-        raise InputError("DP method", " | ".join(DP_METHODS), method)
+        raise InputError("--dp-error", " | ".join(DP_METHODS), method)
     return method
 
 
@@ -97,7 +100,7 @@ def schedule_from_states(states: np.ndarray, sampler: SamplerConfig, recompute: 
         steps, cost = solve_dp(sim, recompute)
         base_cost = schedule_cost(sim, base)
     uniform = {"rate": rate, "recompute": len(base), "cost": base_cost}
-    record = schedule_record(steps, n, method="dp" if method == "reuse" else "dp-forecast1", cost=cost,
+    record = schedule_record(steps, n, method=METHOD_NAMES[method], cost=cost,
                              uniform=uniform, provenance=provenance.to_dict())
     return record, sim
 
@@ -136,8 +139,10 @@ def schedule_from_similarity(sim_path: Path, recompute: int, out: Path) -> tuple
     return record, {"json": write_schedule(out, record), "png": plot_heatmap(sim, steps, out.with_suffix(".png"))}
 
 
-def stored_schedule(path: Path, asked: Provenance, num_steps: int) -> tuple[list[int] | None, str]:
-    """(steps, "") from a stored dp schedule whose provenance fits `asked`, else (None, why not)."""
+def stored_schedule(path: Path, asked: Provenance, num_steps: int, method: str = "reuse"
+                    ) -> tuple[list[int] | None, str]:
+    """(steps, "") from a stored dp schedule whose provenance fits `asked` and which minimized `method`'s error,
+    else (None, why not)."""
     if not path.is_file():
         return None, "no stored schedule for these settings"
     try:
@@ -148,6 +153,8 @@ def stored_schedule(path: Path, asked: Provenance, num_steps: int) -> tuple[list
     diffs = built.diff(asked, SCHEDULE_FIELDS)
     if diffs:
         return None, f"{path} was computed under other settings ({'; '.join(diffs)})"
+    if rec.get("method", "dp") != METHOD_NAMES[method]:
+        return None, f"{path} minimized another error ({rec.get('method')}, not {METHOD_NAMES[method]})"
     return validate_steps(rec["recompute_steps"], num_steps, str(path)), ""
 
 
@@ -162,7 +169,7 @@ def schedule_steps(spec: ScheduleSpec, sampler: SamplerConfig, manifest: Manifes
     if k > n:
         raise InputError("schedule dp:K", f"K <= {n} steps", k)
     path = Path(folder) / f"schedule-{n}-{k}.json"
-    steps, why = stored_schedule(path, schedule_provenance(manifest, sampler), n)
+    steps, why = stored_schedule(path, schedule_provenance(manifest, sampler), n, dp_method(sampler))
     if steps is not None:
         say(f"schedule dp:{k}: using {path}")
         return steps
@@ -191,18 +198,21 @@ def resolve_schedule(request: SampleRequest, engines: Engines, say: Say = print,
 
 def make_schedule(recompute: int, *, engines_dir: Path | None = None, from_similarity: Path | None = None,
                   out: Path | None = None, given: RequestInput = RequestInput(), seed: int = TEMPLATE_SEED,
-                  progress: Progress | None = None) -> tuple[dict, dict[str, Path]]:
+                  progress: Progress | None = None, method: str | None = None) -> tuple[dict, dict[str, Path]]:
     """`ddt-export schedule`: the DP on the engines' template trajectory (stored in the engine folder), or on a
-    saved similarity matrix (written to `out`). `given`: the sampler overrides (steps, cfg). Returns (schedule
-    record, written files)."""
+    saved similarity matrix (written to `out`). `given`: the sampler overrides (steps, cfg); `method`: the error
+    the DP minimizes (`dp_method`). Returns (schedule record, written files)."""
     if from_similarity is not None:
         if engines_dir is not None or out is None:
             raise InputError("schedule --from-similarity", "--out FILE.json and no --engines",
                              "--engines" if engines_dir is not None else "no --out")
+        if method not in (None, "reuse"):
+            raise InputError("--dp-error with --from-similarity", "reuse (a similarity matrix has no forecast)",
+                             method)
         return schedule_from_similarity(from_similarity, recompute, out)
     if engines_dir is None:
         raise InputError("schedule", "--engines DIR (or --from-similarity SIM.npy)", "neither")
     with load_engines(engines_dir) as engines:
         sampler = resolve_sampler(engines.config.sampler, given, CLI)
-        rec, sim = compute_schedule(engines, sampler, recompute, seed=seed, progress=progress)
+        rec, sim = compute_schedule(engines, sampler, recompute, seed=seed, progress=progress, method=method)
         return rec, store_schedule(engines_dir, rec, sim, model_label(engines))
