@@ -186,7 +186,9 @@ def test_dp_on_the_forecast_error_on_request(engines_dir, tmp_path, capsys):
            "--schedule", "dp:4", "--num", 1]
     code, out, err = run_cli(gen + ["--out", tmp_path / "a"], capsys)
     assert code == 0 and "minimized another error" in err and "encoder 4/12" in out
-    rec = json.loads((engines_dir / "schedule-12-4.json").read_text())
+    assert json.loads((engines_dir / "schedule-12-4.json").read_text())["method"] == "dp-forecast1"  # kept
+    (other,) = engines_dir.glob("schedule-12-4-*.json")  # the reuse DP's, beside it under its settings' digest
+    rec = json.loads(other.read_text())
     assert rec["method"] == "dp" and rec["recompute_steps"] == solve_dp(similarity(states), 4)[0]
     code, out, err = run_cli(gen + ["--out", tmp_path / "b"], capsys)
     assert code == 0 and "using" in err and "encoder 4/12" in out
@@ -197,6 +199,49 @@ def test_dp_on_the_forecast_error_on_request(engines_dir, tmp_path, capsys):
                               "--schedule", "dp:4", "--num", 1, "--out", tmp_path / "b"], capsys)  # forecast 0: the
     # official DP, computed again
     assert code == 0 and "computed under other settings" in err
+
+
+def test_schedules_of_other_settings_do_not_replace_each_other(engines_dir, tmp_path, capsys):
+    """dp:K at two cfgs, one after the other and back: each is computed once and then read (a server alternating
+    between them ran the template trajectory on every request when both shared schedule-N-K.json)."""
+    runs = []
+    for cfg in (1.0, 2.5, 1.0, 2.5):
+        code, out, err = run_cli(["generate", "--engines", engines_dir, "--steps", 9, "--cfg", cfg, "--schedule",
+                                  "dp:3", "--num", 1, "--out", tmp_path / f"o{len(runs)}"], capsys)
+        assert code == 0, err
+        runs.append("running the 8-sample template" in err)
+    assert runs == [True, True, False, False]
+    files = sorted(engines_dir.glob("schedule-9-3*.json"))
+    assert (engines_dir / "schedule-9-3.json") in files and len(files) == 2
+    cfgs = sorted(json.loads(f.read_text())["provenance"]["sampler"]["guidance"] for f in files)
+    assert cfgs == [1.0, 2.5]
+    assert (engines_dir / "similarity-9.npy").is_file() and len(list(engines_dir.glob("similarity-9-*.npy"))) == 1
+
+
+def test_a_dp_plan_runs_the_steps_it_was_measured_with(engines_dir, tmp_path, capsys):
+    """A dp:K plan records its recompute steps (tune's `measured.recompute_steps`); a request on it runs those,
+    not a DP solved again (another default error, other template settings), and a record that does not fit its
+    schedule is refused."""
+    from ddt_export.core.manifest import read_manifest
+    from ddt_export.runtime.sampling.plans import Plan, write_plan
+
+    import dataclasses
+
+    manifest = read_manifest(engines_dir)
+    sampler = dataclasses.replace(manifest.config.sampler, num_steps=10)  # the model's own, at 10 steps
+    for name, steps in (("pinned", [0, 1, 7]), ("broken", [0, 4])):
+        write_plan(engines_dir, Plan.of(name, sampler, "dp:3", {"recompute_steps": steps}), manifest.provenance)
+    code, out, err = run_cli(["generate", "--engines", engines_dir, "--plan", "pinned", "--num", 1,
+                              "--latents-out", tmp_path / "p.npy", "--out", tmp_path / "p"], capsys)
+    assert code == 0 and "template" not in err and "encoder 3/10" in out, err
+    (tmp_path / "s.json").write_text(json.dumps({"recompute_steps": [0, 1, 7], "num_steps": 10}))
+    code, out, err = run_cli(["generate", "--engines", engines_dir, "--steps", 10, "--schedule", tmp_path / "s.json",
+                              "--num", 1, "--latents-out", tmp_path / "f.npy", "--out", tmp_path / "f"], capsys)
+    assert code == 0, err
+    np.testing.assert_array_equal(np.load(tmp_path / "p.npy"), np.load(tmp_path / "f.npy"))  # the same steps
+    code, out, err = run_cli(["generate", "--engines", engines_dir, "--plan", "broken", "--num", 1, "--out",
+                              tmp_path / "b"], capsys)
+    assert code == 2 and "plan broken: recompute_steps" in err and "expected 3 steps" in err and "got 2" in err
 
 
 def _bad_cases(engines_dir, tmp_path):

@@ -219,7 +219,10 @@ class RayExecutor:
                              f"{FREE_CPUS} left to Ray Data's tasks)", self.workers)
 
     def resolve_schedule(self, request: SampleRequest, say: Say) -> SampleRequest:
-        """The one resolver (`schedules.schedule_steps`); a dp:K the folder does not store is computed on a worker."""
+        """The one resolver (`schedules.schedule_steps`); a dp:K the folder does not store is computed on a worker
+        (a request with its steps already, a dp:K plan's, as it is)."""
+        if request.recompute is not None:
+            return request
         def on_worker(k: int) -> list[int]:
             say(f"schedule dp:{k}: computing it on a Ray worker (stored in {self.folder} there)")
             ray = _ray()

@@ -52,6 +52,13 @@ class Plan:
         return {"steps": self.steps, "solver": self.solver, "forecast": self.forecast, "timeshift": self.timeshift,
                 "interval": tuple(self.interval), "schedule": self.schedule}
 
+    @property
+    def pinned_steps(self) -> tuple[int, ...] | None:
+        """A dp:K plan's recompute steps as measured (`tune` records them): a request on the plan runs these, not
+        a DP solved again under later defaults, so the plan's measured dFID stays its own. None otherwise."""
+        steps = self.measured.get("recompute_steps") if self.schedule.startswith("dp:") else None
+        return tuple(int(s) for s in steps) if steps else None
+
     def label(self) -> str:
         return (f"{self.solver} {self.steps} steps, {self.schedule}, forecast {self.forecast}, "
                 f"shift {self.timeshift:g}, interval {list(self.interval)}")

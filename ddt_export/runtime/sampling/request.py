@@ -22,9 +22,9 @@ import numpy as np
 
 from ...core.classes import ClassNames
 from ...core.config import FORECAST_ORDERS, MAX_ADAMS_ORDER, Config, SamplerConfig, solver_order
-from ...core.errors import ConfigError, InputError
+from ...core.errors import ArtifactError, ConfigError, InputError
 from ...core.labels import Labels
-from .grammar import ScheduleSpec, default_schedule, parse_schedule
+from .grammar import ScheduleSpec, default_schedule, parse_schedule, validate_steps
 from .plans import PLAN_FIELDS, Plan
 
 MAX_SEED = 2 ** 63 - 1  # numpy's SeedSequence takes any non-negative int; JSON and int64 hold this much
@@ -214,25 +214,38 @@ def resolve_sampler(sampler: SamplerConfig, given: RequestInput, names: FieldNam
         raise InputError(e.thing, e.expected, e.actual, e.hint)
 
 
-def apply_plan(given: RequestInput, plans: Callable[[str], Plan] | None, names: FieldNames = CLI) -> RequestInput:
-    """The request with its plan's settings in place (`plans(name)` reads one); refused when it sets them too."""
+def apply_plan(given: RequestInput, plans: Callable[[str], Plan] | None, names: FieldNames = CLI
+               ) -> tuple[RequestInput, Plan | None]:
+    """(the request with its plan's settings in place, the plan) (`plans(name)` reads one); refused when the
+    request sets them too."""
     if given.plan is None:
-        return given
+        return given, None
     if plans is None:
         raise InputError(names.plan, "no plan here (plans are stored with engines)", given.plan)
     clash = [getattr(names, f) for f in PLAN_FIELDS if getattr(given, f) is not None]
     if clash:
         raise InputError(names.plan, "a plan alone (it fixes " + ", ".join(getattr(names, f) for f in PLAN_FIELDS)
                          + ")", f"{given.plan} with {', '.join(clash)}")
-    return dataclasses.replace(given, **plans(given.plan).settings())
+    plan = plans(given.plan)
+    return dataclasses.replace(given, **plan.settings()), plan
+
+
+def pinned_steps(plan: Plan | None, schedule: ScheduleSpec, num_steps: int) -> tuple[int, ...] | None:
+    """A dp:K plan's recompute steps as it was measured (`Plan.pinned_steps`), checked; None for other plans."""
+    if plan is None or plan.pinned_steps is None or schedule.kind != "dp":
+        return None
+    where = f"plan {plan.name}: recompute_steps"
+    steps = tuple(validate_steps(plan.pinned_steps, num_steps, where))
+    if len(steps) != schedule.value:
+        raise ArtifactError(where, f"{schedule.value} steps (its schedule {schedule.text})", len(steps))
+    return steps
 
 
 def resolve(config: Config, given: RequestInput, names: FieldNames = CLI,
             plans: Callable[[str], Plan] | None = None) -> SampleRequest:
     """The one place a request is checked: labels, num, seed, the plan, the sampler overrides and the schedule's
     grammar. `plans(name)`: the engine folder's plan of that name (`plans.read_plan`)."""
-    plan = given.plan
-    given = apply_plan(given, plans, names)
+    given, chosen = apply_plan(given, plans, names)
     if given.num is not None and _int(given.num, names.num, EXPECTED["num"]) < 1:
         raise InputError(names.num, EXPECTED["num"], given.num)
     seed = _int(given.seed, names.seed, EXPECTED["seed"])
@@ -244,4 +257,5 @@ def resolve(config: Config, given: RequestInput, names: FieldNames = CLI,
     schedule = parse_schedule(text, names.schedule, names.files)
     if schedule.kind == "dp" and schedule.value > sampler.num_steps:
         raise InputError(names.schedule, f"dp:K with K <= {sampler.num_steps} (the steps)", schedule.text)
-    return SampleRequest(labels, seed, sampler, schedule, plan=plan)
+    return SampleRequest(labels, seed, sampler, schedule, pinned_steps(chosen, schedule, sampler.num_steps),
+                         plan=chosen.name if chosen is not None else None)

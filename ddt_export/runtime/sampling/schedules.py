@@ -3,7 +3,8 @@
 The grammar (`all | uniform:R | dp:K | FILE.json`) is `grammar.py`'s; this module resolves a request's schedule
 to steps. A `dp:K` schedule comes from the statistical DP (`runtime.sampling.dp`) on a template trajectory run
 on the engines themselves; it is stored in the engine folder (`schedule-N-K.json`, `similarity-N.npy`, a
-heatmap) with the provenance it was computed under, and reused only when that provenance's weights, model and
+heatmap; settings other than those holding these names under `schedule-N-K-<digest>`, `schedule_stem`) with the
+provenance it was computed under, and reused only when that provenance's weights, model and
 sampler equal the engines' (`Provenance.diff`), else computed again (the caller is told which). One resolver
 (`schedule_steps`) serves every caller; how a missing dp:K is computed is the caller's (here, on the engines;
 `generate --ray`, on a worker). The DP minimizes the reuse error (the official), also under encoder forecasting
@@ -13,6 +14,7 @@ computed on the error the default asks for (its `method`), so the two never mix.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -120,12 +122,41 @@ def model_label(engines: Engines) -> str:
     return engines.config.name + (" (random weights)" if engines.manifest.provenance.weights_kind == "random" else "")
 
 
+def schedule_stem(folder: Path, n: int, k: int, settings: Provenance, method_name: str) -> Path:
+    """The one file (without suffix) a dp:K schedule of these settings lives in: `schedule-N-K` when that name is
+    free or holds these settings (or a stale schedule of other weights or another model, which it replaces),
+    else `schedule-N-K-<digest of the settings>`. So schedules of different settings (another cfg, solver,
+    timeshift) each keep their own file instead of replacing each other's, and a server that alternates
+    between them computes each once."""
+    canonical = Path(folder) / f"schedule-{n}-{k}"
+    try:
+        rec = json.loads(canonical.with_suffix(".json").read_text())
+        held = Provenance.from_dict(rec["provenance"], str(canonical))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ArtifactError):
+        return canonical  # free, or unreadable: nothing worth keeping there
+    if held.diff(settings, ("weights", "model")) or (
+            not held.diff(settings, SCHEDULE_FIELDS) and rec.get("method", "dp") == method_name):
+        return canonical
+    return _digest_stem(folder, n, k, settings, method_name)
+
+
+def _digest_stem(folder: Path, n: int, k: int, settings: Provenance, method_name: str) -> Path:
+    d = settings.to_dict()
+    key = json.dumps({**{f: d[f] for f in SCHEDULE_FIELDS}, "method": method_name}, sort_keys=True, default=str)
+    return Path(folder) / f"schedule-{n}-{k}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
 def store_schedule(out_dir: Path, record: dict, sim: np.ndarray, name: str = "") -> dict[str, Path]:
-    """similarity-N.npy, schedule-N-K.json and schedule-N-K.png in `out_dir`."""
-    n, k, out = record["num_steps"], record["recompute"], Path(out_dir)
-    paths = {"similarity": save_npy(out / f"similarity-{n}.npy", sim),
-             "json": write_schedule(out / f"schedule-{n}-{k}.json", record)}
-    paths["png"] = plot_heatmap(sim, record["recompute_steps"], out / f"schedule-{n}-{k}.png",
+    """schedule-N-K.json, its heatmap schedule-N-K.png and the similarity matrix similarity-N.npy in `out_dir`
+    (for settings other than those holding these names: schedule-N-K-<digest>.*, similarity-N-<digest>.npy;
+    `schedule_stem`)."""
+    n, k = record["num_steps"], record["recompute"]
+    settings = Provenance.from_dict(record["provenance"], "schedule record")
+    stem = schedule_stem(Path(out_dir), n, k, settings, record.get("method", "dp"))
+    sim_path = stem.with_name(stem.name.replace(f"schedule-{n}-{k}", f"similarity-{n}", 1) + ".npy")
+    paths = {"similarity": save_npy(sim_path, sim),
+             "json": write_schedule(stem.with_suffix(".json"), record)}
+    paths["png"] = plot_heatmap(sim, record["recompute_steps"], stem.with_suffix(".png"),
                                 f"{name}: 1 - cos sim of encoder states, N={n}, K={k}")
     return paths
 
@@ -168,11 +199,14 @@ def schedule_steps(spec: ScheduleSpec, sampler: SamplerConfig, manifest: Manifes
     n, k = sampler.num_steps, spec.value
     if k > n:
         raise InputError("schedule dp:K", f"K <= {n} steps", k)
-    path = Path(folder) / f"schedule-{n}-{k}.json"
-    steps, why = stored_schedule(path, schedule_provenance(manifest, sampler), n, dp_method(sampler))
-    if steps is not None:
-        say(f"schedule dp:{k}: using {path}")
-        return steps
+    asked, method = schedule_provenance(manifest, sampler), dp_method(sampler)
+    why = ""
+    for stem in (Path(folder) / f"schedule-{n}-{k}", _digest_stem(folder, n, k, asked, METHOD_NAMES[method])):
+        steps, not_here = stored_schedule(stem.with_suffix(".json"), asked, n, method)
+        if steps is not None:
+            say(f"schedule dp:{k}: using {stem.with_suffix('.json')}")
+            return steps
+        why = why or not_here
     say(f"schedule dp:{k}: {why}; running the {TEMPLATE_SAMPLES}-sample template trajectory ({n} steps) and the DP")
     return compute(k)
 
@@ -190,7 +224,10 @@ def computed_schedule(engines: Engines, sampler: SamplerConfig, k: int, say: Say
 
 def resolve_schedule(request: SampleRequest, engines: Engines, say: Say = print,
                      progress: Progress | None = None) -> SampleRequest:
-    """The request with its recompute steps (dp:K: stored with the engines, or computed on them now)."""
+    """The request with its recompute steps (dp:K: stored with the engines, or computed on them now); a request
+    that has them already (a dp:K plan's own, `request.pinned_steps`) as it is."""
+    if request.recompute is not None:
+        return request
     steps = schedule_steps(request.schedule, request.sampler, engines.manifest, engines.folder,
                            lambda k: computed_schedule(engines, request.sampler, k, say, progress), say)
     return request.with_steps(steps)
