@@ -55,11 +55,12 @@ def step_tune(a) -> None:
     from ddt_export.evaluate.tune_space import TuneOptions
 
     study = digits_engines()
-    folder = WORK / TUNE_COPY
+    n = a.confirm or 12
+    folder, entry = (WORK / TUNE_COPY, "digits") if n == 12 else (WORK / f"{TUNE_COPY}-confirm{n}", f"digits_confirm{n}")
     opts = TuneOptions(max_fid_delta=BUDGET, max_recall_delta=RECALL, num=a.num or 500, seeds=tuple(a.seeds or [0]),
-                       confirm=12)
+                       confirm=n)
     key = f"{opts.num}x{list(opts.seeds)}-confirm{opts.confirm}-probe{opts.probe}-fidprobe-mean-walk"
-    if load().get("tune", {}).get("digits", {}).get("key") == key and (folder / "plans" / "frontier.json").is_file():
+    if load().get("tune", {}).get(entry, {}).get("key") == key and (folder / "plans" / "frontier.json").is_file():
         return say("tune: done (results.json)")
     if folder.exists():
         shutil.rmtree(folder)
@@ -76,10 +77,10 @@ def step_tune(a) -> None:
     except NumericsError as e:  # nothing within the budget: the frontier is written all the same
         say(f"tune: {e}")
     rec = json.loads((folder / "plans" / "frontier.json").read_text())
-    save("tune", "digits", {"key": key, "command": f"ddt-export tune --engines {folder.relative_to(ROOT)} "
-                            f"--max-fid-delta {BUDGET} --confirm 12", "fast": rec["fast"],
-                            "probed": len(rec["candidates"]) - 1, "confirmed": rec["confirmed"],
-                            "seconds": rec["seconds"], "space": rec["protocol"]["space"]})
+    save("tune", entry, {"key": key, "command": f"ddt-export tune --engines {folder.relative_to(ROOT)} "
+                         f"--max-fid-delta {BUDGET} --confirm {n}", "fast": rec["fast"],
+                         "probed": len(rec["candidates"]) - 1, "confirmed": rec["confirmed"],
+                         "seconds": rec["seconds"], "space": rec["protocol"]["space"]})
 
 
 def step_families(a) -> None:
@@ -300,6 +301,7 @@ def main(argv=None) -> int:
     p.add_argument("--spec", nargs="+", default=None, help="screen: SOLVER,STEPS,SCHEDULE,FORECAST,SHIFT,LO-HI")
     p.add_argument("--forecasts", type=int, nargs="+", default=[2, 1], help="dp: the forecast orders")
     p.add_argument("--k", type=int, nargs="+", default=None, help="dp: the K of dp:K (default: the base's)")
+    p.add_argument("--confirm", type=int, default=None, help="tune: candidates confirmed, at most (default 12)")
     p.add_argument("--reference-only", action="store_true", help="confirm: sample the reference only (start early)")
     a = p.parse_args(argv)
     limit_threads(a.threads)
