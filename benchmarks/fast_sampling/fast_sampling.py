@@ -1,6 +1,6 @@
 """Fast sampling on the bundled digits model: plans against its own 50-step Euler reference (issue 21).
 
-    python benchmarks/fast_sampling/fast_sampling.py tune       # ddt-export tune, budget |dFID| <= 0.1: the frontier
+    python benchmarks/fast_sampling/fast_sampling.py tune       # ddt-export tune on a copy (digits-fp32-tune5), budget |dFID| <= 0.1
     python benchmarks/fast_sampling/fast_sampling.py families   # FID per solver x steps, then schedules x forecasts
     python benchmarks/fast_sampling/fast_sampling.py probe      # does a 32-sample probe predict dFID?
     python benchmarks/fast_sampling/fast_sampling.py dp         # reuse-DP vs forecast-DP under forecast 1 and 2
