@@ -23,6 +23,7 @@ from ddt_export.evaluate import tune as T
 from ddt_export.evaluate.tune_space import SearchSpace, TuneOptions
 from ddt_export.evaluate.features import OnnxFeatures
 from ddt_export.evaluate.fid import fid, stats_from_features
+from ddt_export.evaluate.frontier import pareto
 from ddt_export.runtime.sampling.plans import FAST, plan_names, read_plan
 from engines_cache import run_cli
 from runs import run_generate, run_validate
@@ -106,7 +107,12 @@ def test_search_covers_the_space_and_reports_progress(tuned):
     ref = rec["candidates"][0]
     assert ref["name"] == "reference" and ref["steps"] == 20 and ref["trajectory_error"] == 0.0
     assert 1 <= len(rec["confirmed"]) - 1 <= 4  # at most `confirm`, the reference aside
-    assert all(c["frontier"] for c in rec["candidates"] if c["name"] in {x["name"] for x in rec["confirmed"]})
+    # a budget everything meets: the walk confirms the cheapest probed candidate, and it passes; the rest of
+    # `confirm` goes to the probe frontier beyond it
+    cheapest = min(c["gflop"] for c in probed if c["metric"] is not None)
+    walked, *rest = sorted(rec["confirmed"][1:], key=lambda c: c["gflop"])
+    assert walked["gflop"] == cheapest and walked["within_budget"]
+    assert all(c["name"] in {f["name"] for f in front} and c["gflop"] > cheapest for c in rest)
     # progress: called, never backwards, ends with done == total
     assert len(calls) > 10 and all(b[0] >= a[0] for a, b in zip(calls, calls[1:]))
     assert calls[-1][0] == calls[-1][1] and all(d <= t for d, t in calls)
@@ -233,3 +239,75 @@ def test_no_feature_extractor_and_reserved_name(tiny_engines, tmp_path):
     assert code == 2 and "--plan" in text and "not frontier" in text
     with pytest.raises(InputError, match="--plan"):
         read_plan(tiny_engines[0], read_manifest(tiny_engines[0]), "nosuch")
+
+
+# --------------------------------------------------------------------------------------- the confirm walk
+
+
+def _row(name, gflop, pred, traj=None):
+    """A probed row as tune keeps it (|predicted dFID| is the probe's metric)."""
+    return {"name": name, "stage": "encoder", "gflop": gflop, "predicted_dfid": pred, "metric": abs(pred),
+            "trajectory_error": abs(pred) / 10 if traj is None else traj}
+
+
+def _walk(rows, budget, limit, truth):
+    """tune's confirm choice with a stubbed scorer: `truth` maps a name to (dFID, d recall) on the full sample."""
+    front = pareto(rows, lambda r: (r["gflop"], r["metric"]))
+    calls, plans = [], []
+
+    def measure(r):
+        calls.append(r["name"])
+        dfid, drec = truth[r["name"]]
+        return abs(dfid) <= 0.1 and abs(drec) <= 0.01
+
+    got = T.confirm_plan(rows, front, budget, limit, measure, lambda rs: plans.append([r["name"] for r in rs]))
+    return calls, [r["name"] for r in got], plans, front
+
+
+def test_confirm_walk_finds_what_the_probe_frontier_missed():
+    """The defect of the digits study: the probe's Pareto points (few-step Euler) lose recall, the cheapest plan
+    within the budget is off that set; the walk confirms it, a search of the frontier alone cannot."""
+    rows = [_row("euler-6", 0.72, 3.37), _row("euler-8-u2", 1.29, -0.037), _row("euler-8-dp4", 1.29, -0.037),
+            _row("euler-8", 1.86, 0.023), _row("adams3-12-u2", 1.91, -0.062), _row("adams3-12-u2-f1", 1.91, 0.082),
+            _row("adams4-17-dp4", 1.96, 0.5), _row("adams4-17-dp8", 2.63, 0.003), _row("euler-17", 2.7, 0.2)]
+    truth = {"euler-6": (2.6, -0.12), "euler-8-u2": (-0.107, -0.07), "euler-8-dp4": (-0.107, -0.07),
+             "euler-8": (0.005, -0.068), "adams3-12-u2": (-0.04, 0.009), "adams3-12-u2-f1": (0.11, 0.01),
+             "adams4-17-dp4": (0.3, 0.0), "adams4-17-dp8": (-0.044, 0.01), "euler-17": (0.0, 0.0)}
+    calls, got, plans, front = _walk(rows, 0.1, 6, truth)
+    assert "adams3-12-u2" not in [r["name"] for r in front]  # the old rule never measured it
+    # cheapest first over |predicted| <= 0.1, one of the two identical probe results, stopping at the first pass;
+    # then the rest of the 6 on the probe frontier beyond it
+    assert calls == got == ["euler-8-u2", "euler-8", "adams3-12-u2", "adams4-17-dp8"]
+    assert plans == [["euler-8-u2", "euler-8", "adams3-12-u2", "adams3-12-u2-f1", "adams4-17-dp8"], got]
+    calls, _, _, _ = _walk(rows, 0.1, 2, truth)  # a bound too small to reach it: 2 confirms, none passes
+    assert calls == ["euler-8-u2", "euler-8"]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_confirm_walk_against_brute_force(seed):
+    """Random small spaces, a random scorer: with room for every candidate the walk's pass is the cheapest that
+    passes among those predicted within the budget (brute force over all of them); with a bound it never
+    measures more than the bound and, when it finds nothing, measured exactly the bound's worth or all."""
+    rng = np.random.default_rng(seed)
+    rows, truth = [], {}
+    for i in range(12):
+        gflop, pred = float(rng.choice([1.0, 1.5, 2.0, 3.0])), float(rng.normal(0, 0.15))
+        if i and rng.random() < 0.2:  # an alias: the same probe result, the same trajectory
+            twin = rows[int(rng.integers(len(rows)))]
+            gflop, pred = twin["gflop"], twin["predicted_dfid"]
+        rows.append(_row(f"c{i}", gflop, pred))
+        twin = next((r for r in rows[:-1] if (r["gflop"], r["predicted_dfid"]) == (gflop, pred)), None)
+        truth[f"c{i}"] = truth[twin["name"]] if twin else (float(rng.normal(0, 0.1)), float(rng.normal(0, 0.01)))
+    passes = {n for n, (f, r) in truth.items() if abs(f) <= 0.1 and abs(r) <= 0.01}
+    within = [r for r in rows if r["metric"] <= 0.1]
+    brute = min((r for r in within if r["name"] in passes), key=lambda r: (r["gflop"], r["metric"]), default=None)
+    calls, got, _, _ = _walk(rows, 0.1, len(rows), truth)
+    first_pass = next((n for n in calls if n in passes), None)
+    if brute is None:
+        assert first_pass is None or first_pass not in {r["name"] for r in within}
+    else:
+        hit = next(r for r in rows if r["name"] == first_pass)
+        assert (hit["gflop"], hit["metric"]) == (brute["gflop"], brute["metric"])
+    for limit in (1, 3):
+        calls, _, _, _ = _walk(rows, 0.1, limit, truth)
+        assert len(calls) <= limit and len(set(calls)) == len(calls)

@@ -27,8 +27,9 @@ def tune_table(res: dict) -> str:
     lines = ["| plan | solver | steps | schedule | forecast | shift | interval | encoder calls | GFLOP / image | "
              "speed-up | trajectory error | dFID | d precision | d recall | |", "|" + " --- |" * 15]
     for c in t["confirmed"]:
-        mark = "tune's `fast` (superseded: 3 x 2000 below)" if c.get("plan") == "fast" else (
-            "frontier" if c["frontier"] else "")
+        study = res.get("choice", {}).get("fast", {}).get("structure")
+        mark = ("tune's `fast`" + ("" if c["name"] == study else f"; the study's `fast` is {study} (3 x 2000)")
+                if c.get("plan") == "fast" else "frontier" if c["frontier"] else "")
         lines.append(f"| {c['name']} | {c['solver']} | {c['steps']} | {c['schedule']} | {c['forecast']} | "
                      f"{c['timeshift']:g} | {c['interval'][0]:g}-{c['interval'][1]:g} | {c['encoder_calls']} | "
                      f"{c['gflop']:.3f} | {ref['gflop'] / c['gflop']:.2f}x | {_s(c['trajectory_error'], '.4f')} | "

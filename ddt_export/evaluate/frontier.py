@@ -7,7 +7,7 @@ most as costly and at most as far from the reference, and strictly better in one
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Hashable, Sequence, TypeVar
 
 from ..core.artifacts import atomic_path
 from ..runtime.sampling.plans import FAST, FRONTIER, PLANS_DIR
@@ -35,6 +35,31 @@ def spread(items: Sequence[T], count: int) -> list[T]:
     if count == 1:
         return [items[0]]
     return [items[round(i * (len(items) - 1) / (count - 1))] for i in range(count)]
+
+
+def cheapest_first(points: Sequence[T], cost: Callable[[T], float], error: Callable[[T], float],
+                   same: Callable[[T], Hashable]) -> list[T]:
+    """The points cheapest first (equal cost: smaller error first), one of each group with the same `same` key
+    (tune: identical probe results, the same trajectory under another name)."""
+    out, seen = [], set()
+    for p in sorted(points, key=lambda p: (cost(p), error(p))):
+        k = same(p)
+        if k not in seen:
+            seen.add(k)
+            out.append(p)
+    return out
+
+
+def walk(order: Sequence[T], measure: Callable[[T], bool], limit: int) -> tuple[list[T], T | None]:
+    """`measure` (True: it passes) each of `order` in turn until one passes or `limit` are measured; returns
+    (the measured ones, the passing one or None). With `order` cheapest first, the passing one is the cheapest
+    of `order` that passes whenever it is among the first `limit`."""
+    done: list[T] = []
+    for p in order[:max(limit, 0)]:
+        done.append(p)
+        if measure(p):
+            return done, p
+    return done, None
 
 
 def plan_name(solver: str, steps: int, schedule: str, forecast: int, timeshift: float,

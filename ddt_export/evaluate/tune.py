@@ -15,9 +15,12 @@ is the plan's alone. It fits a CPU by pruning:
    a. solver x steps x timeshift (encoder every step, no forecast, the reference's interval);
    b. for each step count, the `keep` best of (a) x encoder schedules (uniform:R, dp:K) x forecast orders;
    c. the probe frontier x other guidance intervals;
-2. confirm (FID): on the probe frontier (network GFLOP per image against |predicted dFID|) only: first a
-   bisection for the cheapest plan within the budget, then evenly spread points, at most `confirm` of them;
-   each on `num` samples per seed: FID against the data (or the reference samples), ADM's precision and recall;
+2. confirm (FID and recall), at most `confirm` candidates (`confirm_plan`): a walk, cheapest first, over every
+   probed candidate whose |predicted dFID| is within the budget (not only the probe frontier's: the probe
+   predicts FID, not recall, and on the digits model its cheapest Pareto points are few-step Euler plans that
+   lose 0.07-0.12 of recall), stopping at the first that passes; then evenly spread points of the probe
+   frontier (network GFLOP per image against |predicted dFID|) beyond it; each on `num` samples per seed: FID
+   against the data (or the reference samples), ADM's precision and recall;
 3. write: the frontier of |dFID| against network GFLOP per image (the FLOP model at the model's size,
    `plan.network_flops`) as ENGINES/plans/NAME.json, the model's own trajectory as `reference`, the cheapest
    plan within the budget (|dFID| <= max_fid_delta and |d recall| <= max_recall_delta, mean over seeds) as
@@ -32,7 +35,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -52,7 +55,7 @@ from . import suite
 from .adm import precision_recall
 from .features import DIGITS_STATS
 from .fid import FidProbe, fid, fid_probe, stats_from_features
-from .frontier import pareto, spread
+from .frontier import cheapest_first, pareto, spread, walk
 from .tune_space import Candidate, TuneOptions, check_options, encoder_variants, search_steps
 from .tune_write import TuneResult, write_frontier
 from .validate import choose_features, to_images
@@ -221,23 +224,51 @@ def tune(engines_dir: Path, options: TuneOptions, *, progress: Progress | None =
         rows[ref]["frontier"] = True
         say(f"probed {len(rows) - 1} candidates; {len(front)} on the frontier of "
             + ("|predicted dFID|" if probe.fid is not None else "trajectory error") + " against GFLOP")
-        confirmed = _confirm(search, extractor, data, ref_feats, front, rows[ref])
+        confirmed = _confirm(search, extractor, data, ref_feats, list(rows.values()), front, rows[ref],
+                             probe.fid is not None)
         protocol = _protocol(o, engines, ref_req, extractor, data, stats)
         return write_frontier(engines, o, rows, confirmed, protocol, time.perf_counter() - t0, say)
 
 
-def _confirm(search: _Search, extractor, data, ref_feats: list[np.ndarray], front: list[dict], base: dict
-             ) -> list[dict]:
-    """FID on the frontier: a bisection for the cheapest candidate within the budget, then evenly spread points;
-    each confirmed row gets its per-seed FIDs, precision and recall and their deltas against the reference."""
+def confirm_plan(rows: Sequence[dict], front: Sequence[dict], budget: float | None, limit: int,
+                 measure: Callable[[dict], bool], planned: Callable[[list[dict]], None] = lambda rs: None
+                 ) -> list[dict]:
+    """Which probed rows the confirm stage measures (`measure`: FID and recall on the full sample, True when
+    within the budget), at most `limit`, in the order measured:
+
+    1. the walk: cheapest first, every probed candidate the probe predicts within the budget (|predicted dFID|
+       <= `budget`), not only the probe's Pareto points (the probe predicts FID, not recall: the cheapest of its
+       Pareto points can lose recall where a costlier one off that set keeps it), one of each set of identical
+       probe results (the same trajectory under another name); it stops at the first that passes, the cheapest
+       within the budget of all it could reach. Without a FID predictor (`budget` None) it walks the probe
+       frontier;
+    2. the rest of `limit`, evenly spread over the probe frontier beyond the one found (the frontier's shape).
+    `planned` gets what is measured and what is still to be, first the walk's upper bound, then the truth."""
+    probed = [r for r in rows if r["stage"] != "reference" and math.isfinite(r["metric"])]
+    pool = front if budget is None else [r for r in probed if r["metric"] <= budget]
+    order = cheapest_first(pool, lambda r: r["gflop"], lambda r: r["metric"],
+                           lambda r: (r["gflop"], r["trajectory_error"], r.get("predicted_dfid")))
+    planned(order[:limit])
+    done, found = walk(order, measure, limit)
+    seen = {id(r) for r in done}
+    rest = [r for r in front if id(r) not in seen and r["stage"] != "reference"
+            and (found is None or r["gflop"] > found["gflop"])]
+    extra = spread(rest, limit - len(done)) if limit > len(done) else []
+    planned(done + extra)
+    for r in extra:
+        measure(r)
+    return done + extra
+
+
+def _confirm(search: _Search, extractor, data, ref_feats: list[np.ndarray], rows: list[dict], front: list[dict],
+             base: dict, fid_probe: bool) -> list[dict]:
+    """FID and recall on the candidates `confirm_plan` chooses; each confirmed row gets its per-seed FIDs,
+    precision and recall and their deltas against the reference."""
     o = search.o
-    search.work.estimate("confirm", o.num * len(o.seeds) * sum(r["candidate"].steps for r in
-                                                               spread(front, o.confirm)))
-    measured: list[dict] = []
     base.update(seeds=_scores(ref_feats, data, ref_feats), dfid=0.0, dprecision=0.0, drecall=0.0,
                 within_budget=True, dfid_per_seed=[0.0] * len(o.seeds))
 
-    def measure(row: dict) -> dict:
+    def measure(row: dict) -> bool:
         c = row["candidate"]
         feats = [search.run(extractor, c, seed, o.num)[1] for seed in o.seeds]
         s, b = _scores(feats, data, ref_feats), base["seeds"]
@@ -246,23 +277,16 @@ def _confirm(search: _Search, extractor, data, ref_feats: list[np.ndarray], fron
         row["dprecision"] = statistics.mean(s["precision"]) - statistics.mean(b["precision"])
         row["drecall"] = statistics.mean(s["recall"]) - statistics.mean(b["recall"])
         row["within_budget"] = abs(row["dfid"]) <= o.max_fid_delta and abs(row["drecall"]) <= o.max_recall_delta
-        measured.append(row)
         search.say(f"  {c.solver} {c.steps} steps {c.schedule} forecast {c.forecast} shift {c.timeshift:g} interval "
                    f"{list(c.interval)}: {row['gflop']:.3g} GFLOP, dFID {row['dfid']:+.3f}"
                    + (f" (predicted {row['predicted_dfid']:+.3f})" if "predicted_dfid" in row else "")
                    + f", d recall {row['drecall']:+.4f}" + (" (within budget)" if row["within_budget"] else ""))
-        return row
+        return row["within_budget"]
 
-    lo, hi = -1, len(front)  # front[hi] passes (the reference, virtually); front[lo] fails
-    while hi - lo > 1 and len(measured) < o.confirm:
-        mid = (lo + hi) // 2
-        if measure(front[mid])["within_budget"]:
-            hi = mid
-        else:
-            lo = mid
-    rest = [r for r in front if "dfid" not in r]
-    for r in spread(rest, o.confirm - len(measured)) if len(measured) < o.confirm else []:
-        measure(r)
+    def planned(rs: list[dict]) -> None:
+        search.work.estimate("confirm", o.num * len(o.seeds) * sum(r["candidate"].steps for r in rs))
+
+    measured = confirm_plan(rows, front, o.max_fid_delta if fid_probe else None, o.confirm, measure, planned)
     return [base] + sorted(measured, key=lambda r: r["gflop"])
 
 
