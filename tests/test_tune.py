@@ -11,9 +11,7 @@ import json
 import shutil
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from ddt_export.core.errors import ArtifactError, ConfigError, InputError, NumericsError
 from ddt_export.core.flops import step_flops
@@ -21,11 +19,11 @@ from ddt_export.core.images import images_from_samples
 from ddt_export.core.manifest import read_manifest
 from ddt_export.evaluate import tune as T
 from ddt_export.evaluate.tune_space import SearchSpace, TuneOptions
-from ddt_export.evaluate.features import OnnxFeatures
 from ddt_export.evaluate.fid import fid, stats_from_features
 from ddt_export.evaluate.frontier import pareto
 from ddt_export.runtime.sampling.plans import FAST, plan_names, read_plan
 from engines_cache import run_cli
+from tiny_features import tiny_features
 from runs import run_generate, run_validate
 
 NUM = 24  # FID samples (16-d features)
@@ -33,27 +31,9 @@ SPACE = SearchSpace(solvers=("euler", "adams:2"), steps=(5, 10), timeshifts=(1.0
                       dp_fractions=(0.5,), forecasts=(0, 1))
 
 
-class TinyFeatures(OnnxFeatures):
-    """(N, 8, 8, 3) uint8 -> (N, 16): tanh of a random projection of the [-1, 1] pixels (test_validate's)."""
-
-    name = "tiny"
-
-    def preprocess(self, images):
-        return np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / 127.5 - 1.0
-
-
 @pytest.fixture(scope="module")
 def features(tmp_path_factory):
-    w = np.random.default_rng(0).standard_normal((3 * 8 * 8, 16)).astype(np.float32) / 8.0
-    g = helper.make_graph(
-        [helper.make_node("Flatten", ["image"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["h"]),
-         helper.make_node("Tanh", ["h"], ["features"])], "tiny_features",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 8, 8])],
-        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", 16])],
-        [numpy_helper.from_array(w, "w")])
-    path = tmp_path_factory.mktemp("features") / "tiny_features.onnx"
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), path)
-    return TinyFeatures(path)
+    return tiny_features(tmp_path_factory.mktemp("features"))
 
 
 @pytest.fixture(scope="module")

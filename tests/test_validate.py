@@ -10,43 +10,23 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from ddt_export.core.errors import ArtifactError
 from runs import run_export_checkpoint as export_checkpoint
-from ddt_export.evaluate.features import OnnxFeatures
 from ddt_export.core.numerics import relative_errors
 from runs import run_validate as validate
 
 from conftest import TINY
 from engines_cache import run_cli
+from tiny_features import tiny_features
 
 NUM = 24  # samples per run: FID of 16-d features needs a few more than 16
 
 
-class TinyFeatures(OnnxFeatures):
-    """(N, 8, 8, 3) uint8 -> (N, 16): tanh of a random projection of the [-1, 1] pixels."""
-
-    name = "tiny"
-
-    def preprocess(self, images):
-        return np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / 127.5 - 1.0
-
-
 @pytest.fixture(scope="module")
 def features(tmp_path_factory):
-    w = np.random.default_rng(0).standard_normal((3 * 8 * 8, 16)).astype(np.float32) / 8.0
-    g = helper.make_graph(
-        [helper.make_node("Flatten", ["image"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["h"]),
-         helper.make_node("Tanh", ["h"], ["features"])], "tiny_features",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 8, 8])],
-        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", 16])],
-        [numpy_helper.from_array(w, "w")])
-    path = tmp_path_factory.mktemp("features") / "tiny_features.onnx"
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), path)
-    return TinyFeatures(path)
+    return tiny_features(tmp_path_factory.mktemp("features"))
 
 
 @pytest.fixture(scope="module", autouse=True)
