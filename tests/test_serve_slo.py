@@ -86,6 +86,7 @@ def test_info_lists_the_frontier_and_auto_chooses_for_the_curve(url):
     assert info["adaptive_budget"] == 2.0 and info["frontier_note"] is None and info["slo_scale"] == 3.0
     assert info["adapt"] == "cheapest"
     assert info["priorities"] == ["low", "normal", "high"] and info["cost_curve"]["encoder"][0] == [1, 0.01]
+    assert info["cost_calibration"] is None  # a stated curve is used as given, never corrected
     # the stated curve is linear in rows: auto takes slo (deadline order), and says why: the best simulated
     # attainment; among the processor-sharing policies fair beats step there
     assert (info["batching_asked"], info["batching"]) == ("auto", "slo")

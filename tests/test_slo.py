@@ -14,6 +14,7 @@ from ddt_export.core.config import SamplerConfig, load_config
 from ddt_export.core.errors import ConfigError, InputError
 from ddt_export.core.flops import step_flops
 from ddt_export.runtime.batching.auto import choose_policy, policy_workload
+from ddt_export.runtime.batching.calibrate import Calibration
 from ddt_export.runtime.batching.costs import CostCurve, fit_curve, linearity, solo_seconds
 from ddt_export.runtime.batching.engine import Engine
 from ddt_export.runtime.batching.report import Served, compare, summarize
@@ -238,6 +239,39 @@ def test_a_running_request_moves_only_at_a_sound_boundary():
         clock.t = 0.0
     eng.submit(spec(1))
     assert eng.step().out.switched == () and q.plan is None
+
+
+def test_the_calibration_rescales_the_curve_to_the_measured_iterations():
+    # every iteration measures 1.5x its prediction: the ratio of the decayed sums is 1.5 whatever the decay; the
+    # curve changes only after WARMUP (32) iterations, then every 32
+    cal = Calibration(LINEAR)
+    assert not any(cal.observe(0.02, 0.03) for _ in range(31)) and cal.k == 1.0 and cal.curve is LINEAR
+    assert cal.observe(0.02, 0.03) and cal.k == pytest.approx(1.5)
+    assert cal.curve.call("encoder", 4) == pytest.approx(0.06) and cal.curve.iteration(2, 1, 1) == pytest.approx(0.03)
+    assert cal.to_dict() == {"k": pytest.approx(1.5), "iterations": 32, "half_life": 200}
+    assert not cal.observe(0.0, 1.0) and cal.iterations == 32  # nothing predicted: nothing learned
+
+
+def test_the_engine_calibrates_the_scheduler_to_a_slower_machine():
+    # the machine runs LINEAR x 2 (0.04 s per 1-image step at cfg 1), the scheduler believes LINEAR (0.02 s):
+    # a 1-image 10-step request alone predicts 0.2 s solo. Four of them one after the other: 40 iterations, the
+    # curve corrected at the 32nd to k = 2, so the next request's solo latency is 0.4 s and its due 3 x 0.4 s
+    clock = VirtualClock()
+    sch = Scheduler(8, "slo", slo=SloModel(LINEAR))
+    eng = Engine(sch, SimulatedRunner(LINEAR.scaled(2.0), clock), clock, Calibration(LINEAR))
+    first = eng.submit(spec(1))
+    assert first.solo_s == pytest.approx(0.2)
+    run(eng)
+    assert first.ended == pytest.approx(0.4) and first.slo_met  # 0.4 <= 3 x 0.2
+    for _ in range(3):
+        eng.submit(spec(1))
+        run(eng)
+    assert eng.calibration.k == pytest.approx(2.0) and sch.slo.curve.call("decoder", 1) == pytest.approx(0.02)
+    t = clock()
+    late = eng.submit(spec(1))
+    assert late.solo_s == pytest.approx(0.4) and late.due == pytest.approx(t + 1.2)
+    run(eng)
+    assert late.ended - t == pytest.approx(0.4)
 
 
 # ------------------------------------------------------------------------------------------------ terms

@@ -236,6 +236,7 @@ def cell(url, cat, shots, kinds, adaptive, plan=None) -> dict:
     gaps = [a.latency - a.payload["timings"]["total_s"] for a in run.answers if a.status == 200
             and "total_s" in a.payload.get("timings", {})]
     got["outside_s"] = float(np.median(gaps)) if gaps else None  # client latency less the server's own
+    got["calibration"] = info(url).get("cost_calibration")  # the server's correction of its curve, after the run
     arr = cat.arrivals(shots, adaptive)
     res = simulate(arr, curve, cat.max_batch, i["batching"], max_queue=MAX_QUEUE,
                    slo=SloModel(curve, i["slo_scale"], i["adapt"]))

@@ -6,7 +6,9 @@ gpu` (levels_gpu.json), the simulator's error against the measurement, written b
 The simulator is checked twice on the measured traces (regenerated from their seeds): on each server's start-up
 curve, as `measure` ran it; on that curve calibrated by one number, k = simulated / measured request-level
 saturation (the burst `measure` sends first, not any cell's result): every per-call and per-iteration cost x k;
-and on the curve fitted to the servers' own iterations (`--trace`, all cells pooled, as `study.py` fits it).
+and on the curve fitted to the servers' own iterations (`--trace`, all cells pooled, as `study.py` fits it); and,
+where the servers calibrate their curve online (`cost_calibration` in /v1/info), as the server runs: the scheduler
+believing the start-up curve and calibrating it (`simulate(..., calibrate=True)`), the machine the fitted curve.
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ def resimulate(out: dict, cat: Catalog) -> None:
     if "curve" in out.get("fitted", {}):
         curves["fitted"] = CostCurve.from_dict(out["fitted"]["curve"])
     loads = sorted({c["load"] for c in out["cells"]})
+    startup = CostCurve.from_dict(sat["curve"])
     for c in out["cells"]:
         shots = trace(c["rate"], out["requests"], len(cat.plain), out.get("seed", 0) + loads.index(c["load"]))
         arr = cat.arrivals(shots, c["adaptive"])
@@ -56,6 +59,12 @@ def resimulate(out: dict, cat: Catalog) -> None:
             res = simulate(arr, curve, cat.max_batch, c["policy"], max_queue=MAX_QUEUE, slo=SloModel(curve))
             c[name] = {**res.summary(), **budget_check(arr, res)}
             c[f"{name}_error"] = compare(c[name], c["measured"])
+        if "fitted" in curves and c["measured"].get("calibration"):  # the server's own model: it believes its
+            # start-up curve and calibrates it online (`calibrate.Calibration`), the machine runs the fitted one
+            res = simulate(arr, curves["fitted"], cat.max_batch, c["policy"], max_queue=MAX_QUEUE,
+                           slo=SloModel(startup), calibrate=True)
+            c["server"] = {**res.summary(), **budget_check(arr, res)}
+            c["server_error"] = compare(c["server"], c["measured"])
 
 
 def f(v, spec=".2f"):
@@ -91,16 +100,17 @@ def section(out: dict, gpu: dict | None, fitted: dict | None = None) -> list[str
               "notes). " if "given" in sat else "loads are fractions of the measured one. ") +
              "Latency at the client; SLO = 3 x the predicted solo latency (the server's verdict).", "",
              "| load | policy | throughput /s | goodput /s | SLO attainment | p50 s | p99 s | 503 | mean dFID served | "
-             "moved | dFID over budget | exact moved | sim attainment: start-up / calibrated / fitted curve | sim "
-             "p99 s (fitted) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "moved | dFID over budget | exact moved | sim attainment: start-up / calibrated / fitted curve / "
+             "fitted, as the server | sim p99 s (fitted) | server's k |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for c in out["cells"]:
         m, s, k, t = c["measured"], c["simulated"], c.get("calibrated", {}), c.get("fitted", {})
+        v, cal = c.get("server", {}), c["measured"].get("calibration") or {}
         lines.append(f"| {c['load']:.0%} | {cell_name(c)} | {f(m['throughput'])} | {f(m['goodput'])} | "
                      f"{f(m['slo_attainment'])} | {f(m['p50'])} | {f(m['p99'])} | {m['rejected_503']} | "
                      f"{f(m['mean_dfid_served'], '.4f')} | {m['degraded']} | {m['over_budget']} | {m['exact_moved']} | "
-                     f"{f(s['slo_attainment'])} / {f(k.get('slo_attainment'))} / {f(t.get('slo_attainment'))} | "
-                     f"{f(t.get('p99'))} |")
+                     f"{f(s['slo_attainment'])} / {f(k.get('slo_attainment'))} / {f(t.get('slo_attainment'))} / "
+                     f"{f(v.get('slo_attainment'))} | {f(t.get('p99'))} | {f(cal.get('k'))} |")
     lines += ["", verdict(out, fitted), "", errors(out), ""]
     if "line" in out:
         d, q = out["line"]["default"]["measured"], out["line"]["fast"]["measured"]
@@ -150,7 +160,8 @@ def verdict(out: dict, fitted: dict | None = None) -> str:
 def errors(out: dict) -> str:
     parts = []
     for key, name in (("error", "start-up curve"), ("calibrated_error", "calibrated curve"),
-                      ("fitted_error", "curve fitted to the servers' iterations")):
+                      ("fitted_error", "curve fitted to the servers' iterations"),
+                      ("server_error", "fitted curve with the server's belief (start-up curve, calibrated online)")):
         if not all(key in c for c in out["cells"]):
             continue
         worst = {m: max((c[key][m] for c in out["cells"] if c[key].get(m) is not None), default=None)

@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException
 
 from ..core.errors import ConfigError, DDTExportError, InputError
 from ..core.images import png_bytes
+from ..runtime.batching.calibrate import Calibration
 from ..runtime.batching.engine import Engine
 from ..runtime.batching.runner import ModelRunner
 from ..runtime.batching.scheduler import QueueFull, Scheduler, SloModel, Status
@@ -136,9 +137,12 @@ def _lifespan(site: Site):
                                          else str(settings.cost_curve))
         scheduler = Scheduler(engines.max_batch, levels.policy, settings.max_delay_ms / 1000.0, settings.max_queue,
                               SloModel(levels.curve, settings.slo_scale, settings.adapt))
+        if site.curve is None:  # measured at start-up: corrected against the loop's own iterations while serving
+            levels.calibration = Calibration(levels.curve)
         trace_file = open(settings.trace, "a", buffering=1) if settings.trace is not None else None
         trace = (lambda rec: trace_file.write(json.dumps(rec) + "\n")) if trace_file is not None else None
-        service = Service(Engine(scheduler, ModelRunner(engines)), site.metrics, trace=trace)
+        service = Service(Engine(scheduler, ModelRunner(engines), calibration=levels.calibration), site.metrics,
+                          trace=trace)
         service.start()
         app.state.service, app.state.engines, app.state.levels = service, engines, levels
         log.info("serving %s (%s, %s), batching %s", site.engines_dir, site.cfg.name, engines.backend_name,

@@ -12,6 +12,7 @@ from typing import Optional
 
 from ..core.errors import InputError
 from ..runtime.batching.auto import PolicyChoice, choose_policy, policy_workload
+from ..runtime.batching.calibrate import Calibration
 from ..runtime.batching.costs import CostCurve, measure_curve, read_curve
 from ..runtime.batching.slo import PRIORITIES, Option, Terms, check_terms
 from ..runtime.sampling.plans import FAST, PLAN_FIELDS, Plan
@@ -33,12 +34,14 @@ class Levels:
     choice: Optional[PolicyChoice] = None
     curve_source: str = "measured at start-up"
     frontier: dict[str, Plan] = field(default_factory=dict)  # plans with a measured dFID
+    calibration: Optional[Calibration] = None  # a measured curve's correction while serving (a stated one: none)
 
     def info(self, slo_scale: float) -> dict:
         """What /v1/info says about them."""
         fast = self.frontier.get(FAST)
         return {"batching_asked": self.asked, "batching_choice": None if self.choice is None else self.choice.to_dict(),
                 "slo_scale": slo_scale, "cost_curve": {**self.curve.to_dict(), "source": self.curve_source},
+                "cost_calibration": None if self.calibration is None else self.calibration.to_dict(),
                 "frontier": [{"name": p.name, "dfid": dfid(p), "settings": p.label()}
                              for p in sorted(self.frontier.values(), key=dfid)],
                 "adaptive_budget": None if fast is None else dfid(fast),

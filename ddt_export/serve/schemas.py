@@ -169,6 +169,9 @@ class Info(BaseModel):
     slo_scale: float
     adapt: str = Field(description="where a late request that allows a trade goes: cheapest | least-dfid (--adapt)")
     cost_curve: dict[str, Any] = Field(description="seconds per graph call by rows, fitted at start-up or read")
+    cost_calibration: Optional[dict[str, Any]] = Field(
+        None, description="a curve measured at start-up, corrected while serving: k (the scheduler uses the curve "
+        "x k: measured / predicted seconds of its recent iterations), iterations seen; null for a stated curve")
     frontier: list[dict[str, Any]] = Field(description="the plans a request may be moved to under load (measured "
                                            "dFID), least dFID first")
     adaptive_budget: Optional[float] = Field(description="quality: adaptive = max_fid_delta of the fast plan's dFID")

@@ -63,6 +63,14 @@ class CostCurve:
         return (self.call("encoder", encoder_rows) + self.call("decoder", decoder_rows) + self.iteration_s
                 + self.request_step_s * requests)
 
+    def scaled(self, k: float) -> "CostCurve":
+        """Every in-loop cost times k (the graph calls, the per-iteration and per-request-step overheads);
+        `request_s`, outside the loop, as it is. `calibrate.Calibration` keeps the scheduler's curve so."""
+        def pts(p):
+            return tuple((r, s * k) for r, s in p)
+        return CostCurve(pts(self.encoder), pts(self.decoder), pts(self.vae_decoder), self.iteration_s * k,
+                         self.request_step_s * k, self.request_s, self.note)
+
     def to_dict(self) -> dict:
         return asdict(self)
 

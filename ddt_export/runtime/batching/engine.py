@@ -10,15 +10,22 @@ Everything that drives step-level batching calls this same `step()`: the server 
 executor is anything with `execute(SchedulerOutput) -> RunnerOutput` and `reset()`. The scheduler is not thread-safe, so
 the engine holds a lock around every scheduler call (submit, cancel, schedule, update); the graph calls run
 outside it, so a submission never waits for an iteration.
+
+With a `calibrate.Calibration` (the server, on a curve measured at start-up) each busy iteration's seconds (the
+step, and the loop's gap before it where the loop did not idle) are compared with what the scheduler's base curve
+predicts for it, and the scheduler's `SloModel` curve is rescaled by their moving ratio (its solo latencies, dues
+and projections in the machine's seconds while it serves).
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from ..sampling.request import SampleRequest
+from .calibrate import GAP_MAX_S, Calibration
 from .scheduler import Request, RunnerOutput, Scheduler, SchedulerOutput
 from .slo import Terms
 
@@ -44,9 +51,12 @@ class Iteration:
 
 
 class Engine:
-    def __init__(self, scheduler: Scheduler, executor: Executor, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, scheduler: Scheduler, executor: Executor, clock: Callable[[], float] = time.monotonic,
+                 calibration: Calibration | None = None):
         self.scheduler, self.executor, self.clock = scheduler, executor, clock
+        self.calibration = calibration  # needs the scheduler's SloModel; its curve is the base
         self._lock = threading.Lock()
+        self._last_end: float | None = None  # the end of the last busy iteration
 
     def submit(self, sample: SampleRequest, context: Any = None, arrival: float | None = None,
                terms: Terms = Terms()) -> Request:
@@ -74,7 +84,21 @@ class Engine:
         with self._lock:
             end = self.clock()
             finished = self.scheduler.update(out, res, end)
+            if self.calibration is not None and out.batch:
+                self._calibrate(out, res, start, end)
         return Iteration(out, res, admitted, stepped, finished, start, end)
+
+    def _calibrate(self, out: SchedulerOutput, res: RunnerOutput, start: float, end: float) -> None:
+        """Compare this iteration (and the loop's gap before it, where short) with the base curve; rescale the
+        scheduler's curve when the calibration says so."""
+        cal, gap = self.calibration, 0.0
+        if self._last_end is not None and 0.0 <= start - self._last_end <= GAP_MAX_S:
+            gap = start - self._last_end
+        self._last_end = end
+        predicted = (cal.base.iteration(len(out.batch), out.encoder_rows, out.decoder_rows)
+                     + cal.base.call("vae_decoder", res.vae_rows))
+        if cal.observe(predicted, end - start + gap) and self.scheduler.slo is not None:
+            self.scheduler.slo = dataclasses.replace(self.scheduler.slo, curve=cal.curve)
 
     def abort(self, error: Exception) -> list[Request]:
         """Fail everything running (a fault outside any one request); the executor's state is dropped too."""

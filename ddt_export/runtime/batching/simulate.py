@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from ..sampling.request import SampleRequest
+from .calibrate import Calibration
 from .costs import CostCurve  # noqa: F401  (where the benchmarks import it from)
 from .engine import Engine
 from .report import Served, summarize
@@ -95,12 +96,16 @@ class SimResult:
 
 
 def simulate(arrivals: Sequence[Arrival], curve: CostCurve, row_budget: int, policy: str = "step",
-             max_delay: float = 0.0, max_queue: int = 64, slo: SloModel | None = None) -> SimResult:
+             max_delay: float = 0.0, max_queue: int = 64, slo: SloModel | None = None,
+             calibrate: bool = False) -> SimResult:
     """Run the arrivals through the serving engine on a virtual clock, with the server's SLO accounting and
-    load-adaptive plans (`slo`: --slo-scale, --adapt, and the study's headroom; default SloModel(curve))."""
+    load-adaptive plans (`slo`: --slo-scale, --adapt, and the study's headroom; default SloModel(curve)).
+    `curve` is the machine; `slo.curve` what the scheduler believes (the server's start-up curve), corrected
+    while it runs where `calibrate` (`calibrate.Calibration`, as the server does)."""
     clock = VirtualClock()
     scheduler = Scheduler(row_budget, policy, max_delay, max_queue, slo or SloModel(curve))
-    engine = Engine(scheduler, SimulatedRunner(curve, clock), clock)
+    cal = Calibration(scheduler.slo.curve) if calibrate else None
+    engine = Engine(scheduler, SimulatedRunner(curve, clock), clock, cal)
     res, index, i = SimResult(), {}, 0
     n_req = enc = dec = 0
     arrivals = sorted(arrivals, key=lambda a: a.t)
