@@ -43,12 +43,12 @@ INSTALL = re.compile(r"(pip install|apt-get|command -v)")
 
 def bash_block(after: str) -> list[str]:
     """The commands of the first ```bash block after the heading `after`: comment lines dropped, trailing
-    comments cut, the set-up's `a && b` chain split."""
+    comments cut, continued lines (`\\` at the end) joined, the set-up's `a && b` chain split."""
     text = README.read_text()
     block = re.search(r"```bash\n(.*?)```", text[text.index(after):], re.S)
     assert block, f"no bash block after {after!r} in README.md"
     out = []
-    for line in block.group(1).splitlines():
+    for line in re.sub(r"\\\n\s*", " ", block.group(1)).splitlines():  # a line ending in \ goes on
         line = re.sub(r"\s{2,}#.*$", "", line).strip()
         if not line or line.startswith("#"):
             continue
