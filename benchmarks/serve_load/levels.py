@@ -43,11 +43,12 @@ from ddt_export.runtime.sampling.request import API, RequestInput, resolve  # no
 from ddt_export.runtime.sampling.schedules import resolve_schedule  # noqa: E402
 from ddt_export.serve.levels import body_terms, frontier_plans, terms_for  # noqa: E402
 from ddt_export.serve.load import Shot, measured_run  # noqa: E402
+from benchmarks.serve_load.workload import stop_servers  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ENGINES = ROOT / "engines" / "digits-fp32-plans"
-# every kind at the model's own cfg: a plan option takes the request's cfg, and the folder stores one dp:K schedule
-# per step count, so a dp plan's options at two cfg values recompute the DP in turn (seconds each; docs/serve.md)
+# every kind at the model's own cfg, as in the measured runs (then, a dp plan's options at two cfg values
+# recomputed the DP in turn; fixed since: docs/serve.md)
 KINDS = ({"num": 1}, {"num": 2}, {"num": 4}, {"num": 1, "steps": 20}, {"num": 3, "steps": 20},
          {"num": 2, "plan": "adams4-25-all"}, {"num": 1, "plan": "adams3-12-all"}, {"num": 2, "steps": 30})
 DEFAULT_KINDS = ({"num": 1}, {"num": 2}, {"num": 3}, {"num": 4})  # issue 21's line: the model's own sampler
@@ -298,14 +299,7 @@ def cmd_measure(args) -> None:
             m = out["line"][k]["measured"]
             print(f"70% line {k}: p50 {m['p50']:.2f} p99 {m['p99']:.2f}", flush=True)
     finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs.values():
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_servers(procs.values(), 60)
     try:  # the simulator's third check: the curve fitted to the servers' own iterations (as `study.py` does)
         from benchmarks.serve_load.simulation import fit_trace
         recs = [json.loads(line) for p in policies for line in (work / f"{p}.trace.jsonl").read_text().splitlines()

@@ -20,7 +20,8 @@ from benchmarks.serve_load.report import plot, write_section
 from benchmarks.serve_load.simulation import (ROWS, fit_trace, gpu_sensitivity, gpu_study, load_curve, sim_saturation,
                                               sim_stats)
 from benchmarks.serve_load.workload import (LOOPBACK, arrivals, catalog, closed_loop, kind_input, metric_sums,
-                                            open_loop, per_iteration, poisson_trace, resolve_catalog, stats)
+                                            open_loop, per_iteration, poisson_trace, resolve_catalog, stats,
+                                            stop_servers)
 from ddt_export.runtime.batching.engine import Engine
 from ddt_export.runtime.batching.runner import ModelRunner
 from ddt_export.runtime.batching.scheduler import Scheduler
@@ -237,14 +238,7 @@ def measure(args) -> None:
                       f"{sim['slowdown_p99']:.2f}", flush=True)
             args.json.write_text(json.dumps(out, indent=1))
     finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs.values():
-            try:
-                proc.wait(120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_servers(procs.values(), 120)
     rs = [g for r in out["runs"] for g in [r["fit"]["request_s"]]]
     curve, fit = fit_trace(pooled + traces.new(), float(np.median(rs)) if rs else 0.0)
     out.update(curve=curve.to_dict(), fit=fit)

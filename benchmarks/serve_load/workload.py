@@ -6,6 +6,8 @@ Imports nothing of the study's other files (they import it). `resolve_catalog` t
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
 import time
 from dataclasses import dataclass
 
@@ -180,3 +182,15 @@ def per_iteration(before: dict, after: dict) -> dict:
     return {"iterations": its, "requests": d.get("ddt_iteration_requests_sum", 0.0) / its,
             "encoder_rows": d.get('ddt_iteration_rows{graph="encoder"}_sum', 0.0) / its,
             "decoder_rows": d.get('ddt_iteration_rows{graph="decoder"}_sum', 0.0) / its}
+
+
+def stop_servers(procs, wait_s: float) -> None:
+    """SIGTERM every server still running (each drains), then wait up to `wait_s` for each; kill what stays."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
