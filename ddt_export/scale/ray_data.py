@@ -46,7 +46,7 @@ from ..runtime.generate.chunks import Chunk, ChunkSampler, Result, RunSpec, spli
 from ..runtime.graphs.backends import CHOICES
 from ..runtime.graphs.engines import NO_ENGINES_HINT, load_engines
 from ..runtime.sampling.request import SampleRequest
-from ..runtime.sampling.schedules import computed_schedule, schedule_steps
+from ..runtime.sampling.schedules import computed_schedule, with_schedule
 
 ACTOR_CPUS = 0.5  # CPUs an actor reserves (scheduling only: its engines use what they use)
 FREE_CPUS = 0.5  # CPUs left to Ray Data's read and split tasks
@@ -219,10 +219,7 @@ class RayExecutor:
                              f"{FREE_CPUS} left to Ray Data's tasks)", self.workers)
 
     def resolve_schedule(self, request: SampleRequest, say: Say) -> SampleRequest:
-        """The one resolver (`schedules.schedule_steps`); a dp:K the folder does not store is computed on a worker
-        (a request with its steps already, a dp:K plan's, as it is)."""
-        if request.recompute is not None:
-            return request
+        """The one resolver (`schedules.with_schedule`); a dp:K the folder does not store is computed on a worker."""
         def on_worker(k: int) -> list[int]:
             say(f"schedule dp:{k}: computing it on a Ray worker (stored in {self.folder} there)")
             ray = _ray()
@@ -233,8 +230,7 @@ class RayExecutor:
             except Exception as e:
                 raise typed_error(e) from None
 
-        return request.with_steps(schedule_steps(request.schedule, request.sampler, self.manifest, self.folder,
-                                                 on_worker, say))
+        return with_schedule(request, self.manifest, self.folder, on_worker, say)
 
     def map(self, job: RunSpec, chunks: Sequence[Chunk]) -> Iterator[Result]:
         """Every chunk's result once, in the order they finish."""

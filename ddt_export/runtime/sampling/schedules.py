@@ -130,9 +130,8 @@ def schedule_stem(folder: Path, n: int, k: int, settings: Provenance, method_nam
     between them computes each once."""
     canonical = Path(folder) / f"schedule-{n}-{k}"
     try:
-        rec = json.loads(canonical.with_suffix(".json").read_text())
-        held = Provenance.from_dict(rec["provenance"], str(canonical))
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ArtifactError):
+        rec, held = _read_stored(canonical.with_suffix(".json"))
+    except UNREADABLE:
         return canonical  # free, or unreadable: nothing worth keeping there
     if held.diff(settings, ("weights", "model")) or (
             not held.diff(settings, SCHEDULE_FIELDS) and rec.get("method", "dp") == method_name):
@@ -170,6 +169,15 @@ def schedule_from_similarity(sim_path: Path, recompute: int, out: Path) -> tuple
     return record, {"json": write_schedule(out, record), "png": plot_heatmap(sim, steps, out.with_suffix(".png"))}
 
 
+UNREADABLE = (OSError, json.JSONDecodeError, KeyError, TypeError, ArtifactError)  # what `_read_stored` raises
+
+
+def _read_stored(path: Path) -> tuple[dict, Provenance]:
+    """A stored schedule record and the provenance it was computed under."""
+    rec = json.loads(Path(path).read_text())
+    return rec, Provenance.from_dict(rec["provenance"], str(path))
+
+
 def stored_schedule(path: Path, asked: Provenance, num_steps: int, method: str = "reuse"
                     ) -> tuple[list[int] | None, str]:
     """(steps, "") from a stored dp schedule whose provenance fits `asked` and which minimized `method`'s error,
@@ -177,9 +185,8 @@ def stored_schedule(path: Path, asked: Provenance, num_steps: int, method: str =
     if not path.is_file():
         return None, "no stored schedule for these settings"
     try:
-        rec = json.loads(path.read_text())
-        built = Provenance.from_dict(rec["provenance"], str(path))
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ArtifactError) as e:
+        rec, built = _read_stored(path)
+    except UNREADABLE as e:
         return None, f"{path} is unreadable ({type(e).__name__}: {e})"
     diffs = built.diff(asked, SCHEDULE_FIELDS)
     if diffs:
@@ -222,15 +229,20 @@ def computed_schedule(engines: Engines, sampler: SamplerConfig, k: int, say: Say
     return rec["recompute_steps"]
 
 
-def resolve_schedule(request: SampleRequest, engines: Engines, say: Say = print,
-                     progress: Progress | None = None) -> SampleRequest:
-    """The request with its recompute steps (dp:K: stored with the engines, or computed on them now); a request
-    that has them already (a dp:K plan's own, `request.pinned_steps`) as it is."""
+def with_schedule(request: SampleRequest, manifest: Manifest, folder: Path, compute: Callable[[int], list[int]],
+                  say: Say = print) -> SampleRequest:
+    """The request with its recompute steps from `schedule_steps` (`compute(K)` where a dp:K must be computed);
+    a request that has them already (a dp:K plan's recorded steps, `request.pinned_steps`) as it is."""
     if request.recompute is not None:
         return request
-    steps = schedule_steps(request.schedule, request.sampler, engines.manifest, engines.folder,
-                           lambda k: computed_schedule(engines, request.sampler, k, say, progress), say)
-    return request.with_steps(steps)
+    return request.with_steps(schedule_steps(request.schedule, request.sampler, manifest, folder, compute, say))
+
+
+def resolve_schedule(request: SampleRequest, engines: Engines, say: Say = print,
+                     progress: Progress | None = None) -> SampleRequest:
+    """The request with its recompute steps (dp:K: stored with the engines, or computed on them now)."""
+    return with_schedule(request, engines.manifest, engines.folder,
+                         lambda k: computed_schedule(engines, request.sampler, k, say, progress), say)
 
 
 def make_schedule(recompute: int, *, engines_dir: Path | None = None, from_similarity: Path | None = None,
