@@ -49,22 +49,27 @@ def test_two_replicas_serve_and_equal_generate(tiny_engines, tmp_path, monkeypat
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     url = f"http://127.0.0.1:{port}/v1/generate"
+    busy_steps = 100_000  # minutes of work on the tiny engines: still running whatever the machine's load
     try:
-        p = deploy(tiny_engines[0], ServeSettings(), port=port, replicas=2, say=lambda m: None)
+        p = deploy(tiny_engines[0], ServeSettings(max_steps=busy_steps), port=port, replicas=2, say=lambda m: None)
         assert p.replicas == 2
 
         def post(i):
             body = {"class": i % 10, "num": 2, "seed": 100 + i, "steps": 6}
             return body, httpx.post(url, json=body, timeout=240)
 
-        # One replica busy with a long streamed request (held at a progress event), then short ones: the router
-        # compares both replicas' ongoing requests (power of two choices, two replicas) and sends each to the
-        # idle one. A gate, not a bet on load balancing.
-        with httpx.stream("POST", url, json={"class": 1, "steps": 400, "stream": True}, timeout=240) as busy:
+        # One replica busy with a long streamed request, then short ones one after another: the router keeps each
+        # replica's ongoing requests (it counts what it sent and what finished) and, of two replicas, sends each to
+        # the idle one. The busy request must still be running while they are answered: at 400 steps it finished
+        # in about a second and a loaded CI machine sent the later short ones to a replica idle again. So it runs
+        # far longer than the test; leaving the stream cancels it (a disconnect cancels), and shutdown ends it regardless.
+        with httpx.stream("POST", url, json={"class": 1, "steps": busy_steps, "stream": True}, timeout=240) as busy:
             events = sse_events(busy)
             assert next(events)[0] == "queued" and next(events)[0] == "progress"
             answers = [post(i) for i in range(4)]
             busy_replica = busy.headers[REPLICA_HEADER]
+            kind, data = next(events)
+            assert kind == "progress" and data["step"] < busy_steps, (kind, data)
         with cf.ThreadPoolExecutor(8) as ex:  # and a burst of concurrent ones, all answered
             answers += list(ex.map(post, range(4, 12)))
     finally:
