@@ -12,7 +12,8 @@ import pytest
 
 from ddt_export.core.errors import ConfigError
 from ddt_export.runtime.batching.costs import CostCurve
-from ddt_export.runtime.batching.deadline import in_order, pick, rest_seconds, serial
+from ddt_export.runtime.batching.costs import rest_seconds
+from ddt_export.runtime.batching.deadline import in_order, pick, serial
 from ddt_export.runtime.batching.scheduler import Scheduler
 from ddt_export.runtime.batching.simulate import Arrival, simulate
 from ddt_export.runtime.batching.slo import Terms

@@ -5,6 +5,7 @@ few timed calls (what `serve` does at start-up). Torch-free; nothing here reads 
     curve = fit_curve({"encoder": {1: [..s], 2: [..]}, "decoder": {...}})   # the fit alone: medians, monotone
     curve = read_curve("gpu_check.json")               # a stored curve: this module's JSON or gpu_check's
     solo = solo_seconds(curve, plan_steps(sampler, recompute), num)        # the request alone on the machine
+    rest = rest_seconds(curve, steps, num)             # rest[k]: its steps k.. and the VAE call, alone
 
 A request's solo latency is what the simulator charges it when it runs alone: one iteration per step (its
 encoder rows at a recompute step, its decoder rows, the host's per-iteration and per-request costs), then one
@@ -83,12 +84,18 @@ class CostCurve:
 
 def solo_seconds(curve: CostCurve, steps: Sequence[Step], num: int) -> float:
     """A request's latency alone on the machine (the server's time, `request_s` excluded): one iteration per
-    step, then one VAE call over its `num` images."""
-    total = 0.0
-    for st in steps:
+    step, then one VAE call over its `num` images (`rest_seconds`' first entry)."""
+    return rest_seconds(curve, steps, num)[0]
+
+
+def rest_seconds(curve: CostCurve, steps: Sequence[Step], num: int) -> tuple[float, ...]:
+    """rest[k]: what steps k, k+1, ... and the final VAE call cost a request of `num` images alone on the machine
+    (rest[0] is its solo latency; rest[len(steps)] the VAE call alone). The `slo` policy's urgency reads it."""
+    out = [curve.call("vae_decoder", num)]
+    for st in reversed(steps):
         enc, dec = step_rows(st, num)
-        total += curve.iteration(1, enc, dec)
-    return total + curve.call("vae_decoder", num)
+        out.append(out[-1] + curve.iteration(1, enc, dec))
+    return tuple(reversed(out))
 
 
 def linearity(curve: CostCurve, graph: str = "decoder") -> float:

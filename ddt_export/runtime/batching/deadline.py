@@ -14,7 +14,7 @@ its own step: the urgent finish first instead of everyone advancing at the pace 
 equal share (`fair`). On a sublinear curve (a GPU) a call's fixed part dominates, so the batch fills up as
 `step` fills it, but in deadline order where the row budget runs out.
 
-    rest = rest_seconds(curve, steps, num)          # rest[k]: steps k.. and the VAE call, alone on the machine
+    req.rest = costs.rest_seconds(curve, steps, num)  # rest[k]: steps k.. and the VAE call, alone on the machine
     order = sorted(running, key=lambda r: urgency(r, now))
     batch = pick(order, curve, row_budget)          # [(request, encoder rows, decoder rows)]
 """
@@ -22,22 +22,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..sampling.plan import Step, step_rows
+from ..sampling.plan import step_rows
 from .costs import CostCurve
 
 JOIN = 0.5  # a request joins an iteration when its rows add at most this fraction of its own step's cost
 HOLD = 4  # `slo` holds up to HOLD x the row budget of started requests; each iteration's calls stay in the budget
 CUMULATIVE = True  # `in_order`: late also when the requests before it leave it no time (where `serial`)
-
-
-def rest_seconds(curve: CostCurve, steps: Sequence[Step], num: int) -> tuple[float, ...]:
-    """rest[k]: what steps k, k+1, ... and the final VAE call cost a request of `num` images alone on the machine
-    (`costs.solo_seconds` from step k on); rest[len(steps)] is the VAE call alone."""
-    out = [curve.call("vae_decoder", num)]
-    for st in reversed(steps):
-        enc, dec = step_rows(st, num)
-        out.append(out[-1] + curve.iteration(1, enc, dec))
-    return tuple(reversed(out))
 
 
 def late(req, now: float) -> bool:

@@ -19,8 +19,8 @@ from typing import Sequence
 from ..sampling.plan import Step, peak_rows, plan_steps
 from ..sampling.request import SampleRequest
 from ..sampling.step import switch_point
-from .costs import CostCurve
-from .deadline import late, rest_seconds
+from .costs import CostCurve, rest_seconds
+from .deadline import late
 from .requests import Request, RunnerOutput, Status
 from .slo import CHEAPEST, SLO_SCALE, Option, frontier
 

@@ -56,7 +56,7 @@ class Request:
     asked: Option | None = None  # the plan asked for (its dFID where known)
     options: tuple[Option, ...] = ()
     plans: tuple[tuple[Sequence[Step], int], ...] = ()
-    rests: tuple[tuple[float, ...], ...] = ()  # per option: `deadline.rest_seconds` of its plan
+    rests: tuple[tuple[float, ...], ...] = ()  # per option: `costs.rest_seconds` of its plan
     rest: tuple[float, ...] = ()  # rest[k]: its steps k.. and its VAE call alone on the machine (with an SLO)
     option: int = 0  # which option it runs
     adaptive: bool = False  # it allows a quality trade (refused with 503 when no option meets its SLO)

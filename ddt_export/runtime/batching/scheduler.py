@@ -58,8 +58,8 @@ from typing import Any
 from ...core.errors import ConfigError, InputError
 from ..sampling.plan import peak_rows, step_rows
 from ..sampling.request import SampleRequest
-from .costs import solo_seconds
-from .deadline import CUMULATIVE, HOLD, in_order, pick, rest_seconds, serial
+from .costs import rest_seconds
+from .deadline import CUMULATIVE, HOLD, in_order, pick, serial
 from .levels import ServiceLevels, SloModel, planned  # noqa: F401  (SloModel, planned: imported from here too)
 from .requests import (TRANSITIONS, QueueFull, Request, RunnerOutput, SchedulerOutput, SloUnreachable,  # noqa: F401
                        Status)
@@ -130,9 +130,9 @@ class Scheduler(ServiceLevels):
         asked = Option(sample.plan, sample, terms.dfid)
         req = Request(next(self._ids), sample, steps, rows, now, terms.priority, asked, context=context)
         if self.slo is not None:
-            req.solo_s = solo_seconds(self.slo.curve, steps, sample.num)
-            req.due = now + (terms.deadline_s if terms.deadline_s is not None else self.slo.scale * req.solo_s)
             req.rest = rest_seconds(self.slo.curve, steps, sample.num)
+            req.solo_s = req.rest[0]  # `costs.solo_seconds`
+            req.due = now + (terms.deadline_s if terms.deadline_s is not None else self.slo.scale * req.solo_s)
             if terms.adaptive:
                 req.adaptive = True
                 req.options, req.plans, req.rests = self._options(asked, (steps, rows), req.rest, terms.options)
