@@ -119,6 +119,14 @@ def tiny_engines(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def features(tmp_path_factory):
+    """The tiny FID feature extractor (`tiny_features.py`) of validate's and tune's tests, written once."""
+    from tiny_features import tiny_features
+
+    return tiny_features(tmp_path_factory.mktemp("features"))
+
+
+@pytest.fixture(scope="session")
 def official_ckpt(tmp_path_factory) -> tuple[Path, Path, object]:
     """(ckpt, yaml, ema model): a Lightning-format checkpoint as the official trainer saves it.
 

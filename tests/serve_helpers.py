@@ -88,14 +88,34 @@ def file_pixels(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path))
 
 
-def metric(url: str, name: str) -> float:
-    """One sample of GET /metrics, e.g. metric(url, 'ddt_requests_total{status="ok"}')."""
+# --batching's choices as its error message lists them: a literal, not built from POLICIES, so that it stays an
+# independent expected value (one place to change when a policy is added)
+BATCHING_CHOICES = "auto | step | fair | slo | request | single"
+
+
+def metrics(url: str, *names: str) -> tuple[float, ...]:
+    """Samples of one GET /metrics (read together), e.g. metrics(url, 'ddt_requests_total{status="ok"}')."""
     import httpx
 
     text = httpx.get(url + "/metrics", timeout=5.0).text
-    m = re.search(r"^" + re.escape(name) + r" (\S+)$", text, re.M)
-    assert m, f"{name} not in /metrics"
-    return float(m.group(1))
+    out = []
+    for name in names:
+        m = re.search(r"^" + re.escape(name) + r" (\S+)$", text, re.M)
+        assert m, f"{name} not in /metrics"
+        out.append(float(m.group(1)))
+    return tuple(out)
+
+
+def metric(url: str, name: str) -> float:
+    """One sample of GET /metrics, e.g. metric(url, 'ddt_requests_total{status="ok"}')."""
+    return metrics(url, name)[0]
+
+
+def two_held(url: str) -> bool:
+    """Two requests in flight: running, or waiting for their first step (`slo`, auto's choice on a linear curve,
+    admits a request when it first steps, so the second may wait behind the first), at least one running."""
+    active, waiting = metrics(url, "ddt_active_requests", "ddt_waiting_requests")
+    return active + waiting == 2 and active >= 1
 
 
 def wait_for(cond, timeout: float = 30.0, what: str = "condition") -> None:

@@ -19,7 +19,8 @@ pytest.importorskip("fastapi")
 
 import cli  # noqa: E402
 from engines_cache import run_cli  # noqa: E402
-from serve_helpers import free_port, metric, running, serve_process, sse_events, wait_for, wait_healthy  # noqa: E402
+from serve_helpers import (BATCHING_CHOICES, free_port, metric, running, serve_process, sse_events,  # noqa: E402
+                           two_held, wait_for, wait_healthy)
 
 from ddt_export.serve.app import create_app  # noqa: E402
 
@@ -59,9 +60,7 @@ def test_second_sigterm_stops_at_once_without_a_traceback(digits_engines):
         clients = [threading.Thread(target=f) for f in (json_client, stream_client)]
         for t in clients:
             t.start()
-        # held: running, or waiting for their first step (`slo`, auto's choice on a linear curve, may run one alone)
-        wait_for(lambda: metric(url, "ddt_active_requests") + metric(url, "ddt_waiting_requests") == 2
-                 and metric(url, "ddt_active_requests") >= 1, 60, "two requests in flight")
+        wait_for(lambda: two_held(url), 60, "two requests in flight")
         proc.send_signal(signal.SIGTERM)
         wait_for(lambda: httpx.get(url + "/health").status_code == 503, 30, "the drain")
         proc.send_signal(signal.SIGTERM)
@@ -143,7 +142,7 @@ BAD_FLAGS = [
     (["--max-delay-ms", "nan"], "--max-delay-ms: expected >= 0, got nan"),
     (["--lifetime", 0], "--lifetime: expected a finite number of seconds > 0, got 0.0"),
     (["--lifetime", "inf"], "--lifetime: expected a finite number of seconds > 0, got inf"),
-    (["--batching", "dynamic"], "--batching: expected auto | step | fair | slo | request | single, got dynamic"),
+    (["--batching", "dynamic"], f"--batching: expected {BATCHING_CHOICES}, got dynamic"),
     (["--host", "nonexistent.invalid"], "--host: expected an address of this machine"),
 ]
 

@@ -196,7 +196,7 @@ def test_dp_on_the_forecast_error_on_request(engines_dir, tmp_path, capsys):
                               "--dp-error", "both"], capsys)
     assert code == 2 and "--dp-error" in err and "reuse | forecast" in err and "both" in err
     code, out, err = run_cli(["generate", "--engines", engines_dir, "--steps", 12, "--solver", "adams:2",
-                              "--schedule", "dp:4", "--num", 1, "--out", tmp_path / "b"], capsys)  # forecast 0: the
+                              "--schedule", "dp:4", "--num", 1, "--out", tmp_path / "c"], capsys)  # forecast 0: the
     # official DP, computed again
     assert code == 0 and "computed under other settings" in err
 

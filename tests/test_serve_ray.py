@@ -7,6 +7,7 @@ import concurrent.futures as cf
 import dataclasses
 import io
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -72,10 +73,22 @@ def test_two_replicas_serve_and_equal_generate(tiny_engines, tmp_path, monkeypat
         with httpx.stream("POST", url, json={"class": 1, "steps": busy_steps, "stream": True}, timeout=240) as busy:
             events = sse_events(busy)
             assert next(events)[0] == "queued" and next(events)[0] == "progress"
+            latest = {}  # the busy stream's newest event: a thread reads them as they arrive, so none wait buffered
+
+            def read_busy():
+                try:
+                    for kind, data in events:
+                        latest["event"] = (kind, data)
+                except Exception:  # the stream closed under it (leaving the `with`)
+                    pass
+
+            reader = threading.Thread(target=read_busy, daemon=True)
+            reader.start()
             answers = [post(i) for i in range(4)]
             busy_replica = busy.headers[REPLICA_HEADER]
-            kind, data = next(events)
+            kind, data = latest["event"]  # it was still running when they were answered
             assert kind == "progress" and data["step"] < busy_steps, (kind, data)
+        reader.join(30)
         with cf.ThreadPoolExecutor(8) as ex:  # and a burst of concurrent ones, all answered
             answers += list(ex.map(post, range(4, 12)))
     finally:

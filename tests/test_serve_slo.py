@@ -22,7 +22,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
 from engines_cache import run_cli  # noqa: E402
-from serve_helpers import file_pixels, metric, png_pixels, running, sse_events  # noqa: E402
+from serve_helpers import BATCHING_CHOICES, file_pixels, metric, png_pixels, running, sse_events  # noqa: E402
 
 from ddt_export.core.errors import ConfigError  # noqa: E402
 from ddt_export.core.manifest import read_manifest  # noqa: E402
@@ -205,7 +205,7 @@ def test_a_folder_with_no_frontier_serves_as_today_and_says_so(digits_engines, c
 
 
 def test_flags_checked_before_binding(digits_engines, tmp_path):
-    for kw, message in (({"batching": "fifo"}, "--batching: expected auto | step | fair | slo | request | single"),
+    for kw, message in (({"batching": "fifo"}, f"--batching: expected {BATCHING_CHOICES}"),
                         ({"slo_scale": 0.5}, "--slo-scale: expected a finite number >= 1"),
                         ({"slo_scale": float("nan")}, "--slo-scale: expected a finite number >= 1"),
                         ({"adapt": "best"}, "--adapt: expected cheapest | least-dfid, got best"),

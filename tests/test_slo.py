@@ -41,10 +41,11 @@ def spec(num=1, steps=10, cfg=1.0, interval=(0.3, 1.0), plan=None) -> SampleRequ
     return SampleRequest(np.zeros(num, np.int64), 0, s, ScheduleSpec("all"), tuple(range(steps)), plan)
 
 
-def engine(policy="step", budget=8, curve=LINEAR, scale=3.0, adapt="cheapest"):
+def engine(policy="step", budget=8, curve=LINEAR, scale=3.0, adapt="cheapest", machine=None, calibration=None):
+    """(engine, clock): a scheduler believing `curve` on a simulated machine running `machine` (default: curve)."""
     clock = VirtualClock()
-    return Engine(Scheduler(budget, policy, slo=SloModel(curve, scale, adapt)), SimulatedRunner(curve, clock),
-                  clock), clock
+    return Engine(Scheduler(budget, policy, slo=SloModel(curve, scale, adapt)),
+                  SimulatedRunner(machine or curve, clock), clock, calibration), clock
 
 
 def run(eng):
@@ -217,9 +218,8 @@ def test_a_running_request_moves_only_at_a_sound_boundary():
     # Boundary 2 <= 3 is sound: q moves there.
     a = spec(1, 10, cfg=1.5)
     b = spec(1, 10, cfg=1.5, interval=(0.9, 1.0), plan="b")
-    clock = VirtualClock()
-    sch = Scheduler(8, "step", slo=SloModel(LINEAR))
-    eng = Engine(sch, SimulatedRunner(LINEAR, clock), clock)
+    eng, clock = engine()
+    sch = eng.scheduler
     q = eng.submit(a, terms=adaptive((b, 0.7), deadline=0.36))
     assert q.plan is None and sch.project(0.0, q) == pytest.approx(0.34)
     for _ in range(2):
@@ -230,9 +230,8 @@ def test_a_running_request_moves_only_at_a_sound_boundary():
     assert it.out.switched == ((q.id, b),) and (q.plan, q.switched_at, q.done_steps) == ("b", 2, 3)
     assert [st for _, st in it.out.batch][0] == plan_steps(b.sampler, b.recompute)[2]
     # past boundary 3 no move is sound: the same arrival after 4 steps leaves q on A
-    clock = VirtualClock()
-    sch = Scheduler(8, "step", slo=SloModel(LINEAR))
-    eng = Engine(sch, SimulatedRunner(LINEAR, clock), clock)
+    eng, clock = engine()
+    sch = eng.scheduler
     q = eng.submit(a, terms=adaptive((b, 0.7), deadline=0.36))
     for _ in range(4):
         eng.step()
@@ -256,9 +255,8 @@ def test_the_engine_calibrates_the_scheduler_to_a_slower_machine():
     # the machine runs LINEAR x 2 (0.04 s per 1-image step at cfg 1), the scheduler believes LINEAR (0.02 s):
     # a 1-image 10-step request alone predicts 0.2 s solo. Four of them one after the other: 40 iterations, the
     # curve corrected at the 32nd to k = 2, so the next request's solo latency is 0.4 s and its due 3 x 0.4 s
-    clock = VirtualClock()
-    sch = Scheduler(8, "slo", slo=SloModel(LINEAR))
-    eng = Engine(sch, SimulatedRunner(LINEAR.scaled(2.0), clock), clock, Calibration(LINEAR))
+    eng, clock = engine("slo", machine=LINEAR.scaled(2.0), calibration=Calibration(LINEAR))
+    sch = eng.scheduler
     first = eng.submit(spec(1))
     assert first.solo_s == pytest.approx(0.2)
     run(eng)

@@ -19,14 +19,8 @@ from runs import run_validate as validate
 
 from conftest import TINY
 from engines_cache import run_cli
-from tiny_features import tiny_features
 
 NUM = 24  # samples per run: FID of 16-d features needs a few more than 16
-
-
-@pytest.fixture(scope="module")
-def features(tmp_path_factory):
-    return tiny_features(tmp_path_factory.mktemp("features"))
 
 
 @pytest.fixture(scope="module", autouse=True)
