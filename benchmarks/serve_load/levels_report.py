@@ -13,7 +13,6 @@ believing the start-up curve and calibrating it (`simulate(..., calibrate=True)`
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import sys
@@ -33,25 +32,16 @@ BEGIN, END = "<!-- levels begin -->", "<!-- levels end -->"
 TARGET = 0.9  # SLO attainment at 150% load with adaptive plans, and no 503s
 
 
-def scaled(curve: CostCurve, k: float) -> CostCurve:
-    def pts(p):
-        return tuple((r, s * k) for r, s in p)
-
-    return dataclasses.replace(curve, encoder=pts(curve.encoder), decoder=pts(curve.decoder),
-                               vae_decoder=pts(curve.vae_decoder), iteration_s=curve.iteration_s * k,
-                               request_step_s=curve.request_step_s * k, note=f"{curve.note} x {k:.2f}")
-
-
 def resimulate(out: dict, cat: Catalog) -> None:
     """Each cell simulated again on the calibrated curve (the auto server's start-up curve x k) and, where
     `measure` fitted one, on the curve fitted to the servers' own iterations."""
     sat = out["saturation"]
     out["k"] = sat["simulated"] / sat["measured"]
-    curves = {"calibrated": scaled(CostCurve.from_dict(sat["curve"]), out["k"])}
+    startup = CostCurve.from_dict(sat["curve"])
+    curves = {"calibrated": startup.scaled(out["k"])}
     if "curve" in out.get("fitted", {}):
         curves["fitted"] = CostCurve.from_dict(out["fitted"]["curve"])
     loads = sorted({c["load"] for c in out["cells"]})
-    startup = CostCurve.from_dict(sat["curve"])
     for c in out["cells"]:
         shots = trace(c["rate"], out["requests"], len(cat.plain), out.get("seed", 0) + loads.index(c["load"]))
         arr = cat.arrivals(shots, c["adaptive"])
