@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT)]
 
+from benchmarks.common.doc_blocks import update_block  # noqa: E402
 from benchmarks.serve_load.levels import MAX_QUEUE, Catalog, budget_check, trace  # noqa: E402
 from ddt_export.runtime.batching.costs import CostCurve  # noqa: E402
 from ddt_export.runtime.batching.report import COMPARED, compare  # noqa: E402
@@ -165,14 +166,11 @@ def errors(out: dict) -> str:
 
 
 def write_section(lines: list[str], readme: Path, begin: str = BEGIN, end: str = END) -> None:
-    text = readme.read_text()
-    block = "\n".join([begin, *lines, end])
-    if begin in text:
-        i, j = text.index(begin), text.index(end) + len(end)
-        text = text[:i] + block + text[j:]
-    else:
-        text = text.rstrip("\n") + "\n\n## Service levels under load (issue 23)\n\n" + block + "\n"
-    readme.write_text(text)
+    """The block between the markers replaced (`update_block`); a run's first block appended under a heading."""
+    body = "\n".join(lines)
+    if not update_block(readme, body, begin, end):
+        text = readme.read_text().rstrip("\n")
+        readme.write_text(f"{text}\n\n## Service levels under load (issue 23)\n\n{begin}\n{body}\n{end}\n")
 
 
 def main(argv=None) -> None:
