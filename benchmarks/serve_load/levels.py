@@ -253,9 +253,11 @@ def cmd_measure(args) -> None:
     fast_cat = Catalog(args.engines, DEFAULT_KINDS, plan="fast")
     policies = list(dict.fromkeys(p for p, _ in CELLS))
     procs, urls = {}, {}
-    out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "engines": str(args.engines), "seed": args.seed,
-           "plans": sorted(cat.frontier), "fast_dfid": float(cat.frontier["fast"].measured["dfid"]),
-           "kinds": list(KINDS), "requests": args.requests, "load_avg": [os.getloadavg()], "cells": []}
+    out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "argv": args.argv, "engines": str(args.engines),
+           "precision": read_manifest(args.engines).precision, "max_batch": cat.max_batch, "seed": args.seed,
+           "plans": sorted(cat.frontier), "fast_label": cat.frontier["fast"].label(),
+           "fast_dfid": float(cat.frontier["fast"].measured["dfid"]), "kinds": list(KINDS), "requests": args.requests,
+           "load_avg": [os.getloadavg()], "cells": []}
     try:
         for p in policies:  # one at a time: each measures its cost curve at start-up on an otherwise idle CPU
             procs[p], urls[p] = start(args.engines, p, work / f"{p}.log")
@@ -336,6 +338,7 @@ def main(argv=None) -> None:
         p.add_argument("--engines", type=Path, default=ENGINES)
         p.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line, for the report
     {"simulate": cmd_simulate, "measure": cmd_measure}[args.cmd](args)
 
 

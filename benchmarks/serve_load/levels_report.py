@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from ddt_export.runtime.batching.simulate import simulate  # noqa: E402
 HERE = Path(__file__).resolve().parent
 BEGIN, END = "<!-- levels begin -->", "<!-- levels end -->"
 TARGET = 0.9  # SLO attainment at 150% load with adaptive plans, and no 503s
+OLD_FAST = "euler 17 steps, dp:4, forecast 2, timeshift 1.5"  # `fast` of the runs before levels.json stored its label
 
 
 def resimulate(out: dict, cat: Catalog) -> None:
@@ -67,18 +69,34 @@ def cell_name(c: dict) -> str:
                                                                         else "")
 
 
+def command(out: dict) -> str:
+    """The `measure` command line as stored (`argv`); a run from before it was stored: its --requests and
+    --saturation."""
+    if "argv" in out:
+        return f"python benchmarks/serve_load/levels.py {shlex.join(out['argv'])}"
+    given = f" --saturation {out['saturation']['given']:g}" if "given" in out["saturation"] else ""
+    return f"python benchmarks/serve_load/levels.py measure --requests {out['requests']}{given}"
+
+
+def engines(out: dict) -> str:
+    """The engine folder, its precision and row budget as stored; a run from before they were stored: as its
+    report said (the issue-23 runs' folder was a copy of the fast-sampling study's engines)."""
+    if "precision" in out:
+        return f"`{out['engines']}` ({out['precision']}, row budget {out['max_batch']})"
+    return (f"`{out['engines']}`, a copy of `/work/wt-tune/engines/fast_sampling/digits-fp32` (fp32, row budget "
+            "64)")
+
+
 def section(out: dict, gpu: dict | None, fitted: dict | None = None) -> list[str]:
     sat = out["saturation"]
     plans = sorted(Path(out["engines"]).glob("plans/*.json"))
     sha = ", ".join(f"`{p.name}` {hashlib.sha256(p.read_bytes()).hexdigest()[:12]}" for p in plans
                     if p.name != "frontier.json")
-    given = f" --saturation {sat['given']:g}" if "given" in sat else ""
-    lines = [f"Service levels under load (issue 23), {out['date']} (`python benchmarks/serve_load/levels.py measure "
-             f"--requests {out['requests']}{given}`, under `flock /work/cpu-measure.lock`; "
-             f"{out['minutes']:.1f} min).", "",
-             f"Engines: `{out['engines']}`, a copy of `/work/wt-tune/engines/fast_sampling/digits-fp32` (fp32, row "
-             f"budget 64) with its stored plans (sha256 prefixes: {sha}); `fast` = euler 17 steps, dp:4, forecast 2, "
-             f"timeshift 1.5, dFID {out['fast_dfid']:.4f} (the adaptive budget). One server per policy on 127.0.0.1, "
+    lines = [f"Service levels under load (issue 23), {out['date']} (`{command(out)}`, under "
+             f"`flock /work/cpu-measure.lock`; {out['minutes']:.1f} min).", "",
+             f"Engines: {engines(out)} with its stored plans (sha256 prefixes: {sha}); `fast` = "
+             f"{out.get('fast_label', OLD_FAST)}, dFID {out['fast_dfid']:.4f} (the adaptive budget). One server per "
+             "policy on 127.0.0.1, "
              "each measuring its own cost curve at start-up, started one after the other; "
              f"{out['requests']} Poisson arrivals per cell (the same trace for every cell of a load), drawn from "
              f"{len(out['kinds'])} kinds: {', '.join(json.dumps(k) for k in out['kinds'])}; random class and seed. "
