@@ -37,11 +37,12 @@ PREDICTORS = ("linear", "plugin", "predict")  # fid.FidProbe's
 TUNE_COPY = "digits-fp32-tune5"  # tune runs here, not in the study's folder (its `fast` is the 3 x 2000 one)
 
 
-def fast_plan(folder: Path):
+def stored_plan(folder: Path, name: str | None = None):
+    """The plan `name` stored in the engine folder (default `fast`)."""
     from ddt_export.core.manifest import read_manifest
     from ddt_export.runtime.sampling.plans import FAST, read_plan
 
-    return read_plan(folder, read_manifest(folder), FAST)
+    return read_plan(folder, read_manifest(folder), name or FAST)
 
 
 def step_tune(a) -> None:
@@ -209,10 +210,7 @@ def _structure(a, folder: Path) -> Structure:
     if a.steps is not None:
         return Structure(a.solver, a.steps, a.schedule, a.forecast, a.timeshift,
                          tuple(map(float, a.interval.split("-"))))
-    from ddt_export.core.manifest import read_manifest
-    from ddt_export.runtime.sampling.plans import read_plan
-
-    return Structure.of_plan(read_plan(folder, read_manifest(folder), a.plan))
+    return Structure.of_plan(stored_plan(folder, a.plan))
 
 
 def step_choose(a) -> None:
@@ -264,14 +262,14 @@ def step_xl(a) -> None:
     from benchmarks.fast_sampling.fast_sampling_xl import xl_rows
 
     folder = digits_engines()
-    save("xl", "rows", xl_rows(fast_plan(folder)))
+    save("xl", "rows", xl_rows(stored_plan(folder)))
 
 
 def step_wall(a) -> None:
     from benchmarks.fast_sampling.fast_sampling_xl import wall
 
     folder = digits_engines()
-    for name, row in wall(folder, fast_plan(folder), WORK, say).items():
+    for name, row in wall(folder, stored_plan(folder), WORK, say).items():
         save("wall", name, row)
 
 
@@ -291,7 +289,7 @@ def main(argv=None) -> int:
     p.add_argument("--num", type=int, default=None, help="samples per seed (confirm: 2000; others: 500)")
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per onnxruntime session")
-    p.add_argument("--plan", default="fast", help="confirm, dp, choose: the stored plan (default fast)")
+    p.add_argument("--plan", default="fast", help="confirm, dp: the stored plan to measure (default fast)")
     p.add_argument("--solver", default="euler", help="confirm, dp: a structure instead of a stored plan (with --steps)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--schedule", default="all")

@@ -105,15 +105,14 @@ def confirm_table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def screen_table(res: dict) -> str:
+def screen_table(res: dict, ref_gflop: float) -> str:
     lines = ["| structure | samples x seeds | GFLOP / image | speed-up | dFID per seed | mean dFID | mean abs dFID | "
              "paired 95% interval (200 draws) | mean d precision | d recall per seed | mean d recall |",
              "|" + " --- |" * 11]
-    ref = 12.030713856
     for r in sorted(res.get("screen", {}).values(), key=lambda r: r["gflop"]):
-        lines.append(f"| {r['key']} | {r['num']} x {len(r['seeds'])} | {r['gflop']:.3f} | {ref / r['gflop']:.2f}x | "
-                     f"{', '.join(f'{v:+.3f}' for v in r['dfid'])} | {r['mean_dfid']:+.3f} | "
-                     f"{r['mean_abs_dfid']:.3f} | [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}] | "
+        lines.append(f"| {r['key']} | {r['num']} x {len(r['seeds'])} | {r['gflop']:.3f} | "
+                     f"{ref_gflop / r['gflop']:.2f}x | {', '.join(f'{v:+.3f}' for v in r['dfid'])} | "
+                     f"{r['mean_dfid']:+.3f} | {r['mean_abs_dfid']:.3f} | [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}] | "
                      f"{r['mean_dprecision']:+.4f} | {', '.join(f'{v:+.4f}' for v in r['drecall'])} | "
                      f"{r['mean_drecall']:+.4f} |")
     return "\n".join(lines)
@@ -187,7 +186,7 @@ def plot(res: dict, ref_gflop: float) -> None:
 def report(res: dict) -> int:
     ref_gflop = res["tune"]["digits"]["confirmed"][0]["gflop"] if "tune" in res else 12.03
     blocks = {"tune": tune_table(res) if "tune" in res else "", "families": families_table(res, ref_gflop),
-              "probe": probe_table(res), "screen": screen_table(res),
+              "probe": probe_table(res), "screen": screen_table(res, ref_gflop),
               "dp": dp_table(res), "confirm": confirm_table(res), "xl": xl_table(res), "wall": wall_table(res)}
     text = README.read_text() if README.is_file() else ""
     for name, body in blocks.items():

@@ -72,20 +72,19 @@ def limit_threads(n: int) -> None:
 
 
 def digits_engines() -> Path:
-    """The fp32 engines (built once; reused while their provenance matches). Two steps started together wait
-    for each other's check of the folder."""
+    """The fp32 engines (built once; reused while their provenance matches). Steps started together take turns
+    (a lock in WORK, as `save`): the first builds, the others then find the folder up to date. The build is
+    the study's only writer holding the folder's own lock; another process holding it fails the step at once
+    (the build's ArtifactError names it)."""
+    import fcntl
+
     from ddt_export.builder.engine import BuildOptions, build
-    from ddt_export.core.errors import ArtifactError
 
     out = WORK / "digits-fp32"
-    for attempt in range(120):
-        try:
-            build("fp32", BuildOptions(backend="onnxruntime"), out=out, say=lambda m: None)
-            return out
-        except ArtifactError as e:
-            if "locked by" not in str(e) or attempt == 119:
-                raise
-            time.sleep(1.0)
+    WORK.mkdir(parents=True, exist_ok=True)
+    with open(WORK / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # waits for the other step's build or check of the folder
+        build("fp32", BuildOptions(backend="onnxruntime"), out=out, say=lambda m: None)
     return out
 
 

@@ -54,7 +54,6 @@ KINDS = ({"num": 1}, {"num": 2}, {"num": 4}, {"num": 1, "steps": 20}, {"num": 3,
 DEFAULT_KINDS = ({"num": 1}, {"num": 2}, {"num": 3}, {"num": 4})  # issue 21's line: the model's own sampler
 LOADS = (0.7, 1.0, 1.5)
 CELLS = (("request", False), ("step", False), ("fair", False), ("auto", False), ("auto", True))
-BUDGET = 64  # the digits engines' batch.max
 MAX_QUEUE = 64  # the server's default --max-queue
 # this CPU's curve as the 2026-12-01 study fitted it (servers' iterations): the `simulate --curve cpu` stand-in
 CPU = CostCurve(tuple((r, 11.56e-3 * r) for r in (1, 2, 4, 8, 16, 32, 64)),
@@ -75,9 +74,7 @@ def gpu_curve() -> CostCurve:
 
 
 def body(kind: dict, label: int, seed: int, adaptive: bool, plan: str | None = None) -> dict:
-    out = {"class": label, "seed": seed, **kind}
-    if plan is not None:
-        out = {"class": label, "seed": seed, "num": kind["num"], "plan": plan}
+    out = {"class": label, "seed": seed, **(kind if plan is None else {"num": kind["num"], "plan": plan})}
     if adaptive:
         out["quality"] = "adaptive"
     return out
@@ -143,8 +140,9 @@ def resolved_policy(policy: str, cat: Catalog, curve: CostCurve) -> str:
 
 
 def sim_cell(cat, curve, shots, policy, adaptive, adapt="cheapest", headroom=1.0) -> dict:
+    """One simulated cell; `policy` as `resolved_policy` gives it (auto: the policy it chose)."""
     arr = cat.arrivals(shots, adaptive)
-    res = simulate(arr, curve, cat.max_batch, resolved_policy(policy, cat, curve), max_queue=MAX_QUEUE,
+    res = simulate(arr, curve, cat.max_batch, policy, max_queue=MAX_QUEUE,
                    slo=SloModel(curve, 3.0, adapt, headroom))
     return {**res.summary(), **budget_check(arr, res)}
 
@@ -168,6 +166,7 @@ def cmd_simulate(args) -> None:
         json.loads(Path(args.curve).read_text()))
     sat = saturation(cat, curve)
     auto = resolved_policy("auto", cat, curve)
+    policy = {p: auto if p == "auto" else resolved_policy(p, cat, curve) for p in args.policies}
     print(f"curve {curve.note}; request-level saturation {sat:.3f} req/s; auto -> {auto}")
     cells = [(p, a) for p in args.policies for a in ((False, True) if p in args.adaptive else (False,))]
     out = {"curve": curve.to_dict(), "saturation": sat, "auto": auto, "requests": args.requests,
@@ -175,9 +174,8 @@ def cmd_simulate(args) -> None:
     for li, load in enumerate(args.loads):
         shots = trace(load * sat, args.requests, len(KINDS), args.seed + li)
         for p, a in cells:
-            s = sim_cell(cat, curve, shots, p, a, args.adapt, args.headroom)
-            out["cells"].append({"load": load, "asked": p, "adaptive": a, "policy": resolved_policy(p, cat, curve),
-                                 "simulated": s})
+            s = sim_cell(cat, curve, shots, policy[p], a, args.adapt, args.headroom)
+            out["cells"].append({"load": load, "asked": p, "adaptive": a, "policy": policy[p], "simulated": s})
             print(f"{load:4.0%} {p:>8}{' +adaptive' if a else '          '} attainment {s['slo_attainment']:.3f} "
                   f"goodput {s['goodput']:.3f}/s thr {s['throughput']:.3f}/s p50 {s['p50']:.2f} p99 {s['p99']:.2f} "
                   f"503 {s['rejected_503']} dFID {s['mean_dfid_served']} moved {s['degraded']} over "
@@ -255,15 +253,18 @@ def cmd_measure(args) -> None:
     fast_cat = Catalog(args.engines, DEFAULT_KINDS, plan="fast")
     policies = list(dict.fromkeys(p for p, _ in CELLS))
     procs, urls = {}, {}
-    out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "engines": str(args.engines), "seed": args.seed,
-           "plans": sorted(cat.frontier), "fast_dfid": float(cat.frontier["fast"].measured["dfid"]),
-           "kinds": list(KINDS), "requests": args.requests, "load_avg": [os.getloadavg()], "cells": []}
+    out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "argv": args.argv, "engines": str(args.engines),
+           "precision": read_manifest(args.engines).precision, "max_batch": cat.max_batch, "seed": args.seed,
+           "plans": sorted(cat.frontier), "fast_label": cat.frontier["fast"].label(),
+           "fast_dfid": float(cat.frontier["fast"].measured["dfid"]), "kinds": list(KINDS), "requests": args.requests,
+           "load_avg": [os.getloadavg()], "cells": []}
     try:
         for p in policies:  # one at a time: each measures its cost curve at start-up on an otherwise idle CPU
             procs[p], urls[p] = start(args.engines, p, work / f"{p}.log")
             wait_healthy(urls[p], procs[p], timeout=300)
             measured_run(urls[p], [Shot(0.0, {"class": 0, "steps": 5})])  # warm-up
-            print(f"{p}: {info(urls[p])['batching']}, curve {info(urls[p])['cost_curve']['note']}", flush=True)
+            i = info(urls[p])
+            print(f"{p}: {i['batching']}, curve {i['cost_curve']['note']}", flush=True)
         curve = CostCurve.from_dict(info(urls["auto"])["cost_curve"])
         sim_sat = saturation(cat, curve)
         burst = [{"t": 0.0, "kind": k % len(KINDS), "label": k % 10, "seed": k, "adaptive": False}
@@ -337,6 +338,7 @@ def main(argv=None) -> None:
         p.add_argument("--engines", type=Path, default=ENGINES)
         p.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line, for the report
     {"simulate": cmd_simulate, "measure": cmd_measure}[args.cmd](args)
 
 

@@ -13,15 +13,16 @@ believing the start-up curve and calibrating it (`simulate(..., calibrate=True)`
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
+import shlex
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT)]
 
+from benchmarks.common.doc_blocks import update_block  # noqa: E402
 from benchmarks.serve_load.levels import MAX_QUEUE, Catalog, budget_check, trace  # noqa: E402
 from ddt_export.runtime.batching.costs import CostCurve  # noqa: E402
 from ddt_export.runtime.batching.report import COMPARED, compare  # noqa: E402
@@ -31,15 +32,7 @@ from ddt_export.runtime.batching.simulate import simulate  # noqa: E402
 HERE = Path(__file__).resolve().parent
 BEGIN, END = "<!-- levels begin -->", "<!-- levels end -->"
 TARGET = 0.9  # SLO attainment at 150% load with adaptive plans, and no 503s
-
-
-def scaled(curve: CostCurve, k: float) -> CostCurve:
-    def pts(p):
-        return tuple((r, s * k) for r, s in p)
-
-    return dataclasses.replace(curve, encoder=pts(curve.encoder), decoder=pts(curve.decoder),
-                               vae_decoder=pts(curve.vae_decoder), iteration_s=curve.iteration_s * k,
-                               request_step_s=curve.request_step_s * k, note=f"{curve.note} x {k:.2f}")
+OLD_FAST = "euler 17 steps, dp:4, forecast 2, timeshift 1.5"  # `fast` of the runs before levels.json stored its label
 
 
 def resimulate(out: dict, cat: Catalog) -> None:
@@ -47,11 +40,11 @@ def resimulate(out: dict, cat: Catalog) -> None:
     `measure` fitted one, on the curve fitted to the servers' own iterations."""
     sat = out["saturation"]
     out["k"] = sat["simulated"] / sat["measured"]
-    curves = {"calibrated": scaled(CostCurve.from_dict(sat["curve"]), out["k"])}
+    startup = CostCurve.from_dict(sat["curve"])
+    curves = {"calibrated": startup.scaled(out["k"])}
     if "curve" in out.get("fitted", {}):
         curves["fitted"] = CostCurve.from_dict(out["fitted"]["curve"])
     loads = sorted({c["load"] for c in out["cells"]})
-    startup = CostCurve.from_dict(sat["curve"])
     for c in out["cells"]:
         shots = trace(c["rate"], out["requests"], len(cat.plain), out.get("seed", 0) + loads.index(c["load"]))
         arr = cat.arrivals(shots, c["adaptive"])
@@ -76,18 +69,34 @@ def cell_name(c: dict) -> str:
                                                                         else "")
 
 
+def command(out: dict) -> str:
+    """The `measure` command line as stored (`argv`); a run from before it was stored: its --requests and
+    --saturation."""
+    if "argv" in out:
+        return f"python benchmarks/serve_load/levels.py {shlex.join(out['argv'])}"
+    given = f" --saturation {out['saturation']['given']:g}" if "given" in out["saturation"] else ""
+    return f"python benchmarks/serve_load/levels.py measure --requests {out['requests']}{given}"
+
+
+def engines(out: dict) -> str:
+    """The engine folder, its precision and row budget as stored; a run from before they were stored: as its
+    report said (the issue-23 runs' folder was a copy of the fast-sampling study's engines)."""
+    if "precision" in out:
+        return f"`{out['engines']}` ({out['precision']}, row budget {out['max_batch']})"
+    return (f"`{out['engines']}`, a copy of `/work/wt-tune/engines/fast_sampling/digits-fp32` (fp32, row budget "
+            "64)")
+
+
 def section(out: dict, gpu: dict | None, fitted: dict | None = None) -> list[str]:
     sat = out["saturation"]
     plans = sorted(Path(out["engines"]).glob("plans/*.json"))
     sha = ", ".join(f"`{p.name}` {hashlib.sha256(p.read_bytes()).hexdigest()[:12]}" for p in plans
                     if p.name != "frontier.json")
-    given = f" --saturation {sat['given']:g}" if "given" in sat else ""
-    lines = [f"Service levels under load (issue 23), {out['date']} (`python benchmarks/serve_load/levels.py measure "
-             f"--requests {out['requests']}{given}`, under `flock /work/cpu-measure.lock`; "
-             f"{out['minutes']:.1f} min).", "",
-             f"Engines: `{out['engines']}`, a copy of `/work/wt-tune/engines/fast_sampling/digits-fp32` (fp32, row "
-             f"budget 64) with its stored plans (sha256 prefixes: {sha}); `fast` = euler 17 steps, dp:4, forecast 2, "
-             f"timeshift 1.5, dFID {out['fast_dfid']:.4f} (the adaptive budget). One server per policy on 127.0.0.1, "
+    lines = [f"Service levels under load (issue 23), {out['date']} (`{command(out)}`, under "
+             f"`flock /work/cpu-measure.lock`; {out['minutes']:.1f} min).", "",
+             f"Engines: {engines(out)} with its stored plans (sha256 prefixes: {sha}); `fast` = "
+             f"{out.get('fast_label', OLD_FAST)}, dFID {out['fast_dfid']:.4f} (the adaptive budget). One server per "
+             "policy on 127.0.0.1, "
              "each measuring its own cost curve at start-up, started one after the other; "
              f"{out['requests']} Poisson arrivals per cell (the same trace for every cell of a load), drawn from "
              f"{len(out['kinds'])} kinds: {', '.join(json.dumps(k) for k in out['kinds'])}; random class and seed. "
@@ -175,14 +184,11 @@ def errors(out: dict) -> str:
 
 
 def write_section(lines: list[str], readme: Path, begin: str = BEGIN, end: str = END) -> None:
-    text = readme.read_text()
-    block = "\n".join([begin, *lines, end])
-    if begin in text:
-        i, j = text.index(begin), text.index(end) + len(end)
-        text = text[:i] + block + text[j:]
-    else:
-        text = text.rstrip("\n") + "\n\n## Service levels under load (issue 23)\n\n" + block + "\n"
-    readme.write_text(text)
+    """The block between the markers replaced (`update_block`); a run's first block appended under a heading."""
+    body = "\n".join(lines)
+    if not update_block(readme, body, begin, end):
+        text = readme.read_text().rstrip("\n")
+        readme.write_text(f"{text}\n\n## Service levels under load (issue 23)\n\n{begin}\n{body}\n{end}\n")
 
 
 def main(argv=None) -> None:
