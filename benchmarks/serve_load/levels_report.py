@@ -198,12 +198,14 @@ def main(argv=None) -> None:
     ap.add_argument("--fitted-sim", type=Path, default=HERE / "levels_fitted_sim.json",
                     help="`levels.py simulate --curve` on the fitted curve of levels.json (`fitted.curve`)")
     ap.add_argument("--readme", type=Path, default=HERE / "README.md")
-    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--no-write", action="store_true",
+                    help="print the section only: neither the re-simulated cells (--json) nor the README")
     ap.add_argument("--markers", default="levels", help="the README block: <!-- NAME begin/end -->")
     args = ap.parse_args(argv)
     out = json.loads(args.json.read_text())
     resimulate(out, Catalog(Path(out["engines"]), tuple(out["kinds"])))
-    args.json.write_text(json.dumps(out, indent=1))
+    if not args.no_write:
+        args.json.write_text(json.dumps(out, indent=1))
     gpu = json.loads(args.gpu.read_text()) if args.gpu.exists() else None
     fitted = json.loads(args.fitted_sim.read_text()) if args.fitted_sim.exists() else None
     lines = section(out, gpu, fitted)
