@@ -1,6 +1,6 @@
 """Shared fixtures: tiny configs, a tiny exported engine folder, an official-format Lightning checkpoint.
 
-Works without torch (the production install: base + [serve,test]): the fixtures that export graphs then take
+Works without torch (the production install: base + [serve,test,cuda-check]): the fixtures that export graphs then take
 them from $DDT_TEST_ARTIFACTS (written by `python tests/make_artifacts.py DIR` in an environment with torch;
 scripts/test-torch-free.sh does both), and those that need the PyTorch model skip with the reason.
 """

@@ -1,5 +1,5 @@
 """The engine folders the test fixtures export, written once into DIR for a test run without torch (the production
-install: base + [serve,test]), which reads them from $DDT_TEST_ARTIFACTS:
+install: base + [serve,test,cuda-check]), which reads them from $DDT_TEST_ARTIFACTS:
 
     python tests/make_artifacts.py DIR          # in an environment with torch ([export])
     DDT_TEST_ARTIFACTS=DIR python -m pytest     # in one without
