@@ -47,6 +47,12 @@ METHOD_NAMES = {"reuse": "dp", "forecast": "dp-forecast1"}  # a stored schedule'
 DP_ON_FORECAST = False
 
 
+def stored_method(record: dict) -> str:
+    """A stored schedule's `method` (METHOD_NAMES' values); a record written before it was recorded is the reuse
+    DP's."""
+    return record.get("method", METHOD_NAMES["reuse"])
+
+
 def schedule_record(steps: list[int], num_steps: int, **settings) -> dict:
     return {"recompute_steps": list(map(int, steps)), "num_steps": num_steps, "recompute": len(steps), **settings}
 
@@ -134,7 +140,7 @@ def schedule_stem(folder: Path, n: int, k: int, settings: Provenance, method_nam
     except UNREADABLE:
         return canonical  # free, or unreadable: nothing worth keeping there
     if held.diff(settings, ("weights", "model")) or (
-            not held.diff(settings, SCHEDULE_FIELDS) and rec.get("method", "dp") == method_name):
+            not held.diff(settings, SCHEDULE_FIELDS) and stored_method(rec) == method_name):
         return canonical
     return _digest_stem(folder, n, k, settings, method_name)
 
@@ -151,7 +157,7 @@ def store_schedule(out_dir: Path, record: dict, sim: np.ndarray, name: str = "")
     `schedule_stem`)."""
     n, k = record["num_steps"], record["recompute"]
     settings = Provenance.from_dict(record["provenance"], "schedule record")
-    stem = schedule_stem(Path(out_dir), n, k, settings, record.get("method", "dp"))
+    stem = schedule_stem(Path(out_dir), n, k, settings, stored_method(record))
     sim_path = stem.with_name(stem.name.replace(f"schedule-{n}-{k}", f"similarity-{n}", 1) + ".npy")
     paths = {"similarity": save_npy(sim_path, sim),
              "json": write_schedule(stem.with_suffix(".json"), record)}
@@ -191,8 +197,8 @@ def stored_schedule(path: Path, asked: Provenance, num_steps: int, method: str =
     diffs = built.diff(asked, SCHEDULE_FIELDS)
     if diffs:
         return None, f"{path} was computed under other settings ({'; '.join(diffs)})"
-    if rec.get("method", "dp") != METHOD_NAMES[method]:
-        return None, f"{path} minimized another error ({rec.get('method')}, not {METHOD_NAMES[method]})"
+    if stored_method(rec) != METHOD_NAMES[method]:
+        return None, f"{path} minimized another error ({stored_method(rec)}, not {METHOD_NAMES[method]})"
     return validate_steps(rec["recompute_steps"], num_steps, str(path)), ""
 
 
@@ -232,7 +238,8 @@ def computed_schedule(engines: Engines, sampler: SamplerConfig, k: int, say: Say
 def with_schedule(request: SampleRequest, manifest: Manifest, folder: Path, compute: Callable[[int], list[int]],
                   say: Say = print) -> SampleRequest:
     """The request with its recompute steps from `schedule_steps` (`compute(K)` where a dp:K must be computed);
-    a request that has them already (a dp:K plan's recorded steps, `request.pinned_steps`) as it is."""
+    a request that has them already (`SampleRequest.recompute`: a dp:K plan's recorded steps, set by
+    `request.pinned_steps`) as it is."""
     if request.recompute is not None:
         return request
     return request.with_steps(schedule_steps(request.schedule, request.sampler, manifest, folder, compute, say))
